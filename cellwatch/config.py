@@ -89,6 +89,9 @@ class ReportConfig:
     timezone: str = "UTC"
     group_pattern: str | None = None
     refresh_interval_s: float = 600.0
+    outlier_k: float = 3.5  # flag counts this many robust SDs from the typical count
+    saturated_max_fraction: float = 0.01  # flag images with more pixels at the maximum
+    focus_min_ratio: float = 0.3  # flag focus scores below this share of the day's median
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,9 @@ def override(cfg: Config, **values: Any) -> Config:
         if key not in hints:
             raise ConfigError(f"unknown setting '{dotted}'")
         checked = _coerce(hints[key], value, f"{dotted} (command line)", "")
-        cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{key: checked})})
+        cfg = dataclasses.replace(
+            cfg, **{section_name: dataclasses.replace(section, **{key: checked})}
+        )
     validate(cfg)
     return cfg
 
@@ -159,9 +164,17 @@ def validate(cfg: Config) -> None:
     where = cfg.source
     t = cfg.tiling
     if t.tile_size < 32 or t.tile_size % 16:
-        _fail(where, "tiling.tile_size", f"must be a multiple of 16 and at least 32, got {t.tile_size}")
+        _fail(
+            where,
+            "tiling.tile_size",
+            f"must be a multiple of 16 and at least 32, got {t.tile_size}",
+        )
     if not 0 <= t.overlap < t.tile_size // 2:
-        _fail(where, "tiling.overlap", f"must be ≥ 0 and less than half the tile size ({t.tile_size // 2}), got {t.overlap}")
+        _fail(
+            where,
+            "tiling.overlap",
+            f"must be ≥ 0 and less than half the tile size ({t.tile_size // 2}), got {t.overlap}",
+        )
     if t.batch_size < 1:
         _fail(where, "tiling.batch_size", f"must be at least 1, got {t.batch_size}")
     n = cfg.normalize
@@ -180,7 +193,9 @@ def validate(cfg: Config) -> None:
         if not 0 < value < 1:
             _fail(where, f"postprocess.{key}", f"must be between 0 and 1, got {value}")
     if p.min_cell_area_px < 0:
-        _fail(where, "postprocess.min_cell_area_px", f"must not be negative, got {p.min_cell_area_px}")
+        _fail(
+            where, "postprocess.min_cell_area_px", f"must not be negative, got {p.min_cell_area_px}"
+        )
     if cfg.input.plane < 0 or cfg.input.max_pixels < 1:
         _fail(where, "input", "plane must be ≥ 0 and max_pixels ≥ 1")
     if cfg.input.channel is not None and cfg.input.channel < 0:
@@ -189,7 +204,11 @@ def validate(cfg: Config) -> None:
     if w.stable_time_s < 0 or w.rescan_interval_s <= 0 or w.max_attempts < 1:
         _fail(where, "watch", "stable_time_s ≥ 0, rescan_interval_s > 0 and max_attempts ≥ 1")
     if cfg.model.path is not None and not Path(cfg.model.path).is_file():
-        _fail(where, "model.path", f"no model file at {cfg.model.path}; give the path of a .keras file or leave it empty for the bundled model")
+        _fail(
+            where,
+            "model.path",
+            f"no model file at {cfg.model.path}; give the path of a .keras file or leave it empty for the bundled model",
+        )
 
 
 def _fail(where: str, key: str, message: str) -> typing.NoReturn:
@@ -198,7 +217,9 @@ def _fail(where: str, key: str, message: str) -> typing.NoReturn:
 
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(raw) - names)
@@ -232,7 +253,11 @@ def _coerce(kind: Any, value: Any, key: str, where: str) -> Any:
         raise errors[0]
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, args))}, got {value!r}".lstrip(": "))
+            raise ConfigError(
+                f"{where}: {key} must be one of {', '.join(map(str, args))}, got {value!r}".lstrip(
+                    ": "
+                )
+            )
         return value
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, list | tuple):
@@ -240,8 +265,10 @@ def _coerce(kind: Any, value: Any, key: str, where: str) -> Any:
         return tuple(_coerce(args[0], v, key, where) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(
-            f"{where}: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})".lstrip(": ")
+            f"{where}: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})".lstrip(
+                ": "
+            )
         )
     return value

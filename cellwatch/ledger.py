@@ -39,11 +39,14 @@ COLUMNS: tuple[str, ...] = (
     "diameter_px",
     "scale_source",
     "duration_s",
+    "saturated_fraction",
+    "focus_score",
     "job_id",
 )
 
 CELL_COLUMNS: tuple[str, ...] = (
     "image",
+    "job_id",
     "label",
     "centroid_y",
     "centroid_x",
@@ -67,7 +70,9 @@ def format_rows(rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...]) -> 
     return buffer.getvalue()
 
 
-def append_rows(path: Path, rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...] = COLUMNS) -> None:
+def append_rows(
+    path: Path, rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...] = COLUMNS
+) -> None:
     """Append rows to the CSV at ``path``, writing the header first if the file is new."""
     text = format_rows(rows, columns)
     if not text:

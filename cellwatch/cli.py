@@ -1,0 +1,173 @@
+"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report.
+
+Exit status: 0 when everything succeeded, 1 when some images failed (their rows are still
+written), 2 for usage, configuration or model errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from cellwatch import __version__
+from cellwatch.config import Config, load_config, override
+from cellwatch.errors import CellwatchError, ConfigError, ModelError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("cellwatch")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(levelname)s %(message)s",
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.handler(args))
+    except (ConfigError, ModelError) as exc:
+        print(f"cellwatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CellwatchError as exc:
+        print(f"cellwatch: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    except KeyboardInterrupt:
+        print("cellwatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellwatch", description="Count cells in microscope images."
+    )
+    parser.add_argument("--version", action="version", version=f"cellwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="segment, count and measure cells in images")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    _common(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("train", help="train or fine-tune a U-Net on images and masks")
+    from cellwatch import train
+
+    train.add_arguments(p)
+    p.set_defaults(handler=train.run)
+
+    p = sub.add_parser("evaluate", help="score a model against ground-truth masks")
+    from cellwatch import evaluate
+
+    evaluate.add_arguments(p)
+    p.add_argument("--model", type=Path, help="model file (.keras); default: the bundled model")
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+    p.set_defaults(handler=evaluate.run)
+
+    p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
+    from cellwatch import daemon, status
+
+    daemon.add_arguments(p)
+    p.set_defaults(handler=daemon.run)
+
+    p = sub.add_parser("status", help="show the daemon's queue, counts and last error")
+    status.add_arguments(p)
+    p.set_defaults(handler=status.run)
+
+    p = sub.add_parser("report", help="write the daily count report")
+    from cellwatch import report
+
+    report.add_report_arguments(p)
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+    p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="output folder (default: output.dir in the config)")
+    p.add_argument("--model", type=Path, help="model file (.keras); default: the bundled model")
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file (or defaults) with command-line flags laid over it."""
+    config = load_config(args.config)
+    return override(
+        config,
+        **{
+            "output.dir": str(args.out) if getattr(args, "out", None) else None,
+            "model.path": str(args.model) if getattr(args, "model", None) else None,
+        },
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cellwatch.model import load_model
+    from cellwatch.pipeline import Segmenter, process_image, record
+
+    config = config_from_args(args)
+    images = list(find_images(args.inputs, config.input.extensions))
+    if not images:
+        raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
+    model = load_model(config.model.path)
+    segmenter = Segmenter(config, model)
+    out_dir = Path(config.output.dir)
+    failed = 0
+    for path in progress(images, enabled=not args.quiet and sys.stderr.isatty()):
+        result = process_image(
+            path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=uuid.uuid4().hex
+        )
+        record(result, out_dir)
+        if result.row["status"] != "ok":
+            failed += 1
+            log.warning("%s: %s", path, result.row.get("error"))
+        elif args.quiet:
+            continue
+        else:
+            log.info("%s: %d cells", path, result.row["cell_count"])
+    print(
+        f"{len(images) - failed} of {len(images)} images counted; ledger: {out_dir / 'ledger.csv'}",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def find_images(inputs: Iterable[Path], extensions: Sequence[str]) -> Iterator[Path]:
+    """Files as given, and the supported images inside folders (recursively, sorted)."""
+    from cellwatch.imageio import is_supported
+
+    for item in inputs:
+        if item.is_dir():
+            yield from sorted(
+                p for p in item.rglob("*") if p.is_file() and is_supported(p, extensions)
+            )
+        elif item.exists():
+            yield item
+        else:
+            raise ConfigError(f"{item} does not exist")
+
+
+def progress(items: Sequence[Path], *, enabled: bool) -> Iterator[Path]:
+    """Yield ``items`` while drawing a one-line progress bar on stderr."""
+    total = len(items)
+    for done, item in enumerate(items):
+        if enabled:
+            filled = int(30 * done / total)
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {item.name[:40]:40}"
+            )
+            sys.stderr.flush()
+        yield item
+    if enabled:
+        sys.stderr.write(f"\r[{'#' * 30}] {total}/{total}{' ' * 41}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""One image in, one ledger row out: read → normalise → rescale → tile → predict →
+stitch → label → measure → write.
+
+:class:`Segmenter` holds the model and settings and is pure computation (arrays in,
+labels out). :func:`process_image` adds the file I/O around it and never raises for a bad
+image: it returns a ``failed`` row instead, so a batch or the daemon keeps going.
+:func:`record` appends the results to ``cells.csv`` and ``ledger.csv``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellwatch import imageio, ledger, qc
+from cellwatch.config import Config
+from cellwatch.errors import CellwatchError, TransientError
+from cellwatch.measure import measure_cells, summarize
+from cellwatch.model import LoadedModel
+from cellwatch.postprocess import labels_from_probabilities, tidy
+from cellwatch.preprocess import normalize, rescale, resize_to
+from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
+from cellwatch.tiling import PredictBatch, predict_tiled
+
+ESTIMATE_WINDOW = 512  # side of the window the cell size is estimated on, in model pixels
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    labels: np.ndarray  # int32, the input's shape, ids 1..n
+    normalized: np.ndarray  # float32 image as the network saw it, before rescaling
+    scale: ScaleChoice
+
+
+class Segmenter:
+    """Segments 2-D images with one model and one configuration."""
+
+    def __init__(
+        self, config: Config, model: LoadedModel, predict_batch: PredictBatch | None = None
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.predict_batch = predict_batch or model.predict_fn()
+
+    def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
+        norm = self.config.normalize
+        image = normalize(pixels, norm.low_percentile, norm.high_percentile)
+        choice = choose_scale(
+            self.config.scale,
+            model_diameter_px=self.model.diameter_px,
+            model_pixel_size_um=self.model.pixel_size_um,
+            image_pixel_size_um=pixel_size_um,
+            estimate_diameter=lambda: self.estimate_diameter(image),
+        )
+        scaled = self.labels_at(image, choice.scale)
+        labels = tidy(
+            resize_to(scaled, image.shape, order=0), self.config.postprocess.min_cell_area_px
+        )
+        return Segmentation(labels, image, choice)
+
+    def labels_at(self, image: np.ndarray, scale: float) -> np.ndarray:
+        """Labels of a normalised image zoomed by ``scale``, on the zoomed grid."""
+        t, p = self.config.tiling, self.config.postprocess
+        probs = predict_tiled(
+            rescale(image, scale),
+            self.predict_batch,
+            tile=t.tile_size,
+            overlap=t.overlap,
+            batch_size=t.batch_size,
+        )
+        return labels_from_probabilities(
+            probs,
+            interior_threshold=p.interior_threshold,
+            foreground_threshold=p.foreground_threshold,
+        )
+
+    def estimate_diameter(self, image: np.ndarray) -> float | None:
+        """Typical cell diameter (original pixels) from up to two network passes over a
+        window of the image: one at the image's own scale, one at the corrected scale."""
+        target, s = self.model.diameter_px, self.config.scale
+        if target is None:
+            return None
+        diameter = typical_diameter(self.labels_at(_window(image, ESTIMATE_WINDOW), 1.0))
+        if diameter is None:
+            return None
+        scale = min(max(target / diameter, s.min_scale), s.max_scale)
+        if is_close(scale, 1.0):
+            return diameter
+        window = _window(image, max(64, round(ESTIMATE_WINDOW / scale)))
+        refined = typical_diameter(self.labels_at(window, scale))
+        return refined / scale if refined is not None else diameter
+
+
+@dataclass
+class ImageResult:
+    row: dict[str, Any]
+    cells: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def process_image(
+    path: Path, *, config: Config, segmenter: Segmenter, out_dir: Path, job_id: str
+) -> ImageResult:
+    """Segment and measure one image file and write its label image and overlay.
+
+    Bad input never raises: it comes back as a ``failed`` row whose ``error`` says why.
+    A :class:`TransientError` (a full disk, a share that went away) is raised, so the
+    caller can retry; :func:`failed_result` turns it into a row once retries are over.
+    """
+    started = time.perf_counter()
+    row: dict[str, Any] = {
+        "image": str(path),
+        "model": segmenter.model.label,
+        "settings_hash": config.settings_hash(),
+        "job_id": job_id,
+    }
+    try:
+        row["sha256"] = imageio.sha256_file(path)
+        data = imageio.read_image(
+            path,
+            channel=config.input.channel,
+            stack=config.input.stack,
+            plane=config.input.plane,
+            max_pixels=config.input.max_pixels,
+        )
+        pixel_size = config.scale.pixel_size_um or data.pixel_size_um
+        row.update(
+            height=data.pixels.shape[0], width=data.pixels.shape[1], pixel_size_um=pixel_size
+        )
+        result = segmenter.segment(data.pixels, pixel_size)
+        cells = measure_cells(result.labels, data.pixels, pixel_size)
+        row.update(summarize(cells, result.labels.shape, pixel_size))
+        row.update(
+            scale=result.scale.scale,
+            diameter_px=result.scale.diameter_px,
+            scale_source=result.scale.source,
+            saturated_fraction=qc.saturated_fraction(data.pixels),
+            focus_score=qc.focus_score(result.normalized),
+        )
+        stem = output_stem(path)
+        labels_path = out_dir / "labels" / f"{stem}.tif"
+        imageio.write_labels(labels_path, result.labels)
+        row["labels"] = str(labels_path)
+        if config.output.overlays:
+            overlay_path = out_dir / "overlays" / f"{stem}.png"
+            imageio.write_overlay(overlay_path, data.pixels, result.labels)
+            row["overlay"] = str(overlay_path)
+        row["status"] = "ok"
+        cells.insert(0, "image", str(path))
+        cells.insert(1, "job_id", job_id)
+    except TransientError:
+        raise
+    except (CellwatchError, MemoryError) as exc:
+        return failed_result(
+            path,
+            exc,
+            model=segmenter.model.label,
+            config=config,
+            job_id=job_id,
+            started=started,
+            row=row,
+        )
+    row["duration_s"] = round(time.perf_counter() - started, 3)
+    row["processed_at"] = datetime.now(UTC).isoformat()
+    return ImageResult(row, cells)
+
+
+def failed_result(
+    path: Path,
+    exc: BaseException,
+    *,
+    model: str,
+    config: Config,
+    job_id: str,
+    started: float | None = None,
+    row: dict[str, Any] | None = None,
+) -> ImageResult:
+    """The ``failed`` ledger row for an image, with the reason in words."""
+    row = dict(
+        row
+        or {
+            "image": str(path),
+            "model": model,
+            "settings_hash": config.settings_hash(),
+            "job_id": job_id,
+        }
+    )
+    row.update(
+        status="failed",
+        error=_message(exc),
+        processed_at=datetime.now(UTC).isoformat(),
+        duration_s=round(time.perf_counter() - started, 3) if started is not None else None,
+    )
+    return ImageResult(row)
+
+
+def process_images(
+    paths: Sequence[Path],
+    *,
+    config: Config,
+    segmenter: Segmenter,
+    out_dir: Path,
+    job_ids: Sequence[str],
+) -> list[ImageResult]:
+    """:func:`process_image` for several images, results in the same order."""
+    return [
+        process_image(path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=job_id)
+        for path, job_id in zip(paths, job_ids, strict=True)
+    ]
+
+
+def record(result: ImageResult, out_dir: Path) -> None:
+    """Append the image's cells, then its ledger row (the row marks the job as done)."""
+    if len(result.cells):
+        ledger.append_rows(
+            out_dir / "cells.csv", result.cells.to_dict("records"), ledger.CELL_COLUMNS
+        )
+    ledger.append_rows(out_dir / "ledger.csv", [result.row])
+
+
+def output_stem(path: Path) -> str:
+    """The name label images and overlays get: the file name without its image suffix."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _window(image: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size``×``size`` part of ``image`` (all of it when smaller)."""
+    y0 = max(0, (image.shape[0] - size) // 2)
+    x0 = max(0, (image.shape[1] - size) // 2)
+    return image[y0 : y0 + size, x0 : x0 + size]
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "ran out of memory processing this image; lower input.max_pixels or add memory"
+    return str(exc).replace("\n", " ")

@@ -1,0 +1,39 @@
+"""Training targets derived from masks: background / interior / boundary.
+
+A mask may be an instance label image (one id per cell) or a binary mask (0/1 or 0/255, as
+hand-drawn ``image_segment`` folders are); binary masks are split into cells by connected
+components first. The boundary class is the inner rim of each cell, so touching cells are
+separated by two boundary pixels the network learns to see.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.measure import label as connected_components
+from skimage.measure import regionprops_table
+from skimage.segmentation import find_boundaries
+
+BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+
+
+def as_instances(mask: np.ndarray) -> np.ndarray:
+    """An instance label image from either an instance mask or a binary mask."""
+    values = np.unique(mask)
+    if values.size <= 2:  # binary: 0 and one foreground value
+        return connected_components(mask > 0, connectivity=1).astype(np.int32)
+    return mask.astype(np.int32, copy=False)
+
+
+def three_class(labels: np.ndarray) -> np.ndarray:
+    """Class map (uint8): 0 background, 1 cell interior, 2 cell boundary."""
+    classes = (labels > 0).astype(np.uint8)
+    rim = find_boundaries(labels, connectivity=1, mode="inner") & (labels > 0)
+    classes[rim] = BOUNDARY
+    return classes
+
+
+def median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter (pixels) of the objects in ``labels``; None if empty."""
+    props = regionprops_table(labels, properties=("equivalent_diameter_area",))
+    diameters = props["equivalent_diameter_area"]
+    return float(np.median(diameters)) if len(diameters) else None

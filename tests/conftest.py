@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models that load through the real model loader, and disc images
+with known answers."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+from cellwatch.model import write_card
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-fluo"
+
+
+def save_threshold_model(path: Path, *, diameter_px: float | None = None, classes: int = 3) -> Path:
+    """A Keras model with hand-set weights that calls a pixel "interior" when its normalised
+    intensity is above 0.5: a pointwise rule, so its answers are known exactly."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((None, None, 1))
+    if classes == 3:
+        conv = layers.Conv2D(3, 1, activation="softmax", name="probabilities")
+        outputs = conv(inputs)
+        conv.set_weights([np.array([[[[-40.0, 40.0, 0.0]]]]), np.array([20.0, -20.0, -50.0])])
+    else:
+        conv = layers.Conv2D(1, 1, activation="sigmoid", name="probabilities")
+        outputs = conv(inputs)
+        conv.set_weights([np.array([[[[40.0]]]]), np.array([-20.0])])
+    keras.Model(inputs, outputs).save(path)
+    write_card(path, {"name": path.stem, "diameter_px": diameter_px})
+    return path
+
+
+@pytest.fixture(scope="session")
+def threshold_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class threshold model with no trained diameter (images keep their own scale)."""
+    return save_threshold_model(tmp_path_factory.mktemp("models") / "threshold.keras")
+
+
+@pytest.fixture(scope="session")
+def sized_threshold_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same rule, declaring it was trained on cells 20 px across."""
+    return save_threshold_model(
+        tmp_path_factory.mktemp("models") / "threshold20.keras", diameter_px=20.0
+    )
+
+
+def discs(
+    shape: tuple[int, int],
+    centres: list[tuple[int, int]],
+    radius: float,
+    value: int = 200,
+    background: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An 8-bit image of bright discs and its true label image."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
+    image = np.where(labels > 0, value, background).astype(np.uint8)
+    return image, labels
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves threads running behind it."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    assert not leaked, f"test leaked threads: {leaked}"

@@ -1,0 +1,546 @@
+"""Tests for cellwatch.imageio: every reader path, every error path, and the writers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellwatch.errors import BadInputError, TransientError
+from cellwatch.imageio import (
+    OUTLINE_RGB,
+    ImageData,
+    is_supported,
+    read_image,
+    sha256_file,
+    write_labels,
+    write_overlay,
+)
+
+
+def _ramp(shape: tuple[int, ...], dtype: type = np.uint8) -> np.ndarray:
+    values = np.arange(int(np.prod(shape))) % 200
+    return values.reshape(shape).astype(dtype)
+
+
+def _png_bytes(width: int, height: int) -> bytes:
+    """A PNG whose header declares width × height, with almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def rgb_differs() -> np.ndarray:
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 20, 30
+    return rgb
+
+
+# --- plain gray images -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_gray_tiff_keeps_dtype_and_values(tmp_path, dtype):
+    data = _ramp((7, 9), dtype)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    image = read_image(tmp_path / "a.tif")
+    assert isinstance(image, ImageData)
+    assert image.pixels.dtype == dtype
+    np.testing.assert_array_equal(image.pixels, data)
+    assert image.pixel_size_um is None
+    assert image.path == tmp_path / "a.tif"
+    assert image.note == ""
+
+
+def test_big_endian_tiff_reads_same_values(tmp_path):
+    data = _ramp((4, 5), np.uint16)
+    tifffile.imwrite(tmp_path / "be.tiff", data, byteorder=">")
+    np.testing.assert_array_equal(read_image(tmp_path / "be.tiff").pixels, data)
+
+
+def test_bool_tiff_becomes_uint8(tmp_path):
+    data = _ramp((4, 4)) > 100
+    tifffile.imwrite(tmp_path / "mask.tif", data)
+    image = read_image(tmp_path / "mask.tif")
+    assert image.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(image.pixels, data.astype(np.uint8))
+
+
+def test_one_pixel_tiff(tmp_path):
+    tifffile.imwrite(tmp_path / "one.tif", np.array([[7]], np.uint8))
+    assert read_image(tmp_path / "one.tif").pixels.shape == (1, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_gray_png(tmp_path, dtype):
+    data = _ramp((6, 8), dtype) * (300 if dtype == np.uint16 else 1)
+    Image.fromarray(data).save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    assert image.pixels.dtype == dtype
+    np.testing.assert_array_equal(image.pixels, data)
+    assert image.pixel_size_um is None
+
+
+def test_gray_jpeg_upper_case_name(tmp_path):
+    data = np.full((16, 16), 128, np.uint8)
+    Image.fromarray(data).save(tmp_path / "A.JPG", quality=95)
+    image = read_image(tmp_path / "A.JPG")
+    assert image.pixels.shape == (16, 16)
+    assert image.pixels.dtype == np.uint8
+    assert np.abs(image.pixels.astype(int) - 128).max() <= 2
+
+
+# --- channels ----------------------------------------------------------------------------
+
+
+def test_rgb_with_equal_channels_is_gray(tmp_path):
+    gray = _ramp((6, 5))
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(tmp_path / "rgb.png")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.stack([gray] * 3, axis=-1), photometric="rgb")
+    for name in ("rgb.png", "rgb.tif"):
+        image = read_image(tmp_path / name)
+        np.testing.assert_array_equal(image.pixels, gray)
+        assert "3 equal channels" in image.note
+
+
+def test_jpeg_colour_with_equal_channels_is_gray(tmp_path):
+    rgb = np.full((16, 16, 3), 90, np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.jpeg")
+    assert read_image(tmp_path / "c.jpeg").pixels.shape == (16, 16)
+
+
+@pytest.mark.parametrize("name", ["c.png", "c.tif"])
+def test_rgb_with_different_channels_needs_a_channel(tmp_path, rgb_differs, name):
+    if name.endswith(".png"):
+        Image.fromarray(rgb_differs).save(tmp_path / name)
+    else:
+        tifffile.imwrite(tmp_path / name, rgb_differs, photometric="rgb")
+    with pytest.raises(
+        BadInputError, match=r"c\.(png|tif) has 3 channels that differ.*input\.channel"
+    ):
+        read_image(tmp_path / name)
+    image = read_image(tmp_path / name, channel=1)
+    np.testing.assert_array_equal(image.pixels, np.full((6, 5), 20, np.uint8))
+    assert image.note == "channel 1 of 3"
+
+
+def test_channel_out_of_range_names_the_count(tmp_path, rgb_differs):
+    Image.fromarray(rgb_differs).save(tmp_path / "c.png")
+    with pytest.raises(BadInputError, match=r"has 3 channel\(s\), so input\.channel = 3.*0 to 2"):
+        read_image(tmp_path / "c.png", channel=3)
+
+
+def test_rgba_drops_alpha(tmp_path):
+    gray = _ramp((6, 5))
+    alpha = np.full_like(gray, 255)
+    Image.fromarray(np.stack([gray, gray, gray, alpha], axis=-1)).save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(image.pixels, gray)
+    assert "alpha dropped" in image.note
+
+
+def test_rgba_tiff_drops_alpha_and_counts_three_channels(tmp_path, rgb_differs):
+    rgba = np.concatenate([rgb_differs, np.full((6, 5, 1), 255, np.uint8)], axis=-1)
+    tifffile.imwrite(tmp_path / "a.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    with pytest.raises(BadInputError, match="3 channels that differ"):
+        read_image(tmp_path / "a.tif")
+    assert read_image(tmp_path / "a.tif", channel=2).pixels.max() == 30
+
+
+def test_gray_alpha_png(tmp_path):
+    gray = _ramp((4, 4))
+    Image.fromarray(np.stack([gray, gray], axis=-1), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png").pixels, gray)
+
+
+def test_palette_png_is_read(tmp_path):
+    gray = _ramp((5, 5))
+    Image.fromarray(gray).convert("P").save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png").pixels.shape == (5, 5)
+
+
+# --- stacks ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def zstack(tmp_path) -> tuple[Path, np.ndarray]:
+    stack = np.stack([_ramp((6, 7), np.uint16) * k for k in range(1, 5)])
+    stack[1, 0, 0] = 9999  # the max projection must find a value from a middle plane
+    tifffile.imwrite(tmp_path / "z.tif", stack, metadata={"axes": "ZYX"})
+    return tmp_path / "z.tif", stack
+
+
+def test_zstack_max_projection(zstack):
+    path, stack = zstack
+    image = read_image(path)
+    np.testing.assert_array_equal(image.pixels, stack.max(axis=0))
+    assert image.pixels[0, 0] == 9999
+    assert image.note == "max projection of 4 planes"
+
+
+def test_zstack_choose_plane(zstack):
+    path, stack = zstack
+    image = read_image(path, stack="plane", plane=2)
+    np.testing.assert_array_equal(image.pixels, stack[2])
+    assert image.note == "plane 2 of 4"
+
+
+def test_zstack_plane_out_of_range(zstack):
+    path, _ = zstack
+    with pytest.raises(BadInputError, match=r"z\.tif has 4 plane\(s\), so input\.plane = 4"):
+        read_image(path, stack="plane", plane=4)
+
+
+def test_unknown_stack_mode_is_a_programming_error(zstack):
+    with pytest.raises(ValueError, match="stack must be"):
+        read_image(zstack[0], stack="mean")  # type: ignore[arg-type]
+
+
+def test_time_and_channel_hyperstack(tmp_path):
+    data = _ramp((2, 3, 2, 5, 6), np.uint16)  # T, Z, C, Y, X
+    tifffile.imwrite(tmp_path / "h.tif", data, imagej=True, metadata={"axes": "TZCYX"})
+    image = read_image(tmp_path / "h.tif", channel=1)
+    np.testing.assert_array_equal(image.pixels, data[:, :, 1].max(axis=(0, 1)))
+    assert image.note == "channel 1 of 2; max projection of 6 planes"
+    plane = read_image(tmp_path / "h.tif", channel=0, stack="plane", plane=4)
+    np.testing.assert_array_equal(plane.pixels, data[1, 1, 0])  # flat index 4 = (t=1, z=1)
+
+
+def test_plain_multipage_tiff_is_a_stack(tmp_path):
+    data = _ramp((3, 5, 6))
+    tifffile.imwrite(tmp_path / "pages.tif", data, photometric="minisblack", metadata=None)
+    np.testing.assert_array_equal(read_image(tmp_path / "pages.tif").pixels, data.max(axis=0))
+
+
+# --- pixel size --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "unit", "expected"), [(0.65, "µm", 0.65), (325.0, "nm", 0.325)])
+def test_ome_physical_size(tmp_path, value, unit, expected):
+    meta = {"axes": "ZYX", "PhysicalSizeX": value, "PhysicalSizeXUnit": unit}
+    tifffile.imwrite(tmp_path / "a.ome.tif", _ramp((2, 8, 8)), ome=True, metadata=meta)
+    image = read_image(tmp_path / "a.ome.tif")
+    assert image.pixel_size_um == pytest.approx(expected)
+    assert image.pixels.shape == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "unit", "expected"),
+    [
+        ((1 / 0.5, 1 / 0.5), "micrometer", 0.5),
+        ((20_000, 20_000), "centimeter", 0.5),
+        ((1 / 0.5, 1 / 0.5), "centimeter", 5_000.0),
+        ((50_800, 50_800), "inch", 0.5),
+        ((72, 72), "inch", None),  # desktop-software default, not a measurement
+        ((1, 1), "none", None),
+        ((3, 3), "none", None),
+    ],
+)
+def test_tiff_resolution_tags(tmp_path, resolution, unit, expected):
+    tifffile.imwrite(tmp_path / "r.tif", _ramp((4, 4)), resolution=resolution, resolutionunit=unit)
+    size = read_image(tmp_path / "r.tif").pixel_size_um
+    assert size == (pytest.approx(expected) if expected else None)
+
+
+@pytest.mark.parametrize("unit", ["um", "micron", "\\u00B5m"])
+def test_imagej_unit_counts_as_micrometre(tmp_path, unit):
+    meta = {"axes": "ZYX", "unit": unit}
+    tifffile.imwrite(
+        tmp_path / "ij.tif", _ramp((2, 4, 4)), imagej=True, resolution=(2.5, 2.5), metadata=meta
+    )
+    assert read_image(tmp_path / "ij.tif").pixel_size_um == pytest.approx(0.4)
+
+
+def test_broken_ome_xml_costs_the_pixel_size_not_the_image(tmp_path):
+    broken = '<?xml version="1.0"?><OME xmlns="x"><Image></OME>'
+    tifffile.imwrite(tmp_path / "b.tif", _ramp((4, 4)), description=broken, metadata=None)
+    image = read_image(tmp_path / "b.tif")
+    assert image.pixel_size_um is None
+    np.testing.assert_array_equal(image.pixels, _ramp((4, 4)))
+
+
+def test_zero_resolution_is_unknown(tmp_path):
+    zero = ((0, 1), (0, 1))
+    tifffile.imwrite(tmp_path / "z.tif", _ramp((4, 4)), resolution=zero, resolutionunit=3)
+    assert read_image(tmp_path / "z.tif").pixel_size_um is None
+
+
+# --- broken and hostile files ------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BadInputError, match=r"nope\.tif does not exist"):
+        read_image(tmp_path / "nope.tif")
+
+
+def test_folder_is_not_a_file(tmp_path):
+    (tmp_path / "dir.tif").mkdir()
+    with pytest.raises(BadInputError, match=r"dir\.tif is not a file"):
+        read_image(tmp_path / "dir.tif")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "pattern"),
+    [
+        (PermissionError(13, "Permission denied"), BadInputError, "permission denied"),
+        (OSError(5, "Input/output error"), TransientError, "could not be opened.*try again"),
+    ],
+)
+def test_os_errors_on_open(tmp_path, monkeypatch, error, expected, pattern):
+    tifffile.imwrite(tmp_path / "a.tif", _ramp((4, 4)))
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Path, "open", fail)
+    with pytest.raises(expected, match=pattern):
+        read_image(tmp_path / "a.tif")
+
+
+@pytest.mark.parametrize("name", ["e.tif", "e.png", "e.jpg"])
+def test_empty_file(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(BadInputError, match=r"is empty \(0 bytes\)"):
+        read_image(tmp_path / name)
+
+
+def test_text_file_named_tif(tmp_path):
+    (tmp_path / "notes.tif").write_text("exposure 200 ms, gain 2\n")
+    with pytest.raises(BadInputError, match=r"notes\.tif is not a readable TIFF: not a TIFF"):
+        read_image(tmp_path / "notes.tif")
+
+
+@pytest.mark.parametrize("name", ["junk.tif", "junk.png", "junk.jpg"])
+def test_random_bytes(tmp_path, name):
+    (tmp_path / name).write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(BadInputError, match=r"junk\.(tif|png|jpg) is (not a readable|truncated)"):
+        read_image(tmp_path / name)
+
+
+def test_unsupported_extension(tmp_path):
+    (tmp_path / "a.bmp").write_bytes(b"BM....")
+    with pytest.raises(BadInputError, match="unsupported file type"):
+        read_image(tmp_path / "a.bmp")
+
+
+def test_truncated_tiff(tmp_path):
+    tifffile.imwrite(tmp_path / "t.tif", _ramp((64, 64)))
+    whole = (tmp_path / "t.tif").read_bytes()
+    (tmp_path / "t.tif").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BadInputError, match=r"t\.tif is truncated or corrupt.*Copy the file again"):
+        read_image(tmp_path / "t.tif")
+
+
+def test_tiff_cut_inside_header(tmp_path):
+    tifffile.imwrite(tmp_path / "t.tif", _ramp((8, 8)))
+    (tmp_path / "t.tif").write_bytes((tmp_path / "t.tif").read_bytes()[:20])
+    with pytest.raises(BadInputError, match=r"t\.tif is not a readable TIFF"):
+        read_image(tmp_path / "t.tif")
+
+
+def test_corrupt_compressed_tiff(tmp_path):
+    tifffile.imwrite(tmp_path / "z.tif", _ramp((32, 32)), compression="zlib")
+    with tifffile.TiffFile(tmp_path / "z.tif") as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    raw = bytearray((tmp_path / "z.tif").read_bytes())
+    raw[offset : offset + 8] = b"\xff" * 8
+    (tmp_path / "z.tif").write_bytes(bytes(raw))
+    with pytest.raises(BadInputError, match=r"z\.tif is not a readable TIFF"):
+        read_image(tmp_path / "z.tif")
+
+
+@pytest.mark.parametrize("name", ["t.png", "t.jpg"])
+def test_truncated_png_and_jpeg(tmp_path, name):
+    Image.fromarray(_ramp((64, 64))).save(tmp_path / name)
+    whole = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BadInputError, match=r"t\.(png|jpg) is truncated or corrupt"):
+        read_image(tmp_path / name)
+
+
+def test_small_max_pixels_refuses_before_decoding(tmp_path, zstack):
+    path, _ = zstack  # 4 planes of 6 × 7
+    with pytest.raises(BadInputError, match=r"declares 6 × 7 pixels × 4 planes.*max_pixels = 100"):
+        read_image(path, max_pixels=100)
+    Image.fromarray(_ramp((6, 7))).save(tmp_path / "a.png")
+    with pytest.raises(BadInputError, match=r"a\.png declares 6 × 7 pixels"):
+        read_image(tmp_path / "a.png", max_pixels=10)
+    assert read_image(path, max_pixels=6 * 7 * 4).pixels.shape == (6, 7)
+
+
+def test_many_channels_count_towards_the_byte_limit(tmp_path):
+    tifffile.imwrite(tmp_path / "c.tif", _ramp((50, 4, 4)), metadata={"axes": "CYX"})
+    with pytest.raises(BadInputError, match="declares 4 × 4 pixels × 1 planes"):
+        read_image(tmp_path / "c.tif", channel=0, max_pixels=100)
+
+
+def test_hostile_tiff_header_is_refused_without_reading(tmp_path):
+    """A 4×4 file whose header claims 100000×100000 pixels (10 GB)."""
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.zeros((4, 4), np.uint8))
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        for name in ("ImageWidth", "ImageLength", "RowsPerStrip"):
+            struct.pack_into("<I", raw, tags[name].valueoffset, 100_000)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        BadInputError, match=r"declares 100,000 × 100,000 pixels.*input\.max_pixels"
+    ):
+        read_image(path)
+
+
+def test_hostile_png_header_is_refused(tmp_path):
+    """Pillow itself refuses this before we see its size; it must still be BadInputError."""
+    (tmp_path / "bomb.png").write_bytes(_png_bytes(100_000, 100_000))
+    with pytest.raises(
+        BadInputError,
+        match=r"bomb\.png is too large.*10000000000 pixels.*max_pixels is 400,000,000",
+    ):
+        read_image(tmp_path / "bomb.png")
+
+
+def test_pillow_size_warning_does_not_leak(tmp_path):
+    """10000² passes input.max_pixels but trips Pillow's warning; then the data is short."""
+    (tmp_path / "big.png").write_bytes(_png_bytes(10_000, 10_000))
+    with pytest.raises(BadInputError, match=r"big\.png is truncated or corrupt"):
+        read_image(tmp_path / "big.png")
+    with pytest.raises(BadInputError, match=r"declares 10,000 × 10,000.*max_pixels = 1,000,000"):
+        read_image(tmp_path / "big.png", max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.png"])
+def test_reading_leaves_the_input_untouched(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".tif"):
+        tifffile.imwrite(path, _ramp((5, 5)))
+    else:
+        Image.fromarray(_ramp((5, 5))).save(path)
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    read_image(path)
+    sha256_file(path)
+    assert path.read_bytes() == before
+    assert path.stat().st_mtime_ns == mtime
+
+
+# --- helpers and writers -----------------------------------------------------------------
+
+
+def test_sha256_file(tmp_path):
+    data = np.random.default_rng(1).bytes(3 * (1 << 20) + 17)  # more than one read block
+    (tmp_path / "x.bin").write_bytes(data)
+    assert sha256_file(tmp_path / "x.bin") == hashlib.sha256(data).hexdigest()
+    with pytest.raises(BadInputError, match="does not exist"):
+        sha256_file(tmp_path / "missing.bin")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a.tif", True),
+        ("A.TIFF", True),
+        ("x.ome.tif", True),
+        ("b.png", True),
+        ("c.JPEG", True),
+        ("d.czi", False),
+        ("e.tif.part", False),
+        (".a.tif", False),
+        ("._a.tif", False),
+    ],
+)
+def test_is_supported(name, expected):
+    assert is_supported(Path("/data") / name) is expected
+
+
+def test_is_supported_with_custom_extensions():
+    assert is_supported(Path("a.TIF"), ["tif"])
+    assert not is_supported(Path("a.png"), (".tif",))
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(65_535, np.uint16), (70_000, np.uint32)])
+def test_write_labels_round_trip(tmp_path, top, dtype):
+    labels = np.zeros((20, 30), np.int64)
+    labels[2:5, 3:9] = 1
+    labels[10:15, 10:20] = top
+    path = tmp_path / "deep" / "er" / "labels.tif"
+    write_labels(path, labels)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        back = tif.asarray()
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, labels)
+    assert [p.name for p in path.parent.iterdir()] == ["labels.tif"]  # no temporary left
+
+
+def test_write_labels_replaces_existing_file(tmp_path):
+    path = tmp_path / "labels.tif"
+    path.write_bytes(b"old")
+    write_labels(path, np.ones((3, 3), np.uint8))
+    np.testing.assert_array_equal(tifffile.imread(path), np.ones((3, 3)))
+
+
+def test_write_labels_rejects_bad_arrays(tmp_path):
+    with pytest.raises(ValueError, match="2-D integer"):
+        write_labels(tmp_path / "l.tif", np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="negative"):
+        write_labels(tmp_path / "l.tif", -np.ones((3, 3), np.int32))
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tifffile, "imwrite", explode)
+    with pytest.raises(TransientError, match=r"Could not write .*l\.tif: disk full"):
+        write_labels(tmp_path / "l.tif", np.ones((3, 3), np.uint16))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_write_overlay(tmp_path, dtype):
+    image = _ramp((40, 50), dtype)
+    labels = np.zeros((40, 50), np.uint16)
+    labels[10:20, 10:30] = 1
+    write_overlay(tmp_path / "o" / "overlay.png", image, labels)
+    with Image.open(tmp_path / "o" / "overlay.png") as png:
+        assert png.format == "PNG"
+        assert png.mode == "RGB"
+        assert png.size == (50, 40)
+        rgb = np.asarray(png)
+    assert tuple(rgb[10, 15]) == OUTLINE_RGB  # cell edge
+    assert tuple(rgb[0, 0]) == (0, 0, 0)  # darkest pixel, no outline
+    gray = rgb[15, 20]
+    assert gray[0] == gray[1] == gray[2]  # cell interior stays gray
+
+
+def test_write_overlay_constant_and_nan_images(tmp_path):
+    labels = np.zeros((5, 5), np.uint16)
+    write_overlay(tmp_path / "flat.png", np.full((5, 5), 7.0), labels)
+    write_overlay(tmp_path / "nan.png", np.full((5, 5), np.nan), labels)
+    for name in ("flat.png", "nan.png"):
+        with Image.open(tmp_path / name) as png:
+            assert png.size == (5, 5)
+
+
+def test_write_overlay_shape_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="equal 2-D shapes"):
+        write_overlay(tmp_path / "o.png", np.zeros((4, 4)), np.zeros((4, 5), np.uint16))

@@ -1,0 +1,268 @@
+"""Tests for cellwatch.tiling: split-and-reassemble, tiled equals untiled, fixed batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cellwatch.errors import ModelError
+from cellwatch.tiling import Stitcher, TileGrid, batched, predict_tiled, predict_tiled_many
+
+SIZES = [(1, 1), (7, 300), (255, 257), (256, 256), (257, 256), (3000, 17), (600, 900)]
+TILE_OVERLAPS = [(t, o) for t in (32, 64, 256) for o in sorted({0, 8, t // 4, t // 2 - 1})]
+
+
+def _image(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def identity(batch: np.ndarray) -> np.ndarray:
+    return batch.copy()
+
+
+class Recorder:
+    """A fake model that records the shape and dtype of every batch it is given."""
+
+    def __init__(self, model=identity) -> None:
+        self.model = model
+        self.calls: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append((batch.shape, batch.dtype))
+        return self.model(batch)
+
+
+def conv_model(kernel: np.ndarray):
+    """A translation-equivariant 2-channel 'network': a correlation and its square."""
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        out = np.empty((*batch.shape[:3], 2), dtype=np.float32)
+        for i, tile in enumerate(batch[..., 0]):
+            response = ndimage.correlate(tile, kernel, mode="constant")
+            out[i, ..., 0] = response
+            out[i, ..., 1] = response**2
+        return out
+
+    return model
+
+
+@pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(("tile", "overlap"), TILE_OVERLAPS)
+def test_split_and_reassemble_is_identity(shape, tile, overlap):
+    image = _image(shape)
+    out = predict_tiled(image, identity, tile=tile, overlap=overlap, batch_size=8)
+    assert out.shape == (*shape, 1)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[..., 0], image)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (3000, 17)])
+def test_small_axes_are_reflect_padded(shape):
+    image = _image(shape)
+    grid = TileGrid.for_shape(shape, tile=32, overlap=8)
+    tile = grid.extract(image, [0])[0]
+    mode = "edge" if shape == (1, 1) else "reflect"
+    expected = np.pad(image, [(0, max(0, 32 - n)) for n in shape], mode=mode)[:32, :32]
+    np.testing.assert_array_equal(tile, expected)
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap", "starts"),
+    [(1, 32, 0, [0]), (32, 32, 8, [0]), (100, 32, 8, [0, 24, 48, 68]), (72, 32, 8, [0, 24, 40])],
+)
+def test_grid_origins_step_and_end_flush(length, tile, overlap, starts):
+    grid = TileGrid.for_shape((length, 5), tile=tile, overlap=overlap)
+    assert grid.boxes() == [(s, 0) for s in starts]
+    assert len(grid) == len(starts)
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (257, 1000), (40, 40)])
+@pytest.mark.parametrize(("tile", "overlap"), [(64, 4), (64, 16), (96, 30)])
+def test_tiled_equals_untiled_for_a_local_operator(shape, tile, overlap):
+    radius = 2  # 5×5 kernel; overlap // 2 >= radius in every case here
+    kernel = np.random.default_rng(1).normal(size=(5, 5)).astype(np.float32)
+    model = conv_model(kernel)
+    image = _image(shape)
+    tiled = predict_tiled(image, model, tile=tile, overlap=overlap, batch_size=3)
+    untiled = model(image[None, ..., None])[0]
+    inner = np.s_[radius:-radius, radius:-radius]
+    np.testing.assert_allclose(tiled[inner], untiled[inner], rtol=1e-5, atol=1e-5)
+
+
+def test_too_small_overlap_shows_seams():
+    """Guards the previous test: with overlap // 2 < radius the tiles do disagree."""
+    kernel = np.ones((5, 5), dtype=np.float32)
+    model = conv_model(kernel)
+    image = _image((300, 300))
+    tiled = predict_tiled(image, model, tile=64, overlap=2, batch_size=4)
+    untiled = model(image[None, ..., None])[0]
+    assert not np.allclose(tiled[2:-2, 2:-2], untiled[2:-2, 2:-2], atol=1e-3)
+
+
+def test_pointwise_function_matches_everywhere():
+    image = _image((333, 444))
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        return np.tanh(3 * batch - 1)
+
+    out = predict_tiled(image, model, tile=64, overlap=10, batch_size=5)
+    np.testing.assert_allclose(out[..., 0], np.tanh(3 * image - 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 8, 64])
+def test_every_batch_has_exactly_batch_size_tiles(batch_size):
+    image = _image((250, 130))
+    grid = TileGrid.for_shape(image.shape, tile=64, overlap=8)
+    assert len(grid) == 15  # not a multiple of 4, 8 or 64: the last batch is padded
+    seen_padding: list[np.ndarray] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        seen_padding.append(batch)
+        return batch.copy()
+
+    recorder = Recorder(model)
+    out = predict_tiled(image, recorder, tile=64, overlap=8, batch_size=batch_size)
+    assert len(recorder.calls) == -(-len(grid) // batch_size)
+    assert all(c == ((batch_size, 64, 64, 1), np.float32) for c in recorder.calls)
+    filler = len(recorder.calls) * batch_size - len(grid)
+    if filler:
+        assert not seen_padding[-1][batch_size - filler :].any()
+    np.testing.assert_array_equal(out[..., 0], image)
+
+
+def test_three_channel_output_stitches_each_channel():
+    image = _image((150, 210))
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([batch, 2 * batch, 1 - batch], axis=-1)
+
+    out = predict_tiled(image, model, tile=32, overlap=8, batch_size=4)
+    assert out.shape == (150, 210, 3)
+    np.testing.assert_array_equal(out[..., 0], image)
+    np.testing.assert_array_equal(out[..., 1], 2 * image)
+    np.testing.assert_array_equal(out[..., 2], 1 - image)
+
+
+def test_several_images_share_batches():
+    images = [_image(s, seed=i) for i, s in enumerate([(5, 5), (40, 70), (1, 1), (33, 33)])]
+    tiles = sum(len(TileGrid.for_shape(im.shape, 32, 8)) for im in images)
+    recorder = Recorder()
+    outs = list(predict_tiled_many(images, recorder, tile=32, overlap=8, batch_size=4))
+    assert len(recorder.calls) == -(-tiles // 4)  # no batch is wasted between images
+    assert len(outs) == len(images)
+    for image, out in zip(images, outs, strict=True):
+        np.testing.assert_array_equal(out[..., 0], image)
+
+
+def test_several_images_are_read_lazily_and_yielded_in_order():
+    read: list[int] = []
+
+    def images():
+        for i in range(5):
+            read.append(i)
+            yield np.full((8, 8), float(i), dtype=np.float32)
+
+    results = predict_tiled_many(images(), identity, tile=8, overlap=0, batch_size=2)
+    assert read == []
+    first = next(results)
+    assert read == [0, 1] and first[0, 0, 0] == 0.0
+    assert [r[0, 0, 0] for r in results] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_stitcher_accepts_tiles_in_any_order():
+    image = _image((100, 90))
+    grid = TileGrid.for_shape(image.shape, tile=32, overlap=6)
+    stitcher = Stitcher(grid, channels=1)
+    order = np.random.default_rng(2).permutation(len(grid))
+    for index in order:
+        stitcher.add(int(index), grid.extract(image, [int(index)])[0][..., None])
+    np.testing.assert_array_equal(stitcher.result()[..., 0], image)
+
+
+def test_batched():
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched([], 2)) == []
+
+
+# --- every error path -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tile": 0}, r"tile must be at least 1"),
+        ({"tile": 64, "overlap": 32}, r"overlap must be in \[0, tile/2\)"),
+        ({"tile": 64, "overlap": -1}, r"overlap must be in \[0, tile/2\)"),
+        ({"batch_size": 0}, r"batch_size must be at least 1"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predict_tiled(_image((10, 10)), identity, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        predict_tiled_many([], identity, **kwargs)  # eagerly, before the first next()
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.zeros((4, 4, 1), dtype=np.float32), r"expected a 2-D image, got shape \(4, 4, 1\)"),
+        (np.zeros(4, dtype=np.float32), r"expected a 2-D image"),
+        (np.zeros((4, 4), dtype=np.uint16), r"expected a float image.*forgot to normalise"),
+        (np.zeros((0, 4), dtype=np.float32), r"image is empty"),
+    ],
+)
+def test_bad_images_raise(image, match):
+    with pytest.raises(ValueError, match=match):
+        predict_tiled(image, identity, tile=8, overlap=2)
+
+
+def test_bad_image_in_a_stream_raises_when_reached():
+    results = predict_tiled_many(
+        [_image((8, 8)), np.zeros((8, 8, 3), np.float32)], identity, tile=8, overlap=0
+    )
+    with pytest.raises(ValueError, match="expected a 2-D image"):
+        list(results)
+
+
+def test_grid_errors():
+    with pytest.raises(ValueError, match="expected a 2-D image shape"):
+        TileGrid.for_shape((4, 4, 4), tile=8, overlap=0)  # type: ignore[arg-type]
+    grid = TileGrid.for_shape((20, 20), tile=8, overlap=2)
+    with pytest.raises(ValueError, match=r"image shape \(21, 20\) does not match"):
+        grid.extract(_image((21, 20)), [0])
+    with pytest.raises(IndexError, match="tile index 99 out of range"):
+        grid.extract(_image((20, 20)), [99])
+
+
+def test_stitcher_errors():
+    grid = TileGrid.for_shape((20, 20), tile=8, overlap=2)
+    with pytest.raises(ValueError, match="channels must be at least 1"):
+        Stitcher(grid, channels=0)
+    stitcher = Stitcher(grid, channels=2)
+    with pytest.raises(ValueError, match=r"tile output has shape \(8, 8, 1\), expected"):
+        stitcher.add(0, np.zeros((8, 8, 1), np.float32))
+    with pytest.raises(IndexError, match="out of range"):
+        stitcher.add(-1, np.zeros((8, 8, 2), np.float32))
+    stitcher.add(0, np.zeros((8, 8, 2), np.float32))
+    with pytest.raises(RuntimeError, match=f"{len(grid) - 1} of {len(grid)} tiles missing"):
+        stitcher.result()
+
+
+def test_batched_rejects_bad_size():
+    with pytest.raises(ValueError, match="batch size must be at least 1"):
+        list(batched(range(3), 0))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda b: b[..., 0],  # channel axis dropped
+        lambda b: b[:-1],  # extra outputs already dropped
+        lambda b: b[:, :-1],  # cropped output
+    ],
+)
+def test_model_with_wrong_output_shape_raises_model_error(model):
+    with pytest.raises(ModelError, match=r"model returned shape .* expected \(batch, tile"):
+        predict_tiled(_image((20, 20)), model, tile=8, overlap=2, batch_size=2)
