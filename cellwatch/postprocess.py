@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
-from skimage.morphology import remove_small_objects
 from skimage.segmentation import relabel_sequential, watershed
 
 from cellwatch.errors import ModelError
@@ -50,7 +49,9 @@ def labels_from_probabilities(
 def tidy(labels: np.ndarray, min_area: int) -> np.ndarray:
     """Drop cells under ``min_area`` pixels and renumber the rest 1..n."""
     if min_area > 1 and labels.any():
-        labels = remove_small_objects(labels, max_size=min_area - 1)
+        too_small = np.bincount(labels.ravel()) < min_area
+        too_small[0] = False
+        labels = np.where(too_small[labels], 0, labels)
     relabelled, _, _ = relabel_sequential(labels)
     return relabelled.astype(np.int32, copy=False)
 

@@ -189,24 +189,30 @@ def make_losses(kind: str) -> tuple[Any, Any]:
     return losses[kind], dice
 
 
-class CropSequence:
-    """Endless random training batches, drawn fresh every step."""
+def crop_batches(
+    samples: Sequence[Sample], settings: TrainSettings, classes: int, seed: int
+) -> Any:
+    """A Keras dataset of ``steps_per_epoch`` random augmented batches, drawn fresh each time."""
+    import keras
 
-    def __init__(
-        self, samples: Sequence[Sample], settings: TrainSettings, classes: int, seed: int
-    ) -> None:
-        self.samples, self.settings, self.classes = samples, settings, classes
-        self.rng = np.random.default_rng(seed)
+    class RandomCrops(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
 
-    def batch(self) -> tuple[np.ndarray, np.ndarray]:
-        s = self.settings
-        xs, ys = [], []
-        for _ in range(s.batch_size):
-            sample = self.samples[self.rng.integers(len(self.samples))]
-            image, labels = random_crop(sample, self.rng, s.crop, augment=True)
-            xs.append(image[..., None])
-            ys.append(targets(labels, self.classes))
-        return np.stack(xs), np.stack(ys)
+        def __len__(self) -> int:
+            return settings.steps_per_epoch
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            xs, ys = [], []
+            for _ in range(settings.batch_size):
+                sample = samples[self.rng.integers(len(samples))]
+                image, labels = random_crop(sample, self.rng, settings.crop, augment=True)
+                xs.append(image[..., None])
+                ys.append(targets(labels, classes))
+            return np.stack(xs), np.stack(ys)
+
+    return RandomCrops()
 
 
 def fixed_crops(
@@ -261,7 +267,7 @@ def train(
     if resume and initial_epoch:
         network.optimizer.iterations.assign(initial_epoch * settings.steps_per_epoch)
 
-    crops = CropSequence(samples, settings, classes, settings.seed)
+    crops = crop_batches(samples, settings, classes, settings.seed)
     val_x, val_y = fixed_crops(val_samples, settings.crop, classes, settings.seed + 1)
     history_path = out.with_suffix(".history.csv")
     callbacks = [
@@ -274,8 +280,7 @@ def train(
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience),
     ]
     network.fit(
-        _endless(crops),
-        steps_per_epoch=settings.steps_per_epoch,
+        crops,
         epochs=settings.epochs,
         initial_epoch=initial_epoch,
         validation_data=(val_x, val_y),
@@ -314,11 +319,6 @@ def train(
     write_card(out, card)
     _plot_history(history, out.with_suffix(".loss.png"))
     return card
-
-
-def _endless(crops: CropSequence) -> Any:
-    while True:
-        yield crops.batch()
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:

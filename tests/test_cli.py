@@ -1,0 +1,130 @@
+"""End-to-end tests through the real command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from conftest import DATA, discs
+
+from cellwatch.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cellwatch", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_predict_exit_status_and_ledger(threshold_model, tmp_path):
+    inbox = tmp_path / "in"
+    (inbox / "sub").mkdir(parents=True)
+    image, _ = discs((120, 160), [(30, 30), (30, 100), (90, 60)], 10)
+    tifffile.imwrite(inbox / "a.tif", image)
+    tifffile.imwrite(inbox / "sub" / "b.tif", image[:, :80])
+    out = tmp_path / "out"
+    done = run_cli(
+        "predict", str(inbox), "--out", str(out), "--model", str(threshold_model), "--quiet"
+    )
+    assert done.returncode == 0, done.stderr
+    ledger = pd.read_csv(out / "ledger.csv")
+    assert list(ledger["cell_count"]) == [3, 2]
+    assert set(ledger["status"]) == {"ok"}
+
+    (inbox / "broken.tif").write_bytes(b"II*\x00garbage")
+    done = run_cli(
+        "predict", str(inbox), "--out", str(out), "--model", str(threshold_model), "--quiet"
+    )
+    assert done.returncode == 1
+    text = (out / "ledger.csv").read_text()
+    assert text.count("processed_at,") == 1  # header once, rows appended
+    ledger = pd.read_csv(out / "ledger.csv")
+    assert len(ledger) == 5
+    failed = ledger[ledger["status"] == "failed"]
+    assert len(failed) == 1 and "broken.tif" in failed["error"].iloc[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "nowhere/", "--model", "MODEL"], "nowhere does not exist"),
+        (["predict", "IMG", "--model", "missing.keras"], "no model file at missing.keras"),
+        (
+            ["predict", "IMG", "--model", "MODEL", "--config", "BADCONFIG"],
+            "unknown key 'tiling.size'",
+        ),
+    ],
+)
+def test_usage_and_config_errors_exit_2(threshold_model, tmp_path, capsys, args, message):
+    image, _ = discs((64, 64), [(32, 32)], 8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    (tmp_path / "bad.yaml").write_text("tiling:\n  size: 3\n")
+    subs = {
+        "MODEL": str(threshold_model),
+        "IMG": str(tmp_path / "img.tif"),
+        "BADCONFIG": str(tmp_path / "bad.yaml"),
+    }
+    code = main([subs.get(a, a) for a in args] + ["--out", str(tmp_path / "o")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="shared data not present")
+def test_predict_all_val_images_outputs_agree(threshold_model, tmp_path):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "predict",
+            str(DATA / "val" / "images"),
+            "--out",
+            str(out),
+            "--model",
+            str(threshold_model),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    ledger = pd.read_csv(out / "ledger.csv")
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(ledger) == 66 and set(ledger["status"]) == {"ok"}
+    per_image = cells.groupby("image").size()
+    for row in ledger.itertuples():
+        labels = tifffile.imread(row.labels)
+        assert labels.shape == (row.height, row.width)
+        assert len(np.unique(labels[labels > 0])) == row.cell_count == per_image.get(row.image, 0)
+        assert (
+            out / "overlays" / (labels_stem := row.labels.rsplit("/", 1)[1].replace(".tif", ".png"))
+        ).exists(), labels_stem
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="shared data not present")
+def test_evaluate_reports_metrics(threshold_model, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for name in sorted(p.name for p in (DATA / "val" / "images").iterdir())[:3]:
+        (images / name).write_bytes((DATA / "val" / "images" / name).read_bytes())
+        (masks / name).write_bytes((DATA / "val" / "masks" / name).read_bytes())
+    done = run_cli(
+        "evaluate",
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--model",
+        str(threshold_model),
+        "--json",
+        str(tmp_path / "e.json"),
+        "--per-image",
+        str(tmp_path / "e.csv"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in done.stdout and "MAPE" in done.stdout
+    summary = json.loads((tmp_path / "e.json").read_text())
+    assert summary["images"] == 3
+    assert 0 <= summary["thresholds"]["0.50"]["accuracy"] <= 1
+    assert len(pd.read_csv(tmp_path / "e.csv")) == 3

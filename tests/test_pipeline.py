@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellwatch import matching
+from cellwatch.config import Config, override
+from cellwatch.errors import TransientError
+from cellwatch.model import load_model
+from cellwatch.pipeline import Segmenter, process_image, record
+from conftest import discs
+
+
+def segmenter(model_path, **settings) -> Segmenter:
+    config = override(Config(), **settings)
+    return Segmenter(config, load_model(model_path))
+
+
+def seam_discs(shape=(400, 520), tile=64, overlap=16, radius=7):
+    """Discs centred on and around every tile seam."""
+    step = tile - overlap
+    seams = [step * k + overlap // 2 for k in range(1, 12)]
+    ys = [s for s in seams if radius + 2 < s < shape[0] - radius - 2][:5]
+    xs = [s for s in seams if radius + 2 < s < shape[1] - radius - 2][:7]
+    centres = [(y + dy, x + dx) for y in ys for x in xs for dy, dx in [(0, 0)]]
+    centres += [(y + 24, x) for y in ys[:-1] for x in xs]  # between seams vertically
+    return discs(shape, centres, radius)
+
+
+def test_discs_on_tile_seams_are_counted_exactly(threshold_model):
+    image, truth = seam_discs()
+    seg = segmenter(threshold_model, **{"tiling.tile_size": 64, "tiling.overlap": 16})
+    result = seg.segment(image)
+    assert result.labels.max() == truth.max()
+    at = matching.match(truth, result.labels, thresholds=(0.95,))[0]
+    assert at.tp == truth.max() and at.fp == 0 and at.fn == 0
+
+
+def test_tiled_and_untiled_agree(threshold_model, tmp_path):
+    import keras
+
+    rng = np.random.default_rng(1)
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    outputs = keras.layers.Conv2D(3, 1, activation="softmax")(x)
+    path = tmp_path / "conv.keras"
+    keras.Model(inputs, outputs).save(path)
+    model = load_model(path)
+    image = rng.random((300, 400)).astype(np.float32)
+    tiled = Segmenter(override(Config(), **{"tiling.tile_size": 64, "tiling.overlap": 16}), model)
+    whole = Segmenter(override(Config(), **{"tiling.tile_size": 512, "tiling.overlap": 0}), model)
+    from cellwatch.tiling import predict_tiled
+
+    a = predict_tiled(image, tiled.predict_batch, tile=64, overlap=16, batch_size=8)
+    b = predict_tiled(image, whole.predict_batch, tile=512, overlap=0, batch_size=1)
+    # away from the image border (padding differs there) the two agree to float precision
+    np.testing.assert_allclose(a[4:-4, 4:-4], b[4:-4, 4:-4], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (255, 257), (3000, 17), (17, 3000), (64, 64)])
+def test_labels_have_the_input_shape(threshold_model, shape):
+    rng = np.random.default_rng(0)
+    image = (rng.random(shape) * 255).astype(np.uint8)
+    result = segmenter(threshold_model).segment(image)
+    assert result.labels.shape == shape
+
+
+@pytest.mark.parametrize("diameter", [10, 40, 80])
+def test_auto_scale_estimates_size_and_counts(sized_threshold_model, diameter):
+    radius = diameter / 2
+    spacing = int(diameter * 1.6)
+    centres = [
+        (y, x)
+        for y in range(spacing, 6 * spacing, spacing)
+        for x in range(spacing, 6 * spacing, spacing)
+    ]
+    image, truth = discs((6 * spacing, 6 * spacing), centres, radius)
+    result = segmenter(sized_threshold_model).segment(image)
+    assert result.scale.source == "estimated"
+    assert result.scale.diameter_px == pytest.approx(diameter, rel=0.15)
+    assert result.scale.scale == pytest.approx(20 / diameter, rel=0.15)
+    assert result.labels.shape == image.shape
+    assert result.labels.max() == truth.max()
+
+
+def test_explicit_scale_and_pixel_size_take_precedence(sized_threshold_model):
+    image, _ = discs((100, 100), [(50, 50), (20, 20)], 8)
+    assert (
+        segmenter(sized_threshold_model, **{"scale.scale": 1.5}).segment(image).scale.source
+        == "config"
+    )
+    by_diameter = segmenter(sized_threshold_model, **{"scale.diameter_px": 40.0}).segment(image)
+    assert (by_diameter.scale.source, by_diameter.scale.scale) == ("config", 0.5)
+    none = segmenter(sized_threshold_model, **{"scale.mode": "none"}).segment(image)
+    assert (none.scale.source, none.scale.scale) == ("none", 1.0)
+
+
+def test_process_image_writes_consistent_outputs(threshold_model, tmp_path):
+    image, truth = discs((200, 300), [(50, 50), (50, 150), (150, 80), (120, 250)], 12)
+    src = tmp_path / "in" / "plate1_A01.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, image, resolution=(1 / 0.5, 1 / 0.5), resolutionunit="MICROMETER")
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
+    out = tmp_path / "out"
+    seg = segmenter(threshold_model)
+    result = process_image(src, config=seg.config, segmenter=seg, out_dir=out, job_id="j1")
+    record(result, out)
+    row = result.row
+    assert row["status"] == "ok" and row["cell_count"] == 4
+    assert row["pixel_size_um"] == pytest.approx(0.5)
+    assert row["mean_area_um2"] == pytest.approx(row["mean_area_px"] * 0.25)
+    labels = tifffile.imread(out / "labels" / "plate1_A01.tif")
+    assert labels.shape == image.shape and labels.dtype == np.uint16
+    assert len(np.unique(labels)) - 1 == row["cell_count"]
+    assert (out / "overlays" / "plate1_A01.png").exists()
+    import pandas as pd
+
+    ledger = pd.read_csv(out / "ledger.csv")
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(ledger) == 1 and ledger.loc[0, "cell_count"] == 4
+    assert len(cells) == 4 and set(cells["job_id"]) == {"j1"}
+    assert (src.read_bytes(), src.stat().st_mtime_ns) == before
+
+
+def test_bad_file_gives_failed_row(threshold_model, tmp_path):
+    bad = tmp_path / "broken.tif"
+    bad.write_text("not an image")
+    seg = segmenter(threshold_model)
+    result = process_image(
+        bad, config=seg.config, segmenter=seg, out_dir=tmp_path / "out", job_id="j"
+    )
+    assert result.row["status"] == "failed"
+    assert "broken.tif" in result.row["error"]
+    assert len(result.cells) == 0
+
+
+def test_transient_errors_are_raised_for_retry(threshold_model, tmp_path, monkeypatch):
+    image, _ = discs((64, 64), [(32, 32)], 8)
+    src = tmp_path / "a.tif"
+    tifffile.imwrite(src, image)
+    seg = segmenter(threshold_model)
+
+    def disk_full(*args, **kwargs):
+        raise TransientError("disk full")
+
+    monkeypatch.setattr("cellwatch.imageio.write_labels", disk_full)
+    with pytest.raises(TransientError):
+        process_image(src, config=seg.config, segmenter=seg, out_dir=tmp_path / "o", job_id="j")
+
+
+def test_settings_are_recorded(threshold_model, tmp_path):
+    image, _ = discs((64, 64), [(32, 32)], 8)
+    src = tmp_path / "a.tif"
+    tifffile.imwrite(src, image)
+    seg = segmenter(threshold_model)
+    row = process_image(src, config=seg.config, segmenter=seg, out_dir=tmp_path, job_id="j").row
+    assert row["model"].startswith("threshold@") and len(row["model"]) == len("threshold@") + 12
+    assert row["settings_hash"] == seg.config.settings_hash()
+    assert row["scale_source"] == "none" and row["scale"] == 1.0
+    assert dataclasses.is_dataclass(seg.config)

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import discs
+
+from cellwatch.cli import main
+from cellwatch.errors import ConfigError
+from cellwatch.model import load_model
+from cellwatch.train import Sample, find_pairs, random_crop
+
+
+def make_dataset(root, n=4, binary=False):
+    rng = np.random.default_rng(0)
+    (root / "image").mkdir(parents=True)
+    (root / "image_segment").mkdir()
+    for i in range(n):
+        centres = [tuple(rng.integers(12, 116, 2)) for _ in range(8)]
+        image, labels = discs((128, 128), centres, 7)
+        noisy = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+        tifffile.imwrite(root / "image" / f"img{i}.tif", noisy)
+        mask = (labels > 0).astype(np.uint8) * 255 if binary else labels.astype(np.uint16)
+        tifffile.imwrite(root / "image_segment" / f"img{i}.tif", mask)
+    return root / "image", root / "image_segment"
+
+
+def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
+    images, masks = make_dataset(tmp_path / "data", binary=True)
+    out = tmp_path / "tiny.keras"
+    code = main(
+        [
+            "train",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--out",
+            str(out),
+            "--depth",
+            "2",
+            "--filters",
+            "4",
+            "--crop",
+            "64",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "4",
+            "--steps",
+            "8",
+            "--learning-rate",
+            "0.01",
+            "--diameter",
+            "14",
+        ]
+    )
+    assert code == 0
+    with out.with_suffix(".history.csv").open() as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["diameter_px"] == 14 and card["settings"]["depth"] == 2
+    assert card["command"].startswith("cellwatch train") or "train" in card["command"]
+    assert out.with_suffix(".loss.png").exists()
+    model = load_model(out)
+    probs = model.predict_fn()(np.zeros((2, 64, 64, 1), np.float32))
+    assert probs.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-4)
+
+    # resume continues from the last checkpoint; fine-tuning starts from the saved model
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--out",
+                str(out),
+                "--depth",
+                "2",
+                "--filters",
+                "4",
+                "--crop",
+                "64",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "5",
+                "--steps",
+                "2",
+                "--resume",
+            ]
+        )
+        == 0
+    )
+    with out.with_suffix(".history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 5
+    tuned = tmp_path / "tuned.keras"
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--out",
+                str(tuned),
+                "--from",
+                str(out),
+                "--crop",
+                "64",
+                "--epochs",
+                "1",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert load_model(tuned).classes == 3
+
+
+def test_train_seed_architecture(tmp_path):
+    images, masks = make_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "seed.keras"
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "seed",
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--out",
+                str(out),
+                "--batch-size",
+                "1",
+                "--epochs",
+                "1",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    model = load_model(out)
+    assert model.classes == 1
+    assert json.loads(out.with_suffix(".json").read_text())["architecture"] == "seed"
+
+
+def test_unpaired_files_are_named(tmp_path):
+    images, masks = make_dataset(tmp_path / "data", n=2)
+    (images / "extra.tif").write_bytes((images / "img0.tif").read_bytes())
+    (masks / "img1.tif").unlink()
+    with pytest.raises(ConfigError, match=r"images without a mask: extra, img1"):
+        find_pairs(images, masks)
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--out",
+                str(tmp_path / "m.keras"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_crops_keep_image_and_labels_aligned():
+    rng = np.random.default_rng(3)
+    image, labels = discs((90, 70), [(30, 30), (60, 40)], 9)
+    sample = Sample("x", image.astype(np.float32) / 200, labels, 1.0)
+    for _ in range(20):
+        crop_image, crop_labels = random_crop(sample, rng, 64, augment=False)
+        assert crop_image.shape == crop_labels.shape == (64, 64)
+        assert ((crop_image > 0.5) == (crop_labels > 0)).all()
