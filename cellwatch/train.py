@@ -288,6 +288,8 @@ def train(
         callbacks=callbacks,
         verbose=verbose,
     )
+    # the best checkpoint carries the optimizer's state (3× the weights); ship weights only
+    keras.saving.load_model(out, compile=False).save(out)
     history = _read_history(history_path)
     best = min(history, key=lambda row: row["val_loss"]) if history else {}
     card = {

@@ -66,6 +66,7 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
     assert card["diameter_px"] == 14 and card["settings"]["depth"] == 2
     assert card["command"].startswith("cellwatch train") or "train" in card["command"]
     assert out.with_suffix(".loss.png").exists()
+    assert out.stat().st_size < out.with_suffix(".last.keras").stat().st_size  # no optimizer state
     model = load_model(out)
     probs = model.predict_fn()(np.zeros((2, 64, 64, 1), np.float32))
     assert probs.shape == (2, 64, 64, 3)
