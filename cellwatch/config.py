@@ -81,6 +81,9 @@ class WatchConfig:
     polling: bool = False
     rescan_interval_s: float = 30.0
     stable_time_s: float = 2.0
+    # a stable file that does not open as a complete image yet is waited for this long
+    # before it is recorded as failed (a writer may pause longer than stable_time_s)
+    incomplete_timeout_s: float = 60.0
     max_attempts: int = 3
 
 
@@ -203,6 +206,18 @@ def validate(cfg: Config) -> None:
     w = cfg.watch
     if w.stable_time_s < 0 or w.rescan_interval_s <= 0 or w.max_attempts < 1:
         _fail(where, "watch", "stable_time_s ≥ 0, rescan_interval_s > 0 and max_attempts ≥ 1")
+    if w.incomplete_timeout_s < 0:
+        _fail(
+            where,
+            "watch.incomplete_timeout_s",
+            f"must not be negative, got {w.incomplete_timeout_s}",
+        )
+    from cellwatch.report import check_settings  # here: report imports this module
+
+    try:
+        check_settings(cfg.report)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
     if cfg.model.path is not None and not Path(cfg.model.path).is_file():
         _fail(
             where,

@@ -9,6 +9,7 @@ image: it returns a ``failed`` row instead, so a batch or the daemon keeps going
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from cellwatch.preprocess import normalize, rescale, resize_to
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
 from cellwatch.tiling import PredictBatch, predict_tiled
 
-ESTIMATE_WINDOW = 512  # side of the window the cell size is estimated on, in model pixels
+ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,22 @@ class Segmenter:
     def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
         norm = self.config.normalize
         image = normalize(pixels, norm.low_percentile, norm.high_percentile)
+        passes: dict[float, np.ndarray] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
             self.config.scale,
             model_diameter_px=self.model.diameter_px,
             model_pixel_size_um=self.model.pixel_size_um,
             image_pixel_size_um=pixel_size_um,
-            estimate_diameter=lambda: self.estimate_diameter(image),
+            estimate_diameter=lambda: self.estimate_diameter(image, passes),
         )
-        scaled = self.labels_at(image, choice.scale)
+        # The model was trained with ±40 % scale jitter, so a pass already made within 15 %
+        # of the chosen scale is as good as a new one.
+        reuse = next((s for s in passes if is_close(s, choice.scale)), None)
+        if reuse is not None:
+            choice = dataclasses.replace(choice, scale=reuse)
+            scaled = passes[reuse]
+        else:
+            scaled = self.labels_at(image, choice.scale)
         labels = tidy(
             resize_to(scaled, image.shape, order=0), self.config.postprocess.min_cell_area_px
         )
@@ -81,21 +90,36 @@ class Segmenter:
             foreground_threshold=p.foreground_threshold,
         )
 
-    def estimate_diameter(self, image: np.ndarray) -> float | None:
+    def estimate_diameter(
+        self, image: np.ndarray, passes: dict[float, np.ndarray] | None = None
+    ) -> float | None:
         """Typical cell diameter (original pixels) from up to two network passes over a
-        window of the image: one at the image's own scale, one at the corrected scale."""
+        window of the image: one at the image's own scale, one at the corrected scale.
+
+        Passes that covered the whole image are stored in ``passes`` by scale for reuse.
+        """
         target, s = self.model.diameter_px, self.config.scale
         if target is None:
             return None
-        diameter = typical_diameter(self.labels_at(_window(image, ESTIMATE_WINDOW), 1.0))
+        passes = {} if passes is None else passes
+        diameter = typical_diameter(self._window_labels(image, ESTIMATE_WINDOW, 1.0, passes))
         if diameter is None:
             return None
         scale = min(max(target / diameter, s.min_scale), s.max_scale)
         if is_close(scale, 1.0):
             return diameter
-        window = _window(image, max(64, round(ESTIMATE_WINDOW / scale)))
-        refined = typical_diameter(self.labels_at(window, scale))
+        size = max(64, round(ESTIMATE_WINDOW / scale))
+        refined = typical_diameter(self._window_labels(image, size, scale, passes))
         return refined / scale if refined is not None else diameter
+
+    def _window_labels(
+        self, image: np.ndarray, size: int, scale: float, passes: dict[float, np.ndarray]
+    ) -> np.ndarray:
+        window = _window(image, size)
+        labels = self.labels_at(window, scale)
+        if window.shape == image.shape:
+            passes[scale] = labels
+        return labels
 
 
 @dataclass

@@ -99,3 +99,9 @@ def test_settings_hash_tracks_settings_that_change_counts():
         != base.settings_hash()
     )
     assert override(base, **{"output.dir": "elsewhere"}).settings_hash() == base.settings_hash()
+
+
+def test_report_settings_are_checked_at_load(tmp_path):
+    path = write(tmp_path, "report:\n  timezone: Mars/Olympus\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: .*Mars/Olympus"):
+        load_config(path)
