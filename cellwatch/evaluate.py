@@ -21,7 +21,7 @@ import pandas as pd
 
 from cellwatch import imageio, matching
 from cellwatch.config import Config
-from cellwatch.pipeline import Segmenter
+from cellwatch.pipeline import Segmenter, read
 from cellwatch.targets import as_instances, median_diameter
 from cellwatch.train import find_pairs
 
@@ -38,12 +38,7 @@ def evaluate(
     """Segment every image, match against its mask; return (summary, per-image table)."""
     rows, per_image = [], []
     for n, (image_path, mask_path) in enumerate(pairs, start=1):
-        data = imageio.read_image(
-            image_path,
-            channel=config.input.channel,
-            stack=config.input.stack,
-            plane=config.input.plane,
-        )
+        data = read(image_path, config)
         truth = as_instances(imageio.read_image(mask_path).pixels)
         started = time.perf_counter()
         result = segmenter.segment(data.pixels, config.scale.pixel_size_um or data.pixel_size_um)

@@ -29,6 +29,7 @@ from cellwatch.postprocess import labels_from_probabilities, tidy
 from cellwatch.preprocess import normalize, rescale, resize_to
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
 from cellwatch.tiling import PredictBatch, predict_tiled
+from cellwatch.timing import Stopwatch
 
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
 
@@ -44,15 +45,22 @@ class Segmenter:
     """Segments 2-D images with one model and one configuration."""
 
     def __init__(
-        self, config: Config, model: LoadedModel, predict_batch: PredictBatch | None = None
+        self,
+        config: Config,
+        model: LoadedModel,
+        predict_batch: PredictBatch | None = None,
+        *,
+        stopwatch: Stopwatch | None = None,
     ) -> None:
         self.config = config
         self.model = model
-        self.predict_batch = predict_batch or model.predict_fn()
+        self.stopwatch = stopwatch or Stopwatch()
+        self.predict_batch = self.stopwatch.timed("inference", predict_batch or model.predict_fn())
 
     def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
-        norm = self.config.normalize
-        image = normalize(pixels, norm.low_percentile, norm.high_percentile)
+        norm, watch = self.config.normalize, self.stopwatch
+        with watch("normalise"):
+            image = normalize(pixels, norm.low_percentile, norm.high_percentile)
         passes: dict[float, np.ndarray] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
             self.config.scale,
@@ -69,26 +77,29 @@ class Segmenter:
             scaled = passes[reuse]
         else:
             scaled = self.labels_at(image, choice.scale)
-        labels = tidy(
-            resize_to(scaled, image.shape, order=0), self.config.postprocess.min_cell_area_px
-        )
+        with watch("postprocess"):
+            labels = tidy(
+                resize_to(scaled, image.shape, order=0), self.config.postprocess.min_cell_area_px
+            )
         return Segmentation(labels, image, choice)
 
     def labels_at(self, image: np.ndarray, scale: float) -> np.ndarray:
         """Labels of a normalised image zoomed by ``scale``, on the zoomed grid."""
-        t, p = self.config.tiling, self.config.postprocess
+        t, p, watch = self.config.tiling, self.config.postprocess, self.stopwatch
+        with watch("rescale"):
+            scaled = rescale(image, scale)
+        inference_before, started = watch.totals["inference"], watch.clock()
         probs = predict_tiled(
-            rescale(image, scale),
-            self.predict_batch,
-            tile=t.tile_size,
-            overlap=t.overlap,
-            batch_size=t.batch_size,
+            scaled, self.predict_batch, tile=t.tile_size, overlap=t.overlap, batch_size=t.batch_size
         )
-        return labels_from_probabilities(
-            probs,
-            interior_threshold=p.interior_threshold,
-            foreground_threshold=p.foreground_threshold,
-        )
+        inference = watch.totals["inference"] - inference_before
+        watch.add("tile_stitch", watch.clock() - started - inference)
+        with watch("postprocess"):
+            return labels_from_probabilities(
+                probs,
+                interior_threshold=p.interior_threshold,
+                foreground_threshold=p.foreground_threshold,
+            )
 
     def estimate_diameter(
         self, image: np.ndarray, passes: dict[float, np.ndarray] | None = None
@@ -137,7 +148,7 @@ def process_image(
     A :class:`TransientError` (a full disk, a share that went away) is raised, so the
     caller can retry; :func:`failed_result` turns it into a row once retries are over.
     """
-    started = time.perf_counter()
+    started, watch = time.perf_counter(), segmenter.stopwatch
     row: dict[str, Any] = {
         "image": str(path),
         "model": segmenter.model.label,
@@ -145,39 +156,24 @@ def process_image(
         "job_id": job_id,
     }
     try:
-        row["sha256"] = imageio.sha256_file(path)
-        data = imageio.read_image(
-            path,
-            channel=config.input.channel,
-            stack=config.input.stack,
-            plane=config.input.plane,
-            max_pixels=config.input.max_pixels,
-        )
-        pixel_size = config.scale.pixel_size_um or data.pixel_size_um
-        row.update(
-            height=data.pixels.shape[0], width=data.pixels.shape[1], pixel_size_um=pixel_size
-        )
-        result = segmenter.segment(data.pixels, pixel_size)
-        cells = measure_cells(result.labels, data.pixels, pixel_size)
-        row.update(summarize(cells, result.labels.shape, pixel_size))
-        row.update(
-            scale=result.scale.scale,
-            diameter_px=result.scale.diameter_px,
-            scale_source=result.scale.source,
-            saturated_fraction=qc.saturated_fraction(data.pixels),
-            focus_score=qc.focus_score(result.normalized),
-        )
-        stem = output_stem(path)
-        labels_path = out_dir / "labels" / f"{stem}.tif"
-        imageio.write_labels(labels_path, result.labels)
-        row["labels"] = str(labels_path)
-        if config.output.overlays:
-            overlay_path = out_dir / "overlays" / f"{stem}.png"
-            imageio.write_overlay(overlay_path, data.pixels, result.labels)
-            row["overlay"] = str(overlay_path)
-        row["status"] = "ok"
-        cells.insert(0, "image", str(path))
-        cells.insert(1, "job_id", job_id)
+        with watch("read"):
+            row["sha256"] = imageio.sha256_file(path)
+            data = read(path, config)
+        pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
+        row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
+        result = segmenter.segment(pixels, pixel_size)
+        with watch("measure"):
+            cells = measure_cells(result.labels, pixels, pixel_size)
+            row.update(summarize(cells, result.labels.shape, pixel_size))
+            row.update(
+                scale=result.scale.scale,
+                diameter_px=result.scale.diameter_px,
+                scale_source=result.scale.source,
+                saturated_fraction=qc.saturated_fraction(pixels),
+                focus_score=qc.focus_score(result.normalized),
+            )
+        with watch("write"):
+            row.update(write_images(path, pixels, result.labels, out_dir, config.output.overlays))
     except TransientError:
         raise
     except (CellwatchError, MemoryError) as exc:
@@ -190,9 +186,38 @@ def process_image(
             started=started,
             row=row,
         )
-    row["duration_s"] = round(time.perf_counter() - started, 3)
-    row["processed_at"] = datetime.now(UTC).isoformat()
+    cells.insert(0, "image", str(path))
+    cells.insert(1, "job_id", job_id)
+    row.update(
+        status="ok",
+        duration_s=round(time.perf_counter() - started, 3),
+        processed_at=datetime.now(UTC).isoformat(),
+    )
     return ImageResult(row, cells)
+
+
+def read(path: Path, config: Config) -> imageio.ImageData:
+    """Read an image file as the ``input`` settings say."""
+    return imageio.read_image(
+        path,
+        channel=config.input.channel,
+        stack=config.input.stack,
+        plane=config.input.plane,
+        max_pixels=config.input.max_pixels,
+    )
+
+
+def write_images(
+    path: Path, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
+) -> dict[str, str]:
+    """Write the label image (and overlay); returns their paths for the ledger."""
+    stem = output_stem(path)
+    written = {"labels": str(out_dir / "labels" / f"{stem}.tif")}
+    imageio.write_labels(Path(written["labels"]), labels)
+    if overlays:
+        written["overlay"] = str(out_dir / "overlays" / f"{stem}.png")
+        imageio.write_overlay(Path(written["overlay"]), pixels, labels)
+    return written
 
 
 def failed_result(
