@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
     p.set_defaults(handler=evaluate.run)
 
+    p = sub.add_parser("report", help="write the daily count report")
+    from cellwatch import report
+
+    report.add_report_arguments(p)
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+    p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
+
     p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
     try:  # TEMPORARY-WIRING until daemon lands
         from cellwatch import daemon, status
@@ -84,12 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_arguments(p)
     p.set_defaults(handler=status.run)
 
-    p = sub.add_parser("report", help="write the daily count report")
-    from cellwatch import report
+    p = sub.add_parser("bench", help="measure speed and memory on this machine")
+    try:  # TEMPORARY-WIRING until bench lands
+        from cellwatch import bench
+    except ImportError:
+        return parser
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.run)
 
-    report.add_report_arguments(p)
-    p.add_argument("--config", type=Path, help="configuration file (YAML)")
-    p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
     return parser
 
 
