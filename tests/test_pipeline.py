@@ -69,17 +69,15 @@ def test_labels_have_the_input_shape(threshold_model, shape):
     assert result.labels.shape == shape
 
 
-@pytest.mark.parametrize("diameter", [10, 40, 80])
+@pytest.mark.parametrize("diameter", [6, 10, 15, 25, 40, 60, 80])
 def test_auto_scale_estimates_size_and_counts(sized_threshold_model, diameter):
+    # small tiles, so that at every scale many discs straddle tile seams
     radius = diameter / 2
-    spacing = int(diameter * 1.6)
-    centres = [
-        (y, x)
-        for y in range(spacing, 6 * spacing, spacing)
-        for x in range(spacing, 6 * spacing, spacing)
-    ]
-    image, truth = discs((6 * spacing, 6 * spacing), centres, radius)
-    result = segmenter(sized_threshold_model).segment(image)
+    spacing = int(diameter * 1.6) + 2
+    grid = range(spacing, 7 * spacing, spacing)
+    image, truth = discs((7 * spacing, 7 * spacing), [(y, x) for y in grid for x in grid], radius)
+    seg = segmenter(sized_threshold_model, **{"tiling.tile_size": 64, "tiling.overlap": 16})
+    result = seg.segment(image)
     assert result.scale.source == "estimated"
     assert result.scale.diameter_px == pytest.approx(diameter, rel=0.15)
     assert result.scale.scale == pytest.approx(20 / diameter, rel=0.15)
