@@ -79,10 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
 
     p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
-    try:  # TEMPORARY-WIRING until daemon lands
-        from cellwatch import daemon, status
-    except ImportError:
-        return parser
+    from cellwatch import daemon, status
 
     daemon.add_arguments(p)
     p.set_defaults(handler=daemon.run)

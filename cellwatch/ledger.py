@@ -107,7 +107,38 @@ def read(path: Path) -> pd.DataFrame:
     """The ledger as a DataFrame (empty, with the right columns, if there is no file)."""
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(COLUMNS))
-    return pd.read_csv(path, dtype={"job_id": "string", "error": "string", "sha256": "string"})
+    text = (
+        "image",
+        "sha256",
+        "status",
+        "error",
+        "labels",
+        "overlay",
+        "model",
+        "settings_hash",
+        "scale_source",
+        "job_id",
+        "processed_at",
+    )
+    return pd.read_csv(path, dtype={name: "string" for name in text}, low_memory=False)
+
+
+def job_statuses(path: Path) -> dict[str, str]:
+    """``job_id → status`` of every ledger row that has a job id (a later row wins).
+
+    Read as plain CSV, one row at a time, so the daemon can check a large ledger at
+    start-up without loading it into a DataFrame.
+    """
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    with handle:
+        return {
+            row["job_id"]: row.get("status") or ""
+            for row in csv.DictReader(handle)
+            if row.get("job_id")
+        }
 
 
 def _cell(value: Any) -> Any:
