@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(levelname)s %(message)s",
     )
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # we report bad files ourselves
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return int(args.handler(args))
