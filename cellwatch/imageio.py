@@ -71,6 +71,16 @@ def is_supported(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -
     return not name.startswith(".") and name.endswith(suffixes)
 
 
+def stem(path: Path) -> str:
+    """The file name without its image suffix (``a.ome.tif`` → ``a``), used to pair images
+    with masks and to name label images and overlays."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
 def read_image(
     path: Path,
     *,

@@ -55,14 +55,22 @@ def choose_scale(
     return _clamped(settings, model_diameter_px / diameter, diameter, "estimated")
 
 
-def typical_diameter(labels: np.ndarray, *, min_cells: int = 3) -> float | None:
+def typical_diameter(
+    labels: np.ndarray, *, min_diameter: float = 0.0, min_cells: int = 3
+) -> float | None:
     """Median equivalent diameter of the cells in ``labels``, ignoring ones cut by the
-    border when enough whole cells remain; None when fewer than ``min_cells`` are found."""
+    border when enough whole cells remain; None when fewer than ``min_cells`` are found.
+
+    Objects under ``min_diameter`` are left out: a network shown cells much larger than it
+    was trained on breaks their texture into small fragments, which would otherwise pull
+    the median down and zoom the image the wrong way.
+    """
     inner = clear_border(labels)
     use = inner if len(np.unique(inner)) - 1 >= min_cells else labels
     diameters = regionprops_table(use, properties=("equivalent_diameter_area",))[
         "equivalent_diameter_area"
     ]
+    diameters = diameters[diameters >= min_diameter]
     if len(diameters) < min_cells:
         return None
     return float(np.median(diameters))

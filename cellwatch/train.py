@@ -63,7 +63,7 @@ def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     def by_stem(folder: Path) -> dict[str, Path]:
         if not folder.is_dir():
             raise ConfigError(f"{folder} is not a folder")
-        return {_stem(p): p for p in sorted(folder.iterdir()) if imageio.is_supported(p)}
+        return {imageio.stem(p): p for p in sorted(folder.iterdir()) if imageio.is_supported(p)}
 
     image_files, mask_files = by_stem(images), by_stem(masks)
     lonely_images = sorted(set(image_files) - set(mask_files))
@@ -93,7 +93,7 @@ def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> S
     scale = settings.diameter_px / diameter if settings.diameter_px and diameter else 1.0
     shape = scaled_shape(image.shape, scale)
     return Sample(
-        _stem(image_path),
+        imageio.stem(image_path),
         resize_to(image, shape, order=1),
         resize_to(labels, shape, order=0),
         scale,
@@ -143,14 +143,6 @@ def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
     if not (pad_y or pad_x):
         return array
     return np.pad(array, ((0, pad_y), (0, pad_x)), mode="constant")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 # --- Keras side -----------------------------------------------------------------------
