@@ -40,6 +40,8 @@ from cellwatch import ledger
 from cellwatch.config import Config, override
 from cellwatch.errors import BadInputError, CellwatchError, ConfigError, TransientError
 from cellwatch.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
+from cellwatch.report import reports_for_config
+from cellwatch.schedule import ReportSchedule
 from cellwatch.sdnotify import Notifier
 from cellwatch.watcher import Watcher
 
@@ -157,6 +159,10 @@ class Daemon:
         self._stop_requested = False  # set by signal handlers: plain flags, no locks
         self._reload_requested = False
         self._next_ping = 0.0
+        self.reports = ReportSchedule(
+            self.config.report.timezone, self.config.report.refresh_interval_s
+        )
+        self._report_thread: threading.Thread | None = None
 
     def serve(self) -> int:
         for folder in (self.paths.out, self.paths.state):
@@ -223,6 +229,8 @@ class Daemon:
                 thread.join(timeout=self._tick)
                 if code == 0:  # alive and finishing; after a thread died, no more pings
                     self._ping()
+        if self._report_thread is not None:
+            self._report_thread.join()
         queue.set_meta(state="stopped", heartbeat=_now())
         log.info("stopped: %d image(s) counted, %d failed", worker.done, worker.failed)
         return code
@@ -249,10 +257,30 @@ class Daemon:
                 )
                 return 1
             self._ping()
+            self._refresh_reports()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + HEARTBEAT_S
                 self._beat(queue, worker)
         return 0
+
+    def _refresh_reports(self) -> None:
+        """Rebuild the daily reports that are due, in the background: a slow report must
+        not hold up the watchdog pings."""
+        if self._report_thread is not None and self._report_thread.is_alive():
+            return
+        days = self.reports.due(datetime.now(UTC), time.monotonic())
+        if days is None:
+            return
+        config = self.config
+
+        def build() -> None:
+            try:
+                reports_for_config(config, start=days[0], end=days[1])
+            except Exception as exc:  # a report problem must never stop the counting
+                log.error("could not write the daily report: %s", exc)
+
+        self._report_thread = threading.Thread(target=build, name="report", daemon=True)
+        self._report_thread.start()
 
     def _ping(self) -> None:
         """WATCHDOG=1, at most every half watchdog period; only called while the watcher

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,6 +96,7 @@ def write_config(path: Path, model: Path | None, **watch: float) -> Path:
         "tiling": {"tile_size": 64, "overlap": 8, "batch_size": 8},
         "watch": {"stable_time_s": 0.5, "rescan_interval_s": 2.0, "incomplete_timeout_s": 2.0}
         | watch,
+        "report": {"refresh_interval_s": 1.0},
     }
     path.write_text(yaml.safe_dump(settings))
     return path
@@ -305,6 +307,9 @@ def test_watch_counts_each_new_file_once(run_cellwatch, tmp_path: Path, threshol
     assert "Traceback" not in cw.log()
     assert len(cw.rows()) == 9  # no row for the .part file, the .txt file or twice for any
     check_files_whole(cw.out)
+    # the daemon keeps today's report page up to date (written at start, then refreshed)
+    today = datetime.now(UTC).date().isoformat()  # the test config keeps report.timezone UTC
+    assert "slow.tif" in (cw.out / "reports" / f"{today}.html").read_text()
     print(f"\nREADY after {ready_s:.1f} s")
 
 
