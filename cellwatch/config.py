@@ -61,8 +61,8 @@ class TilingConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    interior_threshold: float = 0.5
-    foreground_threshold: float = 0.5
+    interior_threshold: float = 0.8
+    foreground_threshold: float = 0.8
     min_cell_area_px: int = 12
 
 
