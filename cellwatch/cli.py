@@ -13,10 +13,14 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellwatch import __version__
 from cellwatch.config import Config, load_config, override
-from cellwatch.errors import CellwatchError, ConfigError, ModelError
+from cellwatch.errors import CellwatchError, ConfigError, ModelError, TransientError
+
+if TYPE_CHECKING:
+    from cellwatch.pipeline import ImageResult, Segmenter
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -90,10 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=status.run)
 
     p = sub.add_parser("bench", help="measure speed and memory on this machine")
-    try:  # TEMPORARY-WIRING until bench lands
-        from cellwatch import bench
-    except ImportError:
-        return parser
+    from cellwatch import bench
+
     bench.add_arguments(p)
     p.set_defaults(handler=bench.run)
 
@@ -120,33 +122,58 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cellwatch.model import load_model
-    from cellwatch.pipeline import Segmenter, process_image, record
+    from cellwatch.pipeline import Segmenter, record
 
     config = config_from_args(args)
     images = list(find_images(args.inputs, config.input.extensions))
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
-    model = load_model(config.model.path)
-    segmenter = Segmenter(config, model)
+    segmenter = Segmenter(config, load_model(config.model.path))
     out_dir = Path(config.output.dir)
     failed = 0
-    for path in progress(images, enabled=not args.quiet and sys.stderr.isatty()):
-        result = process_image(
-            path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=uuid.uuid4().hex
-        )
-        record(result, out_dir)
-        if result.row["status"] != "ok":
-            failed += 1
-            log.warning("%s: %s", path, result.row.get("error"))
-        elif args.quiet:
-            continue
-        else:
-            log.info("%s: %d cells", path, result.row["cell_count"])
+    size = config.tiling.batch_size  # images per group: their tiles share inference batches
+    groups = [images[i : i + size] for i in range(0, len(images), size)]
+    for group in progress(groups, enabled=not args.quiet and sys.stderr.isatty()):
+        for result in process_group(group, config, segmenter, out_dir):
+            record(result, out_dir)
+            if result.row["status"] != "ok":
+                failed += 1
+                log.warning("%s: %s", result.row["image"], result.row.get("error"))
+            elif not args.quiet:
+                log.info("%s: %d cells", result.row["image"], result.row["cell_count"])
     print(
         f"{len(images) - failed} of {len(images)} images counted; ledger: {out_dir / 'ledger.csv'}",
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def process_group(
+    paths: list[Path], config: Config, segmenter: Segmenter, out_dir: Path
+) -> list[ImageResult]:
+    """Process several images together. With no daemon here to retry later, a transient
+    fault (a full disk, a share gone) becomes a failed row for the image it hit."""
+    from cellwatch.pipeline import failed_result, process_image, process_images
+
+    job_ids = [uuid.uuid4().hex for _ in paths]
+    try:
+        return process_images(
+            paths, config=config, segmenter=segmenter, out_dir=out_dir, job_ids=job_ids
+        )
+    except TransientError:
+        pass
+    results = []
+    for path, job_id in zip(paths, job_ids, strict=True):
+        try:
+            results.append(
+                process_image(
+                    path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=job_id
+                )
+            )
+        except TransientError as exc:
+            label = segmenter.model.label
+            results.append(failed_result(path, exc, model=label, config=config, job_id=job_id))
+    return results
 
 
 def find_images(inputs: Iterable[Path], extensions: Sequence[str]) -> Iterator[Path]:
@@ -164,17 +191,17 @@ def find_images(inputs: Iterable[Path], extensions: Sequence[str]) -> Iterator[P
             raise ConfigError(f"{item} does not exist")
 
 
-def progress(items: Sequence[Path], *, enabled: bool) -> Iterator[Path]:
-    """Yield ``items`` while drawing a one-line progress bar on stderr."""
-    total = len(items)
-    for done, item in enumerate(items):
+def progress(groups: Sequence[list[Path]], *, enabled: bool) -> Iterator[list[Path]]:
+    """Yield groups of images while drawing a one-line progress bar on stderr."""
+    total, done = sum(len(g) for g in groups), 0
+    for group in groups:
         if enabled:
             filled = int(30 * done / total)
-            sys.stderr.write(
-                f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {item.name[:40]:40}"
-            )
+            bar = "#" * filled + "." * (30 - filled)
+            sys.stderr.write(f"\r[{bar}] {done}/{total} {group[0].name[:40]:40}")
             sys.stderr.flush()
-        yield item
+        yield group
+        done += len(group)
     if enabled:
         sys.stderr.write(f"\r[{'#' * 30}] {total}/{total}{' ' * 41}\n")
 

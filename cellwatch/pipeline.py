@@ -10,6 +10,8 @@ image: it returns a ``failed`` row instead, so a batch or the daemon keeps going
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,16 +24,23 @@ import pandas as pd
 
 from cellwatch import imageio, ledger, qc
 from cellwatch.config import Config
-from cellwatch.errors import CellwatchError, TransientError
+from cellwatch.errors import CellwatchError, ModelError, TransientError
 from cellwatch.measure import measure_cells, summarize
 from cellwatch.model import LoadedModel
-from cellwatch.postprocess import labels_from_probabilities, tidy
+from cellwatch.postprocess import (
+    labels_from_masked_interior,
+    labels_from_probabilities,
+    masked_interior,
+    tidy,
+)
 from cellwatch.preprocess import normalize, rescale, resize_to
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
-from cellwatch.tiling import PredictBatch, predict_tiled
+from cellwatch.tiling import PredictBatch, SharedBatches, predict_tiled
 from cellwatch.timing import Stopwatch
 
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
+ESTIMATE_PASSES = 3  # network passes the cell-size estimate may take
+IN_FLIGHT_BYTES = 64 << 20  # process_images admits more images while their files total less
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,29 @@ class Segmenter:
         self.model = model
         self.stopwatch = stopwatch or Stopwatch()
         self.predict_batch = self.stopwatch.timed("inference", predict_batch or model.predict_fn())
+        self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
+
+        def predict_plane(batch: np.ndarray) -> np.ndarray:
+            # A three-class output is reduced tile by tile to the one plane labelling needs,
+            # so a large image is stitched into a third of the memory.
+            out = np.asarray(self.predict_batch(batch))
+            if model.classes != 3:
+                return out
+            if out.ndim != 4 or out.shape[-1] != 3:
+                raise ModelError(
+                    f"model returned shape {out.shape}; a three-class model must give "
+                    "(batch, tile, tile, 3)"
+                )
+            p = self.config.postprocess
+            with self.stopwatch("postprocess"):
+                plane = masked_interior(
+                    out,
+                    interior_threshold=p.interior_threshold,
+                    foreground_threshold=p.foreground_threshold,
+                )
+            return plane[..., None]
+
+        self.predict_plane = predict_plane
 
     def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
         norm, watch = self.config.normalize, self.stopwatch
@@ -88,13 +120,24 @@ class Segmenter:
         t, p, watch = self.config.tiling, self.config.postprocess, self.stopwatch
         with watch("rescale"):
             scaled = rescale(image, scale)
-        inference_before, started = watch.totals["inference"], watch.clock()
-        probs = predict_tiled(
-            scaled, self.predict_batch, tile=t.tile_size, overlap=t.overlap, batch_size=t.batch_size
-        )
-        inference = watch.totals["inference"] - inference_before
-        watch.add("tile_stitch", watch.clock() - started - inference)
+        shared: SharedBatches | None = getattr(self._local, "shared", None)
+        if shared is not None:  # inside process_images: batches shared with other images
+            probs = shared.predict(scaled)
+        else:
+            probs = predict_tiled(
+                scaled,
+                self.predict_plane,
+                tile=t.tile_size,
+                overlap=t.overlap,
+                batch_size=t.batch_size,
+                stopwatch=watch,
+            )
+        del scaled
         with watch("postprocess"):
+            if self.model.classes == 3:
+                return labels_from_masked_interior(
+                    probs[..., 0], interior_threshold=p.interior_threshold
+                )
             return labels_from_probabilities(
                 probs,
                 interior_threshold=p.interior_threshold,
@@ -104,8 +147,9 @@ class Segmenter:
     def estimate_diameter(
         self, image: np.ndarray, passes: dict[float, np.ndarray] | None = None
     ) -> float | None:
-        """Typical cell diameter (original pixels) from up to two network passes over a
-        window of the image: one at the image's own scale, one at the corrected scale.
+        """Typical cell diameter (original pixels) from network passes over a window of
+        the image: the first at the image's own scale, then at the corrected scale until
+        the correction settles (at most ``ESTIMATE_PASSES`` passes).
 
         Passes that covered the whole image are stored in ``passes`` by scale for reuse.
         """
@@ -113,15 +157,20 @@ class Segmenter:
         if target is None:
             return None
         passes = {} if passes is None else passes
-        diameter = typical_diameter(self._window_labels(image, ESTIMATE_WINDOW, 1.0, passes))
-        if diameter is None:
-            return None
-        scale = min(max(target / diameter, s.min_scale), s.max_scale)
-        if is_close(scale, 1.0):
-            return diameter
-        size = max(64, round(ESTIMATE_WINDOW / scale))
-        refined = typical_diameter(self._window_labels(image, size, scale, passes))
-        return refined / scale if refined is not None else diameter
+        scale, diameter = 1.0, None
+        for _ in range(ESTIMATE_PASSES):
+            size = max(64, round(ESTIMATE_WINDOW / scale))
+            found = typical_diameter(
+                self._window_labels(image, size, scale, passes), min_diameter=target / 4
+            )
+            if found is None:
+                return diameter
+            diameter = found / scale
+            corrected = min(max(target / diameter, s.min_scale), s.max_scale)
+            if is_close(corrected, scale):
+                break
+            scale = corrected
+        return diameter
 
     def _window_labels(
         self, image: np.ndarray, size: int, scale: float, passes: dict[float, np.ndarray]
@@ -211,7 +260,7 @@ def write_images(
     path: Path, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
 ) -> dict[str, str]:
     """Write the label image (and overlay); returns their paths for the ledger."""
-    stem = output_stem(path)
+    stem = imageio.stem(path)
     written = {"labels": str(out_dir / "labels" / f"{stem}.tif")}
     imageio.write_labels(Path(written["labels"]), labels)
     if overlays:
@@ -257,11 +306,94 @@ def process_images(
     out_dir: Path,
     job_ids: Sequence[str],
 ) -> list[ImageResult]:
-    """:func:`process_image` for several images, results in the same order."""
-    return [
-        process_image(path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=job_id)
-        for path, job_id in zip(paths, job_ids, strict=True)
+    """:func:`process_image` for several images, results in the same order.
+
+    Up to ``tiling.batch_size`` images are processed at once, each in a thread of its own,
+    while their files total less than :data:`IN_FLIGHT_BYTES` (one image is always
+    admitted). Their tiles share inference batches (:class:`~cellwatch.tiling.SharedBatches`),
+    so a burst of small images fills every batch, and one image is read, labelled, measured
+    and written while the network works on another. Each result is what
+    :func:`process_image` gives that image alone. As there, a :class:`TransientError` (or
+    any unexpected error) is raised, the first in input order, once every image is done.
+    """
+    paths, job_ids = list(paths), list(job_ids)
+    if len(paths) != len(job_ids):
+        raise ValueError(f"{len(paths)} paths but {len(job_ids)} job ids")
+    kwargs: dict[str, Any] = {"config": config, "segmenter": segmenter, "out_dir": out_dir}
+    if len(paths) <= 1:
+        return [process_image(p, job_id=j, **kwargs) for p, j in zip(paths, job_ids, strict=True)]
+    t = segmenter.config.tiling  # what labels_at uses when an image is alone
+    shared = SharedBatches(
+        segmenter.predict_plane,
+        tile=t.tile_size,
+        overlap=t.overlap,
+        batch_size=t.batch_size,
+        stopwatch=segmenter.stopwatch,
+    )
+    results: list[ImageResult | None] = [None] * len(paths)
+    errors: list[BaseException | None] = [None] * len(paths)
+    todo = iter(range(len(paths)))
+    admit = _Admission(IN_FLIGHT_BYTES)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        segmenter._local.shared = shared
+        try:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                size = _file_size(paths[i])
+                with shared.paused():  # others' batches need not wait for this one
+                    admit.acquire(size)
+                try:
+                    results[i] = process_image(paths[i], job_id=job_ids[i], **kwargs)
+                except BaseException as exc:  # re-raised in the caller's thread below
+                    errors[i] = exc
+                finally:
+                    admit.release(size)
+        finally:
+            shared.remove_worker()
+
+    threads = [
+        threading.Thread(target=worker, name=f"cellwatch-image-{k}")
+        for k in range(min(len(paths), t.batch_size))
     ]
+    shared.add_workers(len(threads))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return [r for r in results if r is not None]
+
+
+class _Admission:
+    """Admits work while the bytes in flight stay under a limit; one item always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_flight = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, size: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_flight == 0 or self.in_flight + size <= self.limit)
+            self.in_flight += size
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self.in_flight -= size
+            self._cond.notify_all()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # process_image reports the file as it finds it
+        return 0
 
 
 def record(result: ImageResult, out_dir: Path) -> None:
@@ -271,15 +403,6 @@ def record(result: ImageResult, out_dir: Path) -> None:
             out_dir / "cells.csv", result.cells.to_dict("records"), ledger.CELL_COLUMNS
         )
     ledger.append_rows(out_dir / "ledger.csv", [result.row])
-
-
-def output_stem(path: Path) -> str:
-    """The name label images and overlays get: the file name without its image suffix."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _window(image: np.ndarray, size: int) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 Every batch handed to the model has exactly ``batch_size`` tiles, so a compiled graph is
 reused: the last batch is padded with zero tiles whose outputs are dropped. Tiles of several
-images may share one batch (:func:`predict_tiled_many`), and an image is read one tile at a
-time, so memory is the (H, W, C) output plus one batch.
+images share batches: :func:`predict_tiled_many` for a sequence of images in one thread,
+:class:`SharedBatches` for images that several threads segment at once (the network then
+runs while other images are read, labelled and written). Tiles are cut from the image as
+their batch is filled, so memory is the stitched output plus one batch.
 
 Stitching keeps, for every output pixel, the tile in which that pixel lies farthest from the
 tile edge: each tile contributes its central region, overlaps are split at their midpoint,
@@ -15,19 +17,29 @@ at least the network's edge-effect margin.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice, pairwise
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from cellwatch.errors import ModelError
+from cellwatch.errors import ModelError, TransientError
+
+if TYPE_CHECKING:
+    from cellwatch.timing import Stopwatch
 
 T = TypeVar("T")
 PredictBatch = Callable[[np.ndarray], np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -88,6 +100,13 @@ class TileGrid:
         """``(x0, keep_from, keep_to)`` for each column of tiles."""
         return _axis_spans(self.width, self.tile, self.overlap)
 
+    @cached_property
+    def origins(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(y0, x0)`` of every tile as two index arrays, row-major."""
+        ys = np.array([r[0] for r in self.rows], dtype=np.intp)
+        xs = np.array([c[0] for c in self.cols], dtype=np.intp)
+        return np.repeat(ys, len(xs)), np.tile(xs, len(ys))
+
     def __len__(self) -> int:
         return len(self.rows) * len(self.cols)
 
@@ -102,22 +121,33 @@ class TileGrid:
         row, col = divmod(index, len(self.cols))
         return self.rows[row], self.cols[col]
 
-    def extract(self, image: np.ndarray, indices: Sequence[int]) -> np.ndarray:
-        """Return the tiles at ``indices`` as an ``(n, tile, tile)`` float32 array."""
+    def windows(self, image: np.ndarray) -> np.ndarray:
+        """A ``(H', W', tile, tile)`` view of every tile position of ``image`` (padded first
+        along axes shorter than a tile, which copies only such small images)."""
         if image.shape != (self.height, self.width):
             grid = (self.height, self.width)
             raise ValueError(f"image shape {image.shape} does not match the grid's {grid}")
-        out = np.empty((len(indices), self.tile, self.tile), dtype=np.float32)
-        for slot, index in enumerate(indices):
-            (y0, _, _), (x0, _, _) = self.spans(index)
-            crop = image[y0 : y0 + self.tile, x0 : x0 + self.tile]
-            for axis, size in enumerate(crop.shape):
-                if size < self.tile:  # only when the whole axis is shorter than a tile
-                    widths = [(0, 0), (0, 0)]
-                    widths[axis] = (0, self.tile - size)
-                    crop = np.pad(crop, widths, mode="reflect" if size > 1 else "edge")
-            out[slot] = crop
-        return out
+        for axis, size in enumerate(image.shape):
+            if size < self.tile:  # the whole axis is shorter than a tile
+                widths = [(0, 0), (0, 0)]
+                widths[axis] = (0, self.tile - size)
+                image = np.pad(image, widths, mode="reflect" if size > 1 else "edge")
+        return sliding_window_view(image, (self.tile, self.tile))
+
+    def extract(
+        self, image: np.ndarray, indices: Sequence[int], *, windows: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Return the tiles at ``indices`` as an ``(n, tile, tile)`` float32 array.
+
+        ``windows`` is :meth:`windows` of ``image``, when the caller keeps it.
+        """
+        index = np.asarray(indices, dtype=np.intp).reshape(-1)
+        bad = index[(index < 0) | (index >= len(self))]
+        if bad.size:
+            raise IndexError(f"tile index {bad[0]} out of range for a grid of {len(self)} tiles")
+        view = self.windows(image) if windows is None else windows
+        ys, xs = self.origins
+        return view[ys[index], xs[index]].astype(np.float32, copy=False)
 
 
 class Stitcher:
@@ -139,6 +169,16 @@ class Stitcher:
         self._out[y1:y2, x1:x2] = output[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
         self._added[index] = True
 
+    def add_run(self, first: int, outputs: np.ndarray) -> None:
+        """Store the outputs ``(n, tile, tile, C)`` of tiles ``first … first + n - 1``.
+
+        One slice copy per tile: each is a few hundred kB, so the loop costs microseconds
+        against the milliseconds the network spends on the same tile (measured by
+        ``cellwatch bench`` as the ``stitch`` stage).
+        """
+        for offset, output in enumerate(outputs):
+            self.add(first + offset, output)
+
     @property
     def complete(self) -> bool:
         """Whether every tile of the grid has been added."""
@@ -159,6 +199,12 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected a float image, got {image.dtype} — forgot to normalise?")
 
 
+def _check_settings(tile: int, overlap: int, batch_size: int) -> None:
+    TileGrid(1, 1, tile, overlap)  # raises on a bad tile or overlap
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
 def _predict(batch: np.ndarray, predict_batch: PredictBatch) -> np.ndarray:
     outputs = np.asarray(predict_batch(batch))
     if outputs.ndim != 4 or outputs.shape[:3] != batch.shape[:3]:
@@ -169,6 +215,118 @@ def _predict(batch: np.ndarray, predict_batch: PredictBatch) -> np.ndarray:
     return outputs
 
 
+@dataclass(eq=False)
+class TileJob:
+    """One image on its way through the network."""
+
+    grid: TileGrid
+    windows: np.ndarray  # every tile position of the image, a view
+    taken: int = 0  # tiles handed to a batch so far
+    stitcher: Stitcher | None = None  # created once the model's channel count is known
+    error: BaseException | None = None
+    done: bool = False
+
+    def result(self) -> np.ndarray:
+        """The stitched ``(H, W, C)`` output; raises the error that stopped the job."""
+        if self.error is not None:
+            raise self.error
+        if self.stitcher is None:
+            raise RuntimeError("no tile of this image has been predicted yet")
+        return self.stitcher.result()
+
+
+@dataclass(eq=False)
+class _Batch:
+    tiles: np.ndarray  # (batch_size, tile, tile, 1) float32, zero-padded
+    runs: list[tuple[TileJob, int, int, int]] = field(default_factory=list)  # job, first, n, slot
+
+
+class TileQueue:
+    """Tiles of queued images, cut into fixed-size batches in arrival order.
+
+    Not thread-safe by itself: :class:`SharedBatches` guards it with a lock, and calls
+    :meth:`take` and :meth:`put` around the network call so that other threads can queue
+    images while the network runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        tile: int,
+        overlap: int,
+        batch_size: int,
+        stopwatch: Stopwatch | None = None,
+    ) -> None:
+        _check_settings(tile, overlap, batch_size)
+        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        self._jobs: deque[TileJob] = deque()  # jobs with tiles left to take
+        self.pending = 0  # tiles queued and not yet taken
+        self._watch = stopwatch
+
+    def _time(self, stage: str) -> AbstractContextManager[None]:
+        return self._watch(stage) if self._watch is not None else nullcontext()
+
+    def add(self, image: np.ndarray) -> TileJob:
+        """Queue a 2-D float image; raises ``ValueError`` for a bad one."""
+        _check_image(image)
+        grid = TileGrid.for_shape(image.shape, self.tile, self.overlap)
+        job = TileJob(grid, grid.windows(image))
+        self._jobs.append(job)
+        self.pending += len(grid)
+        return job
+
+    def take(self) -> _Batch:
+        """Cut the next batch: up to ``batch_size`` tiles from the front jobs, zero-padded."""
+        with self._time("tile"):
+            batch = _Batch(np.zeros((self.batch_size, self.tile, self.tile, 1), np.float32))
+            slot = 0
+            while slot < self.batch_size and self._jobs:
+                job = self._jobs[0]
+                n = min(self.batch_size - slot, len(job.grid) - job.taken)
+                index = np.arange(job.taken, job.taken + n)
+                ys, xs = job.grid.origins
+                batch.tiles[slot : slot + n, ..., 0] = job.windows[ys[index], xs[index]]
+                batch.runs.append((job, job.taken, n, slot))
+                job.taken += n
+                slot += n
+                self.pending -= n
+                if job.taken == len(job.grid):
+                    self._jobs.popleft()
+        return batch
+
+    def put(self, batch: _Batch, outputs: np.ndarray) -> list[TileJob]:
+        """Stitch a batch's outputs; returns the jobs it completed."""
+        finished = []
+        with self._time("stitch"):
+            for job, first, n, slot in batch.runs:
+                if job.error is not None:
+                    continue
+                if job.stitcher is None:
+                    job.stitcher = Stitcher(job.grid, outputs.shape[3])
+                job.stitcher.add_run(first, outputs[slot : slot + n])
+                if job.stitcher.complete:
+                    job.done = True
+                    finished.append(job)
+        return finished
+
+    def fail(self, batch: _Batch, error: BaseException) -> list[TileJob]:
+        """Mark the jobs of a batch that failed, and drop their remaining tiles."""
+        failed = []
+        for job, *_ in batch.runs:
+            if job.error is None:
+                job.error, job.done = error, True
+                failed.append(job)
+                if job in self._jobs:
+                    self._jobs.remove(job)
+                    self.pending -= len(job.grid) - job.taken
+        return failed
+
+    def step(self, predict_batch: PredictBatch) -> list[TileJob]:
+        """Take, predict and stitch one batch in the calling thread."""
+        batch = self.take()
+        return self.put(batch, _predict(batch.tiles, predict_batch))
+
+
 def predict_tiled_many(
     images: Iterable[np.ndarray],
     predict_batch: PredictBatch,
@@ -176,49 +334,31 @@ def predict_tiled_many(
     tile: int = 256,
     overlap: int = 48,
     batch_size: int = 8,
+    stopwatch: Stopwatch | None = None,
 ) -> Iterator[np.ndarray]:
     """Like :func:`predict_tiled` for several images whose tiles share batches.
 
     Images are read lazily; each ``(H, W, C)`` result is yielded, in input order, as soon
     as its last tile is predicted. A bad image raises when it is reached.
     """
-    TileGrid(1, 1, tile, overlap)  # fail now, not on the first next()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    return _predict_many(images, predict_batch, tile, overlap, batch_size)
-
-
-@dataclass
-class _Job:
-    image: np.ndarray
-    grid: TileGrid
-    stitcher: Stitcher | None = None  # created once the model's channel count is known
+    queue = TileQueue(tile=tile, overlap=overlap, batch_size=batch_size, stopwatch=stopwatch)
+    return _predict_many(images, predict_batch, queue)
 
 
 def _predict_many(
-    images: Iterable[np.ndarray], predict_batch: PredictBatch, tile: int, overlap: int, size: int
+    images: Iterable[np.ndarray], predict_batch: PredictBatch, queue: TileQueue
 ) -> Iterator[np.ndarray]:
-    jobs: deque[_Job] = deque()  # in input order; the front one finishes first
-
-    def work() -> Iterator[tuple[_Job, int]]:
-        for image in images:
-            _check_image(image)
-            job = _Job(image, TileGrid.for_shape(image.shape, tile, overlap))
-            jobs.append(job)
-            yield from ((job, index) for index in range(len(job.grid)))
-
-    for chunk in batched(work(), size):
-        batch = np.zeros((size, tile, tile, 1), dtype=np.float32)
-        for slot, (job, index) in enumerate(chunk):
-            batch[slot, ..., 0] = job.grid.extract(job.image, [index])[0]
-        outputs = _predict(batch, predict_batch)
-        for slot, (job, index) in enumerate(chunk):
-            if job.stitcher is None:
-                job.stitcher = Stitcher(job.grid, outputs.shape[3])
-            job.stitcher.add(index, outputs[slot])
-        while jobs and (done := jobs[0].stitcher) is not None and done.complete:
-            jobs.popleft()
-            yield done.result()
+    jobs: deque[TileJob] = deque()  # in input order; the front one finishes first
+    for image in images:
+        jobs.append(queue.add(image))
+        while queue.pending >= queue.batch_size:
+            queue.step(predict_batch)
+            while jobs and jobs[0].done:
+                yield jobs.popleft().result()
+    while queue.pending:
+        queue.step(predict_batch)
+    while jobs:
+        yield jobs.popleft().result()
 
 
 def predict_tiled(
@@ -228,6 +368,7 @@ def predict_tiled(
     tile: int = 256,
     overlap: int = 48,
     batch_size: int = 8,
+    stopwatch: Stopwatch | None = None,
 ) -> np.ndarray:
     """Predict one 2-D image tile by tile and return the stitched ``(H, W, C)`` float32 map.
 
@@ -243,6 +384,8 @@ def predict_tiled(
         prediction when ``overlap // 2`` covers the model's edge-effect margin.
     batch_size : int
         Tiles per model call.
+    stopwatch : Stopwatch, optional
+        Counts cutting tiles as ``tile`` and stitching as ``stitch``.
 
     Returns
     -------
@@ -266,6 +409,179 @@ def predict_tiled(
     _check_image(image)
     return next(
         predict_tiled_many(
-            [image], predict_batch, tile=tile, overlap=overlap, batch_size=batch_size
+            [image],
+            predict_batch,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            stopwatch=stopwatch,
         )
     )
+
+
+class SharedBatches:
+    """Dynamic batching: threads that segment different images share inference batches.
+
+    Workers are counted in (:meth:`add_workers`, before they start, so none is missed) and
+    out (:meth:`remove_worker`), and call :meth:`predict` where they would call
+    :func:`predict_tiled`. A batch runs as soon as it is full. A partial batch runs, padded
+    with zeros, once no other worker can add tiles (all wait for the network, are
+    :meth:`paused` or have left), or once no tile has arrived for ``max_wait_s`` (a worker
+    busy measuring and writing its last image should not hold the network idle). The
+    network runs in whichever waiting thread finds it idle, outside the lock, so other
+    threads keep queuing images, labelling and writing meanwhile. Results are those of
+    :func:`predict_tiled` on each image alone.
+    """
+
+    def __init__(
+        self,
+        predict_batch: PredictBatch,
+        *,
+        tile: int = 256,
+        overlap: int = 48,
+        batch_size: int = 8,
+        max_wait_s: float = 0.05,
+        stopwatch: Stopwatch | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._predict = predict_batch
+        self._queue = TileQueue(
+            tile=tile, overlap=overlap, batch_size=batch_size, stopwatch=stopwatch
+        )
+        self._cond = threading.Condition()
+        self._busy = 0  # workers that may queue tiles: not waiting, paused or gone
+        self._running = False
+        self._max_wait, self._clock = max_wait_s, clock
+        self._changed = clock()  # when a tile last arrived or a batch last ran
+
+    def add_workers(self, n: int = 1) -> None:
+        """Count ``n`` workers in; call before starting them."""
+        with self._cond:
+            self._busy += n
+
+    def remove_worker(self) -> None:
+        """Count the calling worker out (in a ``finally``)."""
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The calling worker will queue nothing while inside (it waits for something)."""
+        self.remove_worker()
+        try:
+            yield
+        finally:
+            self.add_workers()
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """The stitched ``(H, W, C)`` network output for ``image``; blocks until ready."""
+        with self._cond:
+            job = self._queue.add(image)
+            self._changed = self._clock()
+            self._busy -= 1
+            try:
+                while not job.done:
+                    wait = self._wait_before_run()
+                    if wait > 0:
+                        self._cond.wait(None if wait == float("inf") else wait)
+                    else:
+                        self._run_one()
+            finally:
+                self._busy += 1
+        return job.result()
+
+    def _wait_before_run(self) -> float:
+        """Seconds until a batch should run (0: now, inf: until something changes)."""
+        queue = self._queue
+        if self._running or not queue.pending:
+            return float("inf")
+        if queue.pending >= queue.batch_size or self._busy <= 0:
+            return 0.0
+        return max(0.0, self._changed + self._max_wait - self._clock())
+
+    def _run_one(self) -> None:
+        """Run one batch with the lock released around the network; lock held on entry."""
+        batch = self._queue.take()
+        self._running = True
+        self._cond.release()
+        try:
+            outputs: np.ndarray | None = _predict(batch.tiles, self._predict)
+            error: BaseException | None = None
+        except BaseException as exc:  # handed to every image of the batch
+            outputs, error = None, exc
+        finally:
+            self._cond.acquire()
+            self._running = False
+            self._changed = self._clock()
+        if outputs is not None:
+            self._queue.put(batch, outputs)
+        else:
+            self._queue.fail(batch, error or RuntimeError("batch failed"))
+        self._cond.notify_all()
+        if error is not None and not isinstance(error, Exception):
+            raise error  # KeyboardInterrupt and the like stop this thread too
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an accelerator (or the host) ran out of memory, on any backend:
+    TensorFlow's ``ResourceExhaustedError``, JAX's ``RESOURCE_EXHAUSTED``, PyTorch's
+    ``OutOfMemoryError``."""
+    if isinstance(exc, MemoryError):
+        return True
+    name, text = type(exc).__name__, str(exc)
+    return (
+        name in ("ResourceExhaustedError", "OutOfMemoryError")
+        or "RESOURCE_EXHAUSTED" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def split_on_out_of_memory(
+    predict_batch: PredictBatch,
+    *,
+    is_oom: Callable[[BaseException], bool] = is_out_of_memory,
+) -> PredictBatch:
+    """``predict_batch`` that survives running out of accelerator memory.
+
+    On an out-of-memory error the batch is predicted again in halves (zero-padded to equal
+    size, so a compiled graph is reused), and the smaller size is kept for later calls:
+    no tile is lost. Below one tile there is nothing left to halve, and the error becomes a
+    :class:`~cellwatch.errors.TransientError` (the memory may be free on a retry).
+    """
+    state = {"size": 0}  # 0: whole batches
+    lock = threading.Lock()
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        size = min(n, state["size"] or n)
+        while True:
+            try:
+                return _in_chunks(predict_batch, batch, size)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                if size == 1:
+                    raise TransientError(
+                        "out of accelerator memory even for one tile; free the GPU or "
+                        f"lower tiling.tile_size ({exc})"
+                    ) from exc
+                size //= 2
+                with lock:
+                    state["size"] = min(state["size"] or n, size)
+                log.warning("out of accelerator memory; predicting %d tiles per call", size)
+
+    return predict
+
+
+def _in_chunks(predict_batch: PredictBatch, batch: np.ndarray, size: int) -> np.ndarray:
+    if size >= len(batch):
+        return np.asarray(predict_batch(batch))
+    outputs = []
+    for start in range(0, len(batch), size):
+        chunk = batch[start : start + size]
+        if len(chunk) < size:  # keep the compiled shape
+            pad = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        outputs.append(np.asarray(predict_batch(chunk)))
+    return np.concatenate(outputs)[: len(batch)]

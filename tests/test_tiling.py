@@ -266,3 +266,128 @@ def test_batched_rejects_bad_size():
 def test_model_with_wrong_output_shape_raises_model_error(model):
     with pytest.raises(ModelError, match=r"model returned shape .* expected \(batch, tile"):
         predict_tiled(_image((20, 20)), model, tile=8, overlap=2, batch_size=2)
+
+
+# --- shared batches across threads, and running out of accelerator memory ---------------
+
+
+def test_threads_share_batches_and_get_their_own_results():
+    import threading
+
+    from cellwatch.tiling import SharedBatches
+
+    images = [_image(s, seed=i) for i, s in enumerate([(20, 20)] * 6 + [(100, 70), (5, 9)])]
+    model = conv_model(np.arange(9, dtype=np.float32).reshape(3, 3) / 9)
+    recorder = Recorder(model)
+    shared = SharedBatches(recorder, tile=32, overlap=8, batch_size=4)
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        try:
+            results[i] = shared.predict(images[i])
+        finally:
+            shared.remove_worker()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    shared.add_workers(len(threads))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, image in enumerate(images):
+        expected = predict_tiled(image, model, tile=32, overlap=8, batch_size=4)
+        np.testing.assert_array_equal(results[i], expected)
+    tiles = sum(len(TileGrid.for_shape(im.shape, 32, 8)) for im in images)
+    assert all(shape == (4, 32, 32, 1) for shape, _ in recorder.calls)
+    assert len(recorder.calls) < tiles  # tiles of different images shared batches
+
+
+def test_a_lone_worker_flushes_a_partial_batch():
+    from cellwatch.tiling import SharedBatches
+
+    shared = SharedBatches(identity, tile=8, overlap=0, batch_size=16)
+    image = _image((8, 16))
+    shared.add_workers(1)
+    np.testing.assert_array_equal(shared.predict(image)[..., 0], image)
+
+
+def test_a_partial_batch_waits_for_a_busy_worker_at_most_max_wait():
+    import time
+
+    from cellwatch.tiling import SharedBatches
+
+    recorder = Recorder()
+    shared = SharedBatches(recorder, tile=8, overlap=0, batch_size=4, max_wait_s=0.2)
+    shared.add_workers(2)  # the other one stays busy (say, writing) and queues nothing
+    started = time.monotonic()
+    image = _image((8, 8))
+    np.testing.assert_array_equal(shared.predict(image)[..., 0], image)
+    assert 0.2 <= time.monotonic() - started < 2
+    with shared.paused():  # ... and a paused worker is not waited for at all
+        pass
+    shared.remove_worker()
+    started = time.monotonic()
+    shared.predict(image)
+    assert time.monotonic() - started < 0.2 and len(recorder.calls) == 2
+
+
+def test_a_failed_batch_fails_its_images_and_not_the_next():
+    from cellwatch.tiling import SharedBatches
+
+    calls = []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ModelError("boom")
+        return batch.copy()
+
+    shared = SharedBatches(flaky, tile=8, overlap=0, batch_size=2)
+    shared.add_workers(1)
+    with pytest.raises(ModelError, match="boom"):
+        shared.predict(_image((8, 24)))
+    image = _image((8, 8))
+    np.testing.assert_array_equal(shared.predict(image)[..., 0], image)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_tile():
+    from cellwatch.errors import TransientError
+    from cellwatch.tiling import split_on_out_of_memory
+
+    sizes = []
+
+    def small_gpu(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: OOM when allocating tensor")
+        return batch * 2
+
+    predict = split_on_out_of_memory(small_gpu)
+    batch = _image((8 * 5, 3)).reshape(8, 5, 3, 1)
+    np.testing.assert_array_equal(predict(batch), batch * 2)
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    sizes.clear()
+    np.testing.assert_array_equal(predict(batch[:3]), batch[:3] * 2)  # padded to 2 + 2
+    assert sizes == [2, 2]
+
+    def no_gpu(batch):
+        raise MemoryError
+
+    with pytest.raises(TransientError, match="out of accelerator memory even for one tile"):
+        split_on_out_of_memory(no_gpu)(batch)
+    with pytest.raises(ValueError, match="not memory"):
+        split_on_out_of_memory(lambda b: (_ for _ in ()).throw(ValueError("not memory")))(batch)
+
+
+def test_stopwatch_busy_time_merges_overlapping_intervals():
+    from cellwatch.timing import Stopwatch
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 10.0])
+    watch = Stopwatch(clock=lambda: next(clock), keep_intervals=True)
+    with watch("inference"), watch("inference"), watch("inference"):  # 0-10, 1-4, 2-3
+        pass
+    assert watch.busy("inference") == 10.0
+    assert watch.totals["inference"] == 10.0 + 3.0 + 1.0
+    assert watch.busy("inference", since=4.0) == 6.0
+    with pytest.raises(RuntimeError, match="keeps no intervals"):
+        Stopwatch().busy("inference")
