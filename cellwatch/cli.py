@@ -30,6 +30,7 @@ log = logging.getLogger("cellwatch")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["cellwatch", *(sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(levelname)s %(message)s",

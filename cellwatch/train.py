@@ -230,8 +230,12 @@ def train(
     start_from: Path | None = None,
     resume: bool = False,
     verbose: int = 1,
+    command: str = "",
 ) -> dict[str, Any]:
-    """Train, keep the best model at ``out`` and write its model card; returns the card."""
+    """Train, keep the best model at ``out`` and write its model card; returns the card.
+
+    ``command`` is the command line that started training, recorded in the card.
+    """
     import keras
 
     keras.utils.set_random_seed(settings.seed)
@@ -302,9 +306,7 @@ def train(
             "train_folder": str(pairs[0][0].parent) if pairs else None,
             "val_folder": str(val_pairs[0][0].parent) if val_pairs else None,
         },
-        "command": "cellwatch " + shlex.join(sys.argv[1:])
-        if sys.argv[0].endswith("cellwatch")
-        else shlex.join(sys.argv),
+        "command": command,
         "training_minutes": round((time.time() - t0) / 60, 1),
         "best_epoch": int(best.get("epoch", -1)) + 1,
         "metrics": {"val_loss": best.get("val_loss"), "val_dice": best.get("val_dice")},
@@ -421,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
         start_from=args.start_from,
         resume=args.resume,
         verbose=1 if sys.stdout.isatty() else 2,
+        command=shlex.join(getattr(args, "command_line", ["cellwatch", "train"])),
     )
     print(
         f"saved {args.out} (best epoch {card['best_epoch']}, val loss {card['metrics']['val_loss']})"
