@@ -37,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     config, model = Config(), load_model(args.model)
     segmenter = Segmenter(config, model)
+    predict = model.predict_fn()  # one compiled function for every image
     cached = []
     for image_path, mask_path in find_pairs(args.images, args.masks):
         image = normalize(imageio.read_image(image_path).pixels)
@@ -48,9 +49,7 @@ def main() -> None:
             image_pixel_size_um=None,
             estimate_diameter=lambda image=image: segmenter.estimate_diameter(image),
         )
-        probs = predict_tiled(
-            rescale(image, choice.scale), model.predict_fn(), tile=256, overlap=48
-        )
+        probs = predict_tiled(rescale(image, choice.scale), predict, tile=256, overlap=48)
         cached.append((truth, probs.astype(np.float16)))
     for interior, foreground in itertools.product(GRID, GRID):
         per_image, errors = [], []
