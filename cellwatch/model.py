@@ -53,11 +53,11 @@ class LoadedModel:
         (``jit_compile``) stays off: on CPU it was about 20 % slower (``cellwatch bench``).
         When an accelerator runs out of memory, the batch is predicted again in halves and
         later batches keep the smaller size, so no work is lost
-        (:func:`cellwatch.tiling.split_on_out_of_memory`).
+        (:func:`cellwatch.batching.split_on_out_of_memory`).
         """
         import keras
 
-        from cellwatch.tiling import split_on_out_of_memory
+        from cellwatch.batching import split_on_out_of_memory
 
         network = self.network
         if keras.backend.backend() != "tensorflow":

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cellwatch import imageio, ledger, qc
+from cellwatch.batching import SharedBatches
 from cellwatch.config import Config
 from cellwatch.errors import CellwatchError, ModelError, TransientError
 from cellwatch.measure import measure_cells, summarize
@@ -35,7 +36,7 @@ from cellwatch.postprocess import (
 )
 from cellwatch.preprocess import normalize, rescale, resize_to
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
-from cellwatch.tiling import PredictBatch, SharedBatches, predict_tiled
+from cellwatch.tiling import PredictBatch, predict_tiled
 from cellwatch.timing import Stopwatch
 
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
@@ -310,7 +311,7 @@ def process_images(
 
     Up to ``tiling.batch_size`` images are processed at once, each in a thread of its own,
     while their files total less than :data:`IN_FLIGHT_BYTES` (one image is always
-    admitted). Their tiles share inference batches (:class:`~cellwatch.tiling.SharedBatches`),
+    admitted). Their tiles share inference batches (:class:`~cellwatch.batching.SharedBatches`),
     so a burst of small images fills every batch, and one image is read, labelled, measured
     and written while the network works on another. Each result is what
     :func:`process_image` gives that image alone. As there, a :class:`TransientError` (or

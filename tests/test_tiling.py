@@ -274,7 +274,7 @@ def test_model_with_wrong_output_shape_raises_model_error(model):
 def test_threads_share_batches_and_get_their_own_results():
     import threading
 
-    from cellwatch.tiling import SharedBatches
+    from cellwatch.batching import SharedBatches
 
     images = [_image(s, seed=i) for i, s in enumerate([(20, 20)] * 6 + [(100, 70), (5, 9)])]
     model = conv_model(np.arange(9, dtype=np.float32).reshape(3, 3) / 9)
@@ -303,7 +303,7 @@ def test_threads_share_batches_and_get_their_own_results():
 
 
 def test_a_lone_worker_flushes_a_partial_batch():
-    from cellwatch.tiling import SharedBatches
+    from cellwatch.batching import SharedBatches
 
     shared = SharedBatches(identity, tile=8, overlap=0, batch_size=16)
     image = _image((8, 16))
@@ -314,7 +314,7 @@ def test_a_lone_worker_flushes_a_partial_batch():
 def test_a_partial_batch_waits_for_a_busy_worker_at_most_max_wait():
     import time
 
-    from cellwatch.tiling import SharedBatches
+    from cellwatch.batching import SharedBatches
 
     recorder = Recorder()
     shared = SharedBatches(recorder, tile=8, overlap=0, batch_size=4, max_wait_s=0.2)
@@ -332,7 +332,7 @@ def test_a_partial_batch_waits_for_a_busy_worker_at_most_max_wait():
 
 
 def test_a_failed_batch_fails_its_images_and_not_the_next():
-    from cellwatch.tiling import SharedBatches
+    from cellwatch.batching import SharedBatches
 
     calls = []
 
@@ -351,8 +351,8 @@ def test_a_failed_batch_fails_its_images_and_not_the_next():
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_every_tile():
+    from cellwatch.batching import split_on_out_of_memory
     from cellwatch.errors import TransientError
-    from cellwatch.tiling import split_on_out_of_memory
 
     sizes = []
 
