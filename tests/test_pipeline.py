@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import tifffile
@@ -159,4 +157,3 @@ def test_settings_are_recorded(threshold_model, tmp_path):
     assert row["model"].startswith("threshold@") and len(row["model"]) == len("threshold@") + 12
     assert row["settings_hash"] == seg.config.settings_hash()
     assert row["scale_source"] == "none" and row["scale"] == 1.0
-    assert dataclasses.is_dataclass(seg.config)
