@@ -61,7 +61,10 @@ class LoadedModel:
 
         network = self.network
         if keras.backend.backend() != "tensorflow":
-            return split_on_out_of_memory(lambda b: np.asarray(network.predict_on_batch(b)))
+            # float32 out, also from a mixed-precision network
+            return split_on_out_of_memory(
+                lambda b: np.asarray(network.predict_on_batch(b), dtype=np.float32)
+            )
         import tensorflow as tf
 
         def graph_of(net: Any) -> Callable[[np.ndarray], np.ndarray]:

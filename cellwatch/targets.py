@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from skimage.measure import label as connected_components
 from skimage.measure import regionprops_table
-from skimage.segmentation import find_boundaries
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 
@@ -27,9 +26,25 @@ def as_instances(mask: np.ndarray) -> np.ndarray:
 def three_class(labels: np.ndarray) -> np.ndarray:
     """Class map (uint8): 0 background, 1 cell interior, 2 cell boundary."""
     classes = (labels > 0).astype(np.uint8)
-    rim = find_boundaries(labels, connectivity=1, mode="inner") & (labels > 0)
-    classes[rim] = BOUNDARY
+    classes[inner_rim(labels)] = BOUNDARY
     return classes
+
+
+def inner_rim(labels: np.ndarray) -> np.ndarray:
+    """Cell pixels with a 4-neighbour of another label (background included).
+
+    The same pixels as ``skimage.segmentation.find_boundaries(labels, connectivity=1,
+    mode="inner")``, by comparing shifted views instead of a grey dilation and erosion: it
+    runs for every training crop, so it is on the training hot path.
+    """
+    rim = np.zeros(labels.shape, dtype=bool)
+    down = labels[1:, :] != labels[:-1, :]
+    rim[1:, :] |= down
+    rim[:-1, :] |= down
+    across = labels[:, 1:] != labels[:, :-1]
+    rim[:, 1:] |= across
+    rim[:, :-1] |= across
+    return rim & (labels > 0)
 
 
 def median_diameter(labels: np.ndarray) -> float | None:

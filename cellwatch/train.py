@@ -182,27 +182,42 @@ def make_losses(kind: str) -> tuple[Any, Any]:
 
 
 def crop_batches(
-    samples: Sequence[Sample], settings: TrainSettings, classes: int, seed: int
+    samples: Sequence[Sample],
+    settings: TrainSettings,
+    classes: int,
+    seed: int,
+    *,
+    first_epoch: int = 0,
+    workers: int = 1,
 ) -> Any:
-    """A Keras dataset of ``steps_per_epoch`` random augmented batches, drawn fresh each time."""
+    """A Keras dataset of ``steps_per_epoch`` random augmented batches, drawn fresh each epoch.
+
+    Batch ``i`` of epoch ``e`` is drawn from its own generator seeded with (seed, e, i), so the
+    crops are the same however many ``workers`` processes draw them, and a resumed run draws
+    what the interrupted one would have.
+    """
     import keras
 
     class RandomCrops(keras.utils.PyDataset):
         def __init__(self) -> None:
-            super().__init__()
-            self.rng = np.random.default_rng(seed)
+            super().__init__(workers=workers, use_multiprocessing=workers > 1)
+            self.epoch = first_epoch
 
         def __len__(self) -> int:
             return settings.steps_per_epoch
 
         def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            rng = np.random.default_rng([seed, self.epoch, index])
             xs, ys = [], []
             for _ in range(settings.batch_size):
-                sample = samples[self.rng.integers(len(samples))]
-                image, labels = random_crop(sample, self.rng, settings.crop, augment=True)
+                sample = samples[rng.integers(len(samples))]
+                image, labels = random_crop(sample, rng, settings.crop, augment=True)
                 xs.append(image[..., None])
                 ys.append(targets(labels, classes))
             return np.stack(xs), np.stack(ys)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
 
     return RandomCrops()
 
@@ -231,10 +246,12 @@ def train(
     resume: bool = False,
     verbose: int = 1,
     command: str = "",
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train, keep the best model at ``out`` and write its model card; returns the card.
 
-    ``command`` is the command line that started training, recorded in the card.
+    ``command`` is the command line that started training, recorded in the card; ``workers``
+    processes draw the augmented crops (it changes the speed, not the crops).
     """
     import keras
 
@@ -263,7 +280,9 @@ def train(
     if resume and initial_epoch:
         network.optimizer.iterations.assign(initial_epoch * settings.steps_per_epoch)
 
-    crops = crop_batches(samples, settings, classes, settings.seed)
+    crops = crop_batches(
+        samples, settings, classes, settings.seed, first_epoch=initial_epoch, workers=workers
+    )
     val_x, val_y = fixed_crops(val_samples, settings.crop, classes, settings.seed + 1)
     history_path = out.with_suffix(".history.csv")
     callbacks = [
@@ -383,6 +402,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--from", dest="start_from", type=Path, help="fine-tune this .keras model")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes drawing augmented crops (use several on a GPU machine)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -424,6 +449,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         verbose=1 if sys.stdout.isatty() else 2,
         command=shlex.join(getattr(args, "command_line", ["cellwatch", "train"])),
+        workers=args.workers,
     )
     print(
         f"saved {args.out} (best epoch {card['best_epoch']}, val loss {card['metrics']['val_loss']})"

@@ -5,8 +5,8 @@ import pytest
 
 from cellwatch.errors import ModelError
 from cellwatch.measure import measure_cells, summarize
-from cellwatch.postprocess import labels_from_probabilities, tidy
-from cellwatch.targets import as_instances, median_diameter, three_class
+from cellwatch.postprocess import labels_from_masked_interior, labels_from_probabilities, tidy
+from cellwatch.targets import as_instances, inner_rim, median_diameter, three_class
 
 
 def one_hot(classes: np.ndarray) -> np.ndarray:
@@ -69,6 +69,19 @@ def test_binary_masks_become_instances_and_boundaries_sit_inside_cells():
     )
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_inner_rim_is_find_boundaries_inner(seed: int):
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    # blocky random labels: touching cells, background gaps and cells on the image edge
+    labels = np.kron(rng.integers(0, 6, (12, 15)), np.ones((4, 3), np.int32))
+    labels[rng.random(labels.shape) < 0.05] = 0
+    expected = find_boundaries(labels, connectivity=1, mode="inner") & (labels > 0)
+    assert inner_rim(labels).sum() > 0
+    np.testing.assert_array_equal(inner_rim(labels), expected)
+
+
 def test_measurements_in_pixels_and_micrometres():
     labels = np.zeros((50, 50), np.int32)
     labels[10:20, 10:20] = 1  # 100 px square
@@ -87,3 +100,70 @@ def test_measurements_in_pixels_and_micrometres():
     unknown = measure_cells(labels, intensity, pixel_size_um=None)
     assert np.isnan(unknown.iloc[0]["area_um2"])
     assert summarize(unknown, labels.shape, None)["mean_area_um2"] is None
+
+
+# --- labelling in the plane's own memory gives the whole-image watershed -----------------
+
+
+def random_plane(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A masked interior plane: smooth blobs (several seeds in some), NaN around them."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    plane = ndi.gaussian_filter(rng.random(shape), 2.5)
+    plane = (plane - plane.min()) / (np.ptp(plane) + 1e-9)
+    plane[plane < np.quantile(plane, 0.45)] = np.nan
+    return plane.astype(np.float32)
+
+
+def whole_image_watershed(plane: np.ndarray, threshold: float) -> np.ndarray:
+    from scipy import ndimage as ndi
+    from skimage.segmentation import relabel_sequential, watershed
+
+    cross = ndi.generate_binary_structure(2, 1)
+    seeds, _ = ndi.label(plane > threshold, structure=cross)
+    mask = ~np.isnan(plane)
+    return relabel_sequential(watershed(-np.nan_to_num(plane), seeds, mask=mask))[0]
+
+
+@pytest.mark.parametrize("band_pixels", [1, 40, 1 << 20])
+@pytest.mark.parametrize("seed", range(10))
+def test_labelling_in_place_equals_the_whole_image_watershed(seed, band_pixels, monkeypatch):
+    from cellwatch import postprocess
+
+    # small bands: seeds cross band edges; small blocks: boxes start in any block
+    monkeypatch.setattr(postprocess, "_BAND_PIXELS", band_pixels)
+    monkeypatch.setattr(postprocess._Heights, "_BLOCK", 3)
+    rng = np.random.default_rng(seed)
+    plane = random_plane((int(rng.integers(1, 120)), int(rng.integers(1, 120))), seed)
+    threshold = float(rng.choice([0.6, 0.75, 0.9]))
+    expected = whole_image_watershed(plane, threshold)
+    kept = plane.copy()
+    labels = labels_from_masked_interior(plane, interior_threshold=threshold)
+    np.testing.assert_array_equal(plane, kept)  # not overwritten unless asked
+    np.testing.assert_array_equal(labels, expected)
+    labels = labels_from_masked_interior(plane, interior_threshold=threshold, overwrite=True)
+    assert labels.dtype == np.int32 and np.shares_memory(labels, plane)
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_labelling_in_place_drops_small_cells_and_handles_edge_cases():
+    plane = random_plane((60, 80), 1)
+    expected = tidy(whole_image_watershed(plane, 0.7), 30)
+    np.testing.assert_array_equal(
+        labels_from_masked_interior(plane, interior_threshold=0.7, min_area=30), expected
+    )
+    assert labels_from_masked_interior(np.full((4, 5), np.nan, np.float32)).max() == 0
+    assert labels_from_masked_interior(np.full((1, 1), 0.9, np.float32)).tolist() == [[1]]
+    with pytest.raises(ModelError, match="2-D masked interior plane"):
+        labels_from_masked_interior(np.zeros((2, 2, 2), np.float32))
+
+
+@pytest.mark.parametrize("min_area", [0, 1, 5, 40])
+def test_tidy_in_place_equals_tidy_into_a_new_array(min_area):
+    rng = np.random.default_rng(min_area)
+    labels = rng.integers(0, 30, (50, 60)).astype(np.int32) * 3
+    expected = tidy(labels.copy(), min_area)
+    out = tidy(labels, min_area, out=labels)
+    assert out is labels
+    np.testing.assert_array_equal(out, expected)

@@ -11,7 +11,7 @@ from conftest import discs
 from cellwatch.cli import main
 from cellwatch.errors import ConfigError
 from cellwatch.model import load_model
-from cellwatch.train import Sample, find_pairs, random_crop
+from cellwatch.train import Sample, TrainSettings, crop_batches, find_pairs, random_crop
 
 
 def make_dataset(root, n=4, binary=False):
@@ -121,3 +121,18 @@ def test_crops_keep_image_and_labels_aligned():
         crop_image, crop_labels = random_crop(sample, rng, 64, augment=False)
         assert crop_image.shape == crop_labels.shape == (64, 64)
         assert ((crop_image > 0.5) == (crop_labels > 0)).all()
+
+
+def test_batches_depend_on_seed_epoch_and_index_only():
+    image, labels = discs((90, 70), [(30, 30), (60, 40)], 9)
+    samples = [Sample("x", image.astype(np.float32) / 200, labels, 1.0)]
+    settings = TrainSettings(crop=32, batch_size=2, steps_per_epoch=3)
+    crops = crop_batches(samples, settings, 3, seed=7)
+    first = crops[1]
+    crops[0]  # drawing another batch first does not change batch 1
+    np.testing.assert_array_equal(crops[1][0], first[0])
+    # a resumed run starting at epoch 1 draws what the first run draws in its epoch 1
+    crops.on_epoch_end()
+    resumed = crop_batches(samples, settings, 3, seed=7, first_epoch=1)
+    np.testing.assert_array_equal(resumed[1][0], crops[1][0])
+    assert not np.array_equal(crops[1][0], first[0])  # a new epoch draws new crops
