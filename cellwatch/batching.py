@@ -20,6 +20,7 @@ import numpy as np
 from cellwatch.errors import TransientError
 from cellwatch.tiling import (
     PredictBatch,
+    Prepare,
     TileQueue,
     _predict,
 )
@@ -85,10 +86,11 @@ class SharedBatches:
         finally:
             self.add_workers()
 
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """The stitched ``(H, W, C)`` network output for ``image``; blocks until ready."""
+    def predict(self, image: np.ndarray, prepare: Prepare | None = None) -> np.ndarray:
+        """The stitched ``(H, W, C)`` network output for ``image`` (see
+        :func:`~cellwatch.tiling.predict_tiled` for ``prepare``); blocks until ready."""
         with self._cond:
-            job = self._queue.add(image)
+            job = self._queue.add(image, prepare)
             self._changed = self._clock()
             self._busy -= 1
             try:

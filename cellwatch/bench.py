@@ -152,6 +152,8 @@ def _sizes(base: Sizes, spec: str) -> Sizes:
 
 def _run(args: argparse.Namespace, sizes: Sizes, skip: set[str], work: Path) -> int:
     started = time.perf_counter()
+    # read before --json may overwrite it (the same file compares a run with its forerunner)
+    earlier = None if args.compare is None else json.loads(args.compare.read_text("utf-8"))
     data = make_inputs(work / "images", sizes, args.data)
     models = prepare_models(work / "models", args.model, sizes, bundled=not args.quick)
     report: dict[str, Any] = {
@@ -175,8 +177,8 @@ def _run(args: argparse.Namespace, sizes: Sizes, skip: set[str], work: Path) -> 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    if args.compare is not None:
-        print(format_comparison(report, json.loads(args.compare.read_text(encoding="utf-8"))))
+    if earlier is not None:
+        print(format_comparison(report, earlier))
     return 0
 
 

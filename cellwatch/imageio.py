@@ -12,10 +12,12 @@ import hashlib
 import math
 import os
 import stat
+import struct
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -23,12 +25,13 @@ from typing import BinaryIO, Literal
 import numpy as np
 import tifffile
 from PIL import Image
-from skimage.segmentation import find_boundaries
 
 from cellwatch.errors import BadInputError, TransientError
+from cellwatch.preprocess import percentiles
 
 SUPPORTED_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
 OUTLINE_RGB = (255, 0, 255)  # magenta shows on both dark (fluorescence) and light backgrounds
+PNG_LEVEL = 2  # zlib level of overlays: as small as Pillow's default (6), ~6x faster
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CHANNEL_AXES = "CS"
@@ -36,6 +39,8 @@ _UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0
                 "\\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}  # fmt: skip
 _UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}  # inch, cm, mm, µm
 _DEFAULT_DPI = (72.0, 96.0)  # what desktop software writes when it knows nothing
+_BAND_PIXELS = 1 << 20  # pixels per band when writing an overlay
+_STRIP_BYTES = 1 << 18  # uncompressed bytes per strip of a label TIFF (tifffile's choice)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
@@ -305,8 +310,9 @@ def _pick_plane(
     """(planes, H, W) -> (H, W) by max projection or by choosing one plane."""
     n_planes = data.shape[0]
     if stack == "max":
-        if n_planes > 1:
-            notes.append(f"max projection of {n_planes} planes")
+        if n_planes == 1:
+            return data[0]  # no copy of a large single plane
+        notes.append(f"max projection of {n_planes} planes")
         return data.max(axis=0)
     if stack != "plane":
         raise ValueError(f"stack must be 'max' or 'plane', got {stack!r}")
@@ -332,7 +338,8 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
     """Write a label image as a deflate-compressed TIFF, atomically.
 
     uint16 is used, or uint32 when the largest label exceeds 65535. Parent folders are
-    created. The file appears complete or not at all.
+    created. The file appears complete or not at all. Strips are converted and compressed
+    one at a time, so a large label image is not copied whole.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype.kind not in "iub":
@@ -340,37 +347,127 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
     if labels.size and labels.min() < 0:
         raise ValueError("labels must not be negative")
     top = int(labels.max()) if labels.size else 0
-    out = labels.astype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32)
+    dtype = np.dtype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32)
+    rows = max(1, _STRIP_BYTES // max(1, labels.shape[1] * dtype.itemsize))
+
+    def strips() -> Iterator[bytes]:
+        for start in range(0, labels.shape[0], rows):
+            yield zlib.compress(labels[start : start + rows].astype(dtype).tobytes())
+
     _atomic_write(
         Path(path),
-        lambda fh: tifffile.imwrite(fh, out, compression="zlib", photometric="minisblack"),
+        lambda fh: tifffile.imwrite(
+            fh,
+            strips(),
+            shape=labels.shape,
+            dtype=dtype,
+            rowsperstrip=rows,
+            compression="zlib",
+            photometric="minisblack",
+        ),
     )
 
 
 def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
     """Write a PNG: the image in gray, contrast-stretched to its 1st–99.8th percentile,
-    with cell outlines drawn in :data:`OUTLINE_RGB`. Written atomically.
+    with cell outlines (each cell's inner rim) drawn in :data:`OUTLINE_RGB`. Written
+    atomically.
+
+    The PNG is encoded band by band (zlib level :data:`PNG_LEVEL`, no row filter), so a large
+    image needs no full-size RGB or float copy.
     """
     image, labels = np.asarray(image), np.asarray(labels)
     if image.ndim != 2 or image.shape != labels.shape:
         raise ValueError(f"image {image.shape} and labels {labels.shape} must be equal 2-D shapes")
-    gray = _to_display_uint8(image)
-    rgb = np.repeat(gray[:, :, np.newaxis], 3, axis=2)
-    rgb[find_boundaries(labels, mode="inner")] = OUTLINE_RGB
-    _atomic_write(Path(path), lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
+    if image.size == 0:
+        raise ValueError(f"cannot write an overlay of an empty image {image.shape}")
+    gray = _display_mapping(image)
+
+    def bands() -> Iterator[np.ndarray]:
+        height = image.shape[0]
+        for rows in _row_bands(image.shape):
+            top, bottom = max(rows.start - 1, 0), min(rows.stop + 1, height)
+            rim = _outline(labels[top:bottom])[rows.start - top : rows.stop - top]
+            rgb = np.repeat(gray(image[rows])[:, :, np.newaxis], 3, axis=2)
+            rgb[rim] = OUTLINE_RGB
+            yield rgb
+
+    _atomic_write(Path(path), lambda fh: _write_png(fh, image.shape, bands()))
 
 
-def _to_display_uint8(image: np.ndarray) -> np.ndarray:
-    values = image.astype(np.float32)
+def _outline(labels: np.ndarray) -> np.ndarray:
+    """Cell pixels with a 4-neighbour of another label, background included: the pixels of
+    ``skimage.segmentation.find_boundaries(labels, mode="inner")``, from comparisons of
+    shifted views (5× faster than its grey dilation and erosion on a 4096² image)."""
+    outline = np.zeros(labels.shape, bool)
+    down = labels[1:] != labels[:-1]
+    outline[1:] |= down
+    outline[:-1] |= down
+    across = labels[:, 1:] != labels[:, :-1]
+    outline[:, 1:] |= across
+    outline[:, :-1] |= across
+    return outline & (labels > 0)
+
+
+def _row_bands(shape: tuple[int, ...]) -> list[slice]:
+    """Row slices of about :data:`_BAND_PIXELS` pixels each, covering ``shape``."""
+    rows = max(1, _BAND_PIXELS // max(1, shape[1]))
+    return [slice(top, min(top + rows, shape[0])) for top in range(0, shape[0], rows)]
+
+
+def _display_mapping(image: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The function that turns rows of ``image`` into display gray levels (uint8).
+
+    8- and 16-bit images go through a lookup table built with the float formula, so the
+    gray levels are those of stretching a float copy of the image, without making one.
+    """
+    if image.dtype in (np.uint8, np.uint16):
+        lo, hi = percentiles(image, (1.0, 99.8))
+        if hi <= lo:
+            lo, hi = float(image.min()), float(image.max())
+        table = _stretch(np.arange(np.iinfo(image.dtype).max + 1, dtype=np.float32), lo, hi)
+        return lambda rows: table[rows]
+    values = image.astype(np.float32, copy=False)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
-        return np.zeros(image.shape, np.uint8)
+        return lambda rows: np.zeros(rows.shape, np.uint8)
     lo, hi = np.percentile(finite, (1.0, 99.8))
     if hi <= lo:
         lo, hi = float(finite.min()), float(finite.max())
+    del values, finite
+    return lambda rows: _stretch(rows.astype(np.float32, copy=False), lo, hi)
+
+
+def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     scaled = np.nan_to_num((values - lo) * scale, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _write_png(fh: BinaryIO, shape: tuple[int, int], bands: Iterable[np.ndarray]) -> None:
+    """Write an 8-bit RGB PNG whose rows come in ``bands`` of shape (rows, width, 3).
+
+    Rows are stored unfiltered: at the fast zlib levels that is as small as the best
+    filter and costs nothing to compute.
+    """
+    height, width = shape
+    fh.write(b"\x89PNG\r\n\x1a\n")
+    _png_chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    deflate = zlib.compressobj(PNG_LEVEL)
+    for rgb in bands:
+        scanlines = np.zeros((len(rgb), 1 + 3 * width), np.uint8)  # byte 0: filter "none"
+        scanlines[:, 1:] = rgb.reshape(len(rgb), 3 * width)
+        _png_chunk(fh, b"IDAT", deflate.compress(scanlines))
+    _png_chunk(fh, b"IDAT", deflate.flush())
+    _png_chunk(fh, b"IEND", b"")
+
+
+def _png_chunk(fh: BinaryIO, kind: bytes, data: bytes) -> None:
+    if kind == b"IDAT" and not data:
+        return  # zlib holds the data back until it has a block's worth
+    fh.write(struct.pack(">I", len(data)) + kind)
+    fh.write(data)
+    fh.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -13,9 +13,12 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +37,20 @@ from cellwatch.postprocess import (
     masked_interior,
     tidy,
 )
-from cellwatch.preprocess import normalize, rescale, resize_to
+from cellwatch.preprocess import Normalization, rescale, resize_to
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
-from cellwatch.tiling import PredictBatch, predict_tiled
+from cellwatch.tiling import PredictBatch, Prepare, predict_tiled
 from cellwatch.timing import Stopwatch
 
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
 ESTIMATE_PASSES = 3  # network passes the cell-size estimate may take
 IN_FLIGHT_BYTES = 64 << 20  # process_images admits more images while their files total less
+WRITE_ASIDE_PIXELS = 1 << 22  # from 4 MP, an image's files are written while it is measured
 
 
 @dataclass(frozen=True)
 class Segmentation:
     labels: np.ndarray  # int32, the input's shape, ids 1..n
-    normalized: np.ndarray  # float32 image as the network saw it, before rescaling
     scale: ScaleChoice
 
 
@@ -91,53 +94,62 @@ class Segmenter:
         self.predict_plane = predict_plane
 
     def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
+        """Labels of a 2-D image (raw pixels) and the scale they were found at."""
         norm, watch = self.config.normalize, self.stopwatch
-        with watch("normalise"):
-            image = normalize(pixels, norm.low_percentile, norm.high_percentile)
+        with watch("normalise"):  # tiles are normalised as they are cut (labels_at)
+            normalization = Normalization.of(pixels, norm.low_percentile, norm.high_percentile)
         passes: dict[float, np.ndarray] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
             self.config.scale,
             model_diameter_px=self.model.diameter_px,
             model_pixel_size_um=self.model.pixel_size_um,
             image_pixel_size_um=pixel_size_um,
-            estimate_diameter=lambda: self.estimate_diameter(image, passes),
+            estimate_diameter=lambda: self.estimate_diameter(pixels, passes, normalization),
         )
         # The model was trained with ±40 % scale jitter, so a pass already made within 15 %
         # of the chosen scale is as good as a new one.
         reuse = next((s for s in passes if is_close(s, choice.scale)), None)
         if reuse is not None:
             choice = dataclasses.replace(choice, scale=reuse)
-            scaled = passes[reuse]
+            scaled = passes.pop(reuse)
         else:
-            scaled = self.labels_at(image, choice.scale)
+            scaled = self.labels_at(pixels, choice.scale, normalization)
+        passes.clear()
         with watch("postprocess"):
-            labels = tidy(
-                resize_to(scaled, image.shape, order=0), self.config.postprocess.min_cell_area_px
-            )
-        return Segmentation(labels, image, choice)
+            labels = resize_to(scaled, pixels.shape, order=0)
+            del scaled
+            labels = tidy(labels, self.config.postprocess.min_cell_area_px, out=labels)
+        return Segmentation(labels, choice)
 
-    def labels_at(self, image: np.ndarray, scale: float) -> np.ndarray:
-        """Labels of a normalised image zoomed by ``scale``, on the zoomed grid."""
+    def labels_at(
+        self, image: np.ndarray, scale: float, normalization: Normalization | None = None
+    ) -> np.ndarray:
+        """Labels of ``image`` zoomed by ``scale``, on the zoomed grid.
+
+        ``image`` is raw pixels that ``normalization`` normalises, or without it an image
+        normalised already. At scale 1 the tiles are normalised as they are cut, so no
+        float copy of the whole image is made.
+        """
         t, p, watch = self.config.tiling, self.config.postprocess, self.stopwatch
-        with watch("rescale"):
-            scaled = rescale(image, scale)
+        source, prepare = self._network_input(image, scale, normalization)
         shared: SharedBatches | None = getattr(self._local, "shared", None)
         if shared is not None:  # inside process_images: batches shared with other images
-            probs = shared.predict(scaled)
+            probs = shared.predict(source, prepare)
         else:
             probs = predict_tiled(
-                scaled,
+                source,
                 self.predict_plane,
                 tile=t.tile_size,
                 overlap=t.overlap,
                 batch_size=t.batch_size,
                 stopwatch=watch,
+                prepare=prepare,
             )
-        del scaled
+        del source
         with watch("postprocess"):
-            if self.model.classes == 3:
+            if self.model.classes == 3:  # the stitched plane's memory becomes the labels
                 return labels_from_masked_interior(
-                    probs[..., 0], interior_threshold=p.interior_threshold
+                    probs[..., 0], interior_threshold=p.interior_threshold, overwrite=True
                 )
             return labels_from_probabilities(
                 probs,
@@ -145,14 +157,30 @@ class Segmenter:
                 foreground_threshold=p.foreground_threshold,
             )
 
+    def _network_input(
+        self, image: np.ndarray, scale: float, normalization: Normalization | None
+    ) -> tuple[np.ndarray, Prepare | None]:
+        """The image the tiles are cut from, and what turns them into network input."""
+        if normalization is not None and scale == 1.0:
+            return image, normalization.apply_in_place
+        if normalization is not None:
+            with self.stopwatch("normalise"):
+                image = normalization.apply(image)
+        with self.stopwatch("rescale"):
+            return rescale(image, scale), None
+
     def estimate_diameter(
-        self, image: np.ndarray, passes: dict[float, np.ndarray] | None = None
+        self,
+        image: np.ndarray,
+        passes: dict[float, np.ndarray] | None = None,
+        normalization: Normalization | None = None,
     ) -> float | None:
         """Typical cell diameter (original pixels) from network passes over a window of
         the image: the first at the image's own scale, then at the corrected scale until
         the correction settles (at most ``ESTIMATE_PASSES`` passes).
 
-        Passes that covered the whole image are stored in ``passes`` by scale for reuse.
+        ``image`` and ``normalization`` are as for :meth:`labels_at`. Passes that covered
+        the whole image are stored in ``passes`` by scale for reuse.
         """
         target, s = self.model.diameter_px, self.config.scale
         if target is None:
@@ -162,7 +190,8 @@ class Segmenter:
         for _ in range(ESTIMATE_PASSES):
             size = max(64, round(ESTIMATE_WINDOW / scale))
             found = typical_diameter(
-                self._window_labels(image, size, scale, passes), min_diameter=target / 4
+                self._window_labels(image, size, scale, passes, normalization),
+                min_diameter=target / 4,
             )
             if found is None:
                 return diameter
@@ -174,10 +203,15 @@ class Segmenter:
         return diameter
 
     def _window_labels(
-        self, image: np.ndarray, size: int, scale: float, passes: dict[float, np.ndarray]
+        self,
+        image: np.ndarray,
+        size: int,
+        scale: float,
+        passes: dict[float, np.ndarray],
+        normalization: Normalization | None,
     ) -> np.ndarray:
         window = _window(image, size)
-        labels = self.labels_at(window, scale)
+        labels = self.labels_at(window, scale, normalization)
         if window.shape == image.shape:
             passes[scale] = labels
         return labels
@@ -212,18 +246,19 @@ def process_image(
         pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
         row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
         result = segmenter.segment(pixels, pixel_size)
-        with watch("measure"):
-            cells = measure_cells(result.labels, pixels, pixel_size)
-            row.update(summarize(cells, result.labels.shape, pixel_size))
-            row.update(
-                scale=result.scale.scale,
-                diameter_px=result.scale.diameter_px,
-                scale_source=result.scale.source,
-                saturated_fraction=qc.saturated_fraction(pixels),
-                focus_score=qc.focus_score(result.normalized),
-            )
-        with watch("write"):
-            row.update(write_images(path, pixels, result.labels, out_dir, config.output.overlays))
+        labels, overlays = result.labels, config.output.overlays
+        with _writing(path, pixels, labels, out_dir, overlays, watch) as written:
+            with watch("measure"):
+                cells = measure_cells(labels, pixels, pixel_size)
+                row.update(summarize(cells, labels.shape, pixel_size))
+                row.update(
+                    scale=result.scale.scale,
+                    diameter_px=result.scale.diameter_px,
+                    scale_source=result.scale.source,
+                    saturated_fraction=qc.saturated_fraction(pixels),
+                    focus_score=qc.focus_score(pixels),
+                )
+            row.update(written())
     except TransientError:
         raise
     except (CellwatchError, MemoryError) as exc:
@@ -261,13 +296,64 @@ def write_images(
     path: Path, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
 ) -> dict[str, str]:
     """Write the label image (and overlay); returns their paths for the ledger."""
+    files = _output_files(path, pixels, labels, out_dir, overlays)
+    for write in files.values():
+        write()
+    return {name: str(write.args[0]) for name, write in files.items()}
+
+
+def _output_files(
+    path: Path, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
+) -> dict[str, partial[None]]:
+    """The ledger column of each output file, and the call that writes it."""
     stem = imageio.stem(path)
-    written = {"labels": str(out_dir / "labels" / f"{stem}.tif")}
-    imageio.write_labels(Path(written["labels"]), labels)
+    files = {"labels": partial(imageio.write_labels, out_dir / "labels" / f"{stem}.tif", labels)}
     if overlays:
-        written["overlay"] = str(out_dir / "overlays" / f"{stem}.png")
-        imageio.write_overlay(Path(written["overlay"]), pixels, labels)
-    return written
+        overlay = out_dir / "overlays" / f"{stem}.png"
+        files["overlay"] = partial(imageio.write_overlay, overlay, pixels, labels)
+    return files
+
+
+@contextmanager
+def _writing(
+    path: Path,
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    out_dir: Path,
+    overlays: bool,
+    watch: Stopwatch,
+) -> Iterator[Callable[[], dict[str, str]]]:
+    """Yield a function that writes the image's files (:func:`write_images`), or waits for
+    them, and returns their paths.
+
+    A large image's files are written in threads of their own from the start, while the
+    caller measures it: the network is idle by then, so on two cores the label image,
+    the overlay and the measuring run side by side. Small images are written when asked,
+    in the caller's thread: other images keep the cores busy (and a thread costs more).
+    """
+    if pixels.size < WRITE_ASIDE_PIXELS:
+
+        def write_now() -> dict[str, str]:
+            with watch("write"):
+                return write_images(path, pixels, labels, out_dir, overlays)
+
+        yield write_now
+        return
+    files = _output_files(path, pixels, labels, out_dir, overlays)
+    with ThreadPoolExecutor(len(files), thread_name_prefix="cellwatch-write") as pool:
+        futures = {name: pool.submit(_timed, watch, write) for name, write in files.items()}
+
+        def wait() -> dict[str, str]:
+            for future in futures.values():
+                future.result()  # raises what the writer raised
+            return {name: str(write.args[0]) for name, write in files.items()}
+
+        yield wait
+
+
+def _timed(watch: Stopwatch, write: Callable[[], object]) -> None:
+    with watch("write"):
+        write()
 
 
 def failed_result(
@@ -400,10 +486,15 @@ def _file_size(path: Path) -> int:
 def record(result: ImageResult, out_dir: Path) -> None:
     """Append the image's cells, then its ledger row (the row marks the job as done)."""
     if len(result.cells):
-        ledger.append_rows(
-            out_dir / "cells.csv", result.cells.to_dict("records"), ledger.CELL_COLUMNS
-        )
+        ledger.append_rows(out_dir / "cells.csv", _records(result.cells), ledger.CELL_COLUMNS)
     ledger.append_rows(out_dir / "ledger.csv", [result.row])
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """``table.to_dict("records")`` (Python scalars), a few times faster on small tables."""
+    columns = list(table.columns)
+    values = zip(*(table[c].tolist() for c in columns), strict=True)
+    return [dict(zip(columns, row, strict=True)) for row in values]
 
 
 def _window(image: np.ndarray, size: int) -> np.ndarray:

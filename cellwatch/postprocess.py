@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix, csgraph
 from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential, watershed
 
@@ -79,17 +80,154 @@ def masked_interior(
 
 
 def labels_from_masked_interior(
-    plane: np.ndarray, *, interior_threshold: float = 0.5, min_area: int = 0
+    plane: np.ndarray,
+    *,
+    interior_threshold: float = 0.5,
+    min_area: int = 0,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Label a :func:`masked_interior` plane: seeds are connected interiors above
-    ``interior_threshold``, grown by watershed over the non-NaN pixels."""
+    ``interior_threshold``, grown by watershed over the non-NaN pixels.
+
+    With ``overwrite`` (and a C-contiguous float32 plane, as stitching makes), the labels
+    are written into the plane's own memory, which is lost: besides the plane this needs a
+    boolean mask, the cells' probabilities and band-sized temporaries, so a large image
+    is labelled in less than twice the plane's memory. Otherwise the plane is copied first.
+    """
     if plane.ndim != 2:
         raise ModelError(f"expected a 2-D masked interior plane, got shape {plane.shape}")
-    seeds, _ = ndi.label(plane > interior_threshold, structure=_CROSS)
-    parts, n_parts = ndi.label(~np.isnan(plane), structure=_CROSS)
-    labels = _flood_clumps(plane, seeds, parts, n_parts, negate=True)
-    del seeds
+    if not (overwrite and plane.dtype == np.float32 and plane.flags.c_contiguous):
+        plane = np.array(plane, dtype=np.float32, order="C")
+    labels = _label_in_place(plane, interior_threshold)
     return tidy(labels, min_area, out=labels)
+
+
+def _label_in_place(plane: np.ndarray, interior_threshold: float) -> np.ndarray:
+    """The watershed's labels (int32, not yet renumbered), in the memory of ``plane``.
+
+    The plane's values are first kept only where they are needed, the non-NaN pixels in
+    raster order (:class:`_Heights`); the mask's connected parts are then labelled into the
+    plane's memory. Seeds are labelled band by band (:func:`_seed_parts`), and each clump
+    is flooded on its bounding box with its heights put back from the kept values.
+    """
+    heights = _Heights.of(plane)
+    parts = plane.view(np.int32)
+    n_parts = ndi.label(heights.mask, structure=_CROSS, output=parts)
+    heights.mask = None  # the parts say where the cells are from now on
+    part_of_seed = _seed_parts(parts, heights, interior_threshold)
+    seeds_in_part = np.bincount(part_of_seed, minlength=n_parts + 1)
+    seeds_in_part[0] = 0
+    lut = np.zeros(n_parts + 1, np.int32)
+    alone = seeds_in_part[part_of_seed] == 1
+    alone[0] = False
+    lut[part_of_seed[alone]] = np.flatnonzero(alone).astype(np.int32)
+    # seed ids grouped by part, ascending within each part
+    by_part = np.argsort(part_of_seed[1:], kind="stable").astype(np.int32) + 1
+    first_of_part = np.concatenate([[0], np.cumsum(seeds_in_part)])
+    floods = []
+    boxes = ndi.find_objects(parts)
+    for part in np.flatnonzero(seeds_in_part >= 2):
+        box = boxes[part - 1]
+        inside = parts[box] == part
+        height = heights.box(parts, box)
+        # the same seeds as on the whole image, numbered in the same (raster) order
+        markers, n = ndi.label((height > interior_threshold) & inside, structure=_CROSS)
+        if n != seeds_in_part[part]:
+            raise RuntimeError(f"part {part}: {n} seeds in its box, {seeds_in_part[part]} found")
+        ids = np.concatenate([[0], by_part[first_of_part[part] : first_of_part[part] + n]])
+        flooded = watershed(np.negative(height, out=height), markers, mask=inside)
+        floods.append((box, inside, ids.astype(np.int32)[flooded]))
+    labels = _take(lut, parts, out=parts)
+    for box, inside, flooded in floods:
+        labels[box][inside] = flooded[inside]
+    return labels
+
+
+class _Heights:
+    """A plane's non-NaN values in raster order, and where to find any pixel's among them."""
+
+    _BLOCK = 256  # columns per block of the per-row counts
+
+    def __init__(self, values: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> None:
+        self.values = values  # float32, the non-NaN pixels in raster order
+        self.mask: np.ndarray | None = mask  # the non-NaN pixels (dropped after labelling)
+        self.counts = counts  # [row, block]: non-NaN pixels before that row's block
+
+    @classmethod
+    def of(cls, plane: np.ndarray) -> _Heights:
+        mask = np.isnan(plane)
+        np.logical_not(mask, out=mask)
+        height, width = plane.shape
+        starts = np.arange(0, width, cls._BLOCK)
+        per_block = np.zeros((height, len(starts)), np.int64)
+        for rows in _bands(mask):
+            per_block[rows] = np.add.reduceat(mask[rows], starts, axis=1, dtype=np.int64)
+        counts = np.zeros(per_block.size + 1, np.int64)
+        np.cumsum(per_block.reshape(-1), out=counts[1:])
+        return cls(plane[mask], mask, counts[:-1].reshape(per_block.shape))
+
+    def offset(self, row: int) -> int:
+        """Index in :attr:`values` of the first non-NaN pixel at or after ``row``."""
+        if row >= len(self.counts):
+            return len(self.values)
+        return int(self.counts[row, 0])
+
+    def box(self, parts: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+        """The plane's values (NaN where it was NaN) on ``box``; ``parts`` is nonzero
+        exactly where the plane was not NaN."""
+        rows, cols = box
+        block = cols.start // self._BLOCK
+        skipped = parts[rows, block * self._BLOCK : cols.start] != 0
+        before = self.counts[rows, block] + np.count_nonzero(skipped, axis=1)
+        found = parts[box] != 0
+        index = before[:, np.newaxis] + np.cumsum(found, axis=1) - 1
+        out = np.full(found.shape, np.nan, np.float32)
+        out[found] = self.values[index[found]]
+        return out
+
+
+def _seed_parts(parts: np.ndarray, heights: _Heights, interior_threshold: float) -> np.ndarray:
+    """``part[s]``: the part that seed ``s`` lies in (index 0: none), the seeds numbered as
+    ``ndi.label`` numbers them on the whole image (by their first pixel in raster order).
+
+    Seeds are labelled band by band, with no full-size label image; pieces of one seed in
+    neighbouring bands are joined where the bands meet.
+    """
+    part_of_piece = [np.zeros(1, np.int32)]  # piece 0: none
+    joins = []  # (piece above, piece below) touching across a band edge
+    n_pieces, above = 0, None
+    for rows in _bands(parts):
+        band = parts[rows]
+        found = band != 0
+        seeds = np.zeros(band.shape, bool)
+        values = heights.values[heights.offset(rows.start) : heights.offset(rows.start + len(band))]
+        seeds[found] = values > interior_threshold
+        pieces, n = ndi.label(seeds, structure=_CROSS)
+        pieces[seeds] += n_pieces  # numbered after the bands above
+        part = np.zeros(n, np.int32)
+        part[pieces[seeds] - n_pieces - 1] = band[seeds]
+        part_of_piece.append(part)
+        if above is not None:
+            touching = (above > 0) & (pieces[0] > 0)
+            joins.append(np.stack([above[touching], pieces[0][touching]]))
+        above, n_pieces = pieces[-1], n_pieces + n
+    part_of_piece = np.concatenate(part_of_piece)
+    joined = np.concatenate(joins, axis=1) if joins else np.zeros((2, 0), np.int32)
+    if not joined.size:
+        return part_of_piece  # every piece is a whole seed, numbered in raster order
+    graph = coo_matrix(
+        (np.ones(joined.shape[1], np.int8), (joined[0], joined[1])),
+        shape=(n_pieces + 1, n_pieces + 1),
+    )
+    _, seed_of_piece = csgraph.connected_components(graph, directed=False)
+    # number the seeds by their first piece, which holds their first pixel
+    _, first_piece = np.unique(seed_of_piece[1:], return_index=True)
+    first_piece.sort()
+    number = np.zeros(seed_of_piece.max() + 1, np.int32)
+    number[seed_of_piece[first_piece + 1]] = np.arange(1, len(first_piece) + 1)
+    part_of_seed = np.zeros(len(first_piece) + 1, np.int32)
+    part_of_seed[number[seed_of_piece[1:]]] = part_of_piece[1:]
+    return part_of_seed
 
 
 def watershed_by_part(

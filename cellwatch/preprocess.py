@@ -1,14 +1,109 @@
 """Intensity normalisation and rescaling, shared by prediction and training.
 
 Training and prediction must see images the same way, so both call these functions.
+A :class:`Normalization` is the map :func:`normalize` applies; prediction applies it tile by
+tile as tiles are cut, so a large image is never copied whole to float32. Percentiles of
+8- and 16-bit images come from a histogram: the same values as :func:`numpy.percentile`
+without sorting a float copy of the image.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from skimage.transform import resize
 
 from cellwatch.errors import BadInputError
+
+_HISTOGRAM_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+_BAND_PIXELS = 1 << 20  # pixels per band when a pass over the image needs temporaries
+
+
+def percentiles(image: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """``np.percentile(image.astype(np.float32), q)``, identical values (float64).
+
+    8- and 16-bit images are counted into a histogram, band by band, instead of being
+    copied and partitioned: about ten times faster on a large image, and no full-size
+    temporary. Other dtypes go through :func:`numpy.percentile`.
+
+    >>> percentiles(np.arange(101, dtype=np.uint8), (1.0, 50.0)).tolist()
+    [1.0, 50.0]
+    """
+    image = np.asarray(image)
+    if image.dtype not in _HISTOGRAM_DTYPES or image.size == 0:
+        return np.asarray(np.percentile(image.astype(np.float32, copy=False), q))
+    flat = image.reshape(-1)
+    counts = np.zeros(np.iinfo(image.dtype).max + 1, np.int64)
+    for start in range(0, flat.size, _BAND_PIXELS):
+        counts += np.bincount(flat[start : start + _BAND_PIXELS], minlength=counts.size)
+    # numpy's "linear" method, step by step, so that the result is bit for bit the same
+    n = flat.size
+    quantiles = np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    virtual = (n - 1) * quantiles
+    previous = np.floor(virtual)
+    following = previous + 1
+    previous[virtual >= n - 1] = following[virtual >= n - 1] = n - 1
+    previous[virtual < 0] = following[virtual < 0] = 0
+    gamma = virtual - previous
+    cumulative = np.cumsum(counts)
+    a = np.searchsorted(cumulative, previous, side="right").astype(np.float32)
+    b = np.searchsorted(cumulative, following, side="right").astype(np.float32)
+    difference = b - a
+    result = np.add(a, difference * gamma)
+    np.subtract(b, difference * (1 - gamma), out=result, where=gamma >= 0.5)
+    return result
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The map ``(x - low) / span`` (float32) that puts an image's percentiles at 0 and 1.
+
+    ``span`` is 0 for a flat image, which maps to zeros. Non-finite pixels count as 0.
+    """
+
+    low: np.float32
+    span: np.float32
+
+    @classmethod
+    def of(cls, image: np.ndarray, low: float = 1.0, high: float = 99.8) -> Normalization:
+        """The normalisation of a 2-D ``image`` by its ``low`` and ``high`` percentiles."""
+        if image.ndim != 2:
+            raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
+        pixels = image if image.dtype in _HISTOGRAM_DTYPES else _finite_float32(image)
+        lo, hi = percentiles(pixels, [low, high])
+        span = float(hi - lo)
+        return cls(np.float32(lo), np.float32(span if span > 0 else 0.0))
+
+    def apply(self, values: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalised float32 values; ``out`` (float32, ``values``' shape, may be ``values``
+        itself) receives them instead of a new array."""
+        if out is None:
+            out = np.array(values, dtype=np.float32)
+        elif out is not values:
+            out[...] = values
+        if out.dtype != np.float32:
+            raise ValueError(f"out must be float32, got {out.dtype}")
+        if np.dtype(values.dtype).kind == "f":
+            np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.span > 0:
+            np.subtract(out, self.low, out=out)
+            np.divide(out, self.span, out=out)
+        else:
+            out[...] = 0
+        return out
+
+    def apply_in_place(self, values: np.ndarray) -> np.ndarray:
+        """Normalise float32 ``values`` in place (tiles as they are cut, for example)."""
+        return self.apply(values, out=values)
+
+
+def _finite_float32(image: np.ndarray) -> np.ndarray:
+    pixels = image.astype(np.float32, copy=False)
+    if not np.isfinite(pixels).all():
+        pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
+    return pixels
 
 
 def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -19,16 +114,7 @@ def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.nda
     >>> normalize(np.array([[0, 50, 100]]), 0, 100).tolist()
     [[0.0, 0.5, 1.0]]
     """
-    if image.ndim != 2:
-        raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
-    pixels = image.astype(np.float32, copy=False)
-    if not np.isfinite(pixels).all():
-        pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = np.percentile(pixels, [low, high])
-    span = float(hi - lo)
-    if span <= 0:
-        return np.zeros(image.shape, np.float32)
-    return (pixels - np.float32(lo)) / np.float32(span)
+    return Normalization.of(image, low, high).apply(image)
 
 
 def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -8,12 +8,12 @@ re-read when the report is built.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from cellwatch.errors import ConfigError
 
@@ -32,6 +32,7 @@ FLAG_ORDER: tuple[str, ...] = (FAILED, EMPTY, BLURRED, SATURATED, HIGH, LOW)
 
 # 1.4826 · MAD estimates the standard deviation of normally distributed values.
 _MAD_TO_SD = 1.4826
+_BAND_PIXELS = 1 << 16  # pixels per band of the focus score's Laplacian
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def focus_score(image: np.ndarray) -> float:
     Parameters
     ----------
     image : numpy.ndarray
-        One 2-D plane (raw or normalised).
+        One 2-D plane (raw or normalised). Non-finite pixels count as 0.
 
     Returns
     -------
@@ -142,16 +143,43 @@ def focus_score(image: np.ndarray) -> float:
         raise ValueError(f"focus_score needs one 2-D plane, got an array of shape {image.shape}")
     if image.size == 0:
         return 0.0
-    data = image.astype(np.float32, copy=False)
     # Percentiles of a ~512 x 512 grid of pixels are as good and much cheaper on big images.
-    step_y, step_x = (max(1, n // 512) for n in data.shape)
-    low, high = np.percentile(data[::step_y, ::step_x], (1.0, 99.0))
+    step_y, step_x = (max(1, n // 512) for n in image.shape)
+    low, high = np.percentile(_finite_float32(image[::step_y, ::step_x]), (1.0, 99.0))
     if high <= low:
         return 0.0
     # The Laplacian is linear, so scaling its variance equals normalising the image first.
-    return (
-        float(np.var(ndimage.laplace(data, mode="reflect"), dtype=np.float64)) / (high - low) ** 2
-    )
+    total = squares = 0.0
+    for laplacian in _laplacian_bands(image):
+        total += float(laplacian.sum(dtype=np.float64))
+        squares += float(np.square(laplacian, dtype=np.float64).sum())
+    mean = total / image.size
+    return max(0.0, squares / image.size - mean * mean) / float(high - low) ** 2
+
+
+def _laplacian_bands(image: np.ndarray) -> Iterator[np.ndarray]:
+    """``scipy.ndimage.laplace(image, mode="reflect")`` in float32, in bands of rows, so no
+    float copy of the whole image is made (small bands also stay in the CPU cache)."""
+    height, width = image.shape
+    rows = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        first, last = max(top - 1, 0), min(bottom + 1, height)
+        padded = np.empty((last - first + 2, width + 2), np.float32)
+        padded[1:-1, 1:-1] = _finite_float32(image[first:last])
+        padded[0], padded[-1] = padded[1], padded[-2]  # "reflect" repeats the edge pixel
+        padded[:, 0], padded[:, -1] = padded[:, 1], padded[:, -2]
+        centre = padded[1:-1, 1:-1]
+        laplacian = padded[:-2, 1:-1] + padded[2:, 1:-1] - 2 * centre
+        laplacian += padded[1:-1, :-2] + padded[1:-1, 2:] - 2 * centre
+        yield laplacian[top - first : bottom - first]
+
+
+def _finite_float32(values: np.ndarray) -> np.ndarray:
+    out = values.astype(np.float32)
+    if values.dtype.kind == "f":
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
 
 
 def robust_outliers(

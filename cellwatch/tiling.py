@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 PredictBatch = Callable[[np.ndarray], np.ndarray]
+Prepare = Callable[[np.ndarray], object]  # turns cut tiles (float32) into network input, in place
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -187,10 +188,10 @@ class Stitcher:
         return self._out
 
 
-def _check_image(image: np.ndarray) -> None:
+def _check_image(image: np.ndarray, prepare: Prepare | None = None) -> None:
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-    if not np.issubdtype(image.dtype, np.floating):
+    if prepare is None and not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"expected a float image, got {image.dtype} — forgot to normalise?")
 
 
@@ -216,6 +217,7 @@ class TileJob:
 
     grid: TileGrid
     windows: np.ndarray  # every tile position of the image, a view
+    prepare: Prepare | None = None  # applied to the image's tiles as they are cut
     taken: int = 0  # tiles handed to a batch so far
     stitcher: Stitcher | None = None  # created once the model's channel count is known
     error: BaseException | None = None
@@ -261,11 +263,13 @@ class TileQueue:
     def _time(self, stage: str) -> AbstractContextManager[None]:
         return self._watch(stage) if self._watch is not None else nullcontext()
 
-    def add(self, image: np.ndarray) -> TileJob:
-        """Queue a 2-D float image; raises ``ValueError`` for a bad one."""
-        _check_image(image)
+    def add(self, image: np.ndarray, prepare: Prepare | None = None) -> TileJob:
+        """Queue a 2-D float image, or any 2-D image with the ``prepare`` step that turns
+        its tiles (cut as float32) into network input in place; raises ``ValueError`` for a
+        bad one."""
+        _check_image(image, prepare)
         grid = TileGrid.for_shape(image.shape, self.tile, self.overlap)
-        job = TileJob(grid, grid.windows(image))
+        job = TileJob(grid, grid.windows(image), prepare)
         self._jobs.append(job)
         self.pending += len(grid)
         return job
@@ -280,7 +284,10 @@ class TileQueue:
                 n = min(self.batch_size - slot, len(job.grid) - job.taken)
                 index = np.arange(job.taken, job.taken + n)
                 ys, xs = job.grid.origins
-                batch.tiles[slot : slot + n, ..., 0] = job.windows[ys[index], xs[index]]
+                tiles = batch.tiles[slot : slot + n, ..., 0]
+                tiles[...] = job.windows[ys[index], xs[index]]
+                if job.prepare is not None:
+                    job.prepare(tiles)
                 batch.runs.append((job, job.taken, n, slot))
                 job.taken += n
                 slot += n
@@ -330,6 +337,7 @@ def predict_tiled_many(
     overlap: int = 48,
     batch_size: int = 8,
     stopwatch: Stopwatch | None = None,
+    prepare: Prepare | None = None,
 ) -> Iterator[np.ndarray]:
     """Like :func:`predict_tiled` for several images whose tiles share batches.
 
@@ -337,15 +345,18 @@ def predict_tiled_many(
     as its last tile is predicted. A bad image raises when it is reached.
     """
     queue = TileQueue(tile=tile, overlap=overlap, batch_size=batch_size, stopwatch=stopwatch)
-    return _predict_many(images, predict_batch, queue)
+    return _predict_many(images, predict_batch, queue, prepare)
 
 
 def _predict_many(
-    images: Iterable[np.ndarray], predict_batch: PredictBatch, queue: TileQueue
+    images: Iterable[np.ndarray],
+    predict_batch: PredictBatch,
+    queue: TileQueue,
+    prepare: Prepare | None,
 ) -> Iterator[np.ndarray]:
     jobs: deque[TileJob] = deque()  # in input order; the front one finishes first
     for image in images:
-        jobs.append(queue.add(image))
+        jobs.append(queue.add(image, prepare))
         while queue.pending >= queue.batch_size:
             queue.step(predict_batch)
             while jobs and jobs[0].done:
@@ -364,13 +375,15 @@ def predict_tiled(
     overlap: int = 48,
     batch_size: int = 8,
     stopwatch: Stopwatch | None = None,
+    prepare: Prepare | None = None,
 ) -> np.ndarray:
     """Predict one 2-D image tile by tile and return the stitched ``(H, W, C)`` float32 map.
 
     Parameters
     ----------
     image : np.ndarray
-        2-D normalised float image of any size; smaller than a tile is fine.
+        2-D normalised float image of any size; smaller than a tile is fine. With
+        ``prepare``, any 2-D image (raw pixels).
     predict_batch : callable
         Takes ``(batch_size, tile, tile, 1)`` float32 on every call, the last batch padded
         with zeros, and returns ``(batch_size, tile, tile, C)``.
@@ -381,6 +394,11 @@ def predict_tiled(
         Tiles per model call.
     stopwatch : Stopwatch, optional
         Counts cutting tiles as ``tile`` and stitching as ``stitch``.
+    prepare : callable, optional
+        Applied, in place, to each run of tiles (float32, ``(n, tile, tile)``) as they are
+        cut, e.g. :meth:`cellwatch.preprocess.Normalization.apply_in_place`, so that a
+        large image is normalised tile by tile instead of copied whole. It must act on
+        each pixel alone.
 
     Returns
     -------
@@ -401,7 +419,7 @@ def predict_tiled(
     >>> bool(np.array_equal(out[..., 0], image))
     True
     """
-    _check_image(image)
+    _check_image(image, prepare)
     return next(
         predict_tiled_many(
             [image],
@@ -410,5 +428,6 @@ def predict_tiled(
             overlap=overlap,
             batch_size=batch_size,
             stopwatch=stopwatch,
+            prepare=prepare,
         )
     )

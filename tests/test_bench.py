@@ -21,7 +21,9 @@ from cellwatch.postprocess import tidy, watershed_by_part
 
 def test_quick_bench_reports_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out), "--out", str(tmp_path / "w")]) == 0
+    out.write_text(json.dumps({"machine": {}, "total_s": 12345.0}))  # an earlier run
+    args = ["bench", "--quick", "--json", str(out), "--compare", str(out)]
+    assert main([*args, "--out", str(tmp_path / "w")]) == 0
     report = json.loads(out.read_text())
     assert report["peak"]["best_gflops"] > 0
     assert report["models"]["default"]["gflop_per_tile"] > 0
@@ -43,7 +45,9 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     assert {"non_network_share_mosaic", "network_share_of_peak", "total_s"} <= set(
         report["targets"]
     )
-    assert "targets:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "targets:" in printed
+    assert "1.234e+04 →" in printed  # compared with the file as it was before the run
     comparison = bench.format_comparison(report, report)
     assert "×1.00" in comparison and "workloads.mosaic.default.mp_per_s" in comparison
 

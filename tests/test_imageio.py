@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from cellwatch import imageio
 from cellwatch.errors import BadInputError, TransientError
 from cellwatch.imageio import (
     OUTLINE_RGB,
@@ -544,3 +545,74 @@ def test_write_overlay_constant_and_nan_images(tmp_path):
 def test_write_overlay_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match="equal 2-D shapes"):
         write_overlay(tmp_path / "o.png", np.zeros((4, 4)), np.zeros((4, 5), np.uint16))
+
+
+def reference_overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The overlay as first written: a float copy stretched by np.percentile, and
+    skimage's inner boundaries."""
+    from skimage.segmentation import find_boundaries
+
+    values = image.astype(np.float32)
+    finite = values[np.isfinite(values)]
+    gray = np.zeros(image.shape, np.uint8)
+    if finite.size:
+        lo, hi = np.percentile(finite, (1.0, 99.8))
+        if hi <= lo:
+            lo, hi = float(finite.min()), float(finite.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        scaled = np.nan_to_num((values - lo) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+        gray = np.clip(scaled, 0, 255).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, np.newaxis], 3, axis=2)
+    rgb[find_boundaries(labels, mode="inner")] = OUTLINE_RGB
+    return rgb
+
+
+def _overlay_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    labels = np.kron(rng.integers(0, 5, (15, 20)), np.ones((3, 4), np.int32))  # 45 x 80
+    labels[rng.random(labels.shape) < 0.03] = 0
+    wide = rng.integers(0, 65535, labels.shape).astype(np.uint16)
+    floats = rng.normal(100, 30, labels.shape)
+    floats[2:5, 2:5], floats[0, 0], floats[1, 1] = np.nan, np.inf, -np.inf
+    return [
+        (wide, labels),
+        ((wide // 300).astype(np.uint8), labels),
+        (floats, labels),
+        (floats.astype(np.float32), labels),
+        (wide.astype(np.int32) - 1000, labels),
+        (np.full((5, 7), 3, np.uint16), np.ones((5, 7), np.int32)),
+        (np.full((5, 5), np.nan), np.zeros((5, 5), np.int32)),
+        (wide[:1], labels[:1]),
+        (wide[:, :1], labels[:, :1]),
+        (wide[:1, :1], labels[:1, :1]),
+    ]
+
+
+@pytest.mark.parametrize("band_pixels", [1, 50, 1 << 20])
+@pytest.mark.parametrize("case", range(10))
+def test_overlay_equals_the_float_stretch_and_find_boundaries(
+    tmp_path, monkeypatch, case, band_pixels
+):
+    monkeypatch.setattr(imageio, "_BAND_PIXELS", band_pixels)  # rows cut into bands
+    image, labels = _overlay_cases()[case]
+    write_overlay(tmp_path / "o.png", image, labels)
+    with Image.open(tmp_path / "o.png") as png:
+        png.load()  # decodes every chunk: checks the CRCs and the zlib stream
+        assert (png.format, png.mode, png.size) == ("PNG", "RGB", image.shape[::-1])
+        rgb = np.asarray(png)
+    np.testing.assert_array_equal(rgb, reference_overlay(image, labels))
+
+
+def test_write_overlay_refuses_an_empty_image(tmp_path):
+    with pytest.raises(ValueError, match="empty image"):
+        write_overlay(tmp_path / "o.png", np.zeros((0, 4)), np.zeros((0, 4), np.int32))
+
+
+@pytest.mark.parametrize("strip_bytes", [1, 100, 1 << 18])
+def test_label_tiff_written_strip_by_strip_reads_back(tmp_path, monkeypatch, strip_bytes):
+    monkeypatch.setattr(imageio, "_STRIP_BYTES", strip_bytes)
+    labels = np.random.default_rng(0).integers(0, 70_000, (37, 23)).astype(np.int32)
+    write_labels(tmp_path / "l.tif", labels)
+    back = read_image(tmp_path / "l.tif")
+    assert back.pixels.dtype == np.uint32
+    np.testing.assert_array_equal(back.pixels, labels)

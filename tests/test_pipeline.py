@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -134,7 +136,11 @@ def test_bad_file_gives_failed_row(threshold_model, tmp_path):
     assert len(result.cells) == 0
 
 
-def test_transient_errors_are_raised_for_retry(threshold_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["write_labels", "write_overlay"])
+@pytest.mark.parametrize("aside", [False, True], ids=["in line", "aside"])
+def test_transient_errors_are_raised_for_retry(
+    threshold_model, tmp_path, monkeypatch, writer, aside
+):
     image, _ = discs((64, 64), [(32, 32)], 8)
     src = tmp_path / "a.tif"
     tifffile.imwrite(src, image)
@@ -143,9 +149,30 @@ def test_transient_errors_are_raised_for_retry(threshold_model, tmp_path, monkey
     def disk_full(*args, **kwargs):
         raise TransientError("disk full")
 
-    monkeypatch.setattr("cellwatch.imageio.write_labels", disk_full)
+    monkeypatch.setattr(f"cellwatch.imageio.{writer}", disk_full)
+    monkeypatch.setattr("cellwatch.pipeline.WRITE_ASIDE_PIXELS", 0 if aside else 1 << 22)
     with pytest.raises(TransientError):
         process_image(src, config=seg.config, segmenter=seg, out_dir=tmp_path / "o", job_id="j")
+
+
+def test_files_written_aside_equal_files_written_in_line(threshold_model, tmp_path, monkeypatch):
+    image, _ = discs((300, 200), [(50, 50), (150, 100), (250, 60)], 15)
+    src = tmp_path / "a.tif"
+    tifffile.imwrite(src, image)
+    seg = segmenter(threshold_model)
+    rows, files = {}, {}
+    for aside in (False, True):
+        monkeypatch.setattr("cellwatch.pipeline.WRITE_ASIDE_PIXELS", 0 if aside else 1 << 22)
+        out = tmp_path / str(aside)
+        result = process_image(src, config=seg.config, segmenter=seg, out_dir=out, job_id="j")
+        rows[aside] = {
+            k: v for k, v in result.row.items() if k not in ("duration_s", "processed_at")
+        }
+        rows[aside].update(labels=Path(rows[aside]["labels"]).relative_to(out))
+        rows[aside].update(overlay=Path(rows[aside]["overlay"]).relative_to(out))
+        files[aside] = [(out / rows[aside][k]).read_bytes() for k in ("labels", "overlay")]
+    assert rows[False] == rows[True] and rows[True]["cell_count"] == 3
+    assert files[False] == files[True]
 
 
 def test_settings_are_recorded(threshold_model, tmp_path):
@@ -157,3 +184,29 @@ def test_settings_are_recorded(threshold_model, tmp_path):
     assert row["model"].startswith("threshold@") and len(row["model"]) == len("threshold@") + 12
     assert row["settings_hash"] == seg.config.settings_hash()
     assert row["scale_source"] == "none" and row["scale"] == 1.0
+
+
+def test_memory_per_pixel_stays_near_pixels_plus_one_plane(threshold_model, tmp_path):
+    """Reading, segmenting at scale 1, measuring and writing allocate per pixel about the
+    pixels (2 bytes), the stitched plane that becomes the labels (4) and a mask (1): no
+    whole-image float copy (normalised image, overlay) and no second label image."""
+    import tracemalloc
+
+    seg = segmenter(threshold_model, **{"scale.scale": 1.0})
+    seg.segment(np.zeros((300, 300), np.uint16))  # compile the network outside the trace
+    peaks = {}
+    disc, _ = discs((40, 40), [(20, 20)], 12)
+    for side in (1024, 2048):
+        path = tmp_path / f"{side}.tif"
+        tifffile.imwrite(path, np.tile(disc.astype(np.uint16) * 257, (side // 40, side // 40)))
+        tracemalloc.start()
+        try:
+            result = process_image(
+                path, config=seg.config, segmenter=seg, out_dir=tmp_path / "out", job_id="j"
+            )
+            peaks[side] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result.row["cell_count"] == (side // 40) ** 2
+    per_pixel = (peaks[2048] - peaks[1024]) / (2048**2 - 1024**2)
+    assert per_pixel < 8.5, f"{per_pixel:.1f} bytes per pixel"

@@ -549,6 +549,36 @@ def test_focus_score_drops_when_blurred():
         focus_score(np.zeros((2, 16, 16)))
 
 
+def reference_focus_score(image: np.ndarray) -> float:
+    """The focus score on a whole-image float64 Laplacian, as first written."""
+    data = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    step_y, step_x = (max(1, n // 512) for n in data.shape)
+    low, high = np.percentile(data[::step_y, ::step_x], (1.0, 99.0))
+    if high <= low:
+        return 0.0
+    return float(np.var(ndimage.laplace(data, mode="reflect"))) / (high - low) ** 2
+
+
+@pytest.mark.parametrize("band_pixels", [1, 100, 1 << 16])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 40), (40, 1), (2, 2), (97, 130), (1100, 30)], ids=str
+)
+def test_focus_score_in_bands_equals_the_whole_image(monkeypatch, band_pixels, shape):
+    from cellwatch import qc
+    from cellwatch.preprocess import normalize
+
+    monkeypatch.setattr(qc, "_BAND_PIXELS", band_pixels)
+    rng = np.random.default_rng(shape[0])
+    raw = ndimage.gaussian_filter(rng.random(shape) * 60000, 1).astype(np.uint16)
+    expected = reference_focus_score(raw)
+    assert focus_score(raw) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # raw or normalised, the score is the same (the normalised image is rounded to float32)
+    assert focus_score(normalize(raw)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    floats = raw.astype(np.float64)
+    floats[0, 0] = np.nan  # counts as 0, as in normalisation
+    assert focus_score(floats) == pytest.approx(reference_focus_score(floats), rel=1e-6)
+
+
 def test_robust_outliers_use_at_least_poisson_noise():
     counts = pd.Series([100, 100, 100, 100, 100, 120, 136, 64])
     signed, median, spread = robust_outliers(counts, counts, k=3.5)

@@ -391,3 +391,31 @@ def test_stopwatch_busy_time_merges_overlapping_intervals():
     assert watch.busy("inference", since=4.0) == 6.0
     with pytest.raises(RuntimeError, match="keeps no intervals"):
         Stopwatch().busy("inference")
+
+
+# --- raw images normalised tile by tile as they are cut ----------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (255, 257), (3000, 17)])
+@pytest.mark.parametrize(("tile", "overlap"), [(32, 8), (64, 0), (256, 48)])
+def test_tiles_normalised_as_they_are_cut_equal_a_normalised_image(shape, tile, overlap):
+    from cellwatch.preprocess import Normalization, normalize
+
+    raw = np.random.default_rng(1).integers(0, 65535, shape).astype(np.uint16)
+    recorder = Recorder()
+    norm = Normalization.of(raw)
+    got = predict_tiled(raw, recorder, tile=tile, overlap=overlap, prepare=norm.apply_in_place)
+    expected = predict_tiled(normalize(raw), identity, tile=tile, overlap=overlap)
+    np.testing.assert_array_equal(got, expected)
+    assert all(dtype == np.float32 for _, dtype in recorder.calls)
+
+
+def test_shared_batches_normalise_tiles_as_they_are_cut():
+    from cellwatch.batching import SharedBatches
+    from cellwatch.preprocess import Normalization, normalize
+
+    raw = np.random.default_rng(2).integers(0, 255, (40, 70)).astype(np.uint8)
+    shared = SharedBatches(identity, tile=16, overlap=4, batch_size=3)
+    shared.add_workers(1)
+    got = shared.predict(raw, Normalization.of(raw).apply_in_place)
+    np.testing.assert_array_equal(got[..., 0], normalize(raw))
