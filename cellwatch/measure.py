@@ -56,7 +56,7 @@ def measure_cells(
     present = present[present > 0]
     area = sums["area"][present].astype(np.float64)
     perimeter = perimeters(labels, len(sums["area"]) - 1)[present]
-    diameter = (2 * 2 * area / math.pi) ** (1 / 2)
+    diameter = np.sqrt(4 * area / math.pi)  # of the disc with the same area
     moments = (sums[k][present] for k in ("area", "y", "x", "yy", "xx", "xy"))
     size = pixel_size_um if pixel_size_um else np.nan
     return pd.DataFrame(
