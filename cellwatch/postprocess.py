@@ -115,12 +115,7 @@ def _label_in_place(plane: np.ndarray, interior_threshold: float) -> np.ndarray:
     n_parts = ndi.label(heights.mask, structure=_CROSS, output=parts)
     heights.mask = None  # the parts say where the cells are from now on
     part_of_seed = _seed_parts(parts, heights, interior_threshold)
-    seeds_in_part = np.bincount(part_of_seed, minlength=n_parts + 1)
-    seeds_in_part[0] = 0
-    lut = np.zeros(n_parts + 1, np.int32)
-    alone = seeds_in_part[part_of_seed] == 1
-    alone[0] = False
-    lut[part_of_seed[alone]] = np.flatnonzero(alone).astype(np.int32)
+    seeds_in_part, lut = _lone_seeds(part_of_seed, n_parts)
     # seed ids grouped by part, ascending within each part
     by_part = np.argsort(part_of_seed[1:], kind="stable").astype(np.int32) + 1
     first_of_part = np.concatenate([[0], np.cumsum(seeds_in_part)])
@@ -141,6 +136,18 @@ def _label_in_place(plane: np.ndarray, interior_threshold: float) -> np.ndarray:
     for box, inside, flooded in floods:
         labels[box][inside] = flooded[inside]
     return labels
+
+
+def _lone_seeds(part_of_seed: np.ndarray, n_parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds per part, and a part → label table that gives each part with a single seed
+    that seed's id (0 for parts with none or several, which are flooded box by box)."""
+    seeds_in_part = np.bincount(part_of_seed, minlength=n_parts + 1)
+    seeds_in_part[0] = 0
+    lut = np.zeros(n_parts + 1, np.int32)
+    alone = seeds_in_part[part_of_seed] == 1
+    alone[0] = False
+    lut[part_of_seed[alone]] = np.flatnonzero(alone).astype(np.int32)
+    return seeds_in_part, lut
 
 
 class _Heights:
@@ -247,12 +254,7 @@ def _flood_clumps(
 ) -> np.ndarray:
     """The watershed's labels, written over ``parts`` (the mask's 4-connected parts)."""
     part_of_seed = _part_of_each_seed(seeds, parts)
-    seeds_in_part = np.bincount(part_of_seed, minlength=n_parts + 1)
-    seeds_in_part[0] = 0
-    lut = np.zeros(n_parts + 1, np.int32)
-    alone = seeds_in_part[part_of_seed] == 1
-    alone[0] = False
-    lut[part_of_seed[alone]] = np.flatnonzero(alone).astype(np.int32)
+    seeds_in_part, lut = _lone_seeds(part_of_seed, n_parts)
     floods = []
     boxes = ndi.find_objects(parts)
     for part in np.flatnonzero(seeds_in_part >= 2):
