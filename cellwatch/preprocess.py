@@ -71,7 +71,7 @@ class Normalization:
         """The normalisation of a 2-D ``image`` by its ``low`` and ``high`` percentiles."""
         if image.ndim != 2:
             raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
-        pixels = image if image.dtype in _HISTOGRAM_DTYPES else _finite_float32(image)
+        pixels = image if image.dtype in _HISTOGRAM_DTYPES else finite_float32(image)
         lo, hi = percentiles(pixels, [low, high])
         span = float(hi - lo)
         return cls(np.float32(lo), np.float32(span if span > 0 else 0.0))
@@ -99,7 +99,8 @@ class Normalization:
         return self.apply(values, out=values)
 
 
-def _finite_float32(image: np.ndarray) -> np.ndarray:
+def finite_float32(image: np.ndarray) -> np.ndarray:
+    """``image`` as float32 with NaN and ±inf set to 0 (not a copy when it already is)."""
     pixels = image.astype(np.float32, copy=False)
     if not np.isfinite(pixels).all():
         pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cellwatch.errors import ConfigError
+from cellwatch.preprocess import finite_float32
 
 if TYPE_CHECKING:
     from cellwatch.config import ReportConfig
@@ -145,7 +146,7 @@ def focus_score(image: np.ndarray) -> float:
         return 0.0
     # Percentiles of a ~512 x 512 grid of pixels are as good and much cheaper on big images.
     step_y, step_x = (max(1, n // 512) for n in image.shape)
-    low, high = np.percentile(_finite_float32(image[::step_y, ::step_x]), (1.0, 99.0))
+    low, high = np.percentile(finite_float32(image[::step_y, ::step_x]), (1.0, 99.0))
     if high <= low:
         return 0.0
     # The Laplacian is linear, so scaling its variance equals normalising the image first.
@@ -166,20 +167,13 @@ def _laplacian_bands(image: np.ndarray) -> Iterator[np.ndarray]:
         bottom = min(top + rows, height)
         first, last = max(top - 1, 0), min(bottom + 1, height)
         padded = np.empty((last - first + 2, width + 2), np.float32)
-        padded[1:-1, 1:-1] = _finite_float32(image[first:last])
+        padded[1:-1, 1:-1] = finite_float32(image[first:last])
         padded[0], padded[-1] = padded[1], padded[-2]  # "reflect" repeats the edge pixel
         padded[:, 0], padded[:, -1] = padded[:, 1], padded[:, -2]
         centre = padded[1:-1, 1:-1]
         laplacian = padded[:-2, 1:-1] + padded[2:, 1:-1] - 2 * centre
         laplacian += padded[1:-1, :-2] + padded[1:-1, 2:] - 2 * centre
         yield laplacian[top - first : bottom - first]
-
-
-def _finite_float32(values: np.ndarray) -> np.ndarray:
-    out = values.astype(np.float32)
-    if values.dtype.kind == "f":
-        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return out
 
 
 def robust_outliers(
