@@ -28,6 +28,7 @@ from PIL import Image
 
 from cellwatch.errors import BadInputError, TransientError
 from cellwatch.preprocess import percentiles
+from cellwatch.targets import inner_rim
 
 SUPPORTED_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
 OUTLINE_RGB = (255, 0, 255)  # magenta shows on both dark (fluorescence) and light backgrounds
@@ -387,26 +388,12 @@ def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
         height = image.shape[0]
         for rows in _row_bands(image.shape):
             top, bottom = max(rows.start - 1, 0), min(rows.stop + 1, height)
-            rim = _outline(labels[top:bottom])[rows.start - top : rows.stop - top]
+            rim = inner_rim(labels[top:bottom])[rows.start - top : rows.stop - top]
             rgb = np.repeat(gray(image[rows])[:, :, np.newaxis], 3, axis=2)
             rgb[rim] = OUTLINE_RGB
             yield rgb
 
     _atomic_write(Path(path), lambda fh: _write_png(fh, image.shape, bands()))
-
-
-def _outline(labels: np.ndarray) -> np.ndarray:
-    """Cell pixels with a 4-neighbour of another label, background included: the pixels of
-    ``skimage.segmentation.find_boundaries(labels, mode="inner")``, from comparisons of
-    shifted views (5× faster than its grey dilation and erosion on a 4096² image)."""
-    outline = np.zeros(labels.shape, bool)
-    down = labels[1:] != labels[:-1]
-    outline[1:] |= down
-    outline[:-1] |= down
-    across = labels[:, 1:] != labels[:, :-1]
-    outline[:, 1:] |= across
-    outline[:, :-1] |= across
-    return outline & (labels > 0)
 
 
 def _row_bands(shape: tuple[int, ...]) -> list[slice]:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellwatch.targets import inner_rim
+
 _BAND_PIXELS = 1 << 20  # pixels per band: temporaries stay a few MB on any image
 
 # skimage.measure.perimeter: each border pixel is weighted by the pattern of the border
@@ -147,14 +149,9 @@ def perimeters(labels: np.ndarray, top: int | None = None) -> np.ndarray:
 
 def _border(window: np.ndarray) -> np.ndarray:
     """Cell pixels with a 4-neighbour of another label; the window's outer ring is False."""
-    centre = window[1:-1, 1:-1]
-    differs = np.zeros(centre.shape, bool)
-    for dy, dx in _EDGES:
-        differs |= (
-            centre != window[1 + dy : window.shape[0] - 1 + dy, 1 + dx : window.shape[1] - 1 + dx]
-        )
-    border = np.zeros(window.shape, bool)
-    border[1:-1, 1:-1] = differs & (centre > 0)
+    border = inner_rim(window)
+    border[[0, -1], :] = False
+    border[:, [0, -1]] = False
     return border
 
 
