@@ -63,6 +63,8 @@ class TilingConfig:
 class PostprocessConfig:
     interior_threshold: float = 0.8
     foreground_threshold: float = 0.8
+    split_threshold: float = 0.97
+    split_min_area_px: int = 50
     min_cell_area_px: int = 12
 
 
@@ -195,10 +197,16 @@ def validate(cfg: Config) -> None:
         value = getattr(p, key)
         if not 0 < value < 1:
             _fail(where, f"postprocess.{key}", f"must be between 0 and 1, got {value}")
-    if p.min_cell_area_px < 0:
+    if not p.interior_threshold < p.split_threshold <= 1:
         _fail(
-            where, "postprocess.min_cell_area_px", f"must not be negative, got {p.min_cell_area_px}"
+            where,
+            "postprocess.split_threshold",
+            f"must lie above interior_threshold ({p.interior_threshold}) and be at most 1 "
+            f"(1 turns splitting off), got {p.split_threshold}",
         )
+    for key in ("min_cell_area_px", "split_min_area_px"):
+        if getattr(p, key) < 0:
+            _fail(where, f"postprocess.{key}", f"must not be negative, got {getattr(p, key)}")
     if cfg.input.plane < 0 or cfg.input.max_pixels < 1:
         _fail(where, "input", "plane must be ≥ 0 and max_pixels ≥ 1")
     if cfg.input.channel is not None and cfg.input.channel < 0:

@@ -149,7 +149,11 @@ class Segmenter:
         with watch("postprocess"):
             if self.model.classes == 3:  # the stitched plane's memory becomes the labels
                 return labels_from_masked_interior(
-                    probs[..., 0], interior_threshold=p.interior_threshold, overwrite=True
+                    probs[..., 0],
+                    interior_threshold=p.interior_threshold,
+                    overwrite=True,
+                    split_threshold=p.split_threshold if p.split_threshold < 1 else None,
+                    split_min_area=p.split_min_area_px,
                 )
             return labels_from_probabilities(
                 probs,

@@ -3,8 +3,11 @@
 For a three-class model (background, interior, boundary) the interiors are confident
 cores that touching cells do not share; each connected interior becomes a seed and grows
 by watershed over the foreground, so touching cells end up separate and each keeps its
-full outline. A one-class (foreground) model has no such signal, so its seeds come from
-maxima of the distance transform instead.
+full outline. Two touching cells whose interiors still meet at the seed threshold are
+told apart one level up: a seed that holds two or more *cores* (parts above a higher
+``split_threshold``, each of at least ``split_min_area`` pixels) is split between them.
+A one-class (foreground) model has no such signal, so its seeds come from maxima of the
+distance transform instead.
 
 The watershed only runs where it has a choice to make. Flooding never leaves a connected
 part of the mask, so every part is independent: a part holding no seed stays background,
@@ -37,6 +40,8 @@ def labels_from_probabilities(
     interior_threshold: float = 0.5,
     foreground_threshold: float = 0.5,
     min_area: int = 0,
+    split_threshold: float | None = None,
+    split_min_area: int = 0,
 ) -> np.ndarray:
     """Turn (H, W, C) probabilities into an int32 label image, ids 1..n with no gaps.
 
@@ -46,6 +51,9 @@ def labels_from_probabilities(
     interior_threshold : interior probability above which a pixel seeds a cell.
     foreground_threshold : foreground probability above which a pixel belongs to a cell.
     min_area : cells smaller than this many pixels are dropped.
+    split_threshold, split_min_area : a seed holding two or more parts above
+        ``split_threshold`` of at least ``split_min_area`` pixels each is split between
+        them (three-class maps; None: no splitting).
     """
     if probs.ndim != 3 or probs.shape[-1] not in (1, 3):
         raise ModelError(f"model output must be (H, W, 1) or (H, W, 3), got {probs.shape}")
@@ -56,7 +64,11 @@ def labels_from_probabilities(
             foreground_threshold=foreground_threshold,
         )
         return labels_from_masked_interior(
-            plane, interior_threshold=interior_threshold, min_area=min_area
+            plane,
+            interior_threshold=interior_threshold,
+            min_area=min_area,
+            split_threshold=split_threshold,
+            split_min_area=split_min_area,
         )
     foreground = probs[..., 0] > foreground_threshold
     seeds, depth = _distance_seeds(foreground)
@@ -85,9 +97,15 @@ def labels_from_masked_interior(
     interior_threshold: float = 0.5,
     min_area: int = 0,
     overwrite: bool = False,
+    split_threshold: float | None = None,
+    split_min_area: int = 0,
 ) -> np.ndarray:
     """Label a :func:`masked_interior` plane: seeds are connected interiors above
     ``interior_threshold``, grown by watershed over the non-NaN pixels.
+
+    With a ``split_threshold`` (above ``interior_threshold``), a seed that holds two or
+    more cores, connected parts above it of at least ``split_min_area`` pixels, is split
+    between them first: each core takes the part of the seed it floods.
 
     With ``overwrite`` (and a C-contiguous float32 plane, as stitching makes), the labels
     are written into the plane's own memory, which is lost: besides the plane this needs a
@@ -98,39 +116,60 @@ def labels_from_masked_interior(
         raise ModelError(f"expected a 2-D masked interior plane, got shape {plane.shape}")
     if not (overwrite and plane.dtype == np.float32 and plane.flags.c_contiguous):
         plane = np.array(plane, dtype=np.float32, order="C")
-    labels = _label_in_place(plane, interior_threshold)
+    if split_threshold is not None and not interior_threshold < split_threshold:
+        raise ValueError(
+            f"split_threshold ({split_threshold}) must lie above interior_threshold "
+            f"({interior_threshold})"
+        )
+    split = None if split_threshold is None else (split_threshold, split_min_area)
+    labels = _label_in_place(plane, interior_threshold, split)
     return tidy(labels, min_area, out=labels)
 
 
-def _label_in_place(plane: np.ndarray, interior_threshold: float) -> np.ndarray:
+def _label_in_place(
+    plane: np.ndarray, interior_threshold: float, split: tuple[float, int] | None = None
+) -> np.ndarray:
     """The watershed's labels (int32, not yet renumbered), in the memory of ``plane``.
 
     The plane's values are first kept only where they are needed, the non-NaN pixels in
     raster order (:class:`_Heights`); the mask's connected parts are then labelled into the
     plane's memory. Seeds are labelled band by band (:func:`_seed_parts`), and each clump
     is flooded on its bounding box with its heights put back from the kept values.
+    With ``split`` = (threshold, min_area), parts holding two or more cores are flooded
+    too, their seeds split first (:func:`_split_seeds`).
     """
     heights = _Heights.of(plane)
     parts = plane.view(np.int32)
     n_parts = ndi.label(heights.mask, structure=_CROSS, output=parts)
     heights.mask = None  # the parts say where the cells are from now on
-    part_of_seed = _seed_parts(parts, heights, interior_threshold)
+    part_of_seed, _ = _seed_parts(parts, heights, interior_threshold)
     seeds_in_part, lut = _lone_seeds(part_of_seed, n_parts)
+    flood = seeds_in_part >= 2
+    if split is not None:
+        part_of_core, core_area = _seed_parts(parts, heights, split[0])
+        big_cores = part_of_core[(core_area >= split[1]) & (part_of_core > 0)]
+        flood |= np.bincount(big_cores, minlength=n_parts + 1) >= 2
     # seed ids grouped by part, ascending within each part
     by_part = np.argsort(part_of_seed[1:], kind="stable").astype(np.int32) + 1
     first_of_part = np.concatenate([[0], np.cumsum(seeds_in_part)])
+    next_id = len(part_of_seed)  # for the pieces of split seeds
     floods = []
     boxes = ndi.find_objects(parts)
-    for part in np.flatnonzero(seeds_in_part >= 2):
+    for part in np.flatnonzero(flood):
         box = boxes[part - 1]
         inside = parts[box] == part
-        height = heights.box(parts, box)
+        height = np.negative(heights.box(parts, box))
         # the same seeds as on the whole image, numbered in the same (raster) order
-        markers, n = ndi.label((height > interior_threshold) & inside, structure=_CROSS)
+        markers, n = ndi.label((height < -interior_threshold) & inside, structure=_CROSS)
         if n != seeds_in_part[part]:
             raise RuntimeError(f"part {part}: {n} seeds in its box, {seeds_in_part[part]} found")
-        ids = np.concatenate([[0], by_part[first_of_part[part] : first_of_part[part] + n]])
-        flooded = watershed(np.negative(height, out=height), markers, mask=inside)
+        ids = by_part[first_of_part[part] : first_of_part[part] + n]
+        if split is not None:
+            markers, extra = _split_seeds(markers, n, height, -split[0], split[1])
+            ids = np.concatenate([ids, np.arange(next_id, next_id + extra)])
+            next_id += extra
+        ids = np.concatenate([[0], ids])
+        flooded = watershed(height, markers, mask=inside)
         floods.append((box, inside, ids.astype(np.int32)[flooded]))
     labels = _take(lut, parts, out=parts)
     for box, inside, flooded in floods:
@@ -193,14 +232,55 @@ class _Heights:
         return out
 
 
-def _seed_parts(parts: np.ndarray, heights: _Heights, interior_threshold: float) -> np.ndarray:
+def _split_seeds(
+    seeds: np.ndarray, n: int, depth: np.ndarray, level: float, min_area: int
+) -> tuple[np.ndarray, int]:
+    """Split each seed that holds two or more cores between them.
+
+    ``seeds`` is labelled 1..n; cores are the 4-connected parts where ``depth`` (the
+    negated interior probability) is below ``level``, and count when they have
+    ``min_area`` pixels. A splitting seed's cores flood it by watershed over ``depth``; its
+    first core (in raster order) keeps the seed's id, the others are numbered n+1, n+2, ...
+    Returns the new seeds and how many ids were added.
+    """
+    cores, n_cores = ndi.label(depth < level, structure=_CROSS)
+    if n_cores < 2:
+        return seeds, 0
+    in_core = cores > 0
+    seed_of_core = np.zeros(n_cores + 1, seeds.dtype)
+    seed_of_core[cores[in_core]] = seeds[in_core]
+    big = np.bincount(cores[in_core], minlength=n_cores + 1) >= min_area
+    big[0] = False
+    splits = np.bincount(seed_of_core[big], minlength=n + 1) >= 2
+    splits[0] = False
+    if not splits.any():
+        return seeds, 0
+    kept = np.flatnonzero(big & splits[seed_of_core])  # ascending: raster order
+    owner = seed_of_core[kept]
+    order = np.argsort(owner, kind="stable")
+    first = np.ones(len(kept), bool)
+    first[order[1:]] = owner[order[1:]] != owner[order[:-1]]
+    extra = int(np.count_nonzero(~first))
+    core_id = np.zeros(n_cores + 1, seeds.dtype)
+    core_id[kept[first]] = owner[first]
+    core_id[kept[~first]] = np.arange(n + 1, n + 1 + extra)
+    splitting = splits[seeds]
+    grown = watershed(depth, core_id[cores], mask=splitting)
+    return np.where(splitting, grown, seeds), extra
+
+
+def _seed_parts(
+    parts: np.ndarray, heights: _Heights, interior_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """``part[s]``: the part that seed ``s`` lies in (index 0: none), the seeds numbered as
-    ``ndi.label`` numbers them on the whole image (by their first pixel in raster order).
+    ``ndi.label`` numbers them on the whole image (by their first pixel in raster order);
+    and ``area[s]``, each seed's pixels.
 
     Seeds are labelled band by band, with no full-size label image; pieces of one seed in
     neighbouring bands are joined where the bands meet.
     """
     part_of_piece = [np.zeros(1, np.int32)]  # piece 0: none
+    area_of_piece = [np.zeros(1, np.int64)]
     joins = []  # (piece above, piece below) touching across a band edge
     n_pieces, above = 0, None
     for rows in _bands(parts):
@@ -214,14 +294,16 @@ def _seed_parts(parts: np.ndarray, heights: _Heights, interior_threshold: float)
         part = np.zeros(n, np.int32)
         part[pieces[seeds] - n_pieces - 1] = band[seeds]
         part_of_piece.append(part)
+        area_of_piece.append(np.bincount(pieces[seeds] - n_pieces - 1, minlength=n))
         if above is not None:
             touching = (above > 0) & (pieces[0] > 0)
             joins.append(np.stack([above[touching], pieces[0][touching]]))
         above, n_pieces = pieces[-1], n_pieces + n
     part_of_piece = np.concatenate(part_of_piece)
+    area_of_piece = np.concatenate(area_of_piece)
     joined = np.concatenate(joins, axis=1) if joins else np.zeros((2, 0), np.int32)
     if not joined.size:
-        return part_of_piece  # every piece is a whole seed, numbered in raster order
+        return part_of_piece, area_of_piece  # every piece is a whole seed, in raster order
     graph = coo_matrix(
         (np.ones(joined.shape[1], np.int8), (joined[0], joined[1])),
         shape=(n_pieces + 1, n_pieces + 1),
@@ -234,7 +316,8 @@ def _seed_parts(parts: np.ndarray, heights: _Heights, interior_threshold: float)
     number[seed_of_piece[first_piece + 1]] = np.arange(1, len(first_piece) + 1)
     part_of_seed = np.zeros(len(first_piece) + 1, np.int32)
     part_of_seed[number[seed_of_piece[1:]]] = part_of_piece[1:]
-    return part_of_seed
+    area = np.bincount(number[seed_of_piece[1:]], area_of_piece[1:], len(part_of_seed))
+    return part_of_seed, area.astype(np.int64)
 
 
 def watershed_by_part(

@@ -147,6 +147,90 @@ def test_labelling_in_place_equals_the_whole_image_watershed(seed, band_pixels, 
     np.testing.assert_array_equal(labels, expected)
 
 
+def whole_image_split_watershed(
+    plane: np.ndarray, threshold: float, split_threshold: float, min_area: int
+) -> np.ndarray:
+    """The reference for seed splitting: seed by seed, on the whole image."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    cross = ndi.generate_binary_structure(2, 1)
+    depth = -np.nan_to_num(plane)
+    seeds, n = ndi.label(plane > threshold, structure=cross)
+    cores, _ = ndi.label(plane > split_threshold, structure=cross)
+    next_id = n + 1
+    for seed in range(1, n + 1):
+        inside = seeds == seed
+        ids, areas = np.unique(cores[inside & (cores > 0)], return_counts=True)
+        big = ids[areas >= min_area]
+        if len(big) < 2:
+            continue
+        markers = np.where(np.isin(cores, big) & inside, cores, 0)
+        grown = watershed(depth, markers, mask=inside)
+        for core in big:
+            seeds[grown == core] = next_id
+            next_id += 1
+    return watershed(depth, seeds, mask=~np.isnan(plane))
+
+
+def same_cells(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images draw the same cells, whatever their ids."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return pairs.shape[1] == len(np.unique(a[a > 0])) == len(np.unique(b[b > 0]))
+
+
+@pytest.mark.parametrize("band_pixels", [40, 1 << 20])
+@pytest.mark.parametrize("seed", range(8))
+def test_split_seeds_equal_splitting_seed_by_seed_on_the_whole_image(
+    seed, band_pixels, monkeypatch
+):
+    from cellwatch import postprocess
+
+    monkeypatch.setattr(postprocess, "_BAND_PIXELS", band_pixels)
+    monkeypatch.setattr(postprocess._Heights, "_BLOCK", 3)
+    rng = np.random.default_rng(seed)
+    plane = random_plane((int(rng.integers(20, 120)), int(rng.integers(20, 120))), seed)
+    threshold, split_threshold = 0.6, float(rng.choice([0.7, 0.8]))
+    min_area = int(rng.choice([1, 4, 10]))
+    expected = whole_image_split_watershed(plane, threshold, split_threshold, min_area)
+    labels = labels_from_masked_interior(
+        plane,
+        interior_threshold=threshold,
+        split_threshold=split_threshold,
+        split_min_area=min_area,
+    )
+    assert same_cells(labels, expected)
+    assert labels.max() == len(np.unique(expected)) - 1  # ids 1..n
+
+
+def test_a_seed_with_two_cores_is_split_and_small_cores_do_not_split():
+    yy, xx = np.mgrid[0:40, 0:70]
+    peak = lambda y, x, r: np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * r**2))  # noqa: E731
+    # two touching cells: one seed at 0.6 (the saddle is 0.73), two cores above 0.9
+    plane = (0.99 * np.maximum(peak(20, 22, 7), peak(20, 33, 7))).astype(np.float32)
+    plane[plane < 0.2] = np.nan
+    assert labels_from_masked_interior(plane, interior_threshold=0.6).max() == 1
+    split = labels_from_masked_interior(
+        plane, interior_threshold=0.6, split_threshold=0.9, split_min_area=5
+    )
+    assert split.max() == 2
+    assert split[20, 22] != split[20, 33] and split[20, 22] > 0 and split[20, 33] > 0
+    # the cut runs through the saddle, and every pixel of the clump keeps a cell
+    assert np.array_equal(split > 0, ~np.isnan(plane))
+    assert split[20, 25] == split[20, 22] and split[20, 30] == split[20, 33]
+    # cores smaller than split_min_area do not split their seed
+    assert (
+        labels_from_masked_interior(
+            plane, interior_threshold=0.6, split_threshold=0.9, split_min_area=500
+        ).max()
+        == 1
+    )
+    with pytest.raises(ValueError, match="must lie above interior_threshold"):
+        labels_from_masked_interior(plane, interior_threshold=0.6, split_threshold=0.5)
+
+
 def test_labelling_in_place_drops_small_cells_and_handles_edge_cases():
     plane = random_plane((60, 80), 1)
     expected = tidy(whole_image_watershed(plane, 0.7), 30)
