@@ -80,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help="default-architecture model (.keras); default: the bundled one"
     )
+    parser.add_argument(
+        "--seed-model",
+        type=Path,
+        help="a trained seed-architecture model (cellwatch train --arch seed); default: an "
+        "untrained one, which times the network fairly but finds no cells, so the seed "
+        "workloads then skip the labelling, measuring and writing the default pays for",
+    )
     parser.add_argument("--out", type=Path, help="keep the images and outputs in this folder")
     parser.add_argument(
         "--data",
@@ -131,6 +138,8 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["cellwatch bench"]
     if args.model is not None:
         parts.append(f"--model {args.model}")
+    if args.seed_model is not None:
+        parts.append(f"--seed-model {args.seed_model}")
     parts += ["--quick"] * args.quick
     parts += [
         f"--{name} {getattr(args, name)}" for name in ("sizes", "skip") if getattr(args, name)
@@ -155,7 +164,9 @@ def _run(args: argparse.Namespace, sizes: Sizes, skip: set[str], work: Path) -> 
     # read before --json may overwrite it (the same file compares a run with its forerunner)
     earlier = None if args.compare is None else json.loads(args.compare.read_text("utf-8"))
     data = make_inputs(work / "images", sizes, args.data)
-    models = prepare_models(work / "models", args.model, sizes, bundled=not args.quick)
+    models = prepare_models(
+        work / "models", args.model, sizes, bundled=not args.quick, seed=args.seed_model
+    )
     report: dict[str, Any] = {
         "command": _command(args),
         "machine": machine(),
@@ -244,11 +255,16 @@ def _mosaic(crops: list[np.ndarray], side: int) -> np.ndarray:
 
 
 def prepare_models(
-    folder: Path, given: Path | None, sizes: Sizes, *, bundled: bool = True
+    folder: Path,
+    given: Path | None,
+    sizes: Sizes,
+    *,
+    bundled: bool = True,
+    seed: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The default-architecture model (given, else bundled unless ``bundled`` is False,
-    else an untrained stand-in of ``sizes.unet_filters``), an untrained seed network and
-    a stub, each saved as a loadable ``.keras`` file."""
+    else an untrained stand-in of ``sizes.unet_filters``), the seed network (``seed``,
+    else an untrained one) and a stub, each a loadable ``.keras`` file."""
     from cellwatch.model import BUNDLED_MODEL, build_seed_unet, build_unet, write_card
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,10 +277,13 @@ def prepare_models(
         build_unet(filters=sizes.unet_filters).save(path)
         write_card(path, {"diameter_px": 20.0})
         models["default"] = {"path": path, "about": "untrained build_unet() (no trained model)"}
-    path = folder / "seed.keras"
-    build_seed_unet(filters=sizes.seed_filters).save(path)
-    write_card(path, {"diameter_px": 20.0})
-    models["seed"] = {"path": path, "about": "untrained build_seed_unet() (the architecture)"}
+    if seed is not None:
+        models["seed"] = {"path": seed, "about": f"{seed} (trained)"}
+    else:
+        path = folder / "seed.keras"
+        build_seed_unet(filters=sizes.seed_filters).save(path)
+        write_card(path, {"diameter_px": 20.0})
+        models["seed"] = {"path": path, "about": "untrained build_seed_unet() (the architecture)"}
     models["stub"] = {"path": _stub_model(folder / "stub.keras"), "about": "1x1 conv threshold"}
     for entry in models.values():
         entry["flops_per_tile"] = conv_flops_per_tile(entry["path"], 256)

@@ -52,6 +52,19 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     assert "×1.00" in comparison and "workloads.mosaic.default.mp_per_s" in comparison
 
 
+def test_a_trained_seed_model_is_benchmarked_when_given(tmp_path):
+    from cellwatch.model import build_seed_unet
+
+    trained = tmp_path / "my-seed.keras"
+    build_seed_unet(filters=4).save(trained)
+    models = bench.prepare_models(tmp_path / "m", None, bench.QUICK, bundled=False, seed=trained)
+    assert models["seed"]["path"] == trained
+    assert models["seed"]["about"]["model"] == f"{trained} (trained)"
+    assert models["seed"]["flops_per_tile"] > 0
+    untrained = bench.prepare_models(tmp_path / "u", None, bench.QUICK, bundled=False)
+    assert untrained["seed"]["about"]["model"].startswith("untrained")
+
+
 def test_sizes_flag_is_checked():
     assert bench._sizes(bench.Sizes(), "mosaic=1024, burst=3").mosaic == 1024
     with pytest.raises(ConfigError, match="known name"):
