@@ -27,7 +27,7 @@ from cellwatch import imageio
 from cellwatch.errors import ConfigError
 from cellwatch.model import build_seed_unet, build_unet, write_card
 from cellwatch.preprocess import normalize, resize_to, scaled_shape
-from cellwatch.targets import as_instances, median_diameter, three_class
+from cellwatch.targets import as_instances, contact_band, median_diameter, three_class
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class TrainSettings:
     depth: int = 4
     filters: int = 16
     loss: str = "ce+dice"
+    contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
     diameter_px: float = 20.0  # 0: train at the images' own scale
     crop: int = 256
     batch_size: int = 4
@@ -100,11 +101,18 @@ def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> S
     )
 
 
-def targets(labels: np.ndarray, classes: int) -> np.ndarray:
-    """One-hot training targets (H, W, classes) for a crop of instance labels."""
+def targets(labels: np.ndarray, classes: int, contact_weight: float = 1.0) -> np.ndarray:
+    """One-hot training targets (H, W, classes) for a crop of instance labels; with a
+    ``contact_weight`` other than 1, one more channel holds each pixel's loss weight
+    (``contact_weight`` where cells meet, 1 elsewhere)."""
     if classes == 1:
-        return (labels > 0)[..., None].astype(np.float32)
-    return np.eye(3, dtype=np.float32)[three_class(labels)]
+        one_hot = (labels > 0)[..., None].astype(np.float32)
+    else:
+        one_hot = np.eye(3, dtype=np.float32)[three_class(labels)]
+    if contact_weight == 1.0:
+        return one_hot
+    weight = np.where(contact_band(labels), np.float32(contact_weight), np.float32(1.0))
+    return np.concatenate([one_hot, weight[..., None]], axis=-1)
 
 
 def random_crop(
@@ -148,10 +156,17 @@ def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
 # --- Keras side -----------------------------------------------------------------------
 
 
-def make_losses(kind: str) -> tuple[Any, Any]:
-    """The loss to train with and a soft foreground dice metric for the progress bar."""
+def make_losses(kind: str, weighted: bool = False) -> tuple[Any, Any]:
+    """The loss to train with and a soft foreground dice metric for the progress bar.
+
+    ``weighted``: the targets' last channel is a per-pixel weight (:func:`targets`), which
+    scales the cross-entropy; the dice terms use the classes alone.
+    """
     import keras
     from keras import ops
+
+    def classes_and_weight(y_true: Any) -> tuple[Any, Any]:
+        return (y_true[..., :-1], y_true[..., -1]) if weighted else (y_true, None)
 
     def soft_dice(y_true: Any, y_pred: Any) -> Any:
         axes = (1, 2)
@@ -160,17 +175,21 @@ def make_losses(kind: str) -> tuple[Any, Any]:
         return ops.mean((2 * overlap + 1.0) / (total + 1.0))
 
     def dice_loss(y_true: Any, y_pred: Any) -> Any:
-        return 1.0 - soft_dice(y_true, y_pred)
+        return 1.0 - soft_dice(classes_and_weight(y_true)[0], y_pred)
 
     def cross_entropy(y_true: Any, y_pred: Any) -> Any:
+        y_true, weight = classes_and_weight(y_true)
         if y_pred.shape[-1] == 1:
-            return ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-        return ops.mean(keras.losses.categorical_crossentropy(y_true, y_pred))
+            per_pixel = keras.losses.binary_crossentropy(y_true, y_pred)
+        else:
+            per_pixel = keras.losses.categorical_crossentropy(y_true, y_pred)
+        return ops.mean(per_pixel if weight is None else per_pixel * weight)
 
     def ce_dice(y_true: Any, y_pred: Any) -> Any:
         return cross_entropy(y_true, y_pred) + dice_loss(y_true, y_pred)
 
     def dice(y_true: Any, y_pred: Any) -> Any:
+        y_true = classes_and_weight(y_true)[0]
         fg_true = 1.0 - y_true[..., :1] if y_true.shape[-1] == 3 else y_true
         fg_pred = 1.0 - y_pred[..., :1] if y_pred.shape[-1] == 3 else y_pred
         return soft_dice(fg_true, fg_pred)
@@ -213,7 +232,7 @@ def crop_batches(
                 sample = samples[rng.integers(len(samples))]
                 image, labels = random_crop(sample, rng, settings.crop, augment=True)
                 xs.append(image[..., None])
-                ys.append(targets(labels, classes))
+                ys.append(targets(labels, classes, settings.contact_weight))
             return np.stack(xs), np.stack(ys)
 
         def on_epoch_end(self) -> None:
@@ -223,7 +242,12 @@ def crop_batches(
 
 
 def fixed_crops(
-    samples: Sequence[Sample], crop: int, classes: int, seed: int, per_sample: int = 2
+    samples: Sequence[Sample],
+    crop: int,
+    classes: int,
+    seed: int,
+    per_sample: int = 2,
+    contact_weight: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A deterministic validation set of unaugmented crops."""
     rng = np.random.default_rng(seed)
@@ -232,7 +256,7 @@ def fixed_crops(
         for _ in range(per_sample):
             image, labels = random_crop(sample, rng, crop, augment=False)
             xs.append(image[..., None])
-            ys.append(targets(labels, classes))
+            ys.append(targets(labels, classes, contact_weight))
     return np.stack(xs), np.stack(ys)
 
 
@@ -260,7 +284,7 @@ def train(
     samples = [load_sample(i, m, settings) for i, m in pairs]
     val_samples = [load_sample(i, m, settings) for i, m in val_pairs]
     classes = 1 if settings.arch == "seed" else 3
-    loss, dice = make_losses(settings.loss)
+    loss, dice = make_losses(settings.loss, weighted=settings.contact_weight != 1.0)
     last = out.with_suffix(".last.keras")
     state_path = out.with_suffix(".state.json")
     initial_epoch = 0
@@ -283,7 +307,13 @@ def train(
     crops = crop_batches(
         samples, settings, classes, settings.seed, first_epoch=initial_epoch, workers=workers
     )
-    val_x, val_y = fixed_crops(val_samples, settings.crop, classes, settings.seed + 1)
+    val_x, val_y = fixed_crops(
+        val_samples,
+        settings.crop,
+        classes,
+        settings.seed + 1,
+        contact_weight=settings.contact_weight,
+    )
     history_path = out.with_suffix(".history.csv")
     callbacks = [
         keras.callbacks.ModelCheckpoint(out, monitor="val_loss", save_best_only=True),
@@ -388,6 +418,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filters", type=int, default=d.filters)
     parser.add_argument("--loss", choices=("dice", "ce", "ce+dice"), default=d.loss)
     parser.add_argument(
+        "--contact-weight",
+        type=float,
+        default=d.contact_weight,
+        help="weight of the cross-entropy where two cells meet, so touching cells are not "
+        "merged (1: no weighting)",
+    )
+    parser.add_argument(
         "--diameter",
         type=float,
         default=d.diameter_px,
@@ -416,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
         depth=args.depth,
         filters=args.filters,
         loss=args.loss,
+        contact_weight=args.contact_weight,
         diameter_px=args.diameter,
         crop=args.crop,
         batch_size=args.batch_size,
@@ -426,6 +464,8 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
+    if not settings.contact_weight > 0:
+        raise ConfigError(f"--contact-weight must be positive, got {settings.contact_weight}")
     if settings.arch == "seed" and settings.crop != 256:
         raise ConfigError("--arch seed works on 256×256 crops only (it convolves down to 1×1)")
     pairs = find_pairs(args.images, args.masks)

@@ -74,10 +74,50 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
             "1",
             "--steps",
             "2",
+            "--contact-weight",
+            "5",
         )
         == 0
     )
     assert load_model(tuned).classes == 3
+    assert json.loads(tuned.with_suffix(".json").read_text())["settings"]["contact_weight"] == 5
+
+
+def test_contact_band_marks_where_cells_meet_and_nowhere_else():
+    from cellwatch.targets import contact_band
+
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 2:10] = 1  # alone
+    labels[5:15, 14:20] = 2  # touches 3
+    labels[5:15, 20:26] = 3
+    labels[5:15, 28:36] = 4  # two background pixels from 3
+    band = contact_band(labels)
+    assert not band[:, :12].any()  # the lone cell
+    assert band[5:15, 18:22].all() and not band[:, 14:17].any()  # two pixels each side of 2|3
+    assert band[5:15, 26:28].all()  # the gap between 3 and 4, background included
+    assert not band[:3].any() and not band[17:].any()
+    assert not contact_band(np.zeros((5, 5), np.int32)).any()
+
+
+def test_weighted_cross_entropy_scales_with_the_weight_channel():
+    from cellwatch.train import make_losses, targets
+
+    labels = np.zeros((16, 16), np.int32)
+    labels[2:8, 2:8], labels[2:8, 8:14] = 1, 2
+    plain = targets(labels, 3)
+    weighted = targets(labels, 3, contact_weight=4.0)
+    assert weighted.shape == (16, 16, 4)
+    np.testing.assert_array_equal(weighted[..., :3], plain)
+    assert set(np.unique(weighted[..., 3])) == {1.0, 4.0}
+    rng = np.random.default_rng(0)
+    pred = rng.dirichlet([1, 1, 1], (1, 16, 16)).astype(np.float32)
+    loss, dice = make_losses("ce+dice")
+    loss_w, dice_w = make_losses("ce+dice", weighted=True)
+    ones = np.concatenate([plain, np.ones((16, 16, 1), np.float32)], axis=-1)
+    same = float(loss_w(ones[None], pred))
+    assert same == pytest.approx(float(loss(plain[None], pred)), rel=1e-5)
+    assert float(loss_w(weighted[None], pred)) > same
+    assert float(dice_w(weighted[None], pred)) == pytest.approx(float(dice(plain[None], pred)))
 
 
 def test_train_seed_architecture(tmp_path):
