@@ -239,9 +239,9 @@ def _split_seeds(
 
     ``seeds`` is labelled 1..n; cores are the 4-connected parts where ``depth`` (the
     negated interior probability) is below ``level``, and count when they have
-    ``min_area`` pixels. A splitting seed's cores flood it by watershed over ``depth``; its
-    first core (in raster order) keeps the seed's id, the others are numbered n+1, n+2, ...
-    Returns the new seeds and how many ids were added.
+    ``min_area`` pixels. A splitting seed is replaced by its cores, which the watershed
+    over ``depth`` then grows; its first core (in raster order) keeps the seed's id, the
+    others are numbered n+1, n+2, ... Returns the new markers and how many ids were added.
     """
     cores, n_cores = ndi.label(depth < level, structure=_CROSS)
     if n_cores < 2:
@@ -264,9 +264,10 @@ def _split_seeds(
     core_id = np.zeros(n_cores + 1, seeds.dtype)
     core_id[kept[first]] = owner[first]
     core_id[kept[~first]] = np.arange(n + 1, n + 1 + extra)
-    splitting = splits[seeds]
-    grown = watershed(depth, core_id[cores], mask=splitting)
-    return np.where(splitting, grown, seeds), extra
+    # The cores stand in for their seed: the flood that follows reaches every pixel of a
+    # seed (all above the seed threshold) before any pixel outside seeds, so each core
+    # takes the share of its seed a flood restricted to the seed would give it.
+    return np.where(splits[seeds], core_id[cores], seeds), extra
 
 
 def _seed_parts(
