@@ -97,7 +97,7 @@ def score(
             probs.astype(np.float32),
             interior_threshold=interior,
             foreground_threshold=foreground,
-            split_threshold=split if split < 1 else None,
+            split_threshold=split,
             split_min_area=split_area,
         )
         labels = tidy(resize_to(labels, truth.shape, order=0), config.postprocess.min_cell_area_px)

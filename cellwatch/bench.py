@@ -265,7 +265,7 @@ def prepare_models(
     """The default-architecture model (given, else bundled unless ``bundled`` is False,
     else an untrained stand-in of ``sizes.unet_filters``), the seed network (``seed``,
     else an untrained one) and a stub, each a loadable ``.keras`` file."""
-    from cellwatch.model import BUNDLED_MODEL, build_seed_unet, build_unet, write_card
+    from cellwatch.model import BUNDLED_MODEL, build_seed_unet, build_unet
 
     folder.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict[str, Any]] = {}
@@ -273,16 +273,12 @@ def prepare_models(
     if default is not None and default.is_file():
         models["default"] = {"path": default, "about": f"{default} (trained)"}
     else:
-        path = folder / "unet.keras"
-        build_unet(filters=sizes.unet_filters).save(path)
-        write_card(path, {"diameter_px": 20.0})
+        path = _saved(folder / "unet.keras", build_unet(filters=sizes.unet_filters))
         models["default"] = {"path": path, "about": "untrained build_unet() (no trained model)"}
     if seed is not None:
         models["seed"] = {"path": seed, "about": f"{seed} (trained)"}
     else:
-        path = folder / "seed.keras"
-        build_seed_unet(filters=sizes.seed_filters).save(path)
-        write_card(path, {"diameter_px": 20.0})
+        path = _saved(folder / "seed.keras", build_seed_unet(filters=sizes.seed_filters))
         models["seed"] = {"path": path, "about": "untrained build_seed_unet() (the architecture)"}
     models["stub"] = {"path": _stub_model(folder / "stub.keras"), "about": "1x1 conv threshold"}
     for entry in models.values():
@@ -291,20 +287,25 @@ def prepare_models(
     return models
 
 
+def _saved(path: Path, network: Any) -> Path:
+    """Save a network with a card for 20 px cells; returns ``path``."""
+    from cellwatch.model import write_card
+
+    network.save(path)
+    write_card(path, {"diameter_px": 20.0})
+    return path
+
+
 def _stub_model(path: Path) -> Path:
     """A three-class 1×1 convolution that calls bright pixels cell interior: a stand-in
     network that costs nothing, for measuring the rest of the pipeline's memory."""
     import keras
 
-    from cellwatch.model import write_card
-
     inputs = keras.Input((None, None, 1))
     conv = keras.layers.Conv2D(3, 1, activation="softmax", name="probabilities")
     outputs = conv(inputs)
     conv.set_weights([np.array([[[[-40.0, 40.0, 0.0]]]]), np.array([20.0, -20.0, -50.0])])
-    keras.Model(inputs, outputs).save(path)
-    write_card(path, {"diameter_px": 20.0})
-    return path
+    return _saved(path, keras.Model(inputs, outputs))
 
 
 def conv_flops_per_tile(path: Path, tile: int) -> float:

@@ -152,7 +152,7 @@ class Segmenter:
                     probs[..., 0],
                     interior_threshold=p.interior_threshold,
                     overwrite=True,
-                    split_threshold=p.split_threshold if p.split_threshold < 1 else None,
+                    split_threshold=p.split_threshold,
                     split_min_area=p.split_min_area_px,
                 )
             return labels_from_probabilities(

@@ -53,7 +53,7 @@ def labels_from_probabilities(
     min_area : cells smaller than this many pixels are dropped.
     split_threshold, split_min_area : a seed holding two or more parts above
         ``split_threshold`` of at least ``split_min_area`` pixels each is split between
-        them (three-class maps; None: no splitting).
+        them (three-class maps; None or 1: no splitting).
     """
     if probs.ndim != 3 or probs.shape[-1] not in (1, 3):
         raise ModelError(f"model output must be (H, W, 1) or (H, W, 3), got {probs.shape}")
@@ -103,7 +103,7 @@ def labels_from_masked_interior(
     """Label a :func:`masked_interior` plane: seeds are connected interiors above
     ``interior_threshold``, grown by watershed over the non-NaN pixels.
 
-    With a ``split_threshold`` (above ``interior_threshold``), a seed that holds two or
+    With a ``split_threshold`` (above ``interior_threshold``; None or 1: none), a seed that holds two or
     more cores, connected parts above it of at least ``split_min_area`` pixels, is split
     between them first: each core takes the part of the seed it floods.
 
@@ -121,7 +121,9 @@ def labels_from_masked_interior(
             f"split_threshold ({split_threshold}) must lie above interior_threshold "
             f"({interior_threshold})"
         )
-    split = None if split_threshold is None else (split_threshold, split_min_area)
+    # probabilities never exceed 1, so a threshold of 1 or more splits nothing: skip the pass
+    off = split_threshold is None or split_threshold >= 1
+    split = None if off else (split_threshold, split_min_area)
     labels = _label_in_place(plane, interior_threshold, split)
     return tidy(labels, min_area, out=labels)
 

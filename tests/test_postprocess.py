@@ -227,6 +227,11 @@ def test_a_seed_with_two_cores_is_split_and_small_cores_do_not_split():
         ).max()
         == 1
     )
+    # a threshold of 1 (config's "off") splits nothing
+    off = labels_from_masked_interior(
+        plane, interior_threshold=0.6, split_threshold=1.0, split_min_area=5
+    )
+    assert off.max() == 1
     with pytest.raises(ValueError, match="must lie above interior_threshold"):
         labels_from_masked_interior(plane, interior_threshold=0.6, split_threshold=0.5)
 
