@@ -18,11 +18,11 @@ bundled model (0.850) but scored 0.830 through the pipeline (docs/model.md).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
 import numpy as np
+from common import dataset_parser
 
 from cellwatch import imageio, matching
 from cellwatch.config import Config
@@ -43,11 +43,7 @@ Cached = list[tuple[np.ndarray, np.ndarray]]  # (true labels, float16 probabilit
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, required=True)
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--every", type=int, default=1, help="use every N-th image pair")
+    parser = dataset_parser(__doc__)
     args = parser.parse_args()
     config = Config()
     cached = predict_all(find_pairs(args.images, args.masks)[:: args.every], config, args.model)

@@ -3,7 +3,7 @@
 Every image is normalised like ``predict`` does and rescaled so that its cells reach the
 model's cell diameter (the median equivalent diameter of its mask objects), then random
 256×256 crops are drawn with augmentation (scale jitter, flips, 90° turns, contrast, gamma,
-noise, blur). The best model on the validation loss is kept, with a model card and a loss
+noise, blur; with ``--shot-noise``, photon-limited exposures too). The best model on the validation loss is kept, with a model card and a loss
 curve beside it, and a ``.last.keras`` checkpoint lets an interrupted run resume.
 """
 
@@ -37,6 +37,7 @@ class TrainSettings:
     filters: int = 16
     loss: str = "ce+dice"
     contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
+    shot_noise: float = 0.0  # share of crops seen as photon-limited exposures (0: none)
     diameter_px: float = 20.0  # 0: train at the images' own scale
     crop: int = 256
     batch_size: int = 4
@@ -116,9 +117,17 @@ def targets(labels: np.ndarray, classes: int, contact_weight: float = 1.0) -> np
 
 
 def random_crop(
-    sample: Sample, rng: np.random.Generator, crop: int, augment: bool
+    sample: Sample,
+    rng: np.random.Generator,
+    crop: int,
+    augment: bool,
+    *,
+    shot_noise: float = 0.0,
+    percentiles: tuple[float, float] = (1.0, 99.8),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented (image, labels) crop of ``crop``×``crop`` pixels."""
+    """One augmented (image, labels) crop of ``crop``×``crop`` pixels; a ``shot_noise``
+    share of them are first turned into photon-limited exposures (:func:`_photon_limited`),
+    normalised again with ``percentiles``."""
     zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.4))) if augment else 1.0
     size = max(8, round(crop / zoom))
     image, labels = _pad_to(sample.image, size), _pad_to(sample.labels, size)
@@ -132,7 +141,20 @@ def random_crop(
     image, labels = np.rot90(image, turns), np.rot90(labels, turns)
     if flip:
         image, labels = image[:, ::-1], labels[:, ::-1]
-    return _augment_intensity(np.ascontiguousarray(image), rng), np.ascontiguousarray(labels)
+    image = np.ascontiguousarray(image)
+    if shot_noise and rng.random() < shot_noise:  # no draw at 0: the same crops as before
+        image = normalize(_photon_limited(image, rng), *percentiles)
+    return _augment_intensity(image, rng), np.ascontiguousarray(labels)
+
+
+def _photon_limited(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same scene seen with few photons: 5–100 at the brightest cells (log-uniform),
+    over a background of up to a third of that, with Poisson shot noise and Gaussian read
+    noise; in photons, not yet normalised."""
+    peak = math.exp(rng.uniform(math.log(5.0), math.log(100.0)))
+    expected = np.clip(image, 0.0, None) * peak + rng.uniform(0.0, 0.35) * peak
+    read_noise = rng.normal(0.0, rng.uniform(0.0, 2.0), image.shape)
+    return (rng.poisson(expected) + read_noise).astype(np.float32)
 
 
 def _augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -230,7 +252,14 @@ def crop_batches(
             xs, ys = [], []
             for _ in range(settings.batch_size):
                 sample = samples[rng.integers(len(samples))]
-                image, labels = random_crop(sample, rng, settings.crop, augment=True)
+                image, labels = random_crop(
+                    sample,
+                    rng,
+                    settings.crop,
+                    augment=True,
+                    shot_noise=settings.shot_noise,
+                    percentiles=(settings.low_percentile, settings.high_percentile),
+                )
                 xs.append(image[..., None])
                 ys.append(targets(labels, classes, settings.contact_weight))
             return np.stack(xs), np.stack(ys)
@@ -425,6 +454,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "merged (1: no weighting)",
     )
     parser.add_argument(
+        "--shot-noise",
+        type=float,
+        default=d.shot_noise,
+        help="share of training crops turned into photon-limited (low-light) exposures, "
+        "so the model copes with noisy images (0: none)",
+    )
+    parser.add_argument(
         "--diameter",
         type=float,
         default=d.diameter_px,
@@ -454,6 +490,7 @@ def run(args: argparse.Namespace) -> int:
         filters=args.filters,
         loss=args.loss,
         contact_weight=args.contact_weight,
+        shot_noise=args.shot_noise,
         diameter_px=args.diameter,
         crop=args.crop,
         batch_size=args.batch_size,
@@ -466,6 +503,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not settings.contact_weight > 0:
         raise ConfigError(f"--contact-weight must be positive, got {settings.contact_weight}")
+    if not 0 <= settings.shot_noise <= 1:
+        raise ConfigError(f"--shot-noise is a share of crops, 0 to 1; got {settings.shot_noise}")
     if settings.arch == "seed" and settings.crop != 256:
         raise ConfigError("--arch seed works on 256×256 crops only (it convolves down to 1×1)")
     pairs = find_pairs(args.images, args.masks)

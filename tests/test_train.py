@@ -176,3 +176,41 @@ def test_batches_depend_on_seed_epoch_and_index_only():
     resumed = crop_batches(samples, settings, 3, seed=7, first_epoch=1)
     np.testing.assert_array_equal(resumed[1][0], crops[1][0])
     assert not np.array_equal(crops[1][0], first[0])  # a new epoch draws new crops
+
+
+def test_shot_noise_makes_noisy_normalised_crops_and_leaves_others_as_they_were():
+    image, labels = discs((96, 96), [(30, 30), (60, 60)], 12)
+    sample = Sample("x", image.astype(np.float32) / image.max(), labels, 1.0)
+
+    def crop(seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+        return random_crop(sample, np.random.default_rng(seed), 64, True, shot_noise=share)
+
+    # a share of 0 draws nothing more, so a model's documented command keeps its crops
+    for seed in range(5):
+        plain = random_crop(sample, np.random.default_rng(seed), 64, augment=True)
+        np.testing.assert_array_equal(crop(seed, 0.0)[0], plain[0])
+    noisy, clean = [crop(seed, 1.0) for seed in range(20)], [crop(seed, 0.0) for seed in range(20)]
+    assert all(not np.array_equal(n[0], c[0]) for n, c in zip(noisy, clean, strict=True))
+    for image, crop_labels in noisy:  # still normalised, cells still brighter than background
+        assert np.isfinite(image).all() and -3 < np.median(image) < 3
+        if (crop_labels > 0).any() and (crop_labels == 0).any():
+            assert image[crop_labels > 0].mean() > image[crop_labels == 0].mean()
+
+
+def test_photon_limited_exposure_has_shot_noise():
+    from cellwatch.train import _photon_limited
+
+    image = np.zeros((200, 200), np.float32)
+    image[:, 100:] = 1.0  # the brightest cells: 5–100 photons a pixel
+    for seed in range(5):
+        photons = _photon_limited(image, np.random.default_rng(seed))
+        dark, bright = photons[:, :100], photons[:, 100:]
+        assert 5 <= bright.mean() - dark.mean() <= 100
+        # Poisson: the variance is the mean, plus at most 2² of read noise
+        for part in (dark, bright):
+            assert 0.85 * part.mean() < part.var() < 1.15 * part.mean() + 4.5
+
+
+def test_shot_noise_share_is_checked(tmp_path):
+    images, masks = make_dataset(tmp_path / "data")
+    assert train(images, masks, tmp_path / "m.keras", *TINY, "--shot-noise", "1.5") == 2
