@@ -123,7 +123,10 @@ def random_crop(
     augment: bool,
     *,
     shot_noise: float = 0.0,
-    percentiles: tuple[float, float] = (1.0, 99.8),
+    percentiles: tuple[float, float] = (
+        TrainSettings.low_percentile,
+        TrainSettings.high_percentile,
+    ),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented (image, labels) crop of ``crop``×``crop`` pixels; a ``shot_noise``
     share of them are first turned into photon-limited exposures (:func:`_photon_limited`),
