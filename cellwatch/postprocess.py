@@ -103,9 +103,9 @@ def labels_from_masked_interior(
     """Label a :func:`masked_interior` plane: seeds are connected interiors above
     ``interior_threshold``, grown by watershed over the non-NaN pixels.
 
-    With a ``split_threshold`` (above ``interior_threshold``; None or 1: none), a seed that holds two or
-    more cores, connected parts above it of at least ``split_min_area`` pixels, is split
-    between them first: each core takes the part of the seed it floods.
+    With a ``split_threshold`` (above ``interior_threshold``; None or 1: none), a seed
+    that holds two or more cores, connected parts above it of at least ``split_min_area``
+    pixels, is split between them first: each core takes the part of the seed it floods.
 
     With ``overwrite`` (and a C-contiguous float32 plane, as stitching makes), the labels
     are written into the plane's own memory, which is lost: besides the plane this needs a
