@@ -3,8 +3,9 @@
 Every image is normalised like ``predict`` does and rescaled so that its cells reach the
 model's cell diameter (the median equivalent diameter of its mask objects), then random
 256×256 crops are drawn with augmentation (scale jitter, flips, 90° turns, contrast, gamma,
-noise, blur; with ``--shot-noise``, photon-limited exposures too). The best model on the validation loss is kept, with a model card and a loss
-curve beside it, and a ``.last.keras`` checkpoint lets an interrupted run resume.
+noise, blur; with ``--shot-noise``, photon-limited exposures too). The best model on the
+validation loss is kept, with a model card and a loss curve beside it, and a
+``.last.keras`` checkpoint lets an interrupted run resume.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def random_crop(
 
 def _photon_limited(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The same scene seen with few photons: 5–100 at the brightest cells (log-uniform),
-    over a background of up to a third of that, with Poisson shot noise and Gaussian read
+    over a background of up to 35 % of that, with Poisson shot noise and Gaussian read
     noise; in photons, not yet normalised."""
     peak = math.exp(rng.uniform(math.log(5.0), math.log(100.0)))
     expected = np.clip(image, 0.0, None) * peak + rng.uniform(0.0, 0.35) * peak
