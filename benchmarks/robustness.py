@@ -23,13 +23,14 @@ from common import dataset_parser
 from scipy import ndimage as ndi
 from skimage.transform import rescale as zoom_image
 
-from cellwatch import imageio, matching
 from cellwatch.config import Config
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.preprocess import percentiles
-from cellwatch.targets import as_instances, median_diameter
-from cellwatch.train import find_pairs
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.training import matching
+from cellwatch.training.targets import as_instances, median_diameter
 
 Pair = tuple[np.ndarray, np.ndarray]  # (image, instance mask)
 Perturb = Callable[[np.ndarray, np.ndarray, np.random.Generator], Pair]

@@ -24,16 +24,17 @@ from pathlib import Path
 import numpy as np
 from common import dataset_parser
 
-from cellwatch import imageio, matching
 from cellwatch.config import Config
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.postprocess import labels_from_probabilities, tidy
 from cellwatch.preprocess import normalize, rescale, resize_to
 from cellwatch.scale import choose_scale
-from cellwatch.targets import as_instances
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
 from cellwatch.tiling import predict_tiled
-from cellwatch.train import find_pairs
+from cellwatch.training import matching
+from cellwatch.training.targets import as_instances
 
 GRID = (0.6, 0.7, 0.8, 0.9)  # the first sweep, 0.3–0.9, found a plateau at 0.7–0.9
 SPLIT_THRESHOLDS = (0.95, 0.97, 0.98, 0.99, 1.0)

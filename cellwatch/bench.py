@@ -496,6 +496,7 @@ def run_workload(
     """Process ``paths`` as the daemon does (``process_images`` on groups of
     ``batch_size``), or one image at a time with ``process_image``; time every stage."""
     from cellwatch import pipeline
+    from cellwatch.service import driver
 
     segmenter, counter = _segmenter(model_path, batch_size)
     watch, config = segmenter.stopwatch, segmenter.config
@@ -517,7 +518,7 @@ def run_workload(
             ]
         with watch("ledger"):
             for result in results:
-                pipeline.record(result, out)
+                driver.record(result, out)
         rows += [r.row for r in results]
     wall = time.perf_counter() - start
     return _summary(rows, wall, watch, counter, start)
@@ -637,6 +638,7 @@ def memory_child(spec_json: str) -> None:
     """Entry point of the memory subprocess: process the images as the daemon does (groups
     of ``tiling.batch_size``) and print one JSON line of memory figures."""
     from cellwatch import pipeline
+    from cellwatch.service import driver
 
     spec = json.loads(spec_json)
     out, paths = Path(spec["out"]), [Path(p) for p in spec["paths"]]
@@ -650,7 +652,7 @@ def memory_child(spec_json: str) -> None:
                 group, config=segmenter.config, segmenter=segmenter, out_dir=out, job_ids=ids
             )
             for result in results:
-                pipeline.record(result, out)
+                driver.record(result, out)
             along.append((min(n * 8, len(paths)), _rss_mb()))
     figures = {
         "peak_rss_mb": round(_rss_mb("VmHWM"), 1),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, load_config, override
+from cellwatch.config import Config, config_from_args, load_config
 from cellwatch.errors import CellwatchError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -64,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("train", help="train or fine-tune a U-Net on images and masks")
-    from cellwatch import train
+    from cellwatch.training import train
 
     train.add_arguments(p)
     p.set_defaults(handler=train.run)
 
     p = sub.add_parser("evaluate", help="score a model against ground-truth masks")
-    from cellwatch import evaluate
+    from cellwatch.training import evaluate
 
     evaluate.add_arguments(p)
     p.add_argument("--model", type=Path, help="model file (.keras); default: the bundled model")
@@ -78,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=evaluate.run)
 
     p = sub.add_parser("report", help="write the daily count report")
-    from cellwatch import report
+    from cellwatch.reporting import report
 
     report.add_report_arguments(p)
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
     p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
 
     p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
-    from cellwatch import daemon, status
+    from cellwatch.service import daemon, status
 
     daemon.add_arguments(p)
     p.set_defaults(handler=daemon.run)
@@ -109,21 +109,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config file (or defaults) with command-line flags laid over it."""
-    config = load_config(args.config)
-    return override(
-        config,
-        **{
-            "output.dir": str(args.out) if getattr(args, "out", None) else None,
-            "model.path": str(args.model) if getattr(args, "model", None) else None,
-        },
-    )
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from cellwatch.model import load_model
-    from cellwatch.pipeline import Segmenter, record
+    from cellwatch.pipeline import Segmenter
+    from cellwatch.service.driver import record
 
     config = config_from_args(args)
     images = list(find_images(args.inputs, config.input.extensions))
@@ -179,7 +168,7 @@ def process_group(
 
 def find_images(inputs: Iterable[Path], extensions: Sequence[str]) -> Iterator[Path]:
     """Files as given, and the supported images inside folders (recursively, sorted)."""
-    from cellwatch.imageio import is_supported
+    from cellwatch.storage.imageio import is_supported
 
     for item in inputs:
         if item.is_dir():

@@ -8,14 +8,18 @@ silently falls back to a default. Command-line flags override values with
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -220,18 +224,77 @@ def validate(cfg: Config) -> None:
             "watch.incomplete_timeout_s",
             f"must not be negative, got {w.incomplete_timeout_s}",
         )
-    from cellwatch.report import check_settings  # here: report imports this module
-
-    try:
-        check_settings(cfg.report)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+    _check_report(cfg.report, where)
     if cfg.model.path is not None and not Path(cfg.model.path).is_file():
         _fail(
             where,
             "model.path",
             f"no model file at {cfg.model.path}; give the path of a .keras file or leave it empty for the bundled model",
         )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file named by ``args.config`` (or the defaults) with the command-line
+    flags every command shares (``--out``, ``--model``) laid over it."""
+    config = load_config(getattr(args, "config", None))
+    return override(
+        config,
+        **{
+            "output.dir": str(args.out) if getattr(args, "out", None) else None,
+            "model.path": str(args.model) if getattr(args, "model", None) else None,
+        },
+    )
+
+
+def _check_report(r: ReportConfig, where: str) -> None:
+    time_zone(r.timezone, where)
+    if r.group_pattern:
+        try:
+            regex = re.compile(r.group_pattern)
+        except re.error as exc:
+            _fail(where, "report.group_pattern", f"is not a valid regular expression: {exc}")
+        if not regex.groupindex:
+            _fail(
+                where,
+                "report.group_pattern",
+                "needs named groups such as (?P<well>[A-H][0-9]{2}); "
+                f"{r.group_pattern!r} has none",
+            )
+    if not r.outlier_k > 0:
+        _fail(where, "report.outlier_k", f"must be positive, got {r.outlier_k}")
+    for key in ("saturated_max_fraction", "focus_min_ratio"):
+        if not 0 <= getattr(r, key) < 1:
+            _fail(where, f"report.{key}", f"must be between 0 and 1, got {getattr(r, key)}")
+    if r.refresh_interval_s <= 0:
+        _fail(where, "report.refresh_interval_s", f"must be positive, got {r.refresh_interval_s}")
+
+
+def time_zone(name: str, where: str = "") -> ZoneInfo:
+    """The IANA time zone ``report.timezone`` names, in which cellwatch's days begin.
+
+    Examples
+    --------
+    >>> time_zone("Europe/Berlin").key
+    'Europe/Berlin'
+    """
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(
+            f"{where + ': ' if where else ''}report.timezone: unknown time zone {name!r}; "
+            "use an IANA name such as 'Europe/Berlin' or 'America/New_York'"
+        ) from exc
+
+
+def local_today(timezone: str, now: datetime | None = None) -> date:
+    """Today's date in ``timezone`` (the default day of ``cellwatch report``).
+
+    Examples
+    --------
+    >>> local_today("Pacific/Auckland", datetime(2026, 3, 28, 12, tzinfo=UTC))
+    datetime.date(2026, 3, 29)
+    """
+    return (now or datetime.now(UTC)).astimezone(time_zone(timezone)).date()
 
 
 def _fail(where: str, key: str, message: str) -> typing.NoReturn:

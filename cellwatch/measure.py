@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellwatch.targets import inner_rim
+from cellwatch.storage.pixels import inner_rim
 
 _BAND_PIXELS = 1 << 20  # pixels per band: temporaries stay a few MB on any image
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellwatch import imageio, ledger, qc
+from cellwatch import quality
 from cellwatch.batching import SharedBatches
 from cellwatch.config import Config
 from cellwatch.errors import CellwatchError, ModelError, TransientError
@@ -39,6 +39,7 @@ from cellwatch.postprocess import (
 )
 from cellwatch.preprocess import Normalization, rescale, resize_to
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
+from cellwatch.storage import imageio, overlay
 from cellwatch.tiling import PredictBatch, Prepare, predict_tiled
 from cellwatch.timing import Stopwatch
 
@@ -245,8 +246,8 @@ def process_image(
     }
     try:
         with watch("read"):
-            row["sha256"] = imageio.sha256_file(path)
-            data = read(path, config)
+            data = read(path, config)  # first: it names what is wrong with a bad file
+            row["sha256"] = _hash(path)
         pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
         row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
         result = segmenter.segment(pixels, pixel_size)
@@ -259,8 +260,8 @@ def process_image(
                     scale=result.scale.scale,
                     diameter_px=result.scale.diameter_px,
                     scale_source=result.scale.source,
-                    saturated_fraction=qc.saturated_fraction(pixels),
-                    focus_score=qc.focus_score(pixels),
+                    saturated_fraction=quality.saturated_fraction(pixels),
+                    focus_score=quality.focus_score(pixels),
                 )
             row.update(written())
     except TransientError:
@@ -283,6 +284,13 @@ def process_image(
         processed_at=datetime.now(UTC).isoformat(),
     )
     return ImageResult(row, cells)
+
+
+def _hash(path: Path) -> str:
+    try:
+        return imageio.sha256_file(path)
+    except OSError as exc:  # read a moment ago: a passing fault, worth a retry
+        raise TransientError(f"{path} could not be read: {exc}; will try again") from exc
 
 
 def read(path: Path, config: Config) -> imageio.ImageData:
@@ -313,8 +321,8 @@ def _output_files(
     stem = imageio.stem(path)
     files = {"labels": partial(imageio.write_labels, out_dir / "labels" / f"{stem}.tif", labels)}
     if overlays:
-        overlay = out_dir / "overlays" / f"{stem}.png"
-        files["overlay"] = partial(imageio.write_overlay, overlay, pixels, labels)
+        overlay_path = out_dir / "overlays" / f"{stem}.png"
+        files["overlay"] = partial(overlay.write_overlay, overlay_path, pixels, labels)
     return files
 
 
@@ -485,20 +493,6 @@ def _file_size(path: Path) -> int:
         return os.stat(path).st_size
     except OSError:  # process_image reports the file as it finds it
         return 0
-
-
-def record(result: ImageResult, out_dir: Path) -> None:
-    """Append the image's cells, then its ledger row (the row marks the job as done)."""
-    if len(result.cells):
-        ledger.append_rows(out_dir / "cells.csv", _records(result.cells), ledger.CELL_COLUMNS)
-    ledger.append_rows(out_dir / "ledger.csv", [result.row])
-
-
-def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    """``table.to_dict("records")`` (Python scalars), a few times faster on small tables."""
-    columns = list(table.columns)
-    values = zip(*(table[c].tolist() for c in columns), strict=True)
-    return [dict(zip(columns, row, strict=True)) for row in values]
 
 
 def _window(image: np.ndarray, size: int) -> np.ndarray:

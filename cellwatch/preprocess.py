@@ -9,51 +9,13 @@ without sorting a float copy of the image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from skimage.transform import resize
 
 from cellwatch.errors import BadInputError
-
-_HISTOGRAM_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
-_BAND_PIXELS = 1 << 20  # pixels per band when a pass over the image needs temporaries
-
-
-def percentiles(image: np.ndarray, q: Sequence[float]) -> np.ndarray:
-    """``np.percentile(image.astype(np.float32), q)``, identical values (float64).
-
-    8- and 16-bit images are counted into a histogram, band by band, instead of being
-    copied and partitioned: about ten times faster on a large image, and no full-size
-    temporary. Other dtypes go through :func:`numpy.percentile`.
-
-    >>> percentiles(np.arange(101, dtype=np.uint8), (1.0, 50.0)).tolist()
-    [1.0, 50.0]
-    """
-    image = np.asarray(image)
-    if image.dtype not in _HISTOGRAM_DTYPES or image.size == 0:
-        return np.asarray(np.percentile(image.astype(np.float32, copy=False), q))
-    flat = image.reshape(-1)
-    counts = np.zeros(np.iinfo(image.dtype).max + 1, np.int64)
-    for start in range(0, flat.size, _BAND_PIXELS):
-        counts += np.bincount(flat[start : start + _BAND_PIXELS], minlength=counts.size)
-    # numpy's "linear" method, step by step, so that the result is bit for bit the same
-    n = flat.size
-    quantiles = np.true_divide(np.asarray(q, dtype=np.float64), 100)
-    virtual = (n - 1) * quantiles
-    previous = np.floor(virtual)
-    following = previous + 1
-    previous[virtual >= n - 1] = following[virtual >= n - 1] = n - 1
-    previous[virtual < 0] = following[virtual < 0] = 0
-    gamma = virtual - previous
-    cumulative = np.cumsum(counts)
-    a = np.searchsorted(cumulative, previous, side="right").astype(np.float32)
-    b = np.searchsorted(cumulative, following, side="right").astype(np.float32)
-    difference = b - a
-    result = np.add(a, difference * gamma)
-    np.subtract(b, difference * (1 - gamma), out=result, where=gamma >= 0.5)
-    return result
+from cellwatch.storage.pixels import HISTOGRAM_DTYPES, percentiles
 
 
 @dataclass(frozen=True)
@@ -71,7 +33,7 @@ class Normalization:
         """The normalisation of a 2-D ``image`` by its ``low`` and ``high`` percentiles."""
         if image.ndim != 2:
             raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
-        pixels = image if image.dtype in _HISTOGRAM_DTYPES else finite_float32(image)
+        pixels = image if image.dtype in HISTOGRAM_DTYPES else finite_float32(image)
         lo, hi = percentiles(pixels, [low, high])
         span = float(hi - lo)
         return cls(np.float32(lo), np.float32(span if span > 0 else 0.0))

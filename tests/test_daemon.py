@@ -34,13 +34,15 @@ import tifffile
 import yaml
 from conftest import discs
 
-from cellwatch import cli, daemon, ledger, status
+from cellwatch import cli
 from cellwatch.config import Config, OutputConfig, load_config, override
-from cellwatch.daemon import Daemon, Engine, Paths, Worker
 from cellwatch.errors import TransientError
-from cellwatch.jobs import FileVersion, JobQueue, QueueError
 from cellwatch.pipeline import ImageResult
-from cellwatch.sdnotify import Notifier, watchdog_interval
+from cellwatch.service import daemon, status
+from cellwatch.service.daemon import Daemon, Engine, Paths, Worker
+from cellwatch.service.jobs import FileVersion, JobQueue, QueueError
+from cellwatch.service.sdnotify import Notifier, watchdog_interval
+from cellwatch.storage import ledger
 
 CELLWATCH = Path(sys.executable).with_name("cellwatch")
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "cellwatch.service"

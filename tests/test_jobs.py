@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cellwatch.config import Config, WatchConfig
-from cellwatch.jobs import FileVersion, JobQueue, QueueError, job_id_for, state_dir
+from cellwatch.service.jobs import FileVersion, JobQueue, QueueError, job_id_for, state_dir
 
 
 class Clock:

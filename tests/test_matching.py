@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cellwatch.matching import (
+from cellwatch.training.matching import (
     DEFAULT_THRESHOLDS,
     MatchCounts,
     count_errors,

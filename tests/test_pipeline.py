@@ -7,11 +7,12 @@ import pytest
 import tifffile
 from conftest import discs
 
-from cellwatch import matching
 from cellwatch.config import Config, override
 from cellwatch.errors import TransientError
 from cellwatch.model import load_model
-from cellwatch.pipeline import Segmenter, process_image, record
+from cellwatch.pipeline import Segmenter, process_image
+from cellwatch.service.driver import record
+from cellwatch.training import matching
 
 
 def segmenter(model_path, **settings) -> Segmenter:
@@ -136,7 +137,7 @@ def test_bad_file_gives_failed_row(threshold_model, tmp_path):
     assert len(result.cells) == 0
 
 
-@pytest.mark.parametrize("writer", ["write_labels", "write_overlay"])
+@pytest.mark.parametrize("writer", ["imageio.write_labels", "overlay.write_overlay"])
 @pytest.mark.parametrize("aside", [False, True], ids=["in line", "aside"])
 def test_transient_errors_are_raised_for_retry(
     threshold_model, tmp_path, monkeypatch, writer, aside
@@ -149,7 +150,7 @@ def test_transient_errors_are_raised_for_retry(
     def disk_full(*args, **kwargs):
         raise TransientError("disk full")
 
-    monkeypatch.setattr(f"cellwatch.imageio.{writer}", disk_full)
+    monkeypatch.setattr(f"cellwatch.storage.{writer}", disk_full)
     monkeypatch.setattr("cellwatch.pipeline.WRITE_ASIDE_PIXELS", 0 if aside else 1 << 22)
     with pytest.raises(TransientError):
         process_image(src, config=seg.config, segmenter=seg, out_dir=tmp_path / "o", job_id="j")

@@ -6,7 +6,8 @@ import pytest
 from cellwatch.errors import ModelError
 from cellwatch.measure import measure_cells, summarize
 from cellwatch.postprocess import labels_from_masked_interior, labels_from_probabilities, tidy
-from cellwatch.targets import as_instances, inner_rim, median_diameter, three_class
+from cellwatch.storage.pixels import inner_rim
+from cellwatch.training.targets import as_instances, median_diameter, three_class
 
 
 def one_hot(classes: np.ndarray) -> np.ndarray:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellwatch import preprocess
 from cellwatch.errors import BadInputError
-from cellwatch.preprocess import Normalization, normalize, percentiles
+from cellwatch.preprocess import Normalization, normalize
+from cellwatch.storage import pixels
+from cellwatch.storage.pixels import percentiles
 
 QS = [(1.0, 99.8), (0.0, 100.0), (50.0,), (1.5, 99.0, 37.123456789), (99.99, 0.01)]
 
@@ -29,7 +30,7 @@ def reference_normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8)
 @pytest.mark.parametrize("seed", range(40))
 def test_percentiles_equal_numpy_bit_for_bit(dtype, seed, monkeypatch):
     rng = np.random.default_rng(seed)
-    monkeypatch.setattr(preprocess, "_BAND_PIXELS", int(rng.integers(1, 500)))
+    monkeypatch.setattr(pixels, "_BAND_PIXELS", int(rng.integers(1, 500)))
     n = int(rng.integers(1, 20)) if seed % 4 == 0 else int(rng.integers(1, 3000))
     top = int(rng.integers(1, np.iinfo(dtype).max + 1))
     image = rng.integers(0, top, (n, int(rng.integers(1, 4)))).astype(dtype)

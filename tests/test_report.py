@@ -18,17 +18,17 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from cellwatch import ledger
-from cellwatch.config import Config, OutputConfig, ReportConfig
+from cellwatch.config import Config, OutputConfig, ReportConfig, local_today
 from cellwatch.errors import CellwatchError, ConfigError
-from cellwatch.qc import QcThresholds, focus_score, robust_outliers, saturated_fraction
-from cellwatch.report import (
+from cellwatch.quality import focus_score, saturated_fraction
+from cellwatch.reporting.qc import QcThresholds, robust_outliers
+from cellwatch.reporting.report import (
     add_report_arguments,
     build_reports,
     check_settings,
-    local_today,
     report_cli,
 )
+from cellwatch.storage import ledger
 
 BERLIN = "Europe/Berlin"
 PATTERN = r"(?P<plate>P\d+)/(?P<well>[A-H]\d{2})_(?P<condition>[a-z]+)_"
@@ -564,10 +564,10 @@ def reference_focus_score(image: np.ndarray) -> float:
     "shape", [(1, 1), (1, 40), (40, 1), (2, 2), (97, 130), (1100, 30)], ids=str
 )
 def test_focus_score_in_bands_equals_the_whole_image(monkeypatch, band_pixels, shape):
-    from cellwatch import qc
+    from cellwatch import quality
     from cellwatch.preprocess import normalize
 
-    monkeypatch.setattr(qc, "_BAND_PIXELS", band_pixels)
+    monkeypatch.setattr(quality, "_BAND_PIXELS", band_pixels)
     rng = np.random.default_rng(shape[0])
     raw = ndimage.gaussian_filter(rng.random(shape) * 60000, 1).astype(np.uint16)
     expected = reference_focus_score(raw)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
-from cellwatch.schedule import ReportSchedule
+from cellwatch.service.schedule import ReportSchedule
 
 
 def test_today_is_refreshed_every_interval_and_yesterday_after_midnight():

@@ -11,7 +11,8 @@ from conftest import discs
 from cellwatch.cli import main
 from cellwatch.errors import ConfigError
 from cellwatch.model import load_model
-from cellwatch.train import Sample, TrainSettings, crop_batches, find_pairs, random_crop
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.training.train import Sample, TrainSettings, crop_batches, random_crop
 
 
 def make_dataset(root, n=4, binary=False):
@@ -84,7 +85,7 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
 
 
 def test_contact_band_marks_where_cells_meet_and_nowhere_else():
-    from cellwatch.targets import contact_band
+    from cellwatch.training.targets import contact_band
 
     labels = np.zeros((20, 40), np.int32)
     labels[5:15, 2:10] = 1  # alone
@@ -100,7 +101,7 @@ def test_contact_band_marks_where_cells_meet_and_nowhere_else():
 
 
 def test_weighted_cross_entropy_scales_with_the_weight_channel():
-    from cellwatch.train import make_losses, targets
+    from cellwatch.training.train import make_losses, targets
 
     labels = np.zeros((16, 16), np.int32)
     labels[2:8, 2:8], labels[2:8, 8:14] = 1, 2
@@ -198,7 +199,7 @@ def test_shot_noise_makes_noisy_normalised_crops_and_leaves_others_as_they_were(
 
 
 def test_photon_limited_exposure_has_shot_noise():
-    from cellwatch.train import _photon_limited
+    from cellwatch.training.train import _photon_limited
 
     image = np.zeros((200, 200), np.float32)
     image[:, 100:] = 1.0  # the brightest cells: 5–100 photons a pixel

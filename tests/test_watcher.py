@@ -16,8 +16,15 @@ import tifffile
 from PIL import Image
 
 from cellwatch.config import WatchConfig
-from cellwatch.jobs import FileVersion
-from cellwatch.watcher import Stability, Watcher, looks_complete, matches, sha256_of, start_observer
+from cellwatch.service.jobs import FileVersion
+from cellwatch.service.watcher import (
+    Stability,
+    Watcher,
+    looks_complete,
+    matches,
+    start_observer,
+)
+from cellwatch.storage.imageio import sha256_file
 
 INCLUDE = WatchConfig().include
 EXCLUDE = WatchConfig().exclude
@@ -83,7 +90,7 @@ class Harness:
 
     def hash(self, path: Path) -> str:
         self.hashed.append(path)
-        return sha256_of(path)
+        return sha256_file(path)
 
     def write(self, rel: str, data: bytes = b"x" * 10) -> Path:
         path = self.inbox / rel
@@ -157,7 +164,7 @@ def test_backlog_is_found_and_handed_on_after_the_stable_time(h: Harness):
     assert sorted(h.step(0.2)) == ["a.tif", "day2/b.tif"]
     assert h.step(5.0) == []  # handed on once
     [a] = [v for v in h.ready if v.rel_path == "a.tif"]
-    assert (a.size, a.sha256) == (10, sha256_of(h.inbox / "a.tif"))
+    assert (a.size, a.sha256) == (10, sha256_file(h.inbox / "a.tif"))
 
 
 def test_growing_file_is_never_read(h: Harness):
@@ -219,7 +226,7 @@ def test_file_changed_while_hashed_waits_again(h: Harness):
     path = h.write("a.tif")
 
     def hash_and_append(p: Path) -> str:
-        digest = sha256_of(p)
+        digest = sha256_file(p)
         with p.open("ab") as f:
             f.write(b"more")
         return digest
@@ -229,7 +236,7 @@ def test_file_changed_while_hashed_waits_again(h: Harness):
     assert h.step(1.5) == []
     h.watcher.hasher = h.hash
     assert h.step(1.5) == ["a.tif"]
-    assert h.ready[0].sha256 == sha256_of(path)
+    assert h.ready[0].sha256 == sha256_file(path)
 
 
 def test_unreadable_file_still_becomes_a_job(h: Harness):
@@ -319,7 +326,7 @@ def test_looks_complete_of_a_missing_file_is_false(tmp_path: Path):
 
 def test_sha256_of_empty_file(tmp_path: Path):
     (tmp_path / "e").write_bytes(b"")
-    assert sha256_of(tmp_path / "e").startswith("e3b0c442")
+    assert sha256_file(tmp_path / "e").startswith("e3b0c442")
 
 
 # --- the real observer ------------------------------------------------------------------

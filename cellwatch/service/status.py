@@ -14,14 +14,12 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pandas as pd
 
-from cellwatch import ledger
-from cellwatch.config import Config, override
-from cellwatch.errors import ConfigError
-from cellwatch.jobs import DB_NAME, JobQueue, state_dir
+from cellwatch.config import Config, override, time_zone
+from cellwatch.service.jobs import DB_NAME, JobQueue, state_dir
+from cellwatch.storage import ledger
 
 RATE_WINDOW = timedelta(minutes=10)
 ALIVE_WITHIN_S = 60.0  # a heartbeat older than this means the daemon is not running
@@ -37,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellwatch.cli import config_from_args
+    from cellwatch.config import config_from_args
 
     config = override(
         config_from_args(args),
@@ -57,7 +55,7 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
         There is no job database in the state folder, or it cannot be read.
     """
     now = now or datetime.now(UTC)
-    zone = _zone(config)
+    zone = time_zone(config.report.timezone)
     out, state = Path(config.output.dir), state_dir(config)
     with JobQueue(state / DB_NAME, readonly=True) as queue:
         counts, meta = queue.counts(), queue.meta()
@@ -137,13 +135,3 @@ def _daemon(meta: dict[str, str], now: datetime) -> dict[str, Any]:
         "heartbeat": heartbeat,
         "heartbeat_age_s": round(age, 1) if age is not None else None,
     }
-
-
-def _zone(config: Config) -> ZoneInfo:
-    try:
-        return ZoneInfo(config.report.timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(
-            f"report.timezone {config.report.timezone!r} is not a known time zone "
-            "(use a name like Europe/Berlin)"
-        ) from exc

@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-log = logging.getLogger("cellwatch.sdnotify")
+log = logging.getLogger("cellwatch.service.sdnotify")
 
 
 class Notifier:

@@ -2,13 +2,13 @@
 
 Three threads, each owning its own database connection:
 
-- the **watcher** (:mod:`cellwatch.watcher`) finds files that are stable and complete and
-  adds them to the job queue (:mod:`cellwatch.jobs`);
+- the **watcher** (:mod:`cellwatch.service.watcher`) finds files that are stable and complete and
+  adds them to the job queue (:mod:`cellwatch.service.jobs`);
 - the **worker** (:class:`Worker`) claims queued jobs, runs the pipeline on up to
   ``BATCH_IMAGES`` at a time, appends the results to ``cells.csv`` and ``ledger.csv`` and
   marks the jobs done;
 - the **main** thread handles signals (the handlers only set flags), talks to systemd
-  (:mod:`cellwatch.sdnotify`) and exits with status 1 if another thread dies, so systemd
+  (:mod:`cellwatch.service.sdnotify`) and exits with status 1 if another thread dies, so systemd
   restarts the service.
 
 Exactly one ledger row per image, through ``kill -9`` at any moment: the ledger row is
@@ -36,14 +36,14 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from cellwatch import ledger
 from cellwatch.config import Config, override
 from cellwatch.errors import BadInputError, CellwatchError, ConfigError, TransientError
-from cellwatch.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
-from cellwatch.report import reports_for_config
-from cellwatch.schedule import ReportSchedule
-from cellwatch.sdnotify import Notifier
-from cellwatch.watcher import Watcher
+from cellwatch.reporting.report import check_settings, reports_for_config
+from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
+from cellwatch.service.schedule import ReportSchedule
+from cellwatch.service.sdnotify import Notifier
+from cellwatch.service.watcher import Watcher
+from cellwatch.storage import ledger
 
 log = logging.getLogger("cellwatch.watch")
 
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Config:
     """The configuration file with the command-line flags laid over it."""
-    from cellwatch.cli import config_from_args
+    from cellwatch.config import config_from_args
 
     return override(
         config_from_args(args),
@@ -77,7 +77,14 @@ def settings_from_args(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM or SIGINT; 0 on a clean stop, 1 if a thread died."""
-    return Daemon(lambda: settings_from_args(args)).serve()
+    return Daemon(lambda: checked(settings_from_args(args))).serve()
+
+
+def checked(config: Config) -> Config:
+    """``config`` once the report section's column-dependent checks pass too, so a bad
+    ``report.group_pattern`` stops the daemon at start rather than at the first report."""
+    check_settings(config.report)
+    return config
 
 
 @dataclass(frozen=True)
@@ -500,7 +507,7 @@ class Worker:
     def _record(self, result: Any) -> str:
         """Append the result's rows unless its job is already in the ledger; the job's
         final state."""
-        from cellwatch.pipeline import record
+        from cellwatch.service.driver import record
 
         row = result.row
         if row["job_id"] not in self.recorded:

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from cellwatch import imageio
 from cellwatch.errors import ConfigError
 from cellwatch.model import build_seed_unet, build_unet, write_card
 from cellwatch.preprocess import normalize, resize_to, scaled_shape
-from cellwatch.targets import as_instances, contact_band, median_diameter, three_class
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.training.targets import as_instances, contact_band, median_diameter, three_class
 
 
 @dataclass(frozen=True)
@@ -58,29 +59,6 @@ class Sample:
     image: np.ndarray  # normalised float32 at the training scale
     labels: np.ndarray  # int32 instance labels at the training scale
     scale: float
-
-
-def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
-    """Pair images and masks by file stem; name every image or mask without a partner."""
-
-    def by_stem(folder: Path) -> dict[str, Path]:
-        if not folder.is_dir():
-            raise ConfigError(f"{folder} is not a folder")
-        return {imageio.stem(p): p for p in sorted(folder.iterdir()) if imageio.is_supported(p)}
-
-    image_files, mask_files = by_stem(images), by_stem(masks)
-    lonely_images = sorted(set(image_files) - set(mask_files))
-    lonely_masks = sorted(set(mask_files) - set(image_files))
-    if lonely_images or lonely_masks:
-        lines = [f"images and masks must pair up by file name ({images} / {masks}):"]
-        if lonely_images:
-            lines.append("  images without a mask: " + ", ".join(lonely_images[:20]))
-        if lonely_masks:
-            lines.append("  masks without an image: " + ", ".join(lonely_masks[:20]))
-        raise ConfigError("\n".join(lines))
-    if not image_files:
-        raise ConfigError(f"no supported images found in {images}")
-    return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
 
 
 def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> Sample:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import logging
 import os
 import queue
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.config import WatchConfig
-from cellwatch.jobs import FileVersion
+from cellwatch.service.jobs import FileVersion
+from cellwatch.storage.imageio import sha256_file
 
 log = logging.getLogger("cellwatch.watch")
 
@@ -98,15 +98,6 @@ def _tail(path: Path, n: int) -> bytes:
         return handle.read(n)
 
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file's content, read in 1 MiB blocks (an empty file has one too)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class _Candidate:
     size: int
@@ -167,7 +158,7 @@ class Watcher:
         Folders under the inbox never to look into (cellwatch's own output and state).
     stat, clock, probe, hasher
         Seams for tests: ``os.stat``, ``time.monotonic``, :func:`looks_complete`,
-        :func:`sha256_of`.
+        :func:`~cellwatch.storage.imageio.sha256_file`.
     """
 
     def __init__(
@@ -181,7 +172,7 @@ class Watcher:
         stat: StatFn = os.stat,
         clock: Callable[[], float] = time.monotonic,
         probe: Callable[[Path], bool] = looks_complete,
-        hasher: Callable[[Path], str] = sha256_of,
+        hasher: Callable[[Path], str] = sha256_file,
     ) -> None:
         self.inbox = Path(inbox)
         self.settings = settings

@@ -14,6 +14,8 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 from skimage.measure import regionprops_table
 
+from cellwatch.storage.pixels import inner_rim
+
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 
 
@@ -30,23 +32,6 @@ def three_class(labels: np.ndarray) -> np.ndarray:
     classes = (labels > 0).astype(np.uint8)
     classes[inner_rim(labels)] = BOUNDARY
     return classes
-
-
-def inner_rim(labels: np.ndarray) -> np.ndarray:
-    """Cell pixels with a 4-neighbour of another label (background included).
-
-    The same pixels as ``skimage.segmentation.find_boundaries(labels, connectivity=1,
-    mode="inner")``, by comparing shifted views instead of a grey dilation and erosion
-    (about 5× faster). It runs for every training crop, every overlay and every perimeter.
-    """
-    rim = np.zeros(labels.shape, dtype=bool)
-    down = labels[1:, :] != labels[:-1, :]
-    rim[1:, :] |= down
-    rim[:-1, :] |= down
-    across = labels[:, 1:] != labels[:, :-1]
-    rim[:, 1:] |= across
-    rim[:, :-1] |= across
-    return rim & (labels > 0)
 
 
 def contact_band(labels: np.ndarray, radius: int = 2) -> np.ndarray:

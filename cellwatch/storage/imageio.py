@@ -1,4 +1,4 @@
-"""Read microscope images into one 2-D plane, and write label and overlay images.
+"""Read microscope images into one 2-D plane, and write label images.
 
 Every input is checked before it is decoded: its declared size must fit ``input.max_pixels``
 and a TIFF's pixel data must lie inside the file. Anything that cannot be read becomes a
@@ -12,12 +12,11 @@ import hashlib
 import math
 import os
 import stat
-import struct
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -26,13 +25,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from cellwatch.errors import BadInputError, TransientError
-from cellwatch.preprocess import percentiles
-from cellwatch.targets import inner_rim
+from cellwatch.errors import BadInputError, ConfigError, TransientError
 
 SUPPORTED_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
-OUTLINE_RGB = (255, 0, 255)  # magenta shows on both dark (fluorescence) and light backgrounds
-PNG_LEVEL = 2  # zlib level of overlays: as small as Pillow's default (6), ~6x faster
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CHANNEL_AXES = "CS"
@@ -40,7 +35,6 @@ _UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0
                 "\\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}  # fmt: skip
 _UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}  # inch, cm, mm, µm
 _DEFAULT_DPI = (72.0, 96.0)  # what desktop software writes when it knows nothing
-_BAND_PIXELS = 1 << 20  # pixels per band when writing an overlay
 _STRIP_BYTES = 1 << 18  # uncompressed bytes per strip of a label TIFF (tifffile's choice)
 
 
@@ -85,6 +79,29 @@ def stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+    """Pair images and masks by file stem; name every image or mask without a partner."""
+
+    def by_stem(folder: Path) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder")
+        return {stem(p): p for p in sorted(folder.iterdir()) if is_supported(p)}
+
+    image_files, mask_files = by_stem(images), by_stem(masks)
+    lonely_images = sorted(set(image_files) - set(mask_files))
+    lonely_masks = sorted(set(mask_files) - set(image_files))
+    if lonely_images or lonely_masks:
+        lines = [f"images and masks must pair up by file name ({images} / {masks}):"]
+        if lonely_images:
+            lines.append("  images without a mask: " + ", ".join(lonely_images[:20]))
+        if lonely_masks:
+            lines.append("  masks without an image: " + ", ".join(lonely_masks[:20]))
+        raise ConfigError("\n".join(lines))
+    if not image_files:
+        raise ConfigError(f"no supported images found in {images}")
+    return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
 
 
 def read_image(
@@ -327,9 +344,21 @@ def _pick_plane(
 
 
 def sha256_file(path: Path) -> str:
-    """Return the SHA-256 hex digest of a file, reading it in 1 MiB blocks."""
+    """The SHA-256 hex digest of a file's content, read in 1 MiB blocks.
+
+    The one content hash of cellwatch: the watcher's file identity and the ledger's
+    ``sha256`` column. An empty file has one too. OS errors (a missing file, no permission)
+    are raised as they are, for the caller to judge.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     sha256_file(Path(f.name))[:8]
+    'e3b0c442'
+    """
     digest = hashlib.sha256()
-    with _open_input(Path(path)) as fh:
+    with Path(path).open("rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
@@ -355,7 +384,7 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
         for start in range(0, labels.shape[0], rows):
             yield zlib.compress(labels[start : start + rows].astype(dtype).tobytes())
 
-    _atomic_write(
+    atomic_write(
         Path(path),
         lambda fh: tifffile.imwrite(
             fh,
@@ -369,95 +398,7 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
     )
 
 
-def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
-    """Write a PNG: the image in gray, contrast-stretched to its 1st–99.8th percentile,
-    with cell outlines (each cell's inner rim) drawn in :data:`OUTLINE_RGB`. Written
-    atomically.
-
-    The PNG is encoded band by band (zlib level :data:`PNG_LEVEL`, no row filter), so a large
-    image needs no full-size RGB or float copy.
-    """
-    image, labels = np.asarray(image), np.asarray(labels)
-    if image.ndim != 2 or image.shape != labels.shape:
-        raise ValueError(f"image {image.shape} and labels {labels.shape} must be equal 2-D shapes")
-    if image.size == 0:
-        raise ValueError(f"cannot write an overlay of an empty image {image.shape}")
-    gray = _display_mapping(image)
-
-    def bands() -> Iterator[np.ndarray]:
-        height = image.shape[0]
-        for rows in _row_bands(image.shape):
-            top, bottom = max(rows.start - 1, 0), min(rows.stop + 1, height)
-            rim = inner_rim(labels[top:bottom])[rows.start - top : rows.stop - top]
-            rgb = np.repeat(gray(image[rows])[:, :, np.newaxis], 3, axis=2)
-            rgb[rim] = OUTLINE_RGB
-            yield rgb
-
-    _atomic_write(Path(path), lambda fh: _write_png(fh, image.shape, bands()))
-
-
-def _row_bands(shape: tuple[int, ...]) -> list[slice]:
-    """Row slices of about :data:`_BAND_PIXELS` pixels each, covering ``shape``."""
-    rows = max(1, _BAND_PIXELS // max(1, shape[1]))
-    return [slice(top, min(top + rows, shape[0])) for top in range(0, shape[0], rows)]
-
-
-def _display_mapping(image: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The function that turns rows of ``image`` into display gray levels (uint8).
-
-    8- and 16-bit images go through a lookup table built with the float formula, so the
-    gray levels are those of stretching a float copy of the image, without making one.
-    """
-    if image.dtype in (np.uint8, np.uint16):
-        lo, hi = percentiles(image, (1.0, 99.8))
-        if hi <= lo:
-            lo, hi = float(image.min()), float(image.max())
-        table = _stretch(np.arange(np.iinfo(image.dtype).max + 1, dtype=np.float32), lo, hi)
-        return lambda rows: table[rows]
-    values = image.astype(np.float32, copy=False)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return lambda rows: np.zeros(rows.shape, np.uint8)
-    lo, hi = np.percentile(finite, (1.0, 99.8))
-    if hi <= lo:
-        lo, hi = float(finite.min()), float(finite.max())
-    del values, finite
-    return lambda rows: _stretch(rows.astype(np.float32, copy=False), lo, hi)
-
-
-def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    scaled = np.nan_to_num((values - lo) * scale, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(scaled, 0, 255).astype(np.uint8)
-
-
-def _write_png(fh: BinaryIO, shape: tuple[int, int], bands: Iterable[np.ndarray]) -> None:
-    """Write an 8-bit RGB PNG whose rows come in ``bands`` of shape (rows, width, 3).
-
-    Rows are stored unfiltered: at the fast zlib levels that is as small as the best
-    filter and costs nothing to compute.
-    """
-    height, width = shape
-    fh.write(b"\x89PNG\r\n\x1a\n")
-    _png_chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    deflate = zlib.compressobj(PNG_LEVEL)
-    for rgb in bands:
-        scanlines = np.zeros((len(rgb), 1 + 3 * width), np.uint8)  # byte 0: filter "none"
-        scanlines[:, 1:] = rgb.reshape(len(rgb), 3 * width)
-        _png_chunk(fh, b"IDAT", deflate.compress(scanlines))
-    _png_chunk(fh, b"IDAT", deflate.flush())
-    _png_chunk(fh, b"IEND", b"")
-
-
-def _png_chunk(fh: BinaryIO, kind: bytes, data: bytes) -> None:
-    if kind == b"IDAT" and not data:
-        return  # zlib holds the data back until it has a block's worth
-    fh.write(struct.pack(">I", len(data)) + kind)
-    fh.write(data)
-    fh.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
     Readers never see a half-written file. OS errors (a full disk, a lost network share)

@@ -3,7 +3,7 @@
 The ledger holds UTC times; a report covers one calendar day in the lab's time zone, so a
 day can be 23 or 25 hours long when the clocks change. Each day's rows get experiment group
 keys (from a regular expression with named groups matched against the image path) and QC
-flags (:mod:`cellwatch.qc`), then :mod:`cellwatch.report_html` draws the page.
+flags (:mod:`cellwatch.reporting.qc`), then :mod:`cellwatch.reporting.html` draws the page.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
 
-from cellwatch import ledger
+from cellwatch.config import local_today, time_zone
 from cellwatch.errors import CellwatchError, ConfigError
-from cellwatch.qc import QcThresholds, flag_images
-from cellwatch.report_html import render_day
+from cellwatch.reporting.html import render_day
+from cellwatch.reporting.qc import QcThresholds, flag_images
+from cellwatch.storage import ledger
 
 if TYPE_CHECKING:
     from cellwatch.config import Config, ReportConfig
@@ -99,7 +100,7 @@ def build_reports(
     list of pathlib.Path
         The files written, HTML then CSV for each day.
     """
-    zone = _zone(timezone)
+    zone = time_zone(timezone)
     if end < start:
         raise ConfigError(f"the report period ends ({end}) before it starts ({start})")
     regex = _compile_groups(group_pattern)
@@ -142,16 +143,13 @@ def build_reports(
 def check_settings(settings: ReportConfig) -> None:
     """Raise :class:`ConfigError` for a ``report`` section that cannot make a report.
 
-    Cheap, so :func:`cellwatch.config.validate` can call it when the file is loaded.
+    :func:`cellwatch.config.load_config` checks what it can alone; this adds what needs
+    the report's own columns (a group name must not shadow one). Cheap: the daemon calls it
+    at start, so a bad section stops it there.
     """
-    _zone(settings.timezone)
+    time_zone(settings.timezone)
     _compile_groups(settings.group_pattern)
     QcThresholds.from_settings(settings)
-
-
-def local_today(timezone: str, now: datetime | None = None) -> date:
-    """Today's date in ``timezone`` (the default day of ``cellwatch report``)."""
-    return (now or datetime.now(UTC)).astimezone(_zone(timezone)).date()
 
 
 def reports_for_config(
@@ -225,16 +223,6 @@ def day_csv(report: DayReport) -> str:
     table["qc_flags"] = images["flags"].map("; ".join)
     table["typical_count"] = images["typical_count"]
     return table.to_csv(index=False, lineterminator="\n")
-
-
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(
-            f"report.timezone: unknown time zone {name!r}; use an IANA name such as "
-            "'Europe/Berlin' or 'America/New_York'"
-        ) from exc
 
 
 def _compile_groups(pattern: str | None) -> re.Pattern[str] | None:

@@ -21,10 +21,10 @@ from matplotlib.dates import DateFormatter
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cellwatch.qc import FAILED, FLAG_ORDER
+from cellwatch.reporting.qc import FAILED, FLAG_ORDER
 
 if TYPE_CHECKING:
-    from cellwatch.report import DayReport
+    from cellwatch.reporting.report import DayReport
 
 CHECK_MAX = 12  # thumbnails in the "check these" list
 OPEN_TABLE_MAX = 300  # longer image tables start collapsed

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellwatch import imageio, matching
 from cellwatch.config import Config
 from cellwatch.pipeline import Segmenter, read
-from cellwatch.targets import as_instances, median_diameter
-from cellwatch.train import find_pairs
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.training import matching
+from cellwatch.training.targets import as_instances, median_diameter
 
 SIZE_GROUPS = ((0.0, 15.0, "< 15 px"), (15.0, 30.0, "15–30 px"), (30.0, float("inf"), "> 30 px"))
 
@@ -142,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellwatch.cli import config_from_args
+    from cellwatch.config import config_from_args
     from cellwatch.model import load_model
 
     config = config_from_args(args)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from cellwatch.report import local_today
+from cellwatch.config import local_today
 
 
 @dataclass
