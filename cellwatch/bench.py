@@ -23,6 +23,33 @@ them, from synthetic discs. Every workload uses ``scale.scale: 1`` so the work i
 
 from __future__ import annotations
 
+__all__ = [
+    "DATA",
+    "HEADLINES",
+    "MB",
+    "QUICK",
+    "SKIPPABLE",
+    "STAGES",
+    "TARGETS",
+    "Sizes",
+    "add_arguments",
+    "add_network_alone",
+    "conv_flops_per_tile",
+    "format_comparison",
+    "format_table",
+    "machine",
+    "make_inputs",
+    "memory",
+    "memory_child",
+    "network_rates",
+    "plain_rates",
+    "prepare_models",
+    "run",
+    "run_workload",
+    "targets",
+    "workloads",
+]
+
 import argparse
 import dataclasses
 import json
@@ -172,6 +199,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, skip: set[str], work: Path) -> 
         "machine": machine(),
         "sizes": dataclasses.asdict(sizes),
         "data": data["source"],
+        "package": str(Path(__file__).resolve().parent),  # a checkout or an installed wheel
         "models": {name: m["about"] for name, m in models.items()},
     }
     _say("plain TensorFlow rates")

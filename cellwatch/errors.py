@@ -7,6 +7,8 @@ person who reads the ledger: which file, what is wrong, what to do.
 
 from __future__ import annotations
 
+__all__ = ["BadInputError", "CellwatchError", "ConfigError", "ModelError", "TransientError"]
+
 
 class CellwatchError(Exception):
     """Base class for every error cellwatch raises on purpose."""

@@ -8,6 +8,8 @@ an image of thousands of cells is measured in a pass or two, with no full-size t
 
 from __future__ import annotations
 
+__all__ = ["measure_cells", "perimeters", "summarize"]
+
 import math
 from typing import Any
 

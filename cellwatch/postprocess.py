@@ -22,6 +22,14 @@ labelling needs at a third of the memory, and tiles can be reduced before stitch
 
 from __future__ import annotations
 
+__all__ = [
+    "labels_from_masked_interior",
+    "labels_from_probabilities",
+    "masked_interior",
+    "tidy",
+    "watershed_by_part",
+]
+
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix, csgraph

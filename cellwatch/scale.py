@@ -8,6 +8,8 @@ diameter, the image's own scale. Estimates are clamped to ``[min_scale, max_scal
 
 from __future__ import annotations
 
+__all__ = ["ScaleChoice", "choose_scale", "is_close", "typical_diameter"]
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -9,6 +9,8 @@ which a stage was running in any thread.
 
 from __future__ import annotations
 
+__all__ = ["Stopwatch"]
+
 import threading
 import time
 from collections import defaultdict
@@ -90,6 +92,7 @@ class Stopwatch:
         return total
 
     def reset(self) -> None:
+        """Forget the time measured so far."""
         with self._lock:
             self.totals.clear()
             if self.intervals is not None:

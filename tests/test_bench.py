@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +149,45 @@ def test_process_images_gives_what_process_image_gives(threshold_model, tmp_path
         }
         assert a.cells.equals(b.cells)
     assert [r.row["status"] for r in many].count("failed") == 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("setuptools") is None, reason="building a wheel needs setuptools"
+)
+def test_bench_runs_from_an_installed_wheel_without_the_shared_data(tmp_path):
+    """A user's ``pip install cellwatch`` has no ``../shared``: bench falls back to
+    synthetic nuclei and still measures every workload it was asked for."""
+    repo = Path(__file__).resolve().parents[1]
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, repo],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("cellwatch-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cellwatch",
+            "bench",
+            "--quick",
+            "--skip",
+            "seed,naive,memory,backlog",
+            "--json",
+            out,
+        ],  # fmt: skip
+        cwd=tmp_path,  # not the checkout: only the installed package can be imported
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["data"].startswith("synthetic discs"), report["data"]
+    assert report["package"].startswith(str(site)), report["package"]
+    assert report["workloads"]["mosaic"]["default"]["mp_per_s"] > 0

@@ -8,6 +8,19 @@ re-read when the report is built.
 
 from __future__ import annotations
 
+__all__ = [
+    "BLURRED",
+    "EMPTY",
+    "FAILED",
+    "FLAG_ORDER",
+    "HIGH",
+    "LOW",
+    "SATURATED",
+    "QcThresholds",
+    "flag_images",
+    "robust_outliers",
+]
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

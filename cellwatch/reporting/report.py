@@ -8,6 +8,17 @@ flags (:mod:`cellwatch.reporting.qc`), then :mod:`cellwatch.reporting.html` draw
 
 from __future__ import annotations
 
+__all__ = [
+    "NO_MATCH",
+    "DayReport",
+    "add_report_arguments",
+    "build_reports",
+    "check_settings",
+    "day_csv",
+    "report_cli",
+    "reports_for_config",
+]
+
 import argparse
 import os
 import re

@@ -4,6 +4,8 @@ images of the day. Pure logic: the caller passes the clocks in."""
 
 from __future__ import annotations
 
+__all__ = ["ReportSchedule"]
+
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -12,6 +14,8 @@ from cellwatch.config import local_today
 
 @dataclass
 class ReportSchedule:
+    """When the daemon writes reports: the clocks are passed in, so tests control time."""
+
     timezone: str
     interval_s: float
     _last_run: float | None = None  # monotonic seconds

@@ -9,6 +9,8 @@ every call does nothing, so the daemon runs the same from a terminal.
 
 from __future__ import annotations
 
+__all__ = ["Notifier", "watchdog_interval"]
+
 import logging
 import os
 import socket
@@ -34,6 +36,7 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
+        """True when systemd gave a notification socket (NOTIFY_SOCKET)."""
         return self.address is not None
 
     def send(self, *lines: str) -> bool:

@@ -8,6 +8,8 @@ to find.
 
 from __future__ import annotations
 
+__all__ = ["SIZE_GROUPS", "add_arguments", "evaluate", "format_summary", "run", "summarize"]
+
 import argparse
 import json
 import sys
@@ -77,6 +79,7 @@ def evaluate(
 def summarize(
     table: pd.DataFrame, per_image: Sequence[list[matching.MatchCounts]]
 ) -> dict[str, Any]:
+    """The summary of an evaluation: scores at each IoU threshold, pixel dice, count errors and scores by nucleus size."""
     totals = matching.summarize(per_image)
     errors = matching.count_errors(table["true_count"].to_numpy(), table["pred_count"].to_numpy())
     groups = {}
@@ -114,6 +117,7 @@ def summarize(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as the table ``cellwatch evaluate`` prints."""
     lines = [f"{summary['images']} images", "IoU   accuracy  precision  recall  F1"]
     for tau, m in summary["thresholds"].items():
         lines.append(
@@ -129,6 +133,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch evaluate``."""
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
     parser.add_argument(
         "--masks", type=Path, required=True, help="folder of instance masks (same names)"
@@ -143,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``cellwatch evaluate``: score the model on images with masks; exit status 0."""
     from cellwatch.config import config_from_args
     from cellwatch.model import load_model
 

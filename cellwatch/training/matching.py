@@ -12,6 +12,16 @@ there was nothing to find and nothing was wrongly found, so every score is 1.0.
 
 from __future__ import annotations
 
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "MatchCounts",
+    "count_errors",
+    "iou_matrix",
+    "match",
+    "pixel_dice",
+    "summarize",
+]
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,14 +52,17 @@ class MatchCounts:
 
     @property
     def precision(self) -> float:
+        """TP / (TP + FP): the share of found objects that match a true one."""
         return self._ratio(self.tp, self.tp + self.fp)
 
     @property
     def recall(self) -> float:
+        """TP / (TP + FN): the share of true objects that were found."""
         return self._ratio(self.tp, self.tp + self.fn)
 
     @property
     def f1(self) -> float:
+        """The harmonic mean of precision and recall, 2·TP / (2·TP + FP + FN)."""
         return self._ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
     @property
@@ -59,10 +72,12 @@ class MatchCounts:
 
     @property
     def mean_matched_iou(self) -> float:
+        """The mean IoU of the matched pairs (0 when none matched)."""
         return self._ratio(self.sum_matched_iou, self.tp)
 
     @property
     def panoptic_quality(self) -> float:
+        """Panoptic quality: summed matched IoU / (TP + (FP + FN) / 2)."""
         return self._ratio(self.sum_matched_iou, self.tp + (self.fp + self.fn) / 2)
 
 

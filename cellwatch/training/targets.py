@@ -9,6 +9,16 @@ pixels where cells meet (:func:`contact_band`), the mistakes that merge cells.
 
 from __future__ import annotations
 
+__all__ = [
+    "BACKGROUND",
+    "BOUNDARY",
+    "INTERIOR",
+    "as_instances",
+    "contact_band",
+    "median_diameter",
+    "three_class",
+]
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components

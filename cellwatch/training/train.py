@@ -10,6 +10,20 @@ validation loss is kept, with a model card and a loss curve beside it, and a
 
 from __future__ import annotations
 
+__all__ = [
+    "Sample",
+    "TrainSettings",
+    "add_arguments",
+    "crop_batches",
+    "fixed_crops",
+    "load_sample",
+    "make_losses",
+    "random_crop",
+    "run",
+    "targets",
+    "train",
+]
+
 import argparse
 import json
 import math
@@ -34,6 +48,8 @@ from cellwatch.training.targets import as_instances, contact_band, median_diamet
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """Everything that shapes a training run; saved in the model card so a model travels with its recipe."""
+
     arch: str = "unet"
     depth: int = 4
     filters: int = 16
@@ -55,6 +71,8 @@ class TrainSettings:
 
 @dataclass
 class Sample:
+    """One training image and its instance labels, normalized and rescaled to the training diameter."""
+
     name: str
     image: np.ndarray  # normalised float32 at the training scale
     labels: np.ndarray  # int32 instance labels at the training scale
@@ -410,6 +428,7 @@ def _plot_history(history: list[dict[str, float]], path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch train``."""
     d = TrainSettings()
     parser.add_argument("--images", type=Path, required=True, help="folder of training images")
     parser.add_argument(
@@ -466,6 +485,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``cellwatch train``: train or fine-tune a model and write it with its card, history and loss plot."""
     settings = TrainSettings(
         arch=args.arch,
         depth=args.depth,

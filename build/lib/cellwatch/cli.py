@@ -1,0 +1,200 @@
+"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report.
+
+Exit status: 0 when everything succeeded, 1 when some images failed (their rows are still
+written), 2 for usage, configuration or model errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cellwatch import __version__
+from cellwatch.config import Config, config_from_args, load_config
+from cellwatch.errors import CellwatchError, ConfigError, ModelError, TransientError
+
+if TYPE_CHECKING:
+    from cellwatch.pipeline import ImageResult, Segmenter
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("cellwatch")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = ["cellwatch", *(sys.argv[1:] if argv is None else argv)]
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(levelname)s %(message)s",
+    )
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # we report bad files ourselves
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.handler(args))
+    except (ConfigError, ModelError) as exc:
+        print(f"cellwatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CellwatchError as exc:
+        print(f"cellwatch: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    except KeyboardInterrupt:
+        print("cellwatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellwatch", description="Count cells in microscope images."
+    )
+    parser.add_argument("--version", action="version", version=f"cellwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="segment, count and measure cells in images")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    _common(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("train", help="train or fine-tune a U-Net on images and masks")
+    from cellwatch.training import train
+
+    train.add_arguments(p)
+    p.set_defaults(handler=train.run)
+
+    p = sub.add_parser("evaluate", help="score a model against ground-truth masks")
+    from cellwatch.training import evaluate
+
+    evaluate.add_arguments(p)
+    p.add_argument("--model", type=Path, help="model file (.keras); default: the bundled model")
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+    p.set_defaults(handler=evaluate.run)
+
+    p = sub.add_parser("report", help="write the daily count report")
+    from cellwatch.reporting import report
+
+    report.add_report_arguments(p)
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+    p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
+
+    p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
+    from cellwatch.service import daemon, status
+
+    daemon.add_arguments(p)
+    p.set_defaults(handler=daemon.run)
+
+    p = sub.add_parser("status", help="show the daemon's queue, counts and last error")
+    status.add_arguments(p)
+    p.set_defaults(handler=status.run)
+
+    p = sub.add_parser("bench", help="measure speed and memory on this machine")
+    from cellwatch import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.run)
+
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="output folder (default: output.dir in the config)")
+    p.add_argument("--model", type=Path, help="model file (.keras); default: the bundled model")
+    p.add_argument("--config", type=Path, help="configuration file (YAML)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cellwatch.model import load_model
+    from cellwatch.pipeline import Segmenter
+    from cellwatch.service.driver import record
+
+    config = config_from_args(args)
+    images = list(find_images(args.inputs, config.input.extensions))
+    if not images:
+        raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
+    segmenter = Segmenter(config, load_model(config.model.path))
+    out_dir = Path(config.output.dir)
+    failed = 0
+    size = config.tiling.batch_size  # images per group: their tiles share inference batches
+    groups = [images[i : i + size] for i in range(0, len(images), size)]
+    for group in progress(groups, enabled=not args.quiet and sys.stderr.isatty()):
+        for result in process_group(group, config, segmenter, out_dir):
+            record(result, out_dir)
+            if result.row["status"] != "ok":
+                failed += 1
+                log.warning("%s: %s", result.row["image"], result.row.get("error"))
+            elif not args.quiet:
+                log.info("%s: %d cells", result.row["image"], result.row["cell_count"])
+    print(
+        f"{len(images) - failed} of {len(images)} images counted; ledger: {out_dir / 'ledger.csv'}",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def process_group(
+    paths: list[Path], config: Config, segmenter: Segmenter, out_dir: Path
+) -> list[ImageResult]:
+    """Process several images together. With no daemon here to retry later, a transient
+    fault (a full disk, a share gone) becomes a failed row for the image it hit."""
+    from cellwatch.pipeline import failed_result, process_image, process_images
+
+    job_ids = [uuid.uuid4().hex for _ in paths]
+    try:
+        return process_images(
+            paths, config=config, segmenter=segmenter, out_dir=out_dir, job_ids=job_ids
+        )
+    except TransientError:
+        pass
+    results = []
+    for path, job_id in zip(paths, job_ids, strict=True):
+        try:
+            results.append(
+                process_image(
+                    path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=job_id
+                )
+            )
+        except TransientError as exc:
+            label = segmenter.model.label
+            results.append(failed_result(path, exc, model=label, config=config, job_id=job_id))
+    return results
+
+
+def find_images(inputs: Iterable[Path], extensions: Sequence[str]) -> Iterator[Path]:
+    """Files as given, and the supported images inside folders (recursively, sorted)."""
+    from cellwatch.storage.imageio import is_supported
+
+    for item in inputs:
+        if item.is_dir():
+            yield from sorted(
+                p for p in item.rglob("*") if p.is_file() and is_supported(p, extensions)
+            )
+        elif item.exists():
+            yield item
+        else:
+            raise ConfigError(f"{item} does not exist")
+
+
+def progress(groups: Sequence[list[Path]], *, enabled: bool) -> Iterator[list[Path]]:
+    """Yield groups of images while drawing a one-line progress bar on stderr."""
+    total, done = sum(len(g) for g in groups), 0
+    for group in groups:
+        if enabled:
+            filled = int(30 * done / total)
+            bar = "#" * filled + "." * (30 - filled)
+            sys.stderr.write(f"\r[{bar}] {done}/{total} {group[0].name[:40]:40}")
+            sys.stderr.flush()
+        yield group
+        done += len(group)
+    if enabled:
+        sys.stderr.write(f"\r[{'#' * 30}] {total}/{total}{' ' * 41}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""One frozen, typed configuration object, loaded from YAML with ``yaml.safe_load``.
+
+Sections mirror the pipeline stages. Unknown keys, wrong types and impossible values are
+errors that name the key and the file, raised when the file is loaded, so a typo never
+silently falls back to a default. Command-line flags override values with
+:func:`override`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from cellwatch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # None: the model bundled with cellwatch
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    channel: int | None = None  # None: gray, or RGB whose channels are equal
+    stack: Literal["max", "plane"] = "max"
+    plane: int = 0
+    max_pixels: int = 400_000_000
+    extensions: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    low_percentile: float = 1.0
+    high_percentile: float = 99.8
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    mode: Literal["auto", "none"] = "auto"  # "none": feed the image at its own scale
+    scale: float | None = None  # explicit zoom factor applied to the image
+    diameter_px: float | None = None  # typical cell diameter in the image, in pixels
+    pixel_size_um: float | None = None  # overrides the pixel size read from the file
+    min_scale: float = 0.2
+    max_scale: float = 5.0
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    tile_size: int = 256
+    overlap: int = 48
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    interior_threshold: float = 0.8
+    foreground_threshold: float = 0.8
+    split_threshold: float = 0.97
+    split_min_area_px: int = 50
+    min_cell_area_px: int = 12
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "results"
+    overlays: bool = True
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    inbox: str = "inbox"
+    state_dir: str | None = None  # None: <output.dir>/.state
+    include: tuple[str, ...] = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
+    exclude: tuple[str, ...] = ("*.part", "*.tmp", "~*", ".*")
+    polling: bool = False
+    rescan_interval_s: float = 30.0
+    stable_time_s: float = 2.0
+    # a stable file that does not open as a complete image yet is waited for this long
+    # before it is recorded as failed (a writer may pause longer than stable_time_s)
+    incomplete_timeout_s: float = 60.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    timezone: str = "UTC"
+    group_pattern: str | None = None
+    refresh_interval_s: float = 600.0
+    outlier_k: float = 3.5  # flag counts this many robust SDs from the typical count
+    saturated_max_fraction: float = 0.01  # flag images with more pixels at the maximum
+    focus_min_ratio: float = 0.3  # flag focus scores below this share of the day's median
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    def settings_hash(self) -> str:
+        """A short hash of the settings that change the counts, for the ledger."""
+        relevant = {
+            name: dataclasses.asdict(getattr(self, name))
+            for name in ("input", "normalize", "scale", "tiling", "postprocess")
+        }
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read a YAML file into a validated :class:`Config` (defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    cfg = _build(Config, raw, str(path), prefix="")
+    cfg = dataclasses.replace(cfg, source=str(path))
+    validate(cfg)
+    return cfg
+
+
+def override(cfg: Config, **values: Any) -> Config:
+    """Return ``cfg`` with dotted keys replaced, e.g. ``override(cfg, **{"tiling.overlap": 16})``.
+
+    None values are skipped, so unset command-line flags leave the file's values alone.
+    """
+    for dotted, value in values.items():
+        if value is None:
+            continue
+        section_name, _, key = dotted.partition(".")
+        section = getattr(cfg, section_name)
+        hints = typing.get_type_hints(type(section))
+        if key not in hints:
+            raise ConfigError(f"unknown setting '{dotted}'")
+        checked = _coerce(hints[key], value, f"{dotted} (command line)", "")
+        cfg = dataclasses.replace(
+            cfg, **{section_name: dataclasses.replace(section, **{key: checked})}
+        )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that are well typed but impossible."""
+    where = cfg.source
+    t = cfg.tiling
+    if t.tile_size < 32 or t.tile_size % 16:
+        _fail(
+            where,
+            "tiling.tile_size",
+            f"must be a multiple of 16 and at least 32, got {t.tile_size}",
+        )
+    if not 0 <= t.overlap < t.tile_size // 2:
+        _fail(
+            where,
+            "tiling.overlap",
+            f"must be ≥ 0 and less than half the tile size ({t.tile_size // 2}), got {t.overlap}",
+        )
+    if t.batch_size < 1:
+        _fail(where, "tiling.batch_size", f"must be at least 1, got {t.batch_size}")
+    n = cfg.normalize
+    if not 0 <= n.low_percentile < n.high_percentile <= 100:
+        _fail(where, "normalize", "need 0 ≤ low_percentile < high_percentile ≤ 100")
+    s = cfg.scale
+    for key in ("scale", "diameter_px", "pixel_size_um"):
+        value = getattr(s, key)
+        if value is not None and value <= 0:
+            _fail(where, f"scale.{key}", f"must be positive, got {value}")
+    if not 0 < s.min_scale <= 1 <= s.max_scale:
+        _fail(where, "scale.min_scale/max_scale", "need 0 < min_scale ≤ 1 ≤ max_scale")
+    p = cfg.postprocess
+    for key in ("interior_threshold", "foreground_threshold"):
+        value = getattr(p, key)
+        if not 0 < value < 1:
+            _fail(where, f"postprocess.{key}", f"must be between 0 and 1, got {value}")
+    if not p.interior_threshold < p.split_threshold <= 1:
+        _fail(
+            where,
+            "postprocess.split_threshold",
+            f"must lie above interior_threshold ({p.interior_threshold}) and be at most 1 "
+            f"(1 turns splitting off), got {p.split_threshold}",
+        )
+    for key in ("min_cell_area_px", "split_min_area_px"):
+        if getattr(p, key) < 0:
+            _fail(where, f"postprocess.{key}", f"must not be negative, got {getattr(p, key)}")
+    if cfg.input.plane < 0 or cfg.input.max_pixels < 1:
+        _fail(where, "input", "plane must be ≥ 0 and max_pixels ≥ 1")
+    if cfg.input.channel is not None and cfg.input.channel < 0:
+        _fail(where, "input.channel", f"must be ≥ 0, got {cfg.input.channel}")
+    w = cfg.watch
+    if w.stable_time_s < 0 or w.rescan_interval_s <= 0 or w.max_attempts < 1:
+        _fail(where, "watch", "stable_time_s ≥ 0, rescan_interval_s > 0 and max_attempts ≥ 1")
+    if w.incomplete_timeout_s < 0:
+        _fail(
+            where,
+            "watch.incomplete_timeout_s",
+            f"must not be negative, got {w.incomplete_timeout_s}",
+        )
+    _check_report(cfg.report, where)
+    if cfg.model.path is not None and not Path(cfg.model.path).is_file():
+        _fail(
+            where,
+            "model.path",
+            f"no model file at {cfg.model.path}; give the path of a .keras file or leave it empty for the bundled model",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file named by ``args.config`` (or the defaults) with the command-line
+    flags every command shares (``--out``, ``--model``) laid over it."""
+    config = load_config(getattr(args, "config", None))
+    return override(
+        config,
+        **{
+            "output.dir": str(args.out) if getattr(args, "out", None) else None,
+            "model.path": str(args.model) if getattr(args, "model", None) else None,
+        },
+    )
+
+
+def _check_report(r: ReportConfig, where: str) -> None:
+    time_zone(r.timezone, where)
+    if r.group_pattern:
+        try:
+            regex = re.compile(r.group_pattern)
+        except re.error as exc:
+            _fail(where, "report.group_pattern", f"is not a valid regular expression: {exc}")
+        if not regex.groupindex:
+            _fail(
+                where,
+                "report.group_pattern",
+                "needs named groups such as (?P<well>[A-H][0-9]{2}); "
+                f"{r.group_pattern!r} has none",
+            )
+    if not r.outlier_k > 0:
+        _fail(where, "report.outlier_k", f"must be positive, got {r.outlier_k}")
+    for key in ("saturated_max_fraction", "focus_min_ratio"):
+        if not 0 <= getattr(r, key) < 1:
+            _fail(where, f"report.{key}", f"must be between 0 and 1, got {getattr(r, key)}")
+    if r.refresh_interval_s <= 0:
+        _fail(where, "report.refresh_interval_s", f"must be positive, got {r.refresh_interval_s}")
+
+
+def time_zone(name: str, where: str = "") -> ZoneInfo:
+    """The IANA time zone ``report.timezone`` names, in which cellwatch's days begin.
+
+    Examples
+    --------
+    >>> time_zone("Europe/Berlin").key
+    'Europe/Berlin'
+    """
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(
+            f"{where + ': ' if where else ''}report.timezone: unknown time zone {name!r}; "
+            "use an IANA name such as 'Europe/Berlin' or 'America/New_York'"
+        ) from exc
+
+
+def local_today(timezone: str, now: datetime | None = None) -> date:
+    """Today's date in ``timezone`` (the default day of ``cellwatch report``).
+
+    Examples
+    --------
+    >>> local_today("Pacific/Auckland", datetime(2026, 3, 28, 12, tzinfo=UTC))
+    datetime.date(2026, 3, 29)
+    """
+    return (now or datetime.now(UTC)).astimezone(time_zone(timezone)).date()
+
+
+def _fail(where: str, key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{where}: {key} {message}")
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(names))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value or {}, where, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(kind, value, f"{prefix}{name}", where)
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``kind``; ints are accepted for floats."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{where}: {key} must be one of {', '.join(map(str, args))}, got {value!r}".lstrip(
+                    ": "
+                )
+            )
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}".lstrip(": "))
+        return tuple(_coerce(args[0], v, key, where) for v in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(
+            f"{where}: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})".lstrip(
+                ": "
+            )
+        )
+    return value

@@ -1,0 +1,567 @@
+"""``cellwatch watch``: the daemon that turns every new image into exactly one ledger row.
+
+Three threads, each owning its own database connection:
+
+- the **watcher** (:mod:`cellwatch.service.watcher`) finds files that are stable and complete and
+  adds them to the job queue (:mod:`cellwatch.service.jobs`);
+- the **worker** (:class:`Worker`) claims queued jobs, runs the pipeline on up to
+  ``BATCH_IMAGES`` at a time, appends the results to ``cells.csv`` and ``ledger.csv`` and
+  marks the jobs done;
+- the **main** thread handles signals (the handlers only set flags), talks to systemd
+  (:mod:`cellwatch.service.sdnotify`) and exits with status 1 if another thread dies, so systemd
+  restarts the service.
+
+Exactly one ledger row per image, through ``kill -9`` at any moment: the ledger row is
+written (one ``write`` + ``fsync``) before the job is marked done, and at start-up a torn
+last line is cut, every job whose ``job_id`` is in the ledger is marked finished, and jobs
+found running are run again. Before a row is appended its ``job_id`` is checked against the
+ledger's (kept in memory). A job run again after a crash may have appended some of its
+cells already: readers of ``cells.csv`` keep, for each ``job_id`` with a ledger row, the
+last row of each ``(job_id, label)`` (see docs/daemon.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from cellwatch.config import Config, override
+from cellwatch.errors import BadInputError, CellwatchError, ConfigError, TransientError
+from cellwatch.reporting.report import check_settings, reports_for_config
+from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
+from cellwatch.service.schedule import ReportSchedule
+from cellwatch.service.sdnotify import Notifier
+from cellwatch.service.watcher import Watcher
+from cellwatch.storage import ledger
+
+log = logging.getLogger("cellwatch.watch")
+
+BATCH_IMAGES = 8  # images claimed together, so their tiles can share inference batches
+HEARTBEAT_S = 10.0  # how often the daemon tells `cellwatch status` it is alive
+RETRY_BASE_S = 30.0  # first delay before a transient failure is retried; doubles each time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="configuration file (YAML)")
+    parser.add_argument("--inbox", type=Path, help="folder to watch (default: watch.inbox)")
+    parser.add_argument("--out", type=Path, help="output folder (default: output.dir)")
+    parser.add_argument(
+        "--state", type=Path, help="folder for the job database (default: OUT/.state)"
+    )
+    parser.add_argument("--model", type=Path, help="model file (.keras); default: bundled")
+
+
+def settings_from_args(args: argparse.Namespace) -> Config:
+    """The configuration file with the command-line flags laid over it."""
+    from cellwatch.config import config_from_args
+
+    return override(
+        config_from_args(args),
+        **{
+            "watch.inbox": str(args.inbox) if getattr(args, "inbox", None) else None,
+            "watch.state_dir": str(args.state) if getattr(args, "state", None) else None,
+        },
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM or SIGINT; 0 on a clean stop, 1 if a thread died."""
+    return Daemon(lambda: checked(settings_from_args(args))).serve()
+
+
+def checked(config: Config) -> Config:
+    """``config`` once the report section's column-dependent checks pass too, so a bad
+    ``report.group_pattern`` stops the daemon at start rather than at the first report."""
+    check_settings(config.report)
+    return config
+
+
+@dataclass(frozen=True)
+class Paths:
+    inbox: Path
+    out: Path
+    state: Path
+
+    @classmethod
+    def of(cls, config: Config) -> Paths:
+        inbox = Path(os.path.abspath(config.watch.inbox))
+        if not inbox.is_dir():
+            raise ConfigError(
+                f"the inbox folder {inbox} does not exist (or is not a folder); create it, "
+                "or set --inbox / watch.inbox"
+            )
+        out = Path(os.path.abspath(config.output.dir))
+        return cls(inbox, out, Path(os.path.abspath(state_dir(config))))
+
+    @property
+    def ledger(self) -> Path:
+        return self.out / "ledger.csv"
+
+    @property
+    def cells(self) -> Path:
+        return self.out / "cells.csv"
+
+    @property
+    def db(self) -> Path:
+        return self.state / DB_NAME
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The settings and the loaded model the worker uses; replaced whole on SIGHUP."""
+
+    config: Config
+    segmenter: Any  # cellwatch.pipeline.Segmenter
+
+    @property
+    def model_label(self) -> str:
+        return str(self.segmenter.model.label)
+
+
+def load_engine(config: Config) -> Engine:
+    """Load the model and run one dummy batch, so the first image does not pay for graph
+    compilation and a broken model fails before the daemon reports READY."""
+    import numpy as np
+
+    from cellwatch.model import load_model
+    from cellwatch.pipeline import Segmenter
+
+    segmenter = Segmenter(config, load_model(config.model.path))
+    t = config.tiling
+    segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
+    return Engine(config, segmenter)
+
+
+class Daemon:
+    """Start-up, the main loop and shutdown of ``cellwatch watch``.
+
+    Parameters
+    ----------
+    load_config : callable
+        Reads the configuration; called at start and again on SIGHUP.
+    notifier : Notifier, optional
+        Where sd_notify messages go (from ``NOTIFY_SOCKET`` by default).
+    """
+
+    def __init__(self, load_config: Callable[[], Config], notifier: Notifier | None = None) -> None:
+        self.load_config = load_config
+        self.config = load_config()
+        self.paths = Paths.of(self.config)
+        self.notifier = notifier or Notifier()
+        self.stop = threading.Event()  # tells the threads to finish
+        self.wake = threading.Event()  # tells the worker new jobs are queued
+        self.watcher: Watcher | None = None
+        self.watcher_error: str | None = None
+        self._stop_requested = False  # set by signal handlers: plain flags, no locks
+        self._reload_requested = False
+        self._next_ping = 0.0
+        self.reports = ReportSchedule(
+            self.config.report.timezone, self.config.report.refresh_interval_s
+        )
+        self._report_thread: threading.Thread | None = None
+
+    def serve(self) -> int:
+        for folder in (self.paths.out, self.paths.state):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CellwatchError(
+                    f"cannot create {folder}: {exc.strerror or exc}; check the path and "
+                    "that this user may write there"
+                ) from exc
+        lock = _lock(self.paths.state)
+        previous = _install_signals(self._on_signal)
+        try:
+            with JobQueue(self.paths.db) as queue:
+                recorded = self._recover(queue)
+                return self._serve(queue, recorded)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            lock.close()
+
+    def _recover(self, queue: JobQueue) -> dict[str, str]:
+        for path in (self.paths.ledger, self.paths.cells):
+            if ledger.repair(path):
+                log.warning("cut a half-written last line from %s (left by a crash)", path)
+        recorded = ledger.job_statuses(self.paths.ledger)
+        recovery = queue.recover(recorded)
+        if recovery.already_recorded or recovery.requeued:
+            log.warning(
+                "recovered from an unclean stop: %d job(s) already in the ledger, %d to run again",
+                recovery.already_recorded,
+                recovery.requeued,
+            )
+        return recorded
+
+    def _serve(self, queue: JobQueue, recorded: dict[str, str]) -> int:
+        self.notifier.status("loading the model")
+        engine = load_engine(self.config)
+        if self._stop_requested:
+            self.notifier.send("STOPPING=1")
+            return 0
+        worker = Worker(self.paths, engine, recorded, stop=self.stop, wake=self.wake)
+        threads = [
+            threading.Thread(target=self._watch, name="watcher", daemon=True),
+            threading.Thread(target=worker.run, name="worker", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running")
+        self._beat(queue, worker)
+        self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
+        log.info(
+            "watching %s; results in %s; model %s",
+            self.paths.inbox,
+            self.paths.out,
+            engine.model_label,
+        )
+        code = self._loop(queue, worker, threads)
+        self.notifier.send("STOPPING=1", "STATUS=stopping: finishing the images in hand")
+        self.stop.set()
+        self.wake.set()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=self._tick)
+                if code == 0:  # alive and finishing; after a thread died, no more pings
+                    self._ping()
+        if self._report_thread is not None:
+            self._report_thread.join()
+        queue.set_meta(state="stopped", heartbeat=_now())
+        log.info("stopped: %d image(s) counted, %d failed", worker.done, worker.failed)
+        return code
+
+    @property
+    def _tick(self) -> float:
+        interval = self.notifier.watchdog_interval_s
+        return min(0.2, interval) if interval else 0.2
+
+    def _loop(self, queue: JobQueue, worker: Worker, threads: list[threading.Thread]) -> int:
+        next_beat = time.monotonic() + HEARTBEAT_S
+        while not self._stop_requested:
+            time.sleep(self._tick)  # a signal handler runs during the sleep and sets a flag
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload(queue, worker)
+            dead = [t.name for t in threads if not t.is_alive()]
+            if dead:
+                why = worker.error if "worker" in dead else self.watcher_error
+                log.error(
+                    "the %s thread stopped (%s); exiting so that systemd restarts cellwatch",
+                    dead[0],
+                    why or "no reason given",
+                )
+                return 1
+            self._ping()
+            self._refresh_reports()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_S
+                self._beat(queue, worker)
+        return 0
+
+    def _refresh_reports(self) -> None:
+        """Rebuild the daily reports that are due, in the background: a slow report must
+        not hold up the watchdog pings."""
+        if self._report_thread is not None and self._report_thread.is_alive():
+            return
+        days = self.reports.due(datetime.now(UTC), time.monotonic())
+        if days is None:
+            return
+        config = self.config
+
+        def build() -> None:
+            try:
+                reports_for_config(config, start=days[0], end=days[1])
+            except Exception as exc:  # a report problem must never stop the counting
+                log.error("could not write the daily report: %s", exc)
+
+        self._report_thread = threading.Thread(target=build, name="report", daemon=True)
+        self._report_thread.start()
+
+    def _ping(self) -> None:
+        """WATCHDOG=1, at most every half watchdog period; only called while the watcher
+        and worker threads are alive (or finishing)."""
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None and time.monotonic() >= self._next_ping:
+            self._next_ping = time.monotonic() + interval
+            self.notifier.send("WATCHDOG=1")
+
+    def _beat(self, queue: JobQueue, worker: Worker) -> None:
+        queue.set_meta(heartbeat=_now(), model=worker.engine.model_label)
+        self.notifier.status(self._summary(queue, worker))
+
+    def _summary(self, queue: JobQueue, worker: Worker) -> str:
+        counts = queue.counts()
+        writing = self.watcher.pending() if self.watcher is not None else 0
+        return (
+            f"{counts['pending'] + counts['running']} queued, {writing} being written, "
+            f"{worker.done} counted, {worker.failed} failed since start; "
+            f"model {worker.engine.model_label}"
+        )
+
+    def _reload(self, queue: JobQueue, worker: Worker) -> None:
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            config = self.load_config()
+            paths = Paths.of(config)
+            engine = load_engine(config)
+        except Exception as exc:  # a bad new model or config must not stop a working daemon
+            log.error("reload failed, still using the previous settings and model: %s", exc)
+        else:
+            if paths != self.paths:
+                log.warning(
+                    "a new inbox, output or state folder takes effect only after a restart; "
+                    "still watching %s",
+                    self.paths.inbox,
+                )
+            self.config = config
+            worker.engine = engine
+            if self.watcher is not None:
+                self.watcher.update(config.watch)
+            log.info("reloaded %s; model %s", config.source, engine.model_label)
+        self._beat(queue, worker)
+        self.notifier.send("READY=1")
+
+    def _watch(self) -> None:
+        """The watcher thread: its own connection to the queue, and the watcher loop."""
+        try:
+            with JobQueue(self.paths.db) as queue:
+
+                def enqueue(files: list[FileVersion]) -> None:
+                    new = set(queue.add(files))
+                    for f in files:
+                        if f.job_id in new:
+                            log.info("queued %s", f.rel_path)
+                    if new:
+                        self.wake.set()
+
+                skip = [self.paths.state, self.paths.out / "labels", self.paths.out / "overlays"]
+                self.watcher = Watcher(
+                    self.paths.inbox,
+                    self.config.watch,
+                    is_known=queue.seen,
+                    on_stable=enqueue,
+                    skip=skip,
+                )
+                self.watcher.run(self.stop)
+        except Exception as exc:  # reported by the main loop, which then exits with 1
+            self.watcher_error = f"{type(exc).__name__}: {exc}"
+            log.exception("the watcher failed")
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop_requested = True
+
+
+class Worker:
+    """Claims jobs, runs the pipeline on them, writes their rows and finishes them.
+
+    Parameters
+    ----------
+    paths : Paths
+        Inbox, output and state folders.
+    engine : Engine
+        Settings and model; the main thread swaps it on SIGHUP (read once per batch).
+    recorded : dict
+        ``job_id → status`` of every ledger row; the worker adds to it.
+    stop, wake : threading.Event
+        Set to finish; set when new jobs are queued.
+    process : callable, optional
+        :func:`cellwatch.pipeline.process_images` (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        engine: Engine,
+        recorded: dict[str, str],
+        *,
+        stop: threading.Event,
+        wake: threading.Event,
+        process: Callable[..., list[Any]] | None = None,
+    ) -> None:
+        self.paths, self.engine, self.recorded = paths, engine, recorded
+        self.stop, self.wake = stop, wake
+        self._process = process
+        self.done = self.failed = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        """The worker thread. An error outside one image's processing (the ledger or the
+        database cannot be written) ends it; the daemon then exits for systemd to restart
+        it, and start-up recovery picks up where it stopped."""
+        try:
+            with JobQueue(self.paths.db) as queue:
+                while not self.stop.is_set():
+                    if not self.work(queue):
+                        self.wake.wait(1.0)
+                        self.wake.clear()
+        except OSError as exc:
+            self.error = f"cannot write to {exc.filename or self.paths.out}: {exc.strerror or exc}"
+            log.error("%s", self.error)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the worker failed")
+
+    def work(self, queue: JobQueue) -> bool:
+        """Process one batch of due jobs; False if there was none."""
+        engine = self.engine
+        jobs = queue.claim(BATCH_IMAGES)
+        if not jobs:
+            return False
+        max_attempts = engine.config.watch.max_attempts
+        outcomes: dict[str, Any] = {}
+        todo = []
+        for job in jobs:
+            if job.job_id in self.recorded:  # its row landed before a crash
+                outcomes[job.job_id] = "done" if self.recorded[job.job_id] == "ok" else "failed"
+            elif job.attempts > max_attempts:  # it was running at each of the last stops
+                reason = job.last_error or (
+                    "cellwatch stopped while processing this image (a crash, a power cut or "
+                    "an out-of-memory kill?)"
+                )
+                message = f"gave up after {max_attempts} attempts; last error: {reason}"
+                outcomes[job.job_id] = self._record(self._failed(job, engine, message))
+            else:
+                todo.append(job)
+        for job, outcome in self._run(engine, todo):
+            if isinstance(outcome, Exception):
+                message = _describe(outcome)
+                if job.attempts < max_attempts:
+                    delay = RETRY_BASE_S * 2 ** (job.attempts - 1)
+                    log.warning("%s: %s; trying again in %.0f s", job.rel_path, message, delay)
+                    queue.retry(job.job_id, message, delay)
+                    continue
+                message = f"gave up after {job.attempts} attempts; last error: {message}"
+                outcome = self._failed(job, engine, message)
+            outcomes[job.job_id] = self._record(self._check_content(job, engine, outcome))
+        queue.finish(outcomes)
+        return True
+
+    def _run(self, engine: Engine, jobs: list[Job]) -> list[tuple[Job, Any]]:
+        """(job, ImageResult or the exception it raised) for each job, in order."""
+        if not jobs:
+            return []
+        process = self._process
+        if process is None:
+            from cellwatch.pipeline import process_images as process
+        try:
+            results = process(
+                [self.paths.inbox / job.rel_path for job in jobs],
+                config=engine.config,
+                segmenter=engine.segmenter,
+                out_dir=self.paths.out,
+                job_ids=[job.job_id for job in jobs],
+            )
+            return list(zip(jobs, results, strict=True))
+        except Exception as exc:  # one image's fault must not cost the others their work
+            if len(jobs) == 1:
+                return [(jobs[0], exc)]
+            return [pair for job in jobs for pair in self._run(engine, [job])]
+
+    def _check_content(self, job: Job, engine: Engine, result: Any) -> Any:
+        """The result, unless the file was replaced after it was queued: then the new
+        content is a new job of its own, and this one is recorded as failed."""
+        sha = result.row.get("sha256")
+        if sha and sha != job.sha256 and not job.sha256.startswith("unreadable-"):
+            return self._failed(
+                job,
+                engine,
+                "the file changed after it was queued; its new content is counted as a new image",
+            )
+        return result
+
+    def _failed(self, job: Job, engine: Engine, message: str) -> Any:
+        from cellwatch.pipeline import failed_result
+
+        path = self.paths.inbox / job.rel_path
+        base = {
+            "image": str(path),
+            "sha256": job.sha256 if not job.sha256.startswith("unreadable-") else None,
+            "model": engine.model_label,
+            "settings_hash": engine.config.settings_hash(),
+            "job_id": job.job_id,
+        }
+        return failed_result(
+            path,
+            BadInputError(message),
+            model=engine.model_label,
+            config=engine.config,
+            job_id=job.job_id,
+            row=base,
+        )
+
+    def _record(self, result: Any) -> str:
+        """Append the result's rows unless its job is already in the ledger; the job's
+        final state."""
+        from cellwatch.service.driver import record
+
+        row = result.row
+        if row["job_id"] not in self.recorded:
+            record(result, self.paths.out)
+            self.recorded[row["job_id"]] = row["status"]
+        if row["status"] == "ok":
+            self.done += 1
+            log.info("%s: %s cells", row["image"], row.get("cell_count"))
+            return "done"
+        self.failed += 1
+        log.warning("%s failed: %s", row["image"], row.get("error"))
+        return "failed"
+
+
+def _describe(exc: Exception) -> str:
+    """An exception from processing one image, in words."""
+    if isinstance(exc, TransientError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return (
+        f"unexpected error ({type(exc).__name__}: {exc}); please report it to the cellwatch "
+        "maintainers with the image"
+    )
+
+
+def _lock(state: Path) -> IO[str]:
+    """Hold an exclusive lock on the state folder for the daemon's lifetime (the kernel
+    drops it when the process dies, even by kill -9)."""
+    handle = (state / "daemon.lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise CellwatchError(
+            f"another `cellwatch watch` (pid {pid}) is already using the state folder "
+            f"{state}; stop it first, or give this one its own --state"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _install_signals(handler: Callable[[int, FrameType | None], None]) -> dict[int, Any]:
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,137 @@
+"""``cellwatch status``: what the daemon is doing, for a person or a script.
+
+Reads the job database (read-only) and the ledger, so it works while the daemon runs and
+after it stopped, and needs no model. Numbers: queue depth, images counted and failed
+today (in ``report.timezone``), images per minute over the last ten minutes, the last
+error, the model in use and whether the daemon is alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cellwatch.config import Config, override, time_zone
+from cellwatch.service.jobs import DB_NAME, JobQueue, state_dir
+from cellwatch.storage import ledger
+
+RATE_WINDOW = timedelta(minutes=10)
+ALIVE_WITHIN_S = 60.0  # a heartbeat older than this means the daemon is not running
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="configuration file (YAML)")
+    parser.add_argument("--out", type=Path, help="output folder (default: output.dir)")
+    parser.add_argument(
+        "--state", type=Path, help="folder of the job database (default: OUT/.state)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cellwatch.config import config_from_args
+
+    config = override(
+        config_from_args(args),
+        **{"watch.state_dir": str(args.state) if args.state else None},
+    )
+    report = collect(config)
+    print(json.dumps(report, indent=2) if args.json else format_text(report), file=sys.stdout)
+    return 0
+
+
+def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
+    """The status as plain data (what ``--json`` prints).
+
+    Raises
+    ------
+    QueueError
+        There is no job database in the state folder, or it cannot be read.
+    """
+    now = now or datetime.now(UTC)
+    zone = time_zone(config.report.timezone)
+    out, state = Path(config.output.dir), state_dir(config)
+    with JobQueue(state / DB_NAME, readonly=True) as queue:
+        counts, meta = queue.counts(), queue.meta()
+        retrying = [job for job in queue.jobs(("pending",)) if job.attempts > 0]
+    rows = ledger.read(out / "ledger.csv")
+    times = pd.to_datetime(rows["processed_at"], utc=True, errors="coerce", format="ISO8601")
+    midnight = now.astimezone(zone).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = rows[times >= midnight]
+    recent = rows[times >= now - RATE_WINDOW]
+    failed = rows[rows["status"].eq("failed")]
+    last_error = None
+    if len(failed):
+        last = failed.iloc[-1]
+        last_error = {
+            "time": str(last["processed_at"]),
+            "image": str(last["image"]),
+            "error": str(last["error"]),
+        }
+    return {
+        "daemon": _daemon(meta, now),
+        "model": meta.get("model") or (str(rows["model"].iloc[-1]) if len(rows) else None),
+        "queue": {
+            "waiting": counts["pending"],
+            "in_progress": counts["running"],
+            "retrying": len(retrying),
+            "last_retry_error": retrying[-1].last_error if retrying else None,
+        },
+        "today": {
+            "counted": int(today["status"].eq("ok").sum()),
+            "failed": int(today["status"].eq("failed").sum()),
+            "since": midnight.isoformat(),
+        },
+        "images_per_minute": round(len(recent) / (RATE_WINDOW.total_seconds() / 60), 2),
+        "last_error": last_error,
+        "state_dir": str(state),
+        "output_dir": str(out),
+    }
+
+
+def format_text(report: dict[str, Any]) -> str:
+    """The status as a few aligned lines for a person."""
+    d, q, t = report["daemon"], report["queue"], report["today"]
+    if d["running"]:
+        daemon = f"running, pid {d['pid']}, last heartbeat {d['heartbeat_age_s']:.0f} s ago"
+    elif d["heartbeat"]:
+        daemon = f"not running (last seen {d['heartbeat']})"
+    else:
+        daemon = "not running"
+    queue = f"{q['waiting']} waiting, {q['in_progress']} in progress"
+    if q["retrying"]:
+        queue += f", {q['retrying']} to retry (last error: {q['last_retry_error']})"
+    error = "none"
+    if report["last_error"]:
+        e = report["last_error"]
+        error = f"{e['time']}  {e['image']}: {e['error']}"
+    lines = [
+        ("daemon", daemon),
+        ("model", report["model"] or "unknown (nothing processed yet)"),
+        ("queue", queue),
+        ("today", f"{t['counted']} counted, {t['failed']} failed (since {t['since']})"),
+        ("rate", f"{report['images_per_minute']:g} images/min over the last 10 min"),
+        ("last error", error),
+    ]
+    head = f"cellwatch status — output {report['output_dir']}, state {report['state_dir']}"
+    return "\n".join([head, *(f"  {key:<11} {value}" for key, value in lines)])
+
+
+def _daemon(meta: dict[str, str], now: datetime) -> dict[str, Any]:
+    heartbeat = meta.get("heartbeat")
+    age = None
+    if heartbeat:
+        age = (now - datetime.fromisoformat(heartbeat)).total_seconds()
+    running = meta.get("state") == "running" and age is not None and age < ALIVE_WITHIN_S
+    return {
+        "running": running,
+        "pid": int(meta["pid"]) if meta.get("pid") else None,
+        "heartbeat": heartbeat,
+        "heartbeat_age_s": round(age, 1) if age is not None else None,
+    }

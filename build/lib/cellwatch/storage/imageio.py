@@ -1,0 +1,419 @@
+"""Read microscope images into one 2-D plane, and write label images.
+
+Every input is checked before it is decoded: its declared size must fit ``input.max_pixels``
+and a TIFF's pixel data must lie inside the file. Anything that cannot be read becomes a
+:class:`~cellwatch.errors.BadInputError` that names the file and says what is wrong.
+Input files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import stat
+import uuid
+import warnings
+import xml.etree.ElementTree as ET
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from cellwatch.errors import BadInputError, ConfigError, TransientError
+
+SUPPORTED_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_CHANNEL_AXES = "CS"
+_UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+                "\\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}  # fmt: skip
+_UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}  # inch, cm, mm, µm
+_DEFAULT_DPI = (72.0, 96.0)  # what desktop software writes when it knows nothing
+_STRIP_BYTES = 1 << 18  # uncompressed bytes per strip of a label TIFF (tifffile's choice)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
+class ImageData:
+    """One image plane ready for segmentation.
+
+    Attributes
+    ----------
+    pixels : np.ndarray
+        2-D (H, W) array in the file's own dtype (bool becomes uint8); never normalised.
+    pixel_size_um : float or None
+        Physical pixel size in µm from OME or TIFF resolution metadata, else None.
+    path : Path
+        The file it came from.
+    note : str
+        What was done to get one plane, for logs ("max projection of 12 planes").
+    """
+
+    pixels: np.ndarray
+    pixel_size_um: float | None
+    path: Path
+    note: str = ""
+
+
+def is_supported(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -> bool:
+    """Return True if the file name ends in one of ``extensions`` (case-insensitive).
+
+    Hidden files (name starting with ".") never count: they are temporary files or the
+    "._name.tif" resource forks macOS leaves on network shares, not images.
+    """
+    name = Path(path).name.lower()
+    suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    return not name.startswith(".") and name.endswith(suffixes)
+
+
+def stem(path: Path) -> str:
+    """The file name without its image suffix (``a.ome.tif`` → ``a``), used to pair images
+    with masks and to name label images and overlays."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+    """Pair images and masks by file stem; name every image or mask without a partner."""
+
+    def by_stem(folder: Path) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder")
+        return {stem(p): p for p in sorted(folder.iterdir()) if is_supported(p)}
+
+    image_files, mask_files = by_stem(images), by_stem(masks)
+    lonely_images = sorted(set(image_files) - set(mask_files))
+    lonely_masks = sorted(set(mask_files) - set(image_files))
+    if lonely_images or lonely_masks:
+        lines = [f"images and masks must pair up by file name ({images} / {masks}):"]
+        if lonely_images:
+            lines.append("  images without a mask: " + ", ".join(lonely_images[:20]))
+        if lonely_masks:
+            lines.append("  masks without an image: " + ", ".join(lonely_masks[:20]))
+        raise ConfigError("\n".join(lines))
+    if not image_files:
+        raise ConfigError(f"no supported images found in {images}")
+    return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
+
+
+def read_image(
+    path: Path,
+    *,
+    channel: int | None = None,
+    stack: Literal["max", "plane"] = "max",
+    plane: int = 0,
+    max_pixels: int = 400_000_000,
+) -> ImageData:
+    """Read a TIFF, OME-TIFF, PNG or JPEG file and reduce it to one 2-D plane.
+
+    Parameters
+    ----------
+    path : Path
+        The image file.
+    channel : int or None
+        Channel to use. None accepts gray images, and colour images whose channels are equal.
+    stack : {"max", "plane"}
+        "max" projects all Z/T/other planes; "plane" keeps plane number ``plane``.
+    plane : int
+        Flat index over all stack axes, used when ``stack="plane"``.
+    max_pixels : int
+        Refuse images that declare more pixels (height × width × planes) than this.
+
+    Returns
+    -------
+    ImageData
+
+    Raises
+    ------
+    BadInputError
+        The file is missing, empty, corrupt, too large, or its channels/planes do not fit
+        the settings. Retrying will not help.
+    TransientError
+        The operating system could not open the file for a reason that may pass.
+    """
+    path = Path(path)
+    with _open_input(path) as fh:
+        if path.name.lower().endswith(_TIFF_SUFFIXES):
+            data, axes, n_alpha, pixel_size = _read_tiff(fh, path, max_pixels)
+        elif path.name.lower().endswith((".png", ".jpg", ".jpeg")):
+            data, axes, n_alpha, pixel_size = _read_pillow(fh, path, max_pixels)
+        else:
+            raise BadInputError(f"{path} has an unsupported file type; use {SUPPORTED_EXTENSIONS}")
+    if data.size == 0:
+        raise BadInputError(f"{path} contains an image with no pixels (shape {data.shape})")
+    pixels, note = _reduce_to_plane(data, axes, n_alpha, path, channel, stack, plane)
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8)
+    return ImageData(pixels, pixel_size, path, note)
+
+
+def _open_input(path: Path) -> BinaryIO:
+    try:
+        st = path.stat()
+        regular = stat.S_ISREG(st.st_mode)
+        fh = path.open("rb") if regular and st.st_size > 0 else None
+    except FileNotFoundError:
+        raise BadInputError(f"{path} does not exist (was it moved or deleted?)") from None
+    except PermissionError as exc:
+        raise BadInputError(f"{path} cannot be read: permission denied ({exc})") from None
+    except OSError as exc:
+        raise TransientError(f"{path} could not be opened: {exc}; will try again") from exc
+    if fh is None:
+        what = "is empty (0 bytes); was it saved completely?" if regular else "is not a file"
+        raise BadInputError(f"{path} {what}")
+    return fh
+
+
+def _read_tiff(
+    fh: BinaryIO, path: Path, max_pixels: int
+) -> tuple[np.ndarray, str, int, float | None]:
+    try:
+        with tifffile.TiffFile(fh) as tif:
+            series = tif.series[0]
+            axes, keyframe = series.axes, series.keyframe
+            _check_declared_size(path, series.shape, axes, series.dtype, max_pixels)
+            _check_not_truncated(path, series, os.fstat(fh.fileno()).st_size)
+            try:
+                pixel_size = _tiff_pixel_size(tif)
+            except (ET.ParseError, ValueError, TypeError, ZeroDivisionError):
+                pixel_size = None  # broken metadata should not cost the pixels
+            data = series.asarray()
+    except (BadInputError, MemoryError):
+        raise
+    except Exception as exc:  # a decoder may fail in any way on a corrupt file
+        raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
+    n_alpha = sum(e in (1, 2) for e in keyframe.extrasamples) if "S" in axes else 0
+    return data, axes, n_alpha, pixel_size
+
+
+def _read_pillow(
+    fh: BinaryIO, path: Path, max_pixels: int
+) -> tuple[np.ndarray, str, int, float | None]:
+    try:
+        with warnings.catch_warnings():
+            # We check the size against input.max_pixels ourselves, right below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fh, formats=["PNG", "JPEG", "MPO"])
+        width, height = im.size
+        _check_declared_size(path, (height, width), "YX", np.dtype(np.uint8), max_pixels)
+        if im.mode not in ("1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "RGB", "RGBA"):
+            im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+        data = np.asarray(im)
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(
+            f"{path} is too large for Pillow to decode safely ({exc}); input.max_pixels is "
+            f"{max_pixels:,}. Save very large images as TIFF instead."
+        ) from None
+    except (BadInputError, MemoryError):
+        raise
+    except Exception as exc:  # UnidentifiedImageError, "image file is truncated", ...
+        raise BadInputError(f"{path} is truncated or corrupt or not a PNG/JPEG: {exc}") from exc
+    axes = "YX" if data.ndim == 2 else "YXS"
+    return data, axes, int(im.mode in ("LA", "RGBA")), None
+
+
+def _check_declared_size(
+    path: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype, max_pixels: int
+) -> None:
+    if "Y" not in axes or "X" not in axes or len(shape) != len(axes):
+        raise BadInputError(f"{path} has no recognisable image plane (axes {axes!r}, {shape})")
+    sizes = dict(zip(axes, shape, strict=True))
+    planes = math.prod(n for a, n in sizes.items() if a not in "YX" + _CHANNEL_AXES)
+    n_pixels = sizes["Y"] * sizes["X"] * planes
+    n_bytes = math.prod(shape) * dtype.itemsize
+    if n_pixels > max_pixels or n_bytes > 4 * max_pixels * dtype.itemsize:
+        raise BadInputError(
+            f"{path} declares {sizes['Y']:,} × {sizes['X']:,} pixels × {planes:,} planes "
+            f"({n_pixels:,} pixels, {n_bytes / 1e9:.1f} GB of {dtype}), more than "
+            f"input.max_pixels = {max_pixels:,}. If the image is genuine, raise "
+            "input.max_pixels in config.yaml (the machine needs that much memory)."
+        )
+
+
+def _check_not_truncated(path: Path, series: tifffile.TiffPageSeries, file_size: int) -> None:
+    pages = [p for p in series.pages if p is not None]
+    ends = (o + n for p in pages for o, n in zip(p.dataoffsets, p.databytecounts, strict=True))
+    end = max(ends, default=0)
+    if end > file_size:
+        raise BadInputError(
+            f"{path} is truncated or corrupt: its pixel data should reach byte {end:,} but "
+            f"the file has {file_size:,} bytes. Copy the file again from the microscope."
+        )
+
+
+def _tiff_pixel_size(tif: tifffile.TiffFile) -> float | None:
+    """Pixel size in µm: OME PhysicalSizeX, else ImageJ unit, else TIFF resolution tags."""
+    if tif.is_ome and tif.ome_metadata:
+        pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Image/{*}Pixels")
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            factor = _UM_PER_UNIT.get(pixels.get("PhysicalSizeXUnit", "µm"))
+            size = float(pixels.get("PhysicalSizeX", "nan"))
+            return size * factor if factor and size > 0 else None
+    tags = tif.pages.first.tags
+    xres, unit_tag = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if xres is None or not xres.value[0] or not xres.value[1]:
+        return None
+    px_per_unit = xres.value[0] / xres.value[1]
+    unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default unit is inch
+    imagej_unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
+    if imagej_unit in _UM_PER_UNIT:
+        return _UM_PER_UNIT[imagej_unit] / px_per_unit
+    if (
+        unit not in _UM_PER_RESUNIT
+        or px_per_unit == 1
+        or (unit == 2 and px_per_unit in _DEFAULT_DPI)
+    ):
+        return None
+    return _UM_PER_RESUNIT[unit] / px_per_unit
+
+
+def _reduce_to_plane(
+    data: np.ndarray,
+    axes: str,
+    n_alpha: int,
+    path: Path,
+    channel: int | None,
+    stack: str,
+    plane: int,
+) -> tuple[np.ndarray, str]:
+    """Reshape to (planes, channels, H, W), then pick a channel and a plane."""
+    stack_idx = [i for i, a in enumerate(axes) if a not in "YX" + _CHANNEL_AXES]
+    chan_idx = [i for i, a in enumerate(axes) if a in _CHANNEL_AXES]
+    data = np.transpose(data, [*stack_idx, *chan_idx, axes.index("Y"), axes.index("X")])
+    data = data.reshape(math.prod(data.shape[: len(stack_idx)]), -1, *data.shape[-2:])
+    notes = []
+    if n_alpha and "S" in axes and "C" not in axes:
+        data = data[:, :-n_alpha]
+        notes.append("alpha dropped")
+    data = _pick_channel(data, path, channel, notes)
+    pixels = _pick_plane(data, path, stack, plane, notes)
+    return np.ascontiguousarray(pixels), "; ".join(notes)
+
+
+def _pick_channel(
+    data: np.ndarray, path: Path, channel: int | None, notes: list[str]
+) -> np.ndarray:
+    """(planes, channels, H, W) -> (planes, H, W)."""
+    n_chan = data.shape[1]
+    if channel is None:
+        if any(not np.array_equal(data[:, 0], data[:, k]) for k in range(1, n_chan)):
+            raise BadInputError(
+                f"{path} has {n_chan} channels that differ (a colour or multi-channel image). "
+                "Set input.channel in config.yaml to the channel that shows the cells "
+                f"(0 to {n_chan - 1})."
+            )
+        if n_chan > 1:
+            notes.append(f"gray from {n_chan} equal channels")
+        return data[:, 0]
+    if not 0 <= channel < n_chan:
+        raise BadInputError(
+            f"{path} has {n_chan} channel(s), so input.channel = {channel} does not exist; "
+            f"use 0 to {n_chan - 1} in config.yaml"
+        )
+    notes.append(f"channel {channel} of {n_chan}")
+    return data[:, channel]
+
+
+def _pick_plane(
+    data: np.ndarray, path: Path, stack: str, plane: int, notes: list[str]
+) -> np.ndarray:
+    """(planes, H, W) -> (H, W) by max projection or by choosing one plane."""
+    n_planes = data.shape[0]
+    if stack == "max":
+        if n_planes == 1:
+            return data[0]  # no copy of a large single plane
+        notes.append(f"max projection of {n_planes} planes")
+        return data.max(axis=0)
+    if stack != "plane":
+        raise ValueError(f"stack must be 'max' or 'plane', got {stack!r}")
+    if not 0 <= plane < n_planes:
+        raise BadInputError(
+            f"{path} has {n_planes} plane(s), so input.plane = {plane} does not exist; "
+            f"use 0 to {n_planes - 1} in config.yaml, or set input.stack to max"
+        )
+    notes.append(f"plane {plane} of {n_planes}")
+    return data[plane]
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file's content, read in 1 MiB blocks.
+
+    The one content hash of cellwatch: the watcher's file identity and the ledger's
+    ``sha256`` column. An empty file has one too. OS errors (a missing file, no permission)
+    are raised as they are, for the caller to judge.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     sha256_file(Path(f.name))[:8]
+    'e3b0c442'
+    """
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_labels(path: Path, labels: np.ndarray) -> None:
+    """Write a label image as a deflate-compressed TIFF, atomically.
+
+    uint16 is used, or uint32 when the largest label exceeds 65535. Parent folders are
+    created. The file appears complete or not at all. Strips are converted and compressed
+    one at a time, so a large label image is not copied whole.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+        raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must not be negative")
+    top = int(labels.max()) if labels.size else 0
+    dtype = np.dtype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32)
+    rows = max(1, _STRIP_BYTES // max(1, labels.shape[1] * dtype.itemsize))
+
+    def strips() -> Iterator[bytes]:
+        for start in range(0, labels.shape[0], rows):
+            yield zlib.compress(labels[start : start + rows].astype(dtype).tobytes())
+
+    atomic_write(
+        Path(path),
+        lambda fh: tifffile.imwrite(
+            fh,
+            strips(),
+            shape=labels.shape,
+            dtype=dtype,
+            rowsperstrip=rows,
+            compression="zlib",
+            photometric="minisblack",
+        ),
+    )
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a temporary file in the same folder, then rename it into place.
+
+    Readers never see a half-written file. OS errors (a full disk, a lost network share)
+    become TransientError so the job is retried.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile: its files are private (0o600); "x" mode follows the umask like any file.
+        with tmp.open("xb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise TransientError(f"Could not write {path}: {exc}. Is the disk full?") from exc
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,538 @@
+"""Train or fine-tune the U-Net from a folder of images and a folder of masks.
+
+Every image is normalised like ``predict`` does and rescaled so that its cells reach the
+model's cell diameter (the median equivalent diameter of its mask objects), then random
+256×256 crops are drawn with augmentation (scale jitter, flips, 90° turns, contrast, gamma,
+noise, blur; with ``--shot-noise``, photon-limited exposures too). The best model on the
+validation loss is kept, with a model card and a loss curve beside it, and a
+``.last.keras`` checkpoint lets an interrupted run resume.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Sample",
+    "TrainSettings",
+    "add_arguments",
+    "crop_batches",
+    "fixed_crops",
+    "load_sample",
+    "make_losses",
+    "random_crop",
+    "run",
+    "targets",
+    "train",
+]
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from cellwatch.errors import ConfigError
+from cellwatch.model import build_seed_unet, build_unet, write_card
+from cellwatch.preprocess import normalize, resize_to, scaled_shape
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.training.targets import as_instances, contact_band, median_diameter, three_class
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that shapes a training run; saved in the model card so a model travels with its recipe."""
+
+    arch: str = "unet"
+    depth: int = 4
+    filters: int = 16
+    loss: str = "ce+dice"
+    contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
+    shot_noise: float = 0.0  # share of crops seen as photon-limited exposures (0: none)
+    diameter_px: float = 20.0  # 0: train at the images' own scale
+    crop: int = 256
+    batch_size: int = 4
+    epochs: int = 40
+    steps_per_epoch: int = 200
+    learning_rate: float = 1e-3
+    patience: int = 10
+    val_fraction: float = 0.15
+    seed: int = 0
+    low_percentile: float = 1.0
+    high_percentile: float = 99.8
+
+
+@dataclass
+class Sample:
+    """One training image and its instance labels, normalized and rescaled to the training diameter."""
+
+    name: str
+    image: np.ndarray  # normalised float32 at the training scale
+    labels: np.ndarray  # int32 instance labels at the training scale
+    scale: float
+
+
+def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> Sample:
+    """Read one pair, normalise the image and rescale both to the training diameter."""
+    pixels = imageio.read_image(image_path).pixels
+    labels = as_instances(imageio.read_image(mask_path).pixels)
+    if labels.shape != pixels.shape:
+        raise ConfigError(
+            f"{mask_path} is {labels.shape[1]}×{labels.shape[0]} pixels but its image is {pixels.shape[1]}×{pixels.shape[0]}"
+        )
+    image = normalize(pixels, settings.low_percentile, settings.high_percentile)
+    diameter = median_diameter(labels)
+    scale = settings.diameter_px / diameter if settings.diameter_px and diameter else 1.0
+    shape = scaled_shape(image.shape, scale)
+    return Sample(
+        imageio.stem(image_path),
+        resize_to(image, shape, order=1),
+        resize_to(labels, shape, order=0),
+        scale,
+    )
+
+
+def targets(labels: np.ndarray, classes: int, contact_weight: float = 1.0) -> np.ndarray:
+    """One-hot training targets (H, W, classes) for a crop of instance labels; with a
+    ``contact_weight`` other than 1, one more channel holds each pixel's loss weight
+    (``contact_weight`` where cells meet, 1 elsewhere)."""
+    if classes == 1:
+        one_hot = (labels > 0)[..., None].astype(np.float32)
+    else:
+        one_hot = np.eye(3, dtype=np.float32)[three_class(labels)]
+    if contact_weight == 1.0:
+        return one_hot
+    weight = np.where(contact_band(labels), np.float32(contact_weight), np.float32(1.0))
+    return np.concatenate([one_hot, weight[..., None]], axis=-1)
+
+
+def random_crop(
+    sample: Sample,
+    rng: np.random.Generator,
+    crop: int,
+    augment: bool,
+    *,
+    shot_noise: float = 0.0,
+    percentiles: tuple[float, float] = (
+        TrainSettings.low_percentile,
+        TrainSettings.high_percentile,
+    ),
+) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented (image, labels) crop of ``crop``×``crop`` pixels; a ``shot_noise``
+    share of them are first turned into photon-limited exposures (:func:`_photon_limited`),
+    normalised again with ``percentiles``."""
+    zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.4))) if augment else 1.0
+    size = max(8, round(crop / zoom))
+    image, labels = _pad_to(sample.image, size), _pad_to(sample.labels, size)
+    y = rng.integers(0, image.shape[0] - size + 1)
+    x = rng.integers(0, image.shape[1] - size + 1)
+    image = resize_to(image[y : y + size, x : x + size], (crop, crop), order=1)
+    labels = resize_to(labels[y : y + size, x : x + size], (crop, crop), order=0)
+    if not augment:
+        return image, labels
+    turns, flip = rng.integers(4), rng.integers(2)
+    image, labels = np.rot90(image, turns), np.rot90(labels, turns)
+    if flip:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    image = np.ascontiguousarray(image)
+    if shot_noise and rng.random() < shot_noise:  # no draw at 0: the same crops as before
+        image = normalize(_photon_limited(image, rng), *percentiles)
+    return _augment_intensity(image, rng), np.ascontiguousarray(labels)
+
+
+def _photon_limited(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same scene seen with few photons: 5–100 at the brightest cells (log-uniform),
+    over a background of up to 35 % of that, with Poisson shot noise and Gaussian read
+    noise; in photons, not yet normalised."""
+    peak = math.exp(rng.uniform(math.log(5.0), math.log(100.0)))
+    expected = np.clip(image, 0.0, None) * peak + rng.uniform(0.0, 0.35) * peak
+    read_noise = rng.normal(0.0, rng.uniform(0.0, 2.0), image.shape)
+    return (rng.poisson(expected) + read_noise).astype(np.float32)
+
+
+def _augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if rng.random() < 0.3:
+        image = ndi.gaussian_filter(image, rng.uniform(0.5, 1.5))
+    image = image * rng.uniform(0.6, 1.5) + rng.uniform(-0.15, 0.15)
+    if rng.random() < 0.5:
+        image = np.sign(image) * np.abs(image) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.5:
+        image = image + rng.normal(0, rng.uniform(0.01, 0.1), image.shape)
+    return image.astype(np.float32)
+
+
+def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
+    pad_y, pad_x = max(0, size - array.shape[0]), max(0, size - array.shape[1])
+    if not (pad_y or pad_x):
+        return array
+    return np.pad(array, ((0, pad_y), (0, pad_x)), mode="constant")
+
+
+# --- Keras side -----------------------------------------------------------------------
+
+
+def make_losses(kind: str, weighted: bool = False) -> tuple[Any, Any]:
+    """The loss to train with and a soft foreground dice metric for the progress bar.
+
+    ``weighted``: the targets' last channel is a per-pixel weight (:func:`targets`), which
+    scales the cross-entropy; the dice terms use the classes alone.
+    """
+    import keras
+    from keras import ops
+
+    def classes_and_weight(y_true: Any) -> tuple[Any, Any]:
+        return (y_true[..., :-1], y_true[..., -1]) if weighted else (y_true, None)
+
+    def soft_dice(y_true: Any, y_pred: Any) -> Any:
+        axes = (1, 2)
+        overlap = ops.sum(y_true * y_pred, axis=axes)
+        total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+        return ops.mean((2 * overlap + 1.0) / (total + 1.0))
+
+    def dice_loss(y_true: Any, y_pred: Any) -> Any:
+        return 1.0 - soft_dice(classes_and_weight(y_true)[0], y_pred)
+
+    def cross_entropy(y_true: Any, y_pred: Any) -> Any:
+        y_true, weight = classes_and_weight(y_true)
+        if y_pred.shape[-1] == 1:
+            per_pixel = keras.losses.binary_crossentropy(y_true, y_pred)
+        else:
+            per_pixel = keras.losses.categorical_crossentropy(y_true, y_pred)
+        return ops.mean(per_pixel if weight is None else per_pixel * weight)
+
+    def ce_dice(y_true: Any, y_pred: Any) -> Any:
+        return cross_entropy(y_true, y_pred) + dice_loss(y_true, y_pred)
+
+    def dice(y_true: Any, y_pred: Any) -> Any:
+        y_true = classes_and_weight(y_true)[0]
+        fg_true = 1.0 - y_true[..., :1] if y_true.shape[-1] == 3 else y_true
+        fg_pred = 1.0 - y_pred[..., :1] if y_pred.shape[-1] == 3 else y_pred
+        return soft_dice(fg_true, fg_pred)
+
+    losses = {"dice": dice_loss, "ce": cross_entropy, "ce+dice": ce_dice}
+    if kind not in losses:
+        raise ConfigError(f"unknown loss '{kind}': choose one of {', '.join(losses)}")
+    return losses[kind], dice
+
+
+def crop_batches(
+    samples: Sequence[Sample],
+    settings: TrainSettings,
+    classes: int,
+    seed: int,
+    *,
+    first_epoch: int = 0,
+    workers: int = 1,
+) -> Any:
+    """A Keras dataset of ``steps_per_epoch`` random augmented batches, drawn fresh each epoch.
+
+    Batch ``i`` of epoch ``e`` is drawn from its own generator seeded with (seed, e, i), so the
+    crops are the same however many ``workers`` processes draw them, and a resumed run draws
+    what the interrupted one would have.
+    """
+    import keras
+
+    class RandomCrops(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=workers, use_multiprocessing=workers > 1)
+            self.epoch = first_epoch
+
+        def __len__(self) -> int:
+            return settings.steps_per_epoch
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            rng = np.random.default_rng([seed, self.epoch, index])
+            xs, ys = [], []
+            for _ in range(settings.batch_size):
+                sample = samples[rng.integers(len(samples))]
+                image, labels = random_crop(
+                    sample,
+                    rng,
+                    settings.crop,
+                    augment=True,
+                    shot_noise=settings.shot_noise,
+                    percentiles=(settings.low_percentile, settings.high_percentile),
+                )
+                xs.append(image[..., None])
+                ys.append(targets(labels, classes, settings.contact_weight))
+            return np.stack(xs), np.stack(ys)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+    return RandomCrops()
+
+
+def fixed_crops(
+    samples: Sequence[Sample],
+    crop: int,
+    classes: int,
+    seed: int,
+    per_sample: int = 2,
+    contact_weight: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic validation set of unaugmented crops."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for sample in samples:
+        for _ in range(per_sample):
+            image, labels = random_crop(sample, rng, crop, augment=False)
+            xs.append(image[..., None])
+            ys.append(targets(labels, classes, contact_weight))
+    return np.stack(xs), np.stack(ys)
+
+
+def train(
+    pairs: Sequence[tuple[Path, Path]],
+    val_pairs: Sequence[tuple[Path, Path]],
+    out: Path,
+    settings: TrainSettings,
+    *,
+    start_from: Path | None = None,
+    resume: bool = False,
+    verbose: int = 1,
+    command: str = "",
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Train, keep the best model at ``out`` and write its model card; returns the card.
+
+    ``command`` is the command line that started training, recorded in the card; ``workers``
+    processes draw the augmented crops (it changes the speed, not the crops).
+    """
+    import keras
+
+    keras.utils.set_random_seed(settings.seed)
+    t0 = time.time()
+    samples = [load_sample(i, m, settings) for i, m in pairs]
+    val_samples = [load_sample(i, m, settings) for i, m in val_pairs]
+    classes = 1 if settings.arch == "seed" else 3
+    loss, dice = make_losses(settings.loss, weighted=settings.contact_weight != 1.0)
+    last = out.with_suffix(".last.keras")
+    state_path = out.with_suffix(".state.json")
+    initial_epoch = 0
+    if resume and last.exists():
+        network = keras.saving.load_model(last, compile=False)
+        initial_epoch = json.loads(state_path.read_text())["epoch"]
+    elif start_from is not None:
+        network = keras.saving.load_model(start_from, compile=False, safe_mode=True)
+    elif settings.arch == "seed":
+        network = build_seed_unet(tile=settings.crop)
+    else:
+        network = build_unet(settings.depth, settings.filters, classes)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        settings.learning_rate, settings.epochs * settings.steps_per_epoch, alpha=0.05
+    )
+    network.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=[dice])
+    if resume and initial_epoch:
+        network.optimizer.iterations.assign(initial_epoch * settings.steps_per_epoch)
+
+    crops = crop_batches(
+        samples, settings, classes, settings.seed, first_epoch=initial_epoch, workers=workers
+    )
+    val_x, val_y = fixed_crops(
+        val_samples,
+        settings.crop,
+        classes,
+        settings.seed + 1,
+        contact_weight=settings.contact_weight,
+    )
+    history_path = out.with_suffix(".history.csv")
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(out, monitor="val_loss", save_best_only=True),
+        keras.callbacks.ModelCheckpoint(last),
+        keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, _: state_path.write_text(json.dumps({"epoch": epoch + 1}))
+        ),
+        keras.callbacks.CSVLogger(history_path, append=resume),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience),
+    ]
+    network.fit(
+        crops,
+        epochs=settings.epochs,
+        initial_epoch=initial_epoch,
+        validation_data=(val_x, val_y),
+        validation_batch_size=settings.batch_size,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    # the best checkpoint carries the optimizer's state (3× the weights); ship weights only
+    keras.saving.load_model(out, compile=False).save(out)
+    history = _read_history(history_path)
+    best = min(history, key=lambda row: row["val_loss"]) if history else {}
+    card = {
+        "name": out.stem,
+        "architecture": settings.arch,
+        "classes": ["background", "interior", "boundary"] if classes == 3 else ["foreground"],
+        "diameter_px": settings.diameter_px or None,
+        "pixel_size_um": None,
+        "tile": 256,
+        "normalize": {
+            "low_percentile": settings.low_percentile,
+            "high_percentile": settings.high_percentile,
+        },
+        "settings": asdict(settings),
+        "data": {
+            "train_images": len(pairs),
+            "val_images": len(val_pairs),
+            "train_folder": str(pairs[0][0].parent) if pairs else None,
+            "val_folder": str(val_pairs[0][0].parent) if val_pairs else None,
+        },
+        "command": command,
+        "training_minutes": round((time.time() - t0) / 60, 1),
+        "best_epoch": int(best.get("epoch", -1)) + 1,
+        "metrics": {"val_loss": best.get("val_loss"), "val_dice": best.get("val_dice")},
+        "parameters": int(network.count_params()),
+    }
+    write_card(out, card)
+    _plot_history(history, out.with_suffix(".loss.png"))
+    return card
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(handle)]
+
+
+def _plot_history(history: list[dict[str, float]], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    epochs = [row["epoch"] + 1 for row in history]
+    ax.plot(epochs, [row["loss"] for row in history], label="training loss")
+    ax.plot(epochs, [row.get("val_loss", math.nan) for row in history], label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch train``."""
+    d = TrainSettings()
+    parser.add_argument("--images", type=Path, required=True, help="folder of training images")
+    parser.add_argument(
+        "--masks", type=Path, required=True, help="folder of masks (same file names)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where to save MODEL.keras")
+    parser.add_argument("--val-images", type=Path, help="folder of validation images")
+    parser.add_argument("--val-masks", type=Path, help="folder of validation masks")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="share of training pairs held out when no validation folders are given",
+    )
+    parser.add_argument("--arch", choices=("unet", "seed"), default=d.arch)
+    parser.add_argument("--depth", type=int, default=d.depth)
+    parser.add_argument("--filters", type=int, default=d.filters)
+    parser.add_argument("--loss", choices=("dice", "ce", "ce+dice"), default=d.loss)
+    parser.add_argument(
+        "--contact-weight",
+        type=float,
+        default=d.contact_weight,
+        help="weight of the cross-entropy where two cells meet, so touching cells are not "
+        "merged (1: no weighting)",
+    )
+    parser.add_argument(
+        "--shot-noise",
+        type=float,
+        default=d.shot_noise,
+        help="share of training crops turned into photon-limited (low-light) exposures, "
+        "so the model copes with noisy images (0: none)",
+    )
+    parser.add_argument(
+        "--diameter",
+        type=float,
+        default=d.diameter_px,
+        help="cell diameter (px) images are rescaled to; 0 keeps their own scale",
+    )
+    parser.add_argument("--crop", type=int, default=d.crop)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--steps", type=int, default=d.steps_per_epoch, help="steps per epoch")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--patience", type=int, default=d.patience)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--from", dest="start_from", type=Path, help="fine-tune this .keras model")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes drawing augmented crops (use several on a GPU machine)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cellwatch train``: train or fine-tune a model and write it with its card, history and loss plot."""
+    settings = TrainSettings(
+        arch=args.arch,
+        depth=args.depth,
+        filters=args.filters,
+        loss=args.loss,
+        contact_weight=args.contact_weight,
+        shot_noise=args.shot_noise,
+        diameter_px=args.diameter,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+    if not settings.contact_weight > 0:
+        raise ConfigError(f"--contact-weight must be positive, got {settings.contact_weight}")
+    if not 0 <= settings.shot_noise <= 1:
+        raise ConfigError(f"--shot-noise is a share of crops, 0 to 1; got {settings.shot_noise}")
+    if settings.arch == "seed" and settings.crop != 256:
+        raise ConfigError("--arch seed works on 256×256 crops only (it convolves down to 1×1)")
+    pairs = find_pairs(args.images, args.masks)
+    if args.val_images or args.val_masks:
+        if not (args.val_images and args.val_masks):
+            raise ConfigError("give both --val-images and --val-masks, or neither")
+        val_pairs = find_pairs(args.val_images, args.val_masks)
+    else:
+        rng = np.random.default_rng(settings.seed)
+        order = rng.permutation(len(pairs))
+        n_val = max(1, round(len(pairs) * settings.val_fraction)) if len(pairs) > 1 else 0
+        val_pairs = [pairs[i] for i in order[:n_val]] or list(pairs)
+        pairs = [pairs[i] for i in order[n_val:]] or list(pairs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    card = train(
+        pairs,
+        val_pairs,
+        args.out,
+        settings,
+        start_from=args.start_from,
+        resume=args.resume,
+        verbose=1 if sys.stdout.isatty() else 2,
+        command=shlex.join(getattr(args, "command_line", ["cellwatch", "train"])),
+        workers=args.workers,
+    )
+    print(
+        f"saved {args.out} (best epoch {card['best_epoch']}, val loss {card['metrics']['val_loss']})"
+    )
+    return 0
