@@ -153,19 +153,15 @@ def check_settings(settings: ReportConfig) -> None:
 
 
 def reports_for_config(
-    config: Config,
-    *,
-    start: date,
-    end: date,
-    out_dir: Path | None = None,
-    now: datetime | None = None,
+    config: Config, *, start: date, end: date, now: datetime | None = None
 ) -> list[Path]:
-    """:func:`build_reports` with the ledger, cell table and settings named by ``config``."""
+    """:func:`build_reports` for the results folder ``output.dir``: it reads the ledger and
+    cell table there and writes the pages to its ``reports`` folder."""
     results = Path(config.output.dir)
     rc = config.report
     return build_reports(
         results / "ledger.csv",
-        out_dir or results,
+        results,
         start=start,
         end=end,
         timezone=rc.timezone,
@@ -187,12 +183,20 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--to", dest="to_date", type=_parse_date, help="last day of the period (default: today)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="folder for reports/ (default: output.dir)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder: reads DIR/ledger.csv, writes DIR/reports/ (default: output.dir)",
     )
 
 
 def report_cli(args: argparse.Namespace, config: Config) -> int:
-    """Run ``cellwatch report``: write the pages and print where they are."""
+    """Run ``cellwatch report``: write the pages and print where they are.
+
+    ``config`` already holds ``--out`` as ``output.dir`` (see
+    :func:`cellwatch.config.config_from_args`): the same results folder as ``predict``,
+    ``watch`` and ``status``, so the report reads the ledger those wrote.
+    """
     today = local_today(config.report.timezone)
     if args.to_date is not None and args.from_date is None:
         raise ConfigError("--to needs --from: give the first day of the period too")
@@ -203,7 +207,7 @@ def report_cli(args: argparse.Namespace, config: Config) -> int:
     ledger_path = Path(config.output.dir) / "ledger.csv"
     if not ledger_path.exists():
         print(f"note: no ledger at {ledger_path} yet; the reports will be empty", file=sys.stderr)
-    paths = reports_for_config(config, start=start, end=end, out_dir=args.out)
+    paths = reports_for_config(config, start=start, end=end)
     for path in paths[::2]:
         print(path)
     return 0
