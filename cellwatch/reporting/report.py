@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -29,6 +28,7 @@ from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.reporting.html import render_day
 from cellwatch.reporting.qc import QcThresholds, flag_images
 from cellwatch.storage import ledger
+from cellwatch.storage.imageio import atomic_write
 
 if TYPE_CHECKING:
     from cellwatch.config import Config, ReportConfig
@@ -407,13 +407,6 @@ def _parse_date(text: str) -> date:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step, so a page open in a browser is never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; colleagues must read reports
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace ``path`` in one step, so a page open in a browser is never half written; a
+    full disk raises :class:`~cellwatch.errors.TransientError` and leaves the old page."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
