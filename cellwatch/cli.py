@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, config_from_args, load_config
+from cellwatch.config import Config, config_from_args
 from cellwatch.errors import CellwatchError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report.add_report_arguments(p)
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
-    p.set_defaults(handler=lambda a: report.report_cli(a, load_config(a.config)))
+    p.set_defaults(handler=lambda a: report.report_cli(a, config_from_args(a)))
 
     p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
     from cellwatch.service import daemon, status

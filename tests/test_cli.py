@@ -49,6 +49,36 @@ def test_predict_exit_status_and_ledger(threshold_model, tmp_path):
     assert len(failed) == 1 and "broken.tif" in failed["error"].iloc[0]
 
 
+def test_report_out_is_the_results_folder_predict_wrote(threshold_model, tmp_path):
+    """`predict imgs --out out` then `report --out out`: the report reads out/ledger.csv."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    image, _ = discs((120, 160), [(30, 30), (30, 100), (90, 60)], 10)
+    tifffile.imwrite(imgs / "a.tif", image)
+    tifffile.imwrite(imgs / "b.tif", image[:, :80])
+    out = tmp_path / "out"
+    done = run_cli("predict", str(imgs), "--out", str(out), "--model", str(threshold_model))
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_csv(out / "ledger.csv")
+    day = pd.to_datetime(rows["processed_at"], utc=True, format="ISO8601").dt.date
+    assert day.nunique() == 1  # images written a moment ago: one UTC day
+    # Run from an empty folder, so output.dir's default (results/) does not exist there.
+    done = subprocess.run(
+        [sys.executable, "-m", "cellwatch", "report", "--out", "out", "--date", str(day[0])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no ledger" not in done.stderr
+    assert done.stdout.split() == [f"out/reports/{day[0]}.html"]
+    table = pd.read_csv(out / "reports" / f"{day[0]}.csv")
+    assert sorted(table["cell_count"]) == [2, 3]
+    page = (out / "reports" / f"{day[0]}.html").read_text(encoding="utf-8")
+    assert 'id="n-cells">5<' in page
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

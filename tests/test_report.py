@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from cellwatch.config import Config, OutputConfig, ReportConfig, local_today
+from cellwatch.config import Config, OutputConfig, ReportConfig, local_today, override
 from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.quality import focus_score, saturated_fraction
 from cellwatch.reporting.qc import QcThresholds, robust_outliers
@@ -480,14 +480,18 @@ def test_all_failed_day(tmp_path):
 
 
 def _cli(tmp_path: Path, *argv: str) -> int:
+    """``cellwatch report`` with a config whose output.dir is ``results``; ``--out`` is laid
+    over it as the face does (:func:`cellwatch.config.config_from_args`)."""
     parser = argparse.ArgumentParser(prog="cellwatch report")
     add_report_arguments(parser)
+    args = parser.parse_args(argv)
     config = dataclasses.replace(
         Config(),
         output=OutputConfig(dir=str(tmp_path / "results")),
         report=ReportConfig(timezone=BERLIN, group_pattern=PATTERN),
     )
-    return report_cli(parser.parse_args(argv), config)
+    config = override(config, **{"output.dir": str(args.out) if args.out else None})
+    return report_cli(args, config)
 
 
 def test_cli_date_and_period(tmp_path, capsys):
@@ -495,6 +499,9 @@ def test_cli_date_and_period(tmp_path, capsys):
     assert _cli(tmp_path, "--date", "2026-10-25") == 0
     out = capsys.readouterr().out.split()
     assert out == [str(tmp_path / "results/reports/2026-10-25.html")]
+    # --out names the results folder: its ledger is read, its reports/ written.
+    shutil.move(tmp_path / "results", tmp_path / "share")
+    shutil.rmtree(tmp_path / "share/reports")
     assert (
         _cli(
             tmp_path, "--from", "2026-10-24", "--to", "2026-10-26", "--out", str(tmp_path / "share")

@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -40,6 +39,7 @@ from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.reporting.html import render_day
 from cellwatch.reporting.qc import QcThresholds, flag_images
 from cellwatch.storage import ledger
+from cellwatch.storage.imageio import atomic_write
 
 if TYPE_CHECKING:
     from cellwatch.config import Config, ReportConfig
@@ -164,19 +164,15 @@ def check_settings(settings: ReportConfig) -> None:
 
 
 def reports_for_config(
-    config: Config,
-    *,
-    start: date,
-    end: date,
-    out_dir: Path | None = None,
-    now: datetime | None = None,
+    config: Config, *, start: date, end: date, now: datetime | None = None
 ) -> list[Path]:
-    """:func:`build_reports` with the ledger, cell table and settings named by ``config``."""
+    """:func:`build_reports` for the results folder ``output.dir``: it reads the ledger and
+    cell table there and writes the pages to its ``reports`` folder."""
     results = Path(config.output.dir)
     rc = config.report
     return build_reports(
         results / "ledger.csv",
-        out_dir or results,
+        results,
         start=start,
         end=end,
         timezone=rc.timezone,
@@ -198,12 +194,20 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--to", dest="to_date", type=_parse_date, help="last day of the period (default: today)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="folder for reports/ (default: output.dir)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder: reads DIR/ledger.csv, writes DIR/reports/ (default: output.dir)",
     )
 
 
 def report_cli(args: argparse.Namespace, config: Config) -> int:
-    """Run ``cellwatch report``: write the pages and print where they are."""
+    """Run ``cellwatch report``: write the pages and print where they are.
+
+    ``config`` already holds ``--out`` as ``output.dir`` (see
+    :func:`cellwatch.config.config_from_args`): the same results folder as ``predict``,
+    ``watch`` and ``status``, so the report reads the ledger those wrote.
+    """
     today = local_today(config.report.timezone)
     if args.to_date is not None and args.from_date is None:
         raise ConfigError("--to needs --from: give the first day of the period too")
@@ -214,7 +218,7 @@ def report_cli(args: argparse.Namespace, config: Config) -> int:
     ledger_path = Path(config.output.dir) / "ledger.csv"
     if not ledger_path.exists():
         print(f"note: no ledger at {ledger_path} yet; the reports will be empty", file=sys.stderr)
-    paths = reports_for_config(config, start=start, end=end, out_dir=args.out)
+    paths = reports_for_config(config, start=start, end=end)
     for path in paths[::2]:
         print(path)
     return 0
@@ -414,13 +418,6 @@ def _parse_date(text: str) -> date:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step, so a page open in a browser is never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; colleagues must read reports
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace ``path`` in one step, so a page open in a browser is never half written; a
+    full disk raises :class:`~cellwatch.errors.TransientError` and leaves the old page."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

@@ -401,8 +401,10 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    Readers never see a half-written file. OS errors (a full disk, a lost network share)
-    become TransientError so the job is retried.
+    Readers never see a half-written file, and a failed write leaves ``path`` as it was.
+    ``write`` gets a buffered file, which writes all it is given or raises (it retries a
+    short ``write`` itself). OS errors (a full disk, a file-size limit, a lost network
+    share) become :class:`~cellwatch.errors.TransientError`, so the job is retried.
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -414,6 +416,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise TransientError(f"Could not write {path}: {exc}. Is the disk full?") from exc
+        raise TransientError(
+            f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
+            "changed there. Free some space on that disk and try again."
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)

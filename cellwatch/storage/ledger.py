@@ -1,9 +1,12 @@
 """The CSV ledger: one row per processed image, appended, never rewritten.
 
-The header is written once, when the file is created. Each append is one ``write`` of whole
-lines followed by ``fsync``, so a crash leaves at most one torn last line, which
-:func:`repair` removes at start-up before anything else is appended. The ``job_id`` column
-lets the daemon check whether a job's row already landed before it appends again.
+The header is written once, when the file is created. Each append writes whole lines and
+then calls ``fsync``; it writes all of them or none: when the disk fills part-way (a short
+``write``, or ``ENOSPC``), the file is cut back to its length before the append and a
+:class:`~cellwatch.errors.TransientError` is raised, so the job is tried again later. A
+crash can still leave one torn last line: :func:`repair` removes it at start-up, and each
+append cuts one it finds before adding its own lines. The ``job_id`` column lets the
+daemon check whether a job's row already landed before it appends again.
 """
 
 from __future__ import annotations
@@ -11,11 +14,25 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from cellwatch.errors import TransientError
+
+__all__ = [
+    "CELL_COLUMNS",
+    "COLUMNS",
+    "append_rows",
+    "format_rows",
+    "job_statuses",
+    "read",
+    "repair",
+]
+
+_TAIL_CHUNK = 1 << 16  # bytes read at a time when looking back for the last newline
 
 COLUMNS: tuple[str, ...] = (
     "processed_at",
@@ -71,36 +88,118 @@ def format_rows(rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...]) -> 
 
 
 def append_rows(
-    path: Path, rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...] = COLUMNS
+    path: Path,
+    rows: Iterable[Mapping[str, Any]],
+    columns: tuple[str, ...] = COLUMNS,
+    *,
+    write: Callable[[int, bytes], int] = os.write,
 ) -> None:
-    """Append rows to the CSV at ``path``, writing the header first if the file is new."""
+    """Append rows to the CSV at ``path``, writing the header first if the file is new.
+
+    All the rows land, or none: if the file system takes only part of them, the file is
+    cut back to its length before the append.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The CSV file (``ledger.csv`` or ``cells.csv``); created if missing.
+    rows : iterable of mapping
+        One mapping per row; missing keys become empty cells.
+    columns : tuple of str
+        The header, in order.
+    write : callable, optional
+        ``os.write`` or a stand-in with its contract (tests pass one that writes short).
+
+    Raises
+    ------
+    TransientError
+        The rows could not all be written (a full disk, a file-size limit, a share gone).
+    """
     text = format_rows(rows, columns)
     if not text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if os.fstat(fd).st_size == 0:
+        start = _whole_lines_length(fd)
+        if start < os.fstat(fd).st_size:
+            _cut(fd, start)  # a torn line left by a crash: never bury it mid-file
+        if start == 0:
             text = ",".join(columns) + "\n" + text
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
+        data = text.encode("utf-8")
+        try:
+            _write_all(fd, data, write)
+            os.fsync(fd)
+        except OSError as exc:
+            _give_back(path, fd, start, len(data), exc)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, write: Callable[[int, bytes], int]) -> None:
+    """Write ``data`` whole; a short write is retried with the rest, as POSIX expects (the
+    retry then reports why, such as ``ENOSPC``). A write that makes no progress is an error."""
+    view = memoryview(data)
+    while view:
+        done = write(fd, view)
+        if done <= 0:
+            raise OSError(f"the file system accepted none of the last {len(view)} bytes")
+        view = view[done:]
+
+
+def _give_back(path: Path, fd: int, start: int, size: int, exc: OSError) -> None:
+    """Cut ``path`` back to ``start`` bytes and raise the append's failure as transient."""
+    reason = exc.strerror or str(exc)
+    try:
+        _cut(fd, start)
+    except OSError as cut_exc:
+        raise TransientError(
+            f"could not append {size} bytes to {path} ({reason}; disk full?), and could not "
+            f"cut it back to {start} bytes either ({cut_exc.strerror or cut_exc}); the next "
+            "start-up removes the half-written line. Free some space on that disk."
+        ) from exc
+    raise TransientError(
+        f"could not append {size} bytes to {path} ({reason}; disk full?); the file is "
+        f"unchanged ({start} bytes). Free some space on that disk and try again."
+    ) from exc
+
+
+def _cut(fd: int, length: int) -> None:
+    os.ftruncate(fd, length)
+    os.fsync(fd)
+
+
+def _whole_lines_length(fd: int) -> int:
+    """The length of the file up to and including its last newline (0 if it has none).
+
+    Reads backwards from the end in small chunks, so a large ledger costs little.
+    """
+    end = os.fstat(fd).st_size
+    position = end
+    while position > 0:
+        begin = max(0, position - _TAIL_CHUNK)
+        chunk = os.pread(fd, position - begin, begin)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return begin + newline + 1
+        position = begin
+    return 0
 
 
 def repair(path: Path) -> bool:
     """Cut a torn last line (one without its newline) left by a crash; True if cut."""
     try:
-        with path.open("rb+") as handle:
-            data = handle.read()
-            if not data or data.endswith(b"\n"):
-                return False
-            handle.truncate(data.rfind(b"\n") + 1)
-            handle.flush()
-            os.fsync(handle.fileno())
-            return True
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return False
+    try:
+        length = _whole_lines_length(fd)
+        if length == os.fstat(fd).st_size:
+            return False
+        _cut(fd, length)
+        return True
+    finally:
+        os.close(fd)
 
 
 def read(path: Path) -> pd.DataFrame:
