@@ -179,7 +179,7 @@ def test_bench_runs_from_an_installed_wheel_without_the_shared_data(tmp_path):
             "seed,naive,memory,backlog",
             "--json",
             out,
-        ],  # fmt: skip
+        ],
         cwd=tmp_path,  # not the checkout: only the installed package can be imported
         env={**os.environ, "PYTHONPATH": str(site)},
         capture_output=True,
