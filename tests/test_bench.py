@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,10 +159,16 @@ def test_bench_runs_from_an_installed_wheel_without_the_shared_data(tmp_path):
     """A user's ``pip install cellwatch`` has no ``../shared``: bench falls back to
     synthetic nuclei and still measures every workload it was asked for."""
     repo = Path(__file__).resolve().parents[1]
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    source, wheels, site = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
+    # Build from a copy: setuptools leaves a build/ folder beside the sources it builds.
+    shutil.copytree(
+        repo,
+        source,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "tests", "docs", "samples"),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, repo],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, source],
         check=True,
         timeout=300,
     )

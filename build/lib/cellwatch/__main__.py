@@ -1,7 +1,0 @@
-"""``python -m cellwatch`` runs the command line."""
-
-import sys
-
-from cellwatch.cli import main
-
-sys.exit(main())
