@@ -12,7 +12,7 @@ import argparse
 import os
 import re
 import sys
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -416,12 +416,13 @@ def _parse_date(text: str) -> date:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step, so a page open in a browser is never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        # Not mkstemp (its files are private) nor a fixed mode: "x" follows the umask, so
+        # the service's UMask decides who may read reports, as for every other result
+        with tmp.open("x", encoding="utf-8", newline="") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; colleagues must read reports
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
