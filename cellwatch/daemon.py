@@ -43,7 +43,7 @@ from cellwatch.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
 from cellwatch.report import reports_for_config
 from cellwatch.schedule import ReportSchedule
 from cellwatch.sdnotify import Notifier
-from cellwatch.watcher import Watcher
+from cellwatch.watcher import Watcher, refusal
 
 log = logging.getLogger("cellwatch.watch")
 
@@ -416,6 +416,7 @@ class Worker:
         if not jobs:
             return False
         max_attempts = engine.config.watch.max_attempts
+        follow = engine.config.watch.follow_symlinks
         outcomes: dict[str, Any] = {}
         todo = []
         for job in jobs:
@@ -428,6 +429,9 @@ class Worker:
                 )
                 message = f"gave up after {max_attempts} attempts; last error: {reason}"
                 outcomes[job.job_id] = self._record(self._failed(job, engine, message))
+            elif why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
+                # checked again here, just before reading: the file may have been swapped
+                outcomes[job.job_id] = self._record(self._failed(job, engine, why))
             else:
                 todo.append(job)
         for job, outcome in self._run(engine, todo):
