@@ -91,6 +91,9 @@ class WatchConfig:
     # before it is recorded as failed (a writer may pause longer than stable_time_s)
     incomplete_timeout_s: float = 60.0
     max_attempts: int = 3
+    # false: a symbolic link leading outside the inbox gets a failed row and is never
+    # opened, so whoever can write the inbox cannot read what cellwatch can read
+    follow_symlinks: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from cellwatch.service.watcher import (
     Watcher,
     looks_complete,
     matches,
+    refusal,
     start_observer,
 )
 from cellwatch.storage.imageio import sha256_file
@@ -249,6 +250,111 @@ def test_unreadable_file_still_becomes_a_job(h: Harness):
     h.step()
     assert h.step(1.5) == ["secret.tif"]  # so that its failed row says "permission denied"
     assert h.ready[0].sha256.startswith("unreadable-")
+
+
+# --- what anyone who can write to the inbox may put there --------------------------------
+
+
+def secret_image(tmp_path: Path) -> Path:
+    """An image outside the inbox that the service user can read."""
+    path = tmp_path / "elsewhere" / "private.tif"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(tiff_bytes())
+    return path
+
+
+def test_link_out_of_the_inbox_is_handed_on_at_once_and_never_opened(h: Harness, tmp_path):
+    secret = secret_image(tmp_path)
+    (h.inbox / "a.tif").symlink_to(secret)
+    (h.inbox / "day2").mkdir()
+    (h.inbox / "day2" / "b.tif").symlink_to("../../elsewhere/private.tif")
+    assert sorted(h.step()) == ["a.tif", "day2/b.tif"]  # a link is whole once it exists
+    assert h.probed == [] and h.hashed == []
+    assert all(v.sha256.startswith("unreadable-link-") for v in h.ready)
+    [a] = [v for v in h.ready if v.rel_path == "a.tif"]
+    assert (a.size, a.mtime_ns) == (len(str(secret)), os.lstat(h.inbox / "a.tif").st_mtime_ns)
+    h.known.update((v.rel_path, v.size, v.mtime_ns) for v in h.ready)
+    h.watcher.rescan(h.clock.now)
+    assert h.step(5.0) == [] and h.watcher.pending() == 0  # known now: handed on once
+
+
+def test_file_swapped_for_a_link_out_while_it_settles_is_not_opened(h: Harness, tmp_path):
+    path = h.write("a.tif")
+    h.step()
+    path.unlink()
+    path.symlink_to(secret_image(tmp_path))
+    assert h.step(1.5) == ["a.tif"]
+    assert h.probed == [] and h.hashed == []
+    assert h.ready[0].sha256.startswith("unreadable-link-")
+
+
+def test_links_are_followed_when_the_settings_say_so(tmp_path: Path):
+    h = Harness(tmp_path, follow_symlinks=True)
+    secret = secret_image(tmp_path)
+    (h.inbox / "a.tif").symlink_to(secret)
+    assert h.step() == []  # an ordinary candidate: it has to be stable first
+    assert h.step(1.5) == ["a.tif"]
+    assert h.hashed == [h.inbox / "a.tif"]
+    assert h.ready[0].sha256 == sha256_file(secret)
+
+
+def test_link_to_a_file_inside_the_inbox_is_counted_like_a_file(h: Harness):
+    h.write("day1/real.tif")
+    (h.inbox / "alias.tif").symlink_to("day1/real.tif")
+    h.step()
+    assert sorted(h.step(1.5)) == ["alias.tif", "day1/real.tif"]
+    assert h.ready[0].sha256 == h.ready[1].sha256 == sha256_file(h.inbox / "day1/real.tif")
+
+
+def test_fifo_is_logged_once_and_never_opened(tmp_path: Path, caplog):
+    h = Harness(tmp_path, rescan_interval_s=1.0)
+    os.mkfifo(h.inbox / "pipe.tif")
+    os.mkfifo(h.inbox / "pipe.txt")  # not an image name: not cellwatch's business
+    (h.inbox / "via-link.tif").symlink_to("pipe.tif")
+    h.write("after.tif")
+    h.step()
+    h.watcher.hint(str(h.inbox / "pipe.tif"))
+    assert h.step(1.5) == ["after.tif"]  # the FIFO holds nothing up
+    h.known.update((v.rel_path, v.size, v.mtime_ns) for v in h.ready)
+    for _ in range(3):  # more rescans find the FIFO again: still one message each
+        assert h.step(1.5) == []
+    assert h.probed == [h.inbox / "after.tif"] and h.hashed == [h.inbox / "after.tif"]
+    assert h.watcher.pending() == 0
+    fifo_lines = sorted(r.message for r in caplog.records if "FIFO" in r.message)
+    assert fifo_lines == [
+        f"{h.inbox / name} is a FIFO (named pipe), not a regular file; cellwatch never opens "
+        "it (opening a FIFO waits forever) and it gets no row"
+        for name in ("pipe.tif", "via-link.tif")
+    ]
+
+
+def test_refusal_names_the_file_and_says_why(tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    (inbox / "day1").mkdir(parents=True)
+    (inbox / "day1" / "real.tif").write_bytes(b"x")
+    secret = secret_image(tmp_path)
+    (inbox / "out.tif").symlink_to(secret)
+    (inbox / "in.tif").symlink_to("day1/real.tif")
+    (inbox / "linked").symlink_to(secret.parent, target_is_directory=True)
+    os.mkfifo(inbox / "pipe.tif")
+
+    def why(rel: str, follow: bool = False) -> str | None:
+        return refusal(inbox, rel, follow_symlinks=follow)
+
+    assert why("day1/real.tif") is None and why("in.tif") is None
+    assert why("gone.tif") is None  # the image reader says "does not exist"
+    assert why("out.tif") == (
+        f"{inbox / 'out.tif'} is a symbolic link to {secret}, outside the inbox; cellwatch "
+        "did not read it (watch.follow_symlinks is false). Copy the image itself into the inbox"
+    )
+    assert "reached through a linked folder" in why("linked/private.tif")
+    assert why("out.tif", follow=True) is None
+    assert why("linked/private.tif", follow=True) is None
+    assert (
+        why("pipe.tif")
+        == f"{inbox / 'pipe.tif'} is a FIFO (named pipe), not a regular file; it was not opened"
+    )
+    assert "is a folder" in why("day1")
 
 
 def test_hints_find_new_files_between_rescans(h: Harness):

@@ -42,7 +42,7 @@ from cellwatch.reporting.report import check_settings, reports_for_config
 from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
 from cellwatch.service.schedule import ReportSchedule
 from cellwatch.service.sdnotify import Notifier
-from cellwatch.service.watcher import Watcher
+from cellwatch.service.watcher import Watcher, refusal
 from cellwatch.storage import ledger
 
 log = logging.getLogger("cellwatch.watch")
@@ -423,6 +423,7 @@ class Worker:
         if not jobs:
             return False
         max_attempts = engine.config.watch.max_attempts
+        follow = engine.config.watch.follow_symlinks
         outcomes: dict[str, Any] = {}
         todo = []
         for job in jobs:
@@ -435,6 +436,9 @@ class Worker:
                 )
                 message = f"gave up after {max_attempts} attempts; last error: {reason}"
                 outcomes[job.job_id] = self._record(self._failed(job, engine, message))
+            elif why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
+                # checked again here, just before reading: the file may have been swapped
+                outcomes[job.job_id] = self._record(self._failed(job, engine, why))
             else:
                 todo.append(job)
         for job, outcome in self._run(engine, todo):

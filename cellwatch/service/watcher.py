@@ -12,6 +12,12 @@ skewed clock does not matter) and it looks like a complete image (:func:`looks_c
 A file that stays stable but incomplete is handed on after ``watch.incomplete_timeout_s``
 more, so a corrupt file still gets its ``failed`` ledger row. Only then is it hashed: a file
 that is still growing is never read, except for the few header bytes the check needs.
+
+Anyone who runs the microscope can write the inbox, so nothing in it is opened before its
+type is known. A symbolic link that leads outside the inbox is not followed unless
+``watch.follow_symlinks`` is true: it is handed on at once, unread, and gets a ``failed`` row
+(:func:`refusal`). A FIFO, socket or device is logged once and never opened (opening a FIFO
+waits for a writer forever).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ log = logging.getLogger("cellwatch.watch")
 
 StatFn = Callable[[str | os.PathLike[str]], os.stat_result]
 
+# What the watcher found at a path: a regular file, a real folder, something that is not a
+# regular file, a link leading outside the inbox (not followed), or a linked folder (ignored).
+_FILE, _FOLDER, _SPECIAL, _OUTSIDE, _IGNORE = "file", "folder", "special", "outside", "ignore"
+
 
 def matches(rel_path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """True if a file (path relative to the inbox, "/"-separated) should be counted.
@@ -52,6 +62,55 @@ def matches(rel_path: str, include: Sequence[str], exclude: Sequence[str]) -> bo
 def _match(name: str, patterns: Sequence[str]) -> bool:
     name = name.lower()
     return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns)
+
+
+def refusal(inbox: Path, rel: str, *, follow_symlinks: bool) -> str | None:
+    """Why the daemon must not open the file ``rel`` of the inbox, or None if it may.
+
+    Refused: a path that leads outside the inbox through a symbolic link (the file itself
+    or a folder above it) while ``follow_symlinks`` is false, and anything that is not a
+    regular file. Only link targets and file types are looked at, never the content. A
+    file that is gone or cannot be looked at is not refused: the image reader then says
+    what is wrong in its own words.
+    """
+    path = Path(inbox) / rel
+    try:
+        if not follow_symlinks and not _inside(path, inbox):
+            return _outside_message(path)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not stat_module.S_ISREG(mode):
+        return f"{path} is {_file_kind(mode)}, not a regular file; it was not opened"
+    return None
+
+
+def _inside(path: str | Path, inbox: str | Path) -> bool:
+    """True if ``path``, with every symbolic link on the way resolved, lies in ``inbox``."""
+    root = os.path.realpath(inbox)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def _outside_message(path: Path) -> str:
+    try:
+        what = f"a symbolic link to {os.readlink(path)}"
+    except OSError:  # not a link itself: a folder above it is one
+        what = "reached through a linked folder"
+    return (
+        f"{path} is {what}, outside the inbox; cellwatch did not read it "
+        "(watch.follow_symlinks is false). Copy the image itself into the inbox"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat_module.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat_module.S_ISSOCK, "a socket"),
+        (stat_module.S_ISCHR, "a character device"),
+        (stat_module.S_ISBLK, "a block device"),
+        (stat_module.S_ISDIR, "a folder"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def looks_complete(path: Path) -> bool:
@@ -156,9 +215,9 @@ class Watcher:
         Receives the list of files that became ready in one :meth:`step`.
     skip : paths
         Folders under the inbox never to look into (cellwatch's own output and state).
-    stat, clock, probe, hasher
-        Seams for tests: ``os.stat``, ``time.monotonic``, :func:`looks_complete`,
-        :func:`~cellwatch.storage.imageio.sha256_file`.
+    stat, lstat, clock, probe, hasher
+        Seams for tests: ``os.stat``, ``os.lstat``, ``time.monotonic``,
+        :func:`looks_complete`, :func:`~cellwatch.storage.imageio.sha256_file`.
     """
 
     def __init__(
@@ -170,6 +229,7 @@ class Watcher:
         on_stable: Callable[[list[FileVersion]], None],
         skip: Iterable[Path] = (),
         stat: StatFn = os.stat,
+        lstat: StatFn = os.lstat,
         clock: Callable[[], float] = time.monotonic,
         probe: Callable[[Path], bool] = looks_complete,
         hasher: Callable[[Path], str] = sha256_file,
@@ -177,10 +237,12 @@ class Watcher:
         self.inbox = Path(inbox)
         self.settings = settings
         self.is_known, self.on_stable = is_known, on_stable
-        self.stat, self.clock, self.probe, self.hasher = stat, clock, probe, hasher
+        self.stat, self.lstat, self.clock = stat, lstat, clock
+        self.probe, self.hasher = probe, hasher
         self._skip = {os.path.realpath(p) for p in skip}
         self._hints: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stability = Stability()
+        self._outside: dict[str, FileVersion] = {}  # links out of the inbox, handed on unread
         self._next_rescan = clock()  # the first step rescans: that finds the backlog
         self._problems: set[str] = set()  # paths already warned about, to warn once
 
@@ -199,7 +261,7 @@ class Watcher:
 
     def pending(self) -> int:
         """Candidate files not handed on yet."""
-        return len(self._stability)
+        return len(self._stability) + len(self._outside)
 
     def step(self) -> list[FileVersion]:
         """Take hints, rescan when due, and hand on the files that became ready."""
@@ -215,8 +277,8 @@ class Watcher:
 
     def rescan(self, now: float) -> None:
         """Look at every file in the inbox."""
-        for rel, st in self._walk(self.inbox):
-            self._consider(rel, st, now)
+        for rel, kind, st in self._walk(self.inbox):
+            self._consider(rel, kind, st, now)
 
     def run(self, stop: threading.Event) -> None:
         """Step until ``stop`` is set, with a watchdog observer sending hints."""
@@ -252,21 +314,44 @@ class Watcher:
             if rel.startswith(os.pardir):
                 continue
             try:
-                st = self.stat(path)
+                kind, st = self._look(path)
             except OSError:
                 continue  # gone again: nothing to do
-            if stat_module.S_ISDIR(st.st_mode) and not self._skipped(path):
-                for sub_rel, sub_st in self._walk(Path(path)):
-                    self._consider(sub_rel, sub_st, now)
-            elif stat_module.S_ISREG(st.st_mode):
-                self._consider(Path(rel).as_posix(), st, now)
+            if kind == _FOLDER and not self._skipped(path):
+                for sub_rel, sub_kind, sub_st in self._walk(Path(path)):
+                    self._consider(sub_rel, sub_kind, sub_st, now)
+            elif kind in (_FILE, _SPECIAL, _OUTSIDE):
+                self._consider(Path(rel).as_posix(), kind, st, now)
 
-    def _consider(self, rel: str, st: os.stat_result, now: float) -> None:
-        if rel in self._stability:
+    def _look(self, path: str | Path, *, linked: bool | None = None) -> tuple[str, os.stat_result]:
+        """What ``path`` is, and its stat (the link's own for a link that is not followed).
+        Nothing is opened. ``linked``: whether it is a symbolic link, when already known."""
+        if linked is None:
+            linked = stat_module.S_ISLNK(self.lstat(path).st_mode)
+        if linked and not self.settings.follow_symlinks and not _inside(path, self.inbox):
+            return _OUTSIDE, self.lstat(path)
+        st = self.stat(path)
+        if stat_module.S_ISDIR(st.st_mode):
+            return (_IGNORE if linked else _FOLDER), st  # links into folders are not walked
+        return (_FILE if stat_module.S_ISREG(st.st_mode) else _SPECIAL), st
+
+    def _consider(self, rel: str, kind: str, st: os.stat_result, now: float) -> None:
+        if rel in self._stability or rel in self._outside:
             return  # already a candidate: the stability check looks at it every step
         if not matches(rel, self.settings.include, self.settings.exclude):
             return
+        if kind == _SPECIAL:
+            self._warn_once(
+                rel,
+                f"{self.inbox / rel} is {_file_kind(st.st_mode)}, not a regular file; "
+                "cellwatch never opens it (opening a FIFO waits forever) and it gets no row",
+            )
+            return
         if self.is_known(rel, st.st_size, st.st_mtime_ns):
+            return
+        if kind == _OUTSIDE:  # a link is whole once it exists: no need to wait
+            digest = f"unreadable-link-{st.st_size}-{st.st_mtime_ns}"
+            self._outside[rel] = FileVersion(rel, st.st_size, st.st_mtime_ns, digest)
             return
         self._stability.observe(rel, st.st_size, st.st_mtime_ns, now)
 
@@ -276,12 +361,17 @@ class Watcher:
         for rel in self._stability.files():
             path = self.inbox / rel
             try:
-                st = self.stat(path)
+                kind, st = self._look(path)
             except FileNotFoundError:
                 self._stability.forget(rel)  # renamed or deleted before it was complete
                 continue
             except OSError as exc:
                 self._warn_once(rel, f"cannot look at {path}: {_readable(exc)}; will try again")
+                continue
+            if kind != _FILE:  # replaced by a link, a FIFO or a folder while we waited
+                self._stability.forget(rel)
+                if kind in (_SPECIAL, _OUTSIDE):
+                    self._consider(rel, kind, st, self.clock())
                 continue
             waited = self._stability.observe(rel, st.st_size, st.st_mtime_ns, self.clock())
             if waited < s.stable_time_s:
@@ -298,6 +388,8 @@ class Watcher:
             if version is not None:
                 self._stability.forget(rel)
                 ready.append(version)
+        ready.extend(self._outside.values())  # links out of the inbox: handed on unread
+        self._outside.clear()
         return sorted(ready, key=lambda v: (v.mtime_ns, v.rel_path))  # acquisition order
 
     def _version(self, rel: str, path: Path, st: os.stat_result) -> FileVersion | None:
@@ -320,8 +412,9 @@ class Watcher:
         self._problems.discard(rel)
         return FileVersion(rel, st.st_size, st.st_mtime_ns, digest)
 
-    def _walk(self, top: Path) -> Iterator[tuple[str, os.stat_result]]:
-        """(relative path, stat) of the regular files under ``top``, skipped folders left out."""
+    def _walk(self, top: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+        """(relative path, kind, stat) of everything under ``top`` that is not a folder,
+        skipped folders left out; linked folders are not walked into."""
         folders = [top]
         while folders:
             folder = folders.pop()
@@ -347,11 +440,12 @@ class Watcher:
                             entry.path
                         ):
                             folders.append(Path(entry.path))
-                    elif entry.is_file():
-                        rel = Path(os.path.relpath(entry.path, self.inbox)).as_posix()
-                        yield rel, self.stat(entry.path)
+                        continue
+                    kind, st = self._look(entry.path, linked=entry.is_symlink())
                 except OSError:
                     continue  # vanished while we looked
+                if kind in (_FILE, _SPECIAL, _OUTSIDE):
+                    yield Path(os.path.relpath(entry.path, self.inbox)).as_posix(), kind, st
 
     def _skipped(self, path: str | Path) -> bool:
         return os.path.realpath(path) in self._skip
