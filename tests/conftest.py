@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import pytest
+import tifffile
 
 from cellwatch.model import write_card
 
@@ -65,6 +68,32 @@ def discs(
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
     image = np.where(labels > 0, value, background).astype(np.uint8)
     return image, labels
+
+
+def ome_header(planes: np.ndarray) -> str:
+    """OME-XML declaring ``planes`` (Z, Y, X) as one Z-stack, as a microscope writes it
+    into the first page before the planes are acquired."""
+    ome = tifffile.OmeXml()
+    z, y, x = planes.shape
+    ome.addimage(planes.dtype, planes.shape, (z, 1, 1, y, x, 1), axes="ZYX")
+    return ome.tostring()
+
+
+def imagej_header(n_planes: int) -> str:
+    """An ImageJ hyperstack description declaring ``n_planes`` Z planes."""
+    return f"ImageJ=1.54f\nimages={n_planes}\nslices={n_planes}\n"
+
+
+def write_pages(fh: BinaryIO, planes: np.ndarray, header: str) -> Iterator[int]:
+    """Write ``planes`` into the open file ``fh`` one TIFF page at a time, as a microscope
+    writes a stack: ``header`` in the first page, each page linked to the last one and
+    flushed to disk before the number of pages written so far is yielded."""
+    with tifffile.TiffWriter(fh) as tif:
+        for i, plane in enumerate(planes):
+            description = header if i == 0 else None
+            tif.write(plane, description=description, metadata=None, contiguous=False)
+            fh.flush()
+            yield i + 1
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 import tifffile
 import yaml
-from conftest import discs
+from conftest import discs, imagej_header, ome_header, write_pages
 
 from cellwatch import cli
 from cellwatch.config import Config, OutputConfig, load_config, override
@@ -389,6 +389,49 @@ def test_inbox_cannot_be_used_to_read_other_files(
         assert st.st_mode & 0o007 == 0, f"{path} is world-accessible ({oct(st.st_mode)})"
         assert st.st_mode & 0o040, f"{path} is not group-readable ({oct(st.st_mode)})"
         assert group is None or st.st_gid == group, f"{path} has group {st.st_gid}"
+
+
+def test_a_stack_written_page_by_page_is_counted_once_whole(
+    run_cellwatch, tmp_path: Path, threshold_model: Path
+):
+    """A writer pauses after plane 1 for longer than stable_time_s: the stack is counted
+    once, whole; a stack that never gets its other planes fails, naming found/expected."""
+    config = write_config(
+        tmp_path / "config.yaml", threshold_model, stable_time_s=0.5, incomplete_timeout_s=5.0
+    )
+    cw = run_cellwatch(config)
+    cw.start()
+    centres = [[(20, 20), (20, 70)], [(70, 20), (70, 70)], [(45, 45)]]  # 2 + 2 + 1 cells
+    planes = np.stack([discs((96, 96), c, 8)[0] for c in centres])
+    headers = {
+        "stack.ome.tif": ome_header(planes),
+        "hyper.tif": imagej_header(3),
+        "stopped.ome.tif": ome_header(planes),
+    }
+    handles = {name: (cw.inbox / name).open("wb") for name in headers}
+    writers = {name: write_pages(handles[name], planes, h) for name, h in headers.items()}
+    try:
+        for pages in writers.values():
+            assert next(pages) == 1
+        time.sleep(2.0)  # 4 × stable_time_s: the file does not change, yet is not whole
+        for name in ("stack.ome.tif", "hyper.tif"):
+            assert list(writers[name]) == [2, 3]
+            handles[name].close()
+        rows = cw.wait_rows(lambda rows: set(headers) <= set(by_image(rows)))
+        time.sleep(1.5)  # room for a second row, were there one
+    finally:
+        for name in headers:
+            writers[name].close()
+            handles[name].close()
+    rows = by_image(cw.rows())
+    assert {name: len(r) for name, r in rows.items()} == dict.fromkeys(headers, 1)
+    for name in ("stack.ome.tif", "hyper.tif"):
+        assert (rows[name][0]["status"], rows[name][0]["cell_count"]) == ("ok", "5"), rows[name]
+    stopped = rows["stopped.ome.tif"][0]
+    assert stopped["status"] == "failed"
+    assert "incomplete: it has 1 of the 3 planes its OME-XML declares (SizeZ 3" in stopped["error"]
+    assert cw.stop() == 0
+    assert "has not become a complete image" in cw.log()
 
 
 def test_backlog_of_1000_files_is_counted_once(run_cellwatch, tmp_path: Path, threshold_model):

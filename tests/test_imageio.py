@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import imagej_header, ome_header, write_pages
 from PIL import Image
 
 from cellwatch.errors import BadInputError, TransientError
@@ -20,6 +23,7 @@ from cellwatch.storage.imageio import (
     is_supported,
     read_image,
     sha256_file,
+    tiff_incomplete,
     write_labels,
 )
 from cellwatch.storage.overlay import OUTLINE_RGB, write_overlay
@@ -346,6 +350,74 @@ def test_truncated_tiff(tmp_path):
     (tmp_path / "t.tif").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(BadInputError, match=r"t\.tif is truncated or corrupt.*Copy the file again"):
         read_image(tmp_path / "t.tif")
+
+
+def _stack() -> np.ndarray:
+    return np.stack([_ramp((40, 48)) + i for i in range(3)]).astype(np.uint8)
+
+
+def _snapshots(tmp_path: Path, name: str, header: str) -> list[bytes]:
+    """The file's bytes after each page a page-by-page writer adds."""
+    path = tmp_path / name
+    with path.open("wb") as fh:
+        return [path.read_bytes() for _ in write_pages(fh, _stack(), header)]
+
+
+def _incomplete(data: bytes) -> str | None:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        return tiff_incomplete(tif, len(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "header", "source"),
+    [
+        ("s.ome.tif", ome_header(_stack()), r"OME-XML declares \(SizeZ 3 × SizeC 1 × SizeT 1\)"),
+        ("s.tif", imagej_header(3), r"ImageJ header declares \(images=3\)"),
+    ],
+)
+def test_stack_with_fewer_planes_than_declared_is_incomplete(tmp_path, name, header, source):
+    first, second, whole = _snapshots(tmp_path, name, header)
+    assert re.fullmatch(f"it has 1 of the 3 planes its {source}", _incomplete(first))
+    assert re.fullmatch(f"it has 2 of the 3 planes its {source}", _incomplete(second))
+    assert _incomplete(whole) is None
+    path = tmp_path / name
+    path.write_bytes(first)
+    with pytest.raises(BadInputError, match=f"{name} is incomplete: it has 1 of the 3 planes"):
+        read_image(path)
+    path.write_bytes(whole)
+    np.testing.assert_array_equal(read_image(path).pixels, _stack().max(axis=0))
+
+
+def test_stack_cut_before_its_next_page_is_incomplete(tmp_path):
+    """tifffile writes the pages' headers after all the pixels: cut after plane 1, the
+    first page points past the end of the file (and its OME-XML is not there yet)."""
+    tifffile.imwrite(tmp_path / "s.ome.tif", _stack(), ome=True, metadata={"axes": "ZYX"})
+    whole = (tmp_path / "s.ome.tif").read_bytes()
+    with tifffile.TiffFile(io.BytesIO(whole)) as tif:
+        end = tif.pages[0].dataoffsets[0] + tif.pages[0].databytecounts[0]
+    reason = _incomplete(whole[:end])
+    assert (
+        reason == "it stops after page 1: the pointer to the next page is past the end of the file"
+    )
+    (tmp_path / "s.ome.tif").write_bytes(whole[:end])
+    with pytest.raises(BadInputError, match=r"s\.ome\.tif is incomplete: it stops after page 1"):
+        read_image(tmp_path / "s.ome.tif")
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs"),
+    [
+        (np.zeros((2, 3, 16, 16), np.uint16), {"ome": True, "metadata": {"axes": "TCYX"}}),
+        (np.zeros((2, 16, 16, 3), np.uint8), {"ome": True, "metadata": {"axes": "ZYXS"}}),
+        (np.zeros((4, 16, 16), np.uint8), {"imagej": True, "metadata": {"axes": "ZYX"}}),
+        (np.zeros((16, 16), np.uint8), {}),
+        (np.zeros((3, 16, 16), np.uint8), {}),
+    ],
+)
+def test_whole_files_are_complete(tmp_path, data, kwargs):
+    """Channels, time points and RGB samples as tifffile stores them: no false alarms."""
+    tifffile.imwrite(tmp_path / "w.tif", data, **kwargs)
+    assert _incomplete((tmp_path / "w.tif").read_bytes()) is None
 
 
 def test_tiff_cut_inside_header(tmp_path):

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tifffile
+from conftest import ome_header, write_pages
 from PIL import Image
 
 from cellwatch.config import WatchConfig
@@ -20,6 +21,7 @@ from cellwatch.service.jobs import FileVersion
 from cellwatch.service.watcher import (
     Stability,
     Watcher,
+    incomplete_reason,
     looks_complete,
     matches,
     refusal,
@@ -424,6 +426,20 @@ def test_looks_complete(tmp_path: Path, name: str, data: bytes, expected: bool):
     path = tmp_path / name
     path.write_bytes(data)
     assert looks_complete(path) is expected
+
+
+def test_a_stack_is_complete_only_with_all_its_declared_planes(tmp_path: Path):
+    planes = np.zeros((3, 32, 32), np.uint16)
+    path = tmp_path / "z.ome.tif"
+    with path.open("wb") as fh:
+        pages = write_pages(fh, planes, ome_header(planes))
+        assert next(pages) == 1
+        assert incomplete_reason(path) == (
+            "it has 1 of the 3 planes its OME-XML declares (SizeZ 3 × SizeC 1 × SizeT 1)"
+        )
+        seen = [(1, looks_complete(path))] + [(n, looks_complete(path)) for n in pages]
+    assert seen == [(1, False), (2, False), (3, True)]
+    assert incomplete_reason(path) is None
 
 
 def test_looks_complete_of_a_missing_file_is_false(tmp_path: Path):

@@ -38,7 +38,7 @@ from typing import Any
 
 from cellwatch.config import WatchConfig
 from cellwatch.service.jobs import FileVersion
-from cellwatch.storage.imageio import sha256_file
+from cellwatch.storage.imageio import sha256_file, tiff_incomplete
 
 log = logging.getLogger("cellwatch.watch")
 
@@ -114,41 +114,44 @@ def _file_kind(mode: int) -> str:
 
 
 def looks_complete(path: Path) -> bool:
-    """True if the file looks like a whole image: a TIFF whose pixel data all lies inside
-    the file, a PNG ending in its ``IEND`` chunk, a JPEG ending in its end-of-image marker.
-    Other types (and unreadable files) are left to the image reader to judge."""
+    """True if the file looks like a whole image (see :func:`incomplete_reason`)."""
+    return incomplete_reason(path) is None
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why the file does not look like a whole image yet, or None if it does.
+
+    A TIFF must have all its pages and their pixel data, and as many planes as its OME-XML
+    or ImageJ header declares (:func:`~cellwatch.storage.imageio.tiff_incomplete`); a PNG
+    must end in its ``IEND`` chunk, a JPEG in its end-of-image marker. Other types are left
+    to the image reader to judge. Reads headers only, never the pixels.
+    """
     name = path.name.lower()
     try:
         size = path.stat().st_size
         if size == 0:
-            return False
+            return "it is empty"
         if name.endswith((".tif", ".tiff")):
-            return _tiff_complete(path, size)
-        if name.endswith(".png"):
-            return _tail(path, 12)[4:8] == b"IEND"
-        if name.endswith((".jpg", ".jpeg")):
-            return _tail(path, 2) == b"\xff\xd9"
-    except OSError:
-        return False
-    return True
+            return _tiff_incomplete(path, size)
+        if name.endswith(".png") and _tail(path, 12)[4:8] != b"IEND":
+            return "it does not end in the PNG end chunk"
+        if name.endswith((".jpg", ".jpeg")) and _tail(path, 2) != b"\xff\xd9":
+            return "it does not end in the JPEG end marker"
+    except OSError as exc:
+        return f"it cannot be read ({_readable(exc)})"
+    return None
 
 
-def _tiff_complete(path: Path, size: int) -> bool:
+def _tiff_incomplete(path: Path, size: int) -> str | None:
     import tifffile
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             with tifffile.TiffFile(path) as tif:
-                if len(tif.pages) == 0:
-                    return False
-                for page in tif.pages:
-                    ends = zip(page.dataoffsets, page.databytecounts, strict=False)
-                    if any(offset + count > size for offset, count in ends):
-                        return False
-        except Exception:  # tifffile raises many types for a half-written file
-            return False
-    return True
+                return tiff_incomplete(tif, size)
+        except Exception as exc:  # tifffile raises many types for a half-written file
+            return f"it is not a readable TIFF yet ({exc})"
 
 
 def _tail(path: Path, n: int) -> bytes:
@@ -380,9 +383,10 @@ class Watcher:
                 if waited < s.stable_time_s + s.incomplete_timeout_s:
                     continue
                 log.warning(
-                    "%s has not become a complete image in %.0f s; recording it as failed",
+                    "%s has not become a complete image in %.0f s (%s); recording it as failed",
                     path,
                     waited,
+                    incomplete_reason(path),
                 )
             version = self._version(rel, path, st)
             if version is not None:

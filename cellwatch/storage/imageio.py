@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import stat
+import struct
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
@@ -180,7 +181,15 @@ def _read_tiff(
             series = tif.series[0]
             axes, keyframe = series.axes, series.keyframe
             _check_declared_size(path, series.shape, axes, series.dtype, max_pixels)
-            _check_not_truncated(path, series, os.fstat(fh.fileno()).st_size)
+            file_size = os.fstat(fh.fileno()).st_size
+            _check_not_truncated(path, series, file_size)
+            missing = tiff_incomplete(tif, file_size)
+            if missing:
+                raise BadInputError(
+                    f"{path} is incomplete: {missing}. If the microscope was still writing "
+                    "it, it was given up on after watch.incomplete_timeout_s; copy the "
+                    "finished file into the inbox again."
+                )
             try:
                 pixel_size = _tiff_pixel_size(tif)
             except (ET.ParseError, ValueError, TypeError, ZeroDivisionError):
@@ -247,6 +256,106 @@ def _check_not_truncated(path: Path, series: tifffile.TiffPageSeries, file_size:
             f"{path} is truncated or corrupt: its pixel data should reach byte {end:,} but "
             f"the file has {file_size:,} bytes. Copy the file again from the microscope."
         )
+
+
+def tiff_incomplete(tif: tifffile.TiffFile, file_size: int) -> str | None:
+    """Why an open TIFF is not whole yet, in words; None when it looks whole.
+
+    Cheap enough to ask of a file that is still being written: it reads the page headers
+    and the header's metadata, never the pixels. A TIFF is not whole when
+
+    - its last page points to a next page that lies past the end of the file,
+    - a page's pixel data reaches past the end of the file, or
+    - it has fewer pages than the planes it declares: OME-XML ``SizeZ × SizeC × SizeT``
+      (one page per plane; RGB samples share a page), or ImageJ's ``images=``.
+
+    Parameters
+    ----------
+    tif : tifffile.TiffFile
+        The open file.
+    file_size : int
+        Its size in bytes now.
+
+    Returns
+    -------
+    str or None
+        For example ``"it has 1 of the 3 planes its OME-XML declares (SizeZ 3 × SizeC 1 ×
+        SizeT 1)"``.
+    """
+    pages = tif.pages
+    if len(pages) == 0:
+        return "it has no image pages yet"
+    following = _next_page_pointer(tif)
+    if following is None or following >= file_size:
+        where = "past the end of the file" if following else "missing"
+        return f"it stops after page {len(pages)}: the pointer to the next page is {where}"
+    for number, page in enumerate(pages, start=1):
+        ends = zip(page.dataoffsets, page.databytecounts, strict=False)
+        end = max((offset + count for offset, count in ends), default=0)
+        if end > file_size:
+            return (
+                f"the pixel data of page {number} should reach byte {end:,} but the file "
+                f"has {file_size:,} bytes"
+            )
+    declared = _declared_planes(tif)
+    if declared is None:
+        return None
+    expected, source = declared
+    found = _planes_present(tif, file_size, expected)
+    if found < expected:
+        return f"it has {found} of the {expected} planes its {source}"
+    return None
+
+
+def _next_page_pointer(tif: tifffile.TiffFile) -> int | None:
+    """The offset the last page read points to (0: it is the last page); None if the
+    pointer itself lies past the end of the file."""
+    position = tif.pages.next_page_offset
+    if position is None:
+        return None
+    fh = tif.filehandle
+    fh.seek(position)
+    raw = fh.read(tif.tiff.offsetsize)
+    if len(raw) < tif.tiff.offsetsize:
+        return None
+    return int(struct.unpack(tif.tiff.offsetformat, raw)[0])
+
+
+def _declared_planes(tif: tifffile.TiffFile) -> tuple[int, str] | None:
+    """(planes, "OME-XML declares (SizeZ …)") from OME-XML or an ImageJ header; None if
+    the file does not say how many planes it has."""
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+        except ET.ParseError:
+            return None
+        name = Path(tif.filename).name
+        if any(u.get("FileName") not in (None, "", name) for u in root.iter("{*}UUID")):
+            return None  # planes spread over several files: this one holds only some
+        samples = tif.pages.first.samplesperpixel
+        total, parts = 0, []
+        for pixels in root.findall("{*}Image/{*}Pixels"):
+            z, c, t = (int(pixels.get(key, "1")) for key in ("SizeZ", "SizeC", "SizeT"))
+            pages_c = c // samples if samples > 1 and c % samples == 0 else c
+            total += z * pages_c * t
+            parts.append(f"SizeZ {z} × SizeC {c} × SizeT {t}")
+        return (total, f"OME-XML declares ({'; '.join(parts)})") if total else None
+    if tif.is_imagej:
+        images = (tif.imagej_metadata or {}).get("images")
+        if isinstance(images, int) and images > 1:
+            return images, f"ImageJ header declares (images={images})"
+    return None
+
+
+def _planes_present(tif: tifffile.TiffFile, file_size: int, expected: int) -> int:
+    """Pages in the file; for an ImageJ file saved as one page followed by the other
+    planes' pixels (ImageJ does this above 4 GB), the planes whose pixels are there."""
+    pages = len(tif.pages)
+    first = tif.pages.first
+    if pages == 1 and tif.is_imagej and first.is_contiguous and first.nbytes:
+        start = first.dataoffsets[0]
+        return min(expected, max(0, (file_size - start) // first.nbytes))
+    return pages
 
 
 def _tiff_pixel_size(tif: tifffile.TiffFile) -> float | None:
