@@ -1,4 +1,4 @@
-"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report.
+"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report, export, bench.
 
 Exit status: 0 when everything succeeded, 1 when some images failed (their rows are still
 written), 2 for usage, configuration or model errors.
@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the daemon's queue, counts and last error")
     status.add_arguments(p)
     p.set_defaults(handler=status.run)
+
+    p = sub.add_parser("export", help="write a model as a bioimage.io package (.zip)")
+    from cellwatch.interop import bioimageio_export
+
+    bioimageio_export.add_arguments(p)
+    p.set_defaults(handler=bioimageio_export.run)
 
     p = sub.add_parser("bench", help="measure speed and memory on this machine")
     from cellwatch import bench

@@ -107,6 +107,12 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    address: str = "127.0.0.1"  # where `cellwatch watch` serves /metrics for Prometheus
+    port: int | None = None  # None: no metrics served
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -117,6 +123,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def settings_hash(self) -> str:
@@ -228,6 +235,13 @@ def validate(cfg: Config) -> None:
             f"must not be negative, got {w.incomplete_timeout_s}",
         )
     _check_report(cfg.report, where)
+    m = cfg.metrics
+    if m.port is not None and not 1 <= m.port <= 65535:
+        _fail(
+            where, "metrics.port", f"must be a port number from 1 to 65535, or null, got {m.port}"
+        )
+    if not m.address.strip():
+        _fail(where, "metrics.address", "must not be empty (127.0.0.1 serves this machine only)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_file():
         _fail(
             where,

@@ -29,14 +29,23 @@ class Stopwatch:
         Seconds as a float; :func:`time.perf_counter` unless a test passes a fake.
     keep_intervals : bool
         Also keep each timed interval (a few dozen bytes per call), for :meth:`busy`.
+    listener : callable, optional
+        Called as ``listener(stage, seconds)`` after each timed interval and each
+        :meth:`add`, in the thread that timed it (the daemon's metrics observe stage times
+        this way). It may be set later, as the attribute of the same name.
     """
 
     def __init__(
-        self, clock: Callable[[], float] = time.perf_counter, *, keep_intervals: bool = False
+        self,
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        keep_intervals: bool = False,
+        listener: Callable[[str, float], None] | None = None,
     ) -> None:
         self.clock = clock
         self.totals: defaultdict[str, float] = defaultdict(float)
         self.intervals: list[tuple[str, float, float]] | None = [] if keep_intervals else None
+        self.listener = listener
         self._lock = threading.Lock()
 
     @contextmanager
@@ -51,12 +60,19 @@ class Stopwatch:
         """Count ``seconds`` towards ``stage`` (no interval is kept)."""
         with self._lock:
             self.totals[stage] += seconds
+        self._tell(stage, seconds)
 
     def _record(self, stage: str, started: float, ended: float) -> None:
         with self._lock:
             self.totals[stage] += ended - started
             if self.intervals is not None:
                 self.intervals.append((stage, started, ended))
+        self._tell(stage, ended - started)
+
+    def _tell(self, stage: str, seconds: float) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener(stage, seconds)
 
     def timed(
         self, stage: str, fn: Callable[[np.ndarray], np.ndarray]

@@ -561,7 +561,7 @@ def test_kill_9_at_random_moments_never_loses_or_doubles_a_row(
 
 
 def fake_engine(config: Config, label: str = "fake@0123") -> Engine:
-    return Engine(config, SimpleNamespace(model=SimpleNamespace(label=label)))
+    return Engine(config, SimpleNamespace(model=SimpleNamespace(label=label), stopwatch=None))
 
 
 def test_main_loop_stops_watchdog_and_exits_1_when_a_thread_dies(tmp_path: Path, monkeypatch):

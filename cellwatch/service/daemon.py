@@ -40,6 +40,7 @@ from cellwatch.config import Config, override
 from cellwatch.errors import BadInputError, CellwatchError, ConfigError, TransientError
 from cellwatch.reporting.report import check_settings, reports_for_config
 from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
+from cellwatch.service.metrics import Metrics, MetricsServer, serve
 from cellwatch.service.schedule import ReportSchedule
 from cellwatch.service.sdnotify import Notifier
 from cellwatch.service.watcher import Watcher, refusal
@@ -170,6 +171,8 @@ class Daemon:
             self.config.report.timezone, self.config.report.refresh_interval_s
         )
         self._report_thread: threading.Thread | None = None
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
 
     def serve(self) -> int:
         for folder in (self.paths.out, self.paths.state):
@@ -185,8 +188,11 @@ class Daemon:
         try:
             with JobQueue(self.paths.db) as queue:
                 recorded = self._recover(queue)
+                self._serve_metrics(queue)
                 return self._serve(queue, recorded)
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             lock.close()
@@ -205,13 +211,25 @@ class Daemon:
             )
         return recorded
 
+    def _serve_metrics(self, queue: JobQueue) -> None:
+        """Answer Prometheus at ``/metrics`` if ``metrics.port`` is set (before the model
+        loads, so a taken port stops the daemon at once)."""
+        self.metrics.queue(queue.counts())
+        m = self.config.metrics
+        if m.port is not None:
+            self.metrics_server = serve(self.metrics, m.address, m.port)
+            log.info("metrics at http://%s:%d/metrics", m.address, self.metrics_server.port)
+
     def _serve(self, queue: JobQueue, recorded: dict[str, str]) -> int:
         self.notifier.status("loading the model")
         engine = load_engine(self.config)
+        self.metrics.use_model(engine.model_label, engine.segmenter.stopwatch)
         if self._stop_requested:
             self.notifier.send("STOPPING=1")
             return 0
-        worker = Worker(self.paths, engine, recorded, stop=self.stop, wake=self.wake)
+        worker = Worker(
+            self.paths, engine, recorded, stop=self.stop, wake=self.wake, metrics=self.metrics
+        )
         threads = [
             threading.Thread(target=self._watch, name="watcher", daemon=True),
             threading.Thread(target=worker.run, name="worker", daemon=True),
@@ -299,6 +317,7 @@ class Daemon:
 
     def _beat(self, queue: JobQueue, worker: Worker) -> None:
         queue.set_meta(heartbeat=_now(), model=worker.engine.model_label)
+        self.metrics.queue(queue.counts())
         self.notifier.status(self._summary(queue, worker))
 
     def _summary(self, queue: JobQueue, worker: Worker) -> str:
@@ -325,7 +344,10 @@ class Daemon:
                     "still watching %s",
                     self.paths.inbox,
                 )
+            if config.metrics != self.config.metrics:
+                log.warning("new metrics settings take effect only after a restart")
             self.config = config
+            self.metrics.use_model(engine.model_label, engine.segmenter.stopwatch)
             worker.engine = engine
             if self.watcher is not None:
                 self.watcher.update(config.watch)
@@ -344,6 +366,7 @@ class Daemon:
                         if f.job_id in new:
                             log.info("queued %s", f.rel_path)
                     if new:
+                        self.metrics.queue(queue.counts())
                         self.wake.set()
 
                 skip = [self.paths.state, self.paths.out / "labels", self.paths.out / "overlays"]
@@ -381,6 +404,8 @@ class Worker:
         Set to finish; set when new jobs are queued.
     process : callable, optional
         :func:`cellwatch.pipeline.process_images` (tests pass a fake).
+    metrics : Metrics, optional
+        Where the worker reports jobs started and images recorded.
     """
 
     def __init__(
@@ -392,10 +417,12 @@ class Worker:
         stop: threading.Event,
         wake: threading.Event,
         process: Callable[..., list[Any]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.paths, self.engine, self.recorded = paths, engine, recorded
         self.stop, self.wake = stop, wake
         self._process = process
+        self.metrics = metrics or Metrics()
         self.done = self.failed = 0
         self.error: str | None = None
 
@@ -422,6 +449,8 @@ class Worker:
         jobs = queue.claim(BATCH_IMAGES)
         if not jobs:
             return False
+        self.metrics.started(jobs)
+        self.metrics.queue(queue.counts())
         max_attempts = engine.config.watch.max_attempts
         follow = engine.config.watch.follow_symlinks
         outcomes: dict[str, Any] = {}
@@ -453,6 +482,7 @@ class Worker:
                 outcome = self._failed(job, engine, message)
             outcomes[job.job_id] = self._record(self._check_content(job, engine, outcome))
         queue.finish(outcomes)
+        self.metrics.queue(queue.counts())
         return True
 
     def _run(self, engine: Engine, jobs: list[Job]) -> list[tuple[Job, Any]]:
@@ -517,6 +547,7 @@ class Worker:
         if row["job_id"] not in self.recorded:
             record(result, self.paths.out)
             self.recorded[row["job_id"]] = row["status"]
+            self.metrics.recorded(row)
         if row["status"] == "ok":
             self.done += 1
             log.info("%s: %s cells", row["image"], row.get("cell_count"))

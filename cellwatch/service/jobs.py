@@ -54,7 +54,10 @@ CREATE INDEX IF NOT EXISTS jobs_by_file ON jobs (rel_path, size, mtime_ns);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
-_COLUMNS = "job_id, rel_path, size, mtime_ns, sha256, state, attempts, last_error, recovered"
+_COLUMNS = (
+    "job_id, rel_path, size, mtime_ns, sha256, state, attempts, last_error, recovered,"
+    " MAX(created_at, not_before)"
+)
 
 
 class QueueError(CellwatchError):
@@ -98,6 +101,7 @@ class Job:
     attempts: int  # attempts started, this one included
     last_error: str | None
     recovered: bool  # was running when the daemon last stopped without finishing it
+    due_at: float = 0.0  # when it was queued, or its retry delay ended (clock seconds)
 
 
 @dataclass(frozen=True)
@@ -329,7 +333,7 @@ class JobQueue:
 
 
 def _job(row: tuple, *, state: State | None = None, attempts: int | None = None) -> Job:
-    job_id, rel_path, size, mtime_ns, sha256, old_state, old_attempts, error, recovered = row
+    job_id, rel_path, size, mtime_ns, sha256, old_state, old_attempts, error, recovered, due = row
     return Job(
         job_id=job_id,
         rel_path=rel_path,
@@ -340,6 +344,7 @@ def _job(row: tuple, *, state: State | None = None, attempts: int | None = None)
         attempts=old_attempts if attempts is None else attempts,
         last_error=error,
         recovered=bool(recovered),
+        due_at=due,
     )
 
 

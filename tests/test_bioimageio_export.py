@@ -1,0 +1,122 @@
+"""``cellwatch export``: the bundled model as a bioimage.io package that ``bioimageio test``
+(bioimageio.core, from PyPI) passes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cellwatch.config import TilingConfig
+from cellwatch.errors import ConfigError
+from cellwatch.interop.bioimageio_export import export_model, halo_px
+from cellwatch.model import BUNDLED_MODEL, read_card
+
+BIOIMAGEIO = Path(sys.executable).with_name("bioimageio")
+CELLWATCH = Path(sys.executable).with_name("cellwatch")
+ENV = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", NO_COLOR="1")
+needs_bioimageio = pytest.mark.skipif(
+    importlib.util.find_spec("bioimageio.core") is None or not BIOIMAGEIO.exists(),
+    reason="bioimageio.core is not installed (pip install 'cellwatch[bioimageio]' bioimageio.core)",
+)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("bioimageio.spec") is None:
+        pytest.skip("bioimageio.spec is not installed (pip install 'cellwatch[bioimageio]')")
+    return export(tmp_path_factory.mktemp("export") / "cellwatch-nuclei.zip")
+
+
+def export(out: Path, *args: str) -> Path:
+    """``cellwatch export`` as a user runs it, in a process of its own."""
+    run = subprocess.run(
+        [CELLWATCH, "export", "--out", str(out), *args],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert f"wrote {out}" in run.stdout
+    return out
+
+
+@needs_bioimageio
+def test_bioimageio_test_passes_on_the_exported_bundled_model(package: Path):
+    run = subprocess.run(
+        [BIOIMAGEIO, "test", str(package), "--summary", "display"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report[-6000:]
+    assert "status           passed" in report or "status  passed" in " ".join(report.split())
+    for weights in ("keras_v3", "onnx"):  # both formats reproduce cellwatch's test output
+        assert f"Reproduce test outputs from test inputs ({weights})" in " ".join(report.split())
+
+
+def test_the_package_describes_the_model_as_its_card_does(package: Path):
+    card = read_card(BUNDLED_MODEL)
+    with zipfile.ZipFile(package) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+        names = set(archive.namelist())
+        test_input = np.load(archive.open(rdf["inputs"][0]["test_tensor"]["source"]))
+        test_output = np.load(archive.open(rdf["outputs"][0]["test_tensor"]["source"]))
+    assert rdf["format_version"].startswith("0.5.")
+    assert rdf["description"] == card["description"]
+    assert [c["doi"] for c in rdf["cite"]] == [c["doi"] for c in card["cite"]]
+    assert rdf["training_data"]["description"].startswith(card["data"]["source"])
+    (image,) = rdf["inputs"]
+    scale_range = [p for p in image["preprocessing"] if p["id"] == "scale_range"]
+    assert scale_range[0]["kwargs"]["min_percentile"] == card["normalize"]["low_percentile"]
+    assert scale_range[0]["kwargs"]["max_percentile"] == card["normalize"]["high_percentile"]
+    assert [a["type"] for a in image["axes"]] == ["batch", "space", "space", "channel"]
+    (probabilities,) = rdf["outputs"]
+    halos = [a.get("halo") for a in probabilities["axes"] if a["type"] == "space"]
+    assert halos == [halo_px(card, TilingConfig())] * 2
+    channels = next(a for a in probabilities["axes"] if a["type"] == "channel")
+    assert channels["channel_names"] == card["classes"]
+    assert set(rdf["weights"]) == {"onnx", "keras_v3"}
+    assert {rdf["weights"][w]["source"] for w in rdf["weights"]} <= names
+    assert rdf["covers"] and rdf["documentation"]["source"] in names
+    # the test pair: raw pixels in, probabilities that sum to one out
+    assert test_input.shape[:1] == test_output.shape[:1] == (1,) and test_input.shape[-1] == 1
+    assert test_output.shape[1:3] == test_input.shape[1:3] and test_output.shape[-1] == 3
+    assert test_input.max() > 1.5  # raw intensities: normalising is the package's job
+    assert np.allclose(test_output.sum(axis=-1), 1, atol=1e-4)
+
+
+def test_halo_comes_from_the_model_card_when_it_records_one():
+    tiling = TilingConfig(overlap=48)
+    assert halo_px({}, tiling) == 24  # half the overlap, as tiling discards
+    assert halo_px({"receptive_field_px": 93}, tiling) == 47
+    assert halo_px({"halo_px": 30, "receptive_field_px": 93}, tiling) == 30
+
+
+def test_out_must_be_a_zip(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"a bioimage.io package is a \.zip file"):
+        export_model(None, tmp_path / "package.yaml")
+
+
+def test_a_model_of_another_card_exports_without_citation_or_data(tmp_path: Path, package: Path):
+    """A model trained by the user has a card with no description or citations: its
+    package (checked by bioimageio.spec as it is built) cites the U-Net paper and
+    describes the model from what its card says."""
+    model = shutil.copy(BUNDLED_MODEL, tmp_path / "mine.keras")
+    card = read_card(BUNDLED_MODEL)
+    for key in ("description", "cite", "authors", "license", "data"):
+        card.pop(key)
+    (tmp_path / "mine.json").write_text(json.dumps(card))
+    out = export(tmp_path / "mine.zip", "--model", str(model))
+    with zipfile.ZipFile(out) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+    assert rdf["name"] == "cellwatch mine"
+    assert "20 px across" in rdf["description"]
+    assert [c["doi"] for c in rdf["cite"]] == ["10.1007/978-3-319-24574-4_28"]
+    assert rdf.get("training_data") is None
