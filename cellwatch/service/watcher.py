@@ -32,6 +32,7 @@ from typing import Any
 
 from cellwatch.config import WatchConfig
 from cellwatch.service.jobs import FileVersion
+from cellwatch.storage import vendor
 from cellwatch.storage.imageio import sha256_file
 
 log = logging.getLogger("cellwatch.watch")
@@ -56,7 +57,8 @@ def _match(name: str, patterns: Sequence[str]) -> bool:
 
 def looks_complete(path: Path) -> bool:
     """True if the file looks like a whole image: a TIFF whose pixel data all lies inside
-    the file, a PNG ending in its ``IEND`` chunk, a JPEG ending in its end-of-image marker.
+    the file, a PNG ending in its ``IEND`` chunk, a JPEG ending in its end-of-image marker,
+    a CZI, ND2 or LIF file that its bioio reader opens whole (:func:`vendor.opens_whole`).
     Other types (and unreadable files) are left to the image reader to judge."""
     name = path.name.lower()
     try:
@@ -69,6 +71,8 @@ def looks_complete(path: Path) -> bool:
             return _tail(path, 12)[4:8] == b"IEND"
         if name.endswith((".jpg", ".jpeg")):
             return _tail(path, 2) == b"\xff\xd9"
+        if vendor.is_vendor(path):  # the microscope formats: the reader's own check
+            return vendor.opens_whole(path)
     except OSError:
         return False
     return True
