@@ -219,7 +219,8 @@ def _read_vendor(
     lazy = found.data
     _check_declared_size(path, tuple(lazy.shape), found.axes, np.dtype(lazy.dtype), max_pixels)
     try:
-        data = np.asarray(lazy.compute(scheduler="threads"))
+        # synchronous: no pool of threads left behind, none nested in a Dask worker
+        data = np.asarray(lazy.compute(scheduler="synchronous"))
     except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
@@ -242,9 +243,10 @@ def _channel_count(shape: tuple[int, ...], axes: str) -> int:
 def _channel_by_name(path: Path, name: str, names: tuple[str, ...] | None, n_chan: int) -> int:
     """The index of the channel called ``name`` (any case, surrounding spaces ignored)."""
     if not names or len(names) != n_chan:
+        numbers = f"a channel number (0 to {n_chan - 1})" if n_chan > 1 else "null (one channel)"
         raise BadInputError(
             f"{path} does not name its channels, so input.channel = {name!r} cannot be "
-            f"found; set input.channel to a channel number (0 to {n_chan - 1}) in config.yaml"
+            f"found; set input.channel to {numbers} in config.yaml"
         )
     wanted = name.strip().casefold()
     matches = [i for i, n in enumerate(names) if n.strip().casefold() == wanted]
