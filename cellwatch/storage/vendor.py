@@ -165,7 +165,8 @@ def opens_whole(path: Path) -> bool:
 def _reader_class(path: Path) -> type:
     _, module, _ = VENDOR_FORMATS[path.suffix.lower()]
     try:
-        return importlib.import_module(module).Reader  # type: ignore[no-any-return]
+        reader: type = importlib.import_module(module).Reader
+        return reader
     except ImportError as exc:
         raise BadInputError(f"{path}: {install_hint(path)}") from exc
 
