@@ -262,6 +262,8 @@ def test_nd2_and_lif_through_the_bioio_interface(
     assert np.array_equal(by_name.pixels, imageio.read_image(inbox / "run.nd2", scene=1,
                                                               channel=1).pixels)  # fmt: skip
     assert "max projection of 3 planes" in by_name.note
+    one_plane = imageio.read_image(inbox / "run.nd2", scene=1, channel=1, stack="plane", plane=2)
+    assert np.array_equal(one_plane.pixels, stack_of(wells[1])[0, 1, 2])
 
 
 def test_a_format_whose_extra_is_missing_gets_a_failed_row_with_the_install_hint(

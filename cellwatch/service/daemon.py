@@ -14,10 +14,10 @@ Three threads, each owning its own database connection:
 Exactly one ledger row per image, through ``kill -9`` at any moment: the ledger row is
 written (one ``write`` + ``fsync``) before the job is marked done, and at start-up a torn
 last line is cut, every job whose ``job_id`` is in the ledger is marked finished, and jobs
-found running are run again. Before a row is appended its ``job_id`` is checked against the
-ledger's (kept in memory). A job run again after a crash may have appended some of its
-cells already: readers of ``cells.csv`` keep, for each ``job_id`` with a ledger row, the
-last row of each ``(job_id, label)`` (see docs/daemon.md).
+found running are run again. Before a row is appended its ``(job_id, scene)`` is checked
+against the ledger's (kept in memory). A job run again after a crash may have appended some
+of its cells already: readers of ``cells.csv`` keep, for each ``(job_id, scene)`` with a
+ledger row, the last row of each ``(job_id, scene, label)`` (see docs/daemon.md).
 
 A microscope file of several scenes is one job and several images: one ledger row per
 ``(job_id, scene)``. Its scenes are processed and recorded a group at a time, so after a
@@ -449,7 +449,7 @@ class Worker:
                 faults[job.job_id] = listed
                 continue
             scenes[job.job_id] = listed
-            todo = [s for s in listed if (job.job_id, ledger.scene_key(s)) not in self.recorded]
+            todo = self._missing(job, listed)
             if todo and job.attempts > max_attempts:  # running at each of the last stops
                 reason = job.last_error or (
                     "cellwatch stopped while processing this image (a crash, a power cut or "
