@@ -126,19 +126,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     segmenter = Segmenter(config, load_model(config.model.path))
     out_dir = Path(config.output.dir)
-    failed = 0
+    failed = counted = 0  # images: each scene of a file of several counts as one
     size = config.tiling.batch_size  # images per group: their tiles share inference batches
     groups = [images[i : i + size] for i in range(0, len(images), size)]
     for group in progress(groups, enabled=not args.quiet and sys.stderr.isatty()):
         for result in process_group(group, config, segmenter, out_dir):
             record(result, out_dir)
-            if result.row["status"] != "ok":
+            counted += 1
+            row = result.row
+            name = row["image"] + (f" scene {row['scene']}" if row.get("scene") is not None else "")
+            if row["status"] != "ok":
                 failed += 1
-                log.warning("%s: %s", result.row["image"], result.row.get("error"))
+                log.warning("%s: %s", name, row.get("error"))
             elif not args.quiet:
-                log.info("%s: %d cells", result.row["image"], result.row["cell_count"])
+                log.info("%s: %d cells", name, row["cell_count"])
     print(
-        f"{len(images) - failed} of {len(images)} images counted; ledger: {out_dir / 'ledger.csv'}",
+        f"{counted - failed} of {counted} images counted; ledger: {out_dir / 'ledger.csv'}",
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
@@ -147,9 +150,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def process_group(
     paths: list[Path], config: Config, segmenter: Segmenter, out_dir: Path
 ) -> list[ImageResult]:
-    """Process several images together. With no daemon here to retry later, a transient
-    fault (a full disk, a share gone) becomes a failed row for the image it hit."""
-    from cellwatch.pipeline import failed_result, process_image, process_images
+    """Process several images together (a file of several scenes gives one result per
+    scene). With no daemon here to retry later, a transient fault (a full disk, a share
+    gone) becomes a failed row for the file it hit."""
+    from cellwatch.pipeline import failed_result, process_images
 
     job_ids = [uuid.uuid4().hex for _ in paths]
     try:
@@ -161,10 +165,8 @@ def process_group(
     results = []
     for path, job_id in zip(paths, job_ids, strict=True):
         try:
-            results.append(
-                process_image(
-                    path, config=config, segmenter=segmenter, out_dir=out_dir, job_id=job_id
-                )
+            results += process_images(
+                [path], config=config, segmenter=segmenter, out_dir=out_dir, job_ids=[job_id]
             )
         except TransientError as exc:
             label = segmenter.model.label

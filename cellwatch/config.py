@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
 import types
@@ -25,6 +26,38 @@ import yaml
 
 from cellwatch.errors import ConfigError
 
+#: Microscope formats read through bioio: suffix → (format, bioio plugin module, the
+#: cellwatch extra that installs the plugin). The one table of them; storage reads it too.
+VENDOR_FORMATS: dict[str, tuple[str, str, str]] = {
+    ".czi": ("Zeiss CZI", "bioio_czi", "czi"),
+    ".nd2": ("Nikon ND2", "bioio_nd2", "nd2"),
+    ".lif": ("Leica LIF", "bioio_lif", "lif"),
+}
+_BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def installed_vendor_suffixes() -> tuple[str, ...]:
+    """The suffixes of :data:`VENDOR_FORMATS` whose bioio plugin is installed.
+
+    Found without importing the plugin (``importlib.util.find_spec``): bioio is heavy.
+    """
+    found = []
+    for suffix, (_, module, _) in VENDOR_FORMATS.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found.append(suffix)
+        except (ImportError, ValueError):  # a broken install counts as missing
+            continue
+    return tuple(found)
+
+
+def _default_extensions() -> tuple[str, ...]:
+    return _BASE_SUFFIXES + installed_vendor_suffixes()
+
+
+def _default_include() -> tuple[str, ...]:
+    return tuple(f"*{suffix}" for suffix in _default_extensions())
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,11 +66,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    channel: int | None = None  # None: gray, or RGB whose channels are equal
+    # None: gray, or RGB whose channels are equal; a str: the channel's name in the file
+    channel: int | str | None = None
     stack: Literal["max", "plane"] = "max"
     plane: int = 0
     max_pixels: int = 400_000_000
-    extensions: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+    # by default TIFF, PNG, JPEG and the VENDOR_FORMATS whose extra is installed
+    extensions: tuple[str, ...] = field(default_factory=_default_extensions)
 
 
 @dataclass(frozen=True)
@@ -82,7 +117,7 @@ class OutputConfig:
 class WatchConfig:
     inbox: str = "inbox"
     state_dir: str | None = None  # None: <output.dir>/.state
-    include: tuple[str, ...] = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
+    include: tuple[str, ...] = field(default_factory=_default_include)  # as input.extensions
     exclude: tuple[str, ...] = ("*.part", "*.tmp", "~*", ".*")
     polling: bool = False
     rescan_interval_s: float = 30.0
@@ -127,11 +162,16 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
 
     def settings_hash(self) -> str:
-        """A short hash of the settings that change the counts, for the ledger."""
+        """A short hash of the settings that change the counts, for the ledger.
+
+        ``input.extensions`` is left out: it decides which files are read, not how they are
+        counted, and its default depends on which extras are installed.
+        """
         relevant = {
             name: dataclasses.asdict(getattr(self, name))
             for name in ("input", "normalize", "scale", "tiling", "postprocess")
         }
+        del relevant["input"]["extensions"]
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -223,8 +263,11 @@ def validate(cfg: Config) -> None:
             _fail(where, f"postprocess.{key}", f"must not be negative, got {getattr(p, key)}")
     if cfg.input.plane < 0 or cfg.input.max_pixels < 1:
         _fail(where, "input", "plane must be ≥ 0 and max_pixels ≥ 1")
-    if cfg.input.channel is not None and cfg.input.channel < 0:
-        _fail(where, "input.channel", f"must be ≥ 0, got {cfg.input.channel}")
+    channel = cfg.input.channel
+    if isinstance(channel, int) and channel < 0:
+        _fail(where, "input.channel", f"must be ≥ 0, got {channel}")
+    if isinstance(channel, str) and not channel.strip():
+        _fail(where, "input.channel", "must be a channel number or a channel name, got ''")
     w = cfg.watch
     if w.stable_time_s < 0 or w.rescan_interval_s <= 0 or w.max_attempts < 1:
         _fail(where, "watch", "stable_time_s ≥ 0, rescan_interval_s > 0 and max_attempts ≥ 1")

@@ -4,7 +4,10 @@ stitch → label → measure → write.
 :class:`Segmenter` holds the model and settings and is pure computation (arrays in,
 labels out). :func:`process_image` adds the file I/O around it and never raises for a bad
 image: it returns a ``failed`` row instead, so a batch or the daemon keeps going.
-:func:`record` appends the results to ``cells.csv`` and ``ledger.csv``.
+A microscope file of several scenes (positions) is several images: :func:`scenes_of` lists
+them, and each scene gets its own result, row, label image and overlay (``<stem>_s<k>``).
+The driver (:func:`cellwatch.service.driver.record`) appends the results to ``cells.csv``
+and ``ledger.csv``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,7 +32,7 @@ import pandas as pd
 from cellwatch import quality
 from cellwatch.batching import SharedBatches
 from cellwatch.config import Config
-from cellwatch.errors import CellwatchError, ModelError, TransientError
+from cellwatch.errors import BadInputError, CellwatchError, ModelError, TransientError
 from cellwatch.measure import measure_cells, summarize
 from cellwatch.model import LoadedModel
 from cellwatch.postprocess import (
@@ -224,14 +228,38 @@ class Segmenter:
 
 @dataclass
 class ImageResult:
+    """One image's (or one scene's) ledger row and its cells; ``row["scene"]`` is the
+    scene of a file of several, else None."""
+
     row: dict[str, Any]
     cells: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
+def scenes_of(path: Path) -> list[int | None]:
+    """The images one file holds: ``[0, 1, …]`` for a microscope file of several scenes,
+    ``[None]`` for any other file.
+
+    A file that does not open is ``[None]`` too: processing it then gives its one
+    ``failed`` row with the reader's error. A :class:`TransientError` is raised.
+    """
+    try:
+        count = imageio.scene_count(path)
+    except BadInputError:
+        return [None]
+    return list(range(count)) if count > 1 else [None]
+
+
 def process_image(
-    path: Path, *, config: Config, segmenter: Segmenter, out_dir: Path, job_id: str
+    path: Path,
+    *,
+    config: Config,
+    segmenter: Segmenter,
+    out_dir: Path,
+    job_id: str,
+    scene: int | None = None,
 ) -> ImageResult:
-    """Segment and measure one image file and write its label image and overlay.
+    """Segment and measure one image file (or one scene of it, see :func:`scenes_of`) and
+    write its label image and overlay.
 
     Bad input never raises: it comes back as a ``failed`` row whose ``error`` says why.
     A :class:`TransientError` (a full disk, a share that went away) is raised, so the
@@ -243,16 +271,18 @@ def process_image(
         "model": segmenter.model.label,
         "settings_hash": config.settings_hash(),
         "job_id": job_id,
+        "scene": scene,
     }
     try:
         with watch("read"):
-            data = read(path, config)  # first: it names what is wrong with a bad file
+            data = read(path, config, scene)  # first: it names what is wrong with a bad file
             row["sha256"] = _hash(path)
         pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
         row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
         result = segmenter.segment(pixels, pixel_size)
         labels, overlays = result.labels, config.output.overlays
-        with _writing(path, pixels, labels, out_dir, overlays, watch) as written:
+        name = imageio.stem(path, scene)
+        with _writing(name, pixels, labels, out_dir, overlays, watch) as written:
             with watch("measure"):
                 cells = measure_cells(labels, pixels, pixel_size)
                 row.update(summarize(cells, labels.shape, pixel_size))
@@ -275,9 +305,11 @@ def process_image(
             job_id=job_id,
             started=started,
             row=row,
+            scene=scene,
         )
     cells.insert(0, "image", str(path))
     cells.insert(1, "job_id", job_id)
+    cells["scene"] = scene
     row.update(
         status="ok",
         duration_s=round(time.perf_counter() - started, 3),
@@ -293,42 +325,43 @@ def _hash(path: Path) -> str:
         raise TransientError(f"{path} could not be read: {exc}; will try again") from exc
 
 
-def read(path: Path, config: Config) -> imageio.ImageData:
-    """Read an image file as the ``input`` settings say."""
+def read(path: Path, config: Config, scene: int | None = None) -> imageio.ImageData:
+    """Read an image file (or one scene of it) as the ``input`` settings say."""
     return imageio.read_image(
         path,
         channel=config.input.channel,
         stack=config.input.stack,
         plane=config.input.plane,
         max_pixels=config.input.max_pixels,
+        scene=scene,
     )
 
 
 def write_images(
-    path: Path, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
+    name: str, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
 ) -> dict[str, str]:
-    """Write the label image (and overlay); returns their paths for the ledger."""
-    files = _output_files(path, pixels, labels, out_dir, overlays)
+    """Write the label image (and overlay) of the image called ``name`` (its
+    :func:`~cellwatch.storage.imageio.stem`); returns their paths for the ledger."""
+    files = _output_files(name, pixels, labels, out_dir, overlays)
     for write in files.values():
         write()
-    return {name: str(write.args[0]) for name, write in files.items()}
+    return {column: str(write.args[0]) for column, write in files.items()}
 
 
 def _output_files(
-    path: Path, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
+    name: str, pixels: np.ndarray, labels: np.ndarray, out_dir: Path, overlays: bool
 ) -> dict[str, partial[None]]:
     """The ledger column of each output file, and the call that writes it."""
-    stem = imageio.stem(path)
-    files = {"labels": partial(imageio.write_labels, out_dir / "labels" / f"{stem}.tif", labels)}
+    files = {"labels": partial(imageio.write_labels, out_dir / "labels" / f"{name}.tif", labels)}
     if overlays:
-        overlay_path = out_dir / "overlays" / f"{stem}.png"
+        overlay_path = out_dir / "overlays" / f"{name}.png"
         files["overlay"] = partial(overlay.write_overlay, overlay_path, pixels, labels)
     return files
 
 
 @contextmanager
 def _writing(
-    path: Path,
+    name: str,
     pixels: np.ndarray,
     labels: np.ndarray,
     out_dir: Path,
@@ -347,18 +380,18 @@ def _writing(
 
         def write_now() -> dict[str, str]:
             with watch("write"):
-                return write_images(path, pixels, labels, out_dir, overlays)
+                return write_images(name, pixels, labels, out_dir, overlays)
 
         yield write_now
         return
-    files = _output_files(path, pixels, labels, out_dir, overlays)
+    files = _output_files(name, pixels, labels, out_dir, overlays)
     with ThreadPoolExecutor(len(files), thread_name_prefix="cellwatch-write") as pool:
-        futures = {name: pool.submit(_timed, watch, write) for name, write in files.items()}
+        futures = {column: pool.submit(_timed, watch, write) for column, write in files.items()}
 
         def wait() -> dict[str, str]:
             for future in futures.values():
                 future.result()  # raises what the writer raised
-            return {name: str(write.args[0]) for name, write in files.items()}
+            return {column: str(write.args[0]) for column, write in files.items()}
 
         yield wait
 
@@ -377,8 +410,10 @@ def failed_result(
     job_id: str,
     started: float | None = None,
     row: dict[str, Any] | None = None,
+    scene: int | None = None,
 ) -> ImageResult:
-    """The ``failed`` ledger row for an image, with the reason in words."""
+    """The ``failed`` ledger row for an image (or one scene of a file), with the reason in
+    words."""
     row = dict(
         row
         or {
@@ -388,6 +423,7 @@ def failed_result(
             "job_id": job_id,
         }
     )
+    row.setdefault("scene", scene)
     row.update(
         status="failed",
         error=_message(exc),
@@ -404,23 +440,41 @@ def process_images(
     segmenter: Segmenter,
     out_dir: Path,
     job_ids: Sequence[str],
+    scenes: Sequence[int | None] | None = None,
 ) -> list[ImageResult]:
     """:func:`process_image` for several images, results in the same order.
 
+    Without ``scenes``, each file's images are those :func:`scenes_of` lists, so a file of
+    several scenes gives one result per scene, in file order then scene order. With
+    ``scenes`` (one per path, a path repeated for several of its scenes), exactly those
+    are processed: the daemon passes the scenes whose rows have not landed yet.
+
     Up to ``tiling.batch_size`` images are processed at once, each in a thread of its own,
     while their files total less than :data:`IN_FLIGHT_BYTES` (one image is always
-    admitted). Their tiles share inference batches (:class:`~cellwatch.batching.SharedBatches`),
-    so a burst of small images fills every batch, and one image is read, labelled, measured
-    and written while the network works on another. Each result is what
-    :func:`process_image` gives that image alone. As there, a :class:`TransientError` (or
-    any unexpected error) is raised, the first in input order, once every image is done.
+    admitted; the scenes of one file share its size). Their tiles share inference batches
+    (:class:`~cellwatch.batching.SharedBatches`), so a burst of small images fills every
+    batch, and one image is read, labelled, measured and written while the network works
+    on another. Each result is what :func:`process_image` gives that image alone. As
+    there, a :class:`TransientError` (or any unexpected error) is raised, the first in
+    input order, once every image is done.
     """
     paths, job_ids = list(paths), list(job_ids)
     if len(paths) != len(job_ids):
         raise ValueError(f"{len(paths)} paths but {len(job_ids)} job ids")
+    if scenes is None:
+        units = [(p, j, s) for p, j in zip(paths, job_ids, strict=True) for s in scenes_of(p)]
+        paths = [p for p, _, _ in units]
+        job_ids = [j for _, j, _ in units]
+        scenes = [s for _, _, s in units]
+    scenes = list(scenes)
+    if len(scenes) != len(paths):
+        raise ValueError(f"{len(paths)} paths but {len(scenes)} scenes")
     kwargs: dict[str, Any] = {"config": config, "segmenter": segmenter, "out_dir": out_dir}
     if len(paths) <= 1:
-        return [process_image(p, job_id=j, **kwargs) for p, j in zip(paths, job_ids, strict=True)]
+        return [
+            process_image(p, job_id=j, scene=s, **kwargs)
+            for p, j, s in zip(paths, job_ids, scenes, strict=True)
+        ]
     t = segmenter.config.tiling  # what labels_at uses when an image is alone
     shared = SharedBatches(
         segmenter.predict_plane,
@@ -432,6 +486,7 @@ def process_images(
     results: list[ImageResult | None] = [None] * len(paths)
     errors: list[BaseException | None] = [None] * len(paths)
     todo = iter(range(len(paths)))
+    shares = Counter(paths)  # each scene of a file counts as an equal share of its size
     admit = _Admission(IN_FLIGHT_BYTES)
     lock = threading.Lock()
 
@@ -443,11 +498,13 @@ def process_images(
                     i = next(todo, None)
                 if i is None:
                     return
-                size = _file_size(paths[i])
+                size = _file_size(paths[i]) // shares[paths[i]]
                 with shared.paused():  # others' batches need not wait for this one
                     admit.acquire(size)
                 try:
-                    results[i] = process_image(paths[i], job_id=job_ids[i], **kwargs)
+                    results[i] = process_image(
+                        paths[i], job_id=job_ids[i], scene=scenes[i], **kwargs
+                    )
                 except BaseException as exc:  # re-raised in the caller's thread below
                     errors[i] = exc
                 finally:

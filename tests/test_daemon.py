@@ -208,13 +208,15 @@ def check_files_whole(out: Path) -> pd.DataFrame:
         assert tuple(lines[0]) == columns
         assert all(len(line) == len(columns) for line in lines), f"{name} has a torn line"
     rows = ledger.read(out / "ledger.csv")
-    assert not rows["job_id"].duplicated().any(), "a job has two ledger rows"
-    cells = pd.read_csv(out / "cells.csv", dtype={"job_id": str})
+    rows["scene"] = rows["scene"].fillna("")
+    assert not rows[["job_id", "scene"]].duplicated().any(), "an image has two ledger rows"
+    cells = pd.read_csv(out / "cells.csv", dtype={"job_id": str, "scene": str})
+    cells["scene"] = cells["scene"].fillna("")
     cells = cells[cells["job_id"].isin(set(rows["job_id"]))]
-    cells = cells.drop_duplicates(["job_id", "label"], keep="last")
-    per_job = cells.groupby("job_id").size()
+    cells = cells.drop_duplicates(["job_id", "scene", "label"], keep="last")
+    per_image = cells.groupby(["job_id", "scene"]).size()
     for _, row in rows[rows["status"].eq("ok")].iterrows():
-        assert per_job.get(row["job_id"], 0) == row["cell_count"], row["image"]
+        assert per_image.get((row["job_id"], row["scene"]), 0) == row["cell_count"], row["image"]
     return rows
 
 
@@ -597,17 +599,24 @@ class FakePipeline:
         self.plan = plan
         self.calls: list[list[str]] = []
 
-    def __call__(self, paths, *, config, segmenter, out_dir, job_ids):
-        self.calls.append([p.name for p in paths])
+    def __call__(self, paths, *, config, segmenter, out_dir, job_ids, scenes):
+        self.calls.append(
+            [
+                p.name + (f"#{s}" if s is not None else "")
+                for p, s in zip(paths, scenes, strict=True)
+            ]
+        )
         results = []
-        for path, job_id in zip(paths, job_ids, strict=True):
-            todo = self.plan[path.name].pop(0) if self.plan[path.name] else "ok"
+        for path, job_id, scene in zip(paths, job_ids, scenes, strict=True):
+            name = path.name + (f"#{scene}" if scene is not None else "")
+            todo = self.plan[name].pop(0) if self.plan.get(name) else "ok"
             if isinstance(todo, Exception):
                 raise todo
             sha = "changed" if todo == "changed" else f"sha-{path.name}"
             row = {"image": str(path), "job_id": job_id, "status": "ok", "cell_count": 1,
-                   "sha256": sha, "model": segmenter.model.label}  # fmt: skip
-            cells = pd.DataFrame({"image": [str(path)], "job_id": [job_id], "label": [1]})
+                   "sha256": sha, "model": segmenter.model.label, "scene": scene}  # fmt: skip
+            cells = pd.DataFrame({"image": [str(path)], "job_id": [job_id], "label": [1],
+                                  "scene": [scene]})  # fmt: skip
             results.append(ImageResult(row, cells))
         return results
 
@@ -619,13 +628,19 @@ def worker_setup(tmp_path: Path):
     clock = SimpleNamespace(now=1000.0)
     queue = JobQueue(paths.db, clock=lambda: clock.now)
 
-    def make(plan: dict[str, list], recorded: dict[str, str] | None = None):
-        for name in plan:
+    def make(plan: dict[str, list], recorded: dict | None = None, scenes: dict | None = None,
+             config: Config | None = None):  # fmt: skip
+        """``scenes[name]``: the file's scenes (default: one image); plan keys of a
+        multi-scene file are ``name#scene``."""
+        scenes = scenes or {}
+        names = sorted({name.split("#")[0] for name in plan} | set(scenes))
+        for name in names:
             (paths.inbox / name).write_bytes(b"x")
-        queue.add([FileVersion(name, 1, 1, f"sha-{name}") for name in plan])
+        queue.add([FileVersion(name, 1, 1, f"sha-{name}") for name in names])
         fake = FakePipeline(plan)
-        worker = Worker(paths, fake_engine(Config()), recorded if recorded is not None else {},
-                        stop=threading.Event(), wake=threading.Event(), process=fake)  # fmt: skip
+        worker = Worker(paths, fake_engine(config or Config()), recorded if recorded is not None else {},
+                        stop=threading.Event(), wake=threading.Event(), process=fake,
+                        scenes=lambda path: scenes.get(path.name, [None]))  # fmt: skip
         return worker, fake
 
     yield SimpleNamespace(paths=paths, clock=clock, queue=queue, make=make)
@@ -633,9 +648,12 @@ def worker_setup(tmp_path: Path):
 
 
 def ledger_rows(paths: Paths) -> dict[str, dict[str, str]]:
+    """Rows by image name (``name#scene`` for a scene of a file of several)."""
     rows = ledger.read(paths.ledger)
-    assert not rows["job_id"].duplicated().any()
-    return {Path(r["image"]).name: r for _, r in rows.iterrows()}
+    rows["scene"] = rows["scene"].fillna("")
+    assert not rows[["job_id", "scene"]].duplicated().any()
+    return {Path(r["image"]).name + (f"#{r['scene']}" if r["scene"] else ""): r
+            for _, r in rows.iterrows()}  # fmt: skip
 
 
 def test_worker_retries_a_transient_fault_without_holding_up_the_batch(worker_setup):
@@ -671,7 +689,7 @@ def test_worker_gives_up_after_max_attempts_with_the_last_error(worker_setup):
 def test_worker_records_a_job_already_in_the_ledger_only_once(worker_setup):
     s = worker_setup
     job_id = FileVersion("a.tif", 1, 1, "sha-a.tif").job_id
-    worker, fake = s.make({"a.tif": [], "b.tif": []}, recorded={job_id: "ok"})
+    worker, fake = s.make({"a.tif": [], "b.tif": []}, recorded={(job_id, ""): "ok"})
     worker.work(s.queue)
     assert fake.calls == [["b.tif"]]  # a's row landed before a crash: not run again
     assert s.queue.counts()["done"] == 2
@@ -716,6 +734,87 @@ def test_worker_reads_no_file_swapped_for_a_link_out_or_a_fifo_after_it_was_queu
     assert rows["b.tif"]["status"] == "failed"
     assert "is a FIFO (named pipe), not a regular file" in rows["b.tif"]["error"]
     assert rows["c.tif"]["status"] == "ok"
+
+
+def test_worker_records_each_scene_once_and_skips_scenes_already_in_the_ledger(worker_setup):
+    s = worker_setup
+    job_id = FileVersion("p.czi", 1, 1, "sha-p.czi").job_id
+    worker, fake = s.make({}, recorded={(job_id, "0"): "ok"}, scenes={"p.czi": [0, 1, 2]})
+    assert worker.work(s.queue)
+    assert fake.calls == [["p.czi#1", "p.czi#2"]]  # scene 0's row landed before a crash
+    rows = ledger_rows(s.paths)
+    assert set(rows) == {"p.czi#1", "p.czi#2"} and rows["p.czi#1"]["job_id"] == job_id
+    assert s.queue.counts()["done"] == 1
+    cells = pd.read_csv(s.paths.cells, dtype=str)
+    assert list(cells["scene"]) == ["1", "2"] and tuple(cells.columns) == ledger.CELL_COLUMNS
+
+
+def test_worker_runs_again_only_the_scenes_without_a_row(worker_setup):
+    s = worker_setup
+    gone = TransientError("share went away")
+    worker, fake = s.make({"p.czi#1": [gone, gone]}, scenes={"p.czi": [0, 1, 2]})
+    assert worker.work(s.queue)
+    assert set(ledger_rows(s.paths)) == {"p.czi#0", "p.czi#2"}
+    [job] = s.queue.jobs(("pending",))  # the file waits for its retry, two scenes counted
+    assert job.last_error == "share went away"
+    s.clock.now += daemon.RETRY_BASE_S + 1
+    assert worker.work(s.queue)
+    assert fake.calls[-1] == ["p.czi#1"]
+    assert set(ledger_rows(s.paths)) == {"p.czi#0", "p.czi#1", "p.czi#2"}
+    assert s.queue.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 0}
+
+
+def test_worker_records_scenes_a_group_at_a_time(worker_setup):
+    """A long file's rows land as it goes: one group of tiling.batch_size scenes at a time."""
+    s = worker_setup
+    config = override(Config(), **{"tiling.batch_size": 2})
+    worker, fake = s.make({}, scenes={"p.czi": [0, 1, 2], "q.tif": [None]}, config=config)
+    landed = []
+    real = fake.__call__
+
+    def spy(paths, **kwargs):
+        landed.append(len(ledger.read(s.paths.ledger)))
+        return real(paths, **kwargs)
+
+    worker._process = spy
+    assert worker.work(s.queue)
+    assert fake.calls == [["p.czi#0", "p.czi#1"], ["p.czi#2", "q.tif"]]
+    assert landed == [0, 2]  # the first group's rows were written before the second ran
+
+
+def test_worker_gives_up_on_a_file_of_scenes_with_a_row_for_each_missing_scene(worker_setup):
+    s = worker_setup
+    job_id = FileVersion("p.czi", 1, 1, "sha-p.czi").job_id
+    worker, fake = s.make({}, recorded={(job_id, "0"): "ok"}, scenes={"p.czi": [0, 1, 2]})
+    for _ in range(3):
+        s.queue.claim(1)
+        s.queue.recover({})
+    worker.work(s.queue)
+    assert fake.calls == []
+    rows = ledger_rows(s.paths)
+    assert set(rows) == {"p.czi#1", "p.czi#2"}
+    assert all("cellwatch stopped while processing" in r["error"] for r in rows.values())
+    assert s.queue.counts()["failed"] == 1
+
+
+def test_recovery_leaves_a_file_of_scenes_to_the_worker(tmp_path: Path):
+    """At start-up a job with some scene rows is not marked done: only the worker knows
+    how many scenes the file has."""
+    paths = Paths(tmp_path / "inbox", tmp_path / "out", tmp_path / "state")
+    paths.inbox.mkdir()
+    one, many = FileVersion("a.tif", 1, 1, "sha-a"), FileVersion("p.czi", 1, 1, "sha-p")
+    ledger.append_rows(paths.ledger, [{"job_id": one.job_id, "status": "ok"},
+                                      {"job_id": many.job_id, "scene": 0, "status": "ok"}])  # fmt: skip
+    with JobQueue(paths.db) as queue:
+        queue.add([one, many])
+        queue.claim(2)
+        config = override(Config(), **{"watch.inbox": str(paths.inbox),
+                                       "output.dir": str(paths.out),
+                                       "watch.state_dir": str(paths.state)})  # fmt: skip
+        recorded = Daemon(lambda: config)._recover(queue)
+        assert recorded == {(one.job_id, ""): "ok", (many.job_id, "0"): "ok"}
+        [job] = queue.jobs(("pending",))
+        assert job.rel_path == "p.czi" and queue.counts()["done"] == 1
 
 
 def test_worker_thread_reports_why_it_stopped(worker_setup):

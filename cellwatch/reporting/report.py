@@ -4,6 +4,8 @@ The ledger holds UTC times; a report covers one calendar day in the lab's time z
 day can be 23 or 25 hours long when the clocks change. Each day's rows get experiment group
 keys (from a regular expression with named groups matched against the image path) and QC
 flags (:mod:`cellwatch.reporting.qc`), then :mod:`cellwatch.reporting.html` draws the page.
+Each scene of a multi-scene file is an image of its own, listed under its file
+(``plate.czi · scene 2``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 NO_MATCH = "(no match)"
 _REQUIRED = ("processed_at", "image", "status", "cell_count")
 # Older ledgers may lack these; the report shows them as unknown.
-_OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence")
+_OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence", "scene")
 # A group name must not take a ledger column's name, nor one the report adds.
 _ADDED = ("date", "time", "qc_flags", "typical_count", "acquired_at")
 _INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href")
@@ -262,7 +264,8 @@ def _compile_groups(pattern: str | None) -> re.Pattern[str] | None:
 
 
 def _load_ledger(path: Path, zone: ZoneInfo) -> pd.DataFrame:
-    """Ledger rows with a local time; duplicate rows of a job (crash recovery) keep the last."""
+    """Ledger rows with a local time; duplicate rows of a job's image (crash recovery) keep
+    the last."""
     rows = ledger.read(path).reset_index(drop=True)
     missing = [c for c in _REQUIRED if c not in rows]
     if missing:
@@ -274,7 +277,7 @@ def _load_ledger(path: Path, zone: ZoneInfo) -> pd.DataFrame:
     rows["_order"] = np.arange(len(rows))
     if "job_id" in rows:
         has_job = rows["job_id"].notna() & rows["job_id"].ne("")
-        last = ~rows.duplicated("job_id", keep="last") | ~has_job
+        last = ~rows.duplicated(["job_id", "scene"], keep="last") | ~has_job
         rows = rows[last]
     stamp = _parse_times(rows["processed_at"])
     if "acquired_at" in rows:
@@ -283,7 +286,25 @@ def _load_ledger(path: Path, zone: ZoneInfo) -> pd.DataFrame:
     rows = rows.sort_values(["local_time", "_order"], kind="stable")
     for column in ("image", "overlay", "model", "settings_hash", "status", "error"):
         rows[column] = rows[column].astype("string").astype(object)
+    rows["scene"] = rows["scene"].map(ledger.scene_key).astype(object)
     return rows
+
+
+def _scenes_under_files(images: pd.DataFrame) -> pd.DataFrame:
+    """The rows with the scenes of each file together, in scene order, where the file's
+    first scene stands."""
+    if not images["scene"].astype(bool).any():
+        return images
+    file_key = images["image"].astype(str)
+    if "job_id" in images:  # one job is one version of one file
+        file_key = images["job_id"].astype(object).where(images["job_id"].notna(), file_key)
+    position = pd.Series(np.arange(len(images)), index=images.index)
+    first = position.groupby(file_key.to_numpy()).transform("min")
+    scene = pd.to_numeric(images["scene"], errors="coerce").fillna(-1)
+    order = pd.DataFrame({"first": first, "scene": scene}).sort_values(
+        ["first", "scene"], kind="stable"
+    )
+    return images.loc[order.index]
 
 
 def _parse_times(values: pd.Series) -> pd.Series:
@@ -298,13 +319,14 @@ def _annotate(
     reports_dir: Path,
 ) -> pd.DataFrame:
     """One day's rows plus group keys, QC flags, short names and overlay links."""
-    images = images.copy()
+    images = _scenes_under_files(images).copy()
     names = tuple(regex.groupindex) if regex else ()
     for name, values in _group_keys(images["image"], regex).items():
         images[name] = values
     images["group"] = _group_labels(images, names)
     images["flags"], images["typical_count"] = flag_images(images, images["group"], thresholds)
-    images["display"] = _short_names(images["image"])
+    scenes = images["scene"].map(lambda k: f" · scene {k}" if k else "")
+    images["display"] = [n + k for n, k in zip(_short_names(images["image"]), scenes, strict=True)]
     files, links = _overlay_links(images["overlay"], results_dir, reports_dir)
     images["overlay_file"] = pd.Series(files, index=images.index, dtype=object)
     images["overlay_href"] = pd.Series(links, index=images.index, dtype=object)
@@ -371,21 +393,34 @@ def _overlay_links(
 
 
 def _load_cells(path: Path | None, wanted: pd.DataFrame) -> pd.DataFrame | None:
-    """Cell areas of the period's images, keyed by job (or image); read in chunks, so a
-    cell table of millions of rows costs little memory."""
+    """Cell areas of the period's images, keyed by job and scene (or image); read in
+    chunks, so a cell table of millions of rows costs little memory."""
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return None
     header = pd.read_csv(path, nrows=0).columns
     key = "job_id" if "job_id" in header and "job_id" in wanted else "image"
     if key not in header or "area_px" not in header:
         return None
-    keep = set(wanted[key].dropna())
-    columns = [key] + [c for c in ("label", "area_px", "area_um2") if c in header]
-    chunks = pd.read_csv(path, usecols=columns, dtype={key: str}, chunksize=500_000)
-    cells = pd.concat([c[c[key].isin(keep)] for c in chunks]).rename(columns={key: "_key"})
+    keep = set(_cell_keys(wanted, key).dropna())
+    columns = [key] + [c for c in ("scene", "label", "area_px", "area_um2") if c in header]
+    dtype = {key: str, "scene": str}
+    chunks = pd.read_csv(path, usecols=columns, dtype=dtype, chunksize=500_000)
+    parts = []
+    for chunk in chunks:
+        chunk["_key"] = _cell_keys(chunk, key)
+        parts.append(chunk[chunk["_key"].isin(keep)])
+    cells = pd.concat(parts)
     cells.attrs["key"] = key
     # A job retried after a crash may have appended its cells twice.
     return cells.drop_duplicates(["_key", "label"], keep="last") if "label" in cells else cells
+
+
+def _cell_keys(table: pd.DataFrame, key: str) -> pd.Series:
+    """What ties a cell to its image's ledger row: the job and scene (or the image)."""
+    if key != "job_id":
+        return table[key]
+    scene = table["scene"].map(ledger.scene_key) if "scene" in table else ""
+    return table[key].astype("string") + "#" + scene
 
 
 def _day_cell_areas(
@@ -395,7 +430,7 @@ def _day_cell_areas(
     if cells is None:
         return None, "px"
     ok = images[images["status"].eq("ok")]
-    day = cells[cells["_key"].isin(set(ok[cells.attrs["key"]].dropna()))]
+    day = cells[cells["_key"].isin(set(_cell_keys(ok, cells.attrs["key"]).dropna()))]
     if len(day) and "area_um2" in day and day["area_um2"].notna().all():
         return day["area_um2"].to_numpy(dtype=float), "µm²"
     return day["area_px"].dropna().to_numpy(dtype=float), "px"

@@ -14,10 +14,14 @@ Three threads, each owning its own database connection:
 Exactly one ledger row per image, through ``kill -9`` at any moment: the ledger row is
 written (one ``write`` + ``fsync``) before the job is marked done, and at start-up a torn
 last line is cut, every job whose ``job_id`` is in the ledger is marked finished, and jobs
-found running are run again. Before a row is appended its ``job_id`` is checked against the
-ledger's (kept in memory). A job run again after a crash may have appended some of its
-cells already: readers of ``cells.csv`` keep, for each ``job_id`` with a ledger row, the
-last row of each ``(job_id, label)`` (see docs/daemon.md).
+found running are run again. Before a row is appended its ``(job_id, scene)`` is checked
+against the ledger's (kept in memory). A job run again after a crash may have appended some
+of its cells already: readers of ``cells.csv`` keep, for each ``(job_id, scene)`` with a
+ledger row, the last row of each ``(job_id, scene, label)`` (see docs/daemon.md).
+
+A microscope file of several scenes is one job and several images: one ledger row per
+``(job_id, scene)``. Its scenes are processed and recorded a group at a time, so after a
+crash in the middle of the file only the scenes without a row are run again.
 """
 
 from __future__ import annotations
@@ -197,12 +201,15 @@ class Daemon:
                 signal.signal(signum, handler)
             lock.close()
 
-    def _recover(self, queue: JobQueue) -> dict[str, str]:
+    def _recover(self, queue: JobQueue) -> dict[tuple[str, str], str]:
         for path in (self.paths.ledger, self.paths.cells):
             if ledger.repair(path):
                 log.warning("cut a half-written last line from %s (left by a crash)", path)
-        recorded = ledger.job_statuses(self.paths.ledger)
-        recovery = queue.recover(recorded)
+        recorded = ledger.recorded(self.paths.ledger)
+        # scenes: only the worker, which lists a file's scenes, can tell if all rows landed
+        recovery = queue.recover(
+            {job: status for (job, scene), status in recorded.items() if not scene}
+        )
         if recovery.already_recorded or recovery.requeued:
             log.warning(
                 "recovered from an unclean stop: %d job(s) already in the ledger, %d to run again",
@@ -220,7 +227,7 @@ class Daemon:
             self.metrics_server = serve(self.metrics, m.address, m.port)
             log.info("metrics at http://%s:%d/metrics", m.address, self.metrics_server.port)
 
-    def _serve(self, queue: JobQueue, recorded: dict[str, str]) -> int:
+    def _serve(self, queue: JobQueue, recorded: dict[tuple[str, str], str]) -> int:
         self.notifier.status("loading the model")
         engine = load_engine(self.config)
         self.metrics.use_model(engine.model_label, engine.segmenter.stopwatch)
@@ -399,30 +406,35 @@ class Worker:
     engine : Engine
         Settings and model; the main thread swaps it on SIGHUP (read once per batch).
     recorded : dict
-        ``job_id → status`` of every ledger row; the worker adds to it.
+        ``(job_id, scene) → status`` of every ledger row (:func:`ledger.recorded`); the
+        worker adds to it.
     stop, wake : threading.Event
         Set to finish; set when new jobs are queued.
     process : callable, optional
         :func:`cellwatch.pipeline.process_images` (tests pass a fake).
     metrics : Metrics, optional
         Where the worker reports jobs started and images recorded.
+    scenes : callable, optional
+        :func:`cellwatch.pipeline.scenes_of` (tests pass a fake).
     """
 
     def __init__(
         self,
         paths: Paths,
         engine: Engine,
-        recorded: dict[str, str],
+        recorded: dict[tuple[str, str], str],
         *,
         stop: threading.Event,
         wake: threading.Event,
         process: Callable[..., list[Any]] | None = None,
         metrics: Metrics | None = None,
+        scenes: Callable[[Path], list[int | None]] | None = None,
     ) -> None:
         self.paths, self.engine, self.recorded = paths, engine, recorded
         self.stop, self.wake = stop, wake
         self._process = process
         self.metrics = metrics or Metrics()
+        self._scenes_of = scenes
         self.done = self.failed = 0
         self.error: str | None = None
 
@@ -444,7 +456,12 @@ class Worker:
             log.exception("the worker failed")
 
     def work(self, queue: JobQueue) -> bool:
-        """Process one batch of due jobs; False if there was none."""
+        """Process one batch of due jobs; False if there was none.
+
+        Each job's images (its file's scenes, or the file itself) whose rows have not
+        landed yet are processed ``tiling.batch_size`` at a time, and recorded after each
+        group. A job finishes once every image of it has its row.
+        """
         engine = self.engine
         jobs = queue.claim(BATCH_IMAGES)
         if not jobs:
@@ -453,58 +470,99 @@ class Worker:
         self.metrics.queue(queue.counts())
         max_attempts = engine.config.watch.max_attempts
         follow = engine.config.watch.follow_symlinks
-        outcomes: dict[str, Any] = {}
-        todo = []
+        scenes: dict[str, list[int | None]] = {}
+        faults: dict[str, Exception] = {}  # the first fault of each job this time
+        units: list[tuple[Job, int | None]] = []
         for job in jobs:
-            if job.job_id in self.recorded:  # its row landed before a crash
-                outcomes[job.job_id] = "done" if self.recorded[job.job_id] == "ok" else "failed"
-            elif job.attempts > max_attempts:  # it was running at each of the last stops
+            if why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
+                # checked again here, just before reading: the file may have been swapped
+                scenes[job.job_id] = [None]
+                if self._missing(job, [None]):
+                    self._record(self._failed(job, engine, why))
+                continue
+            listed = self._list_scenes(job)
+            if isinstance(listed, Exception):
+                faults[job.job_id] = listed
+                continue
+            scenes[job.job_id] = listed
+            todo = self._missing(job, listed)
+            if todo and job.attempts > max_attempts:  # running at each of the last stops
                 reason = job.last_error or (
                     "cellwatch stopped while processing this image (a crash, a power cut or "
                     "an out-of-memory kill?)"
                 )
                 message = f"gave up after {max_attempts} attempts; last error: {reason}"
-                outcomes[job.job_id] = self._record(self._failed(job, engine, message))
-            elif why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
-                # checked again here, just before reading: the file may have been swapped
-                outcomes[job.job_id] = self._record(self._failed(job, engine, why))
+                for scene in todo:
+                    self._record(self._failed(job, engine, message, scene))
             else:
-                todo.append(job)
-        for job, outcome in self._run(engine, todo):
-            if isinstance(outcome, Exception):
-                message = _describe(outcome)
+                units += [(job, scene) for scene in todo]
+        group = engine.config.tiling.batch_size
+        for start in range(0, len(units), group):
+            for (job, _), outcome in self._run(engine, units[start : start + group]):
+                if isinstance(outcome, Exception):
+                    faults.setdefault(job.job_id, outcome)
+                else:
+                    self._record(self._check_content(job, engine, outcome))
+        outcomes: dict[str, Any] = {}
+        for job in jobs:
+            fault = faults.get(job.job_id)
+            if fault is not None:
+                message = _describe(fault)
                 if job.attempts < max_attempts:
                     delay = RETRY_BASE_S * 2 ** (job.attempts - 1)
                     log.warning("%s: %s; trying again in %.0f s", job.rel_path, message, delay)
                     queue.retry(job.job_id, message, delay)
                     continue
                 message = f"gave up after {job.attempts} attempts; last error: {message}"
-                outcome = self._failed(job, engine, message)
-            outcomes[job.job_id] = self._record(self._check_content(job, engine, outcome))
+                for scene in self._missing(job, scenes.get(job.job_id, [None])):
+                    self._record(self._failed(job, engine, message, scene))
+            outcomes[job.job_id] = self._outcome(job, scenes.get(job.job_id, [None]))
         queue.finish(outcomes)
         self.metrics.queue(queue.counts())
         return True
 
-    def _run(self, engine: Engine, jobs: list[Job]) -> list[tuple[Job, Any]]:
-        """(job, ImageResult or the exception it raised) for each job, in order."""
-        if not jobs:
+    def _list_scenes(self, job: Job) -> list[int | None] | Exception:
+        """The images of the job's file (:func:`cellwatch.pipeline.scenes_of`), or the
+        fault that kept it from being opened."""
+        scenes_of = self._scenes_of
+        if scenes_of is None:
+            from cellwatch.pipeline import scenes_of
+        try:
+            return scenes_of(self.paths.inbox / job.rel_path)
+        except Exception as exc:  # a transient fault: retried like any other
+            return exc
+
+    def _missing(self, job: Job, scenes: list[int | None]) -> list[int | None]:
+        return [s for s in scenes if (job.job_id, ledger.scene_key(s)) not in self.recorded]
+
+    def _outcome(self, job: Job, scenes: list[int | None]) -> str:
+        """``done`` if every image of the job was counted, else ``failed``."""
+        statuses = [self.recorded.get((job.job_id, ledger.scene_key(s))) for s in scenes]
+        return "done" if all(status == "ok" for status in statuses) else "failed"
+
+    def _run(
+        self, engine: Engine, units: list[tuple[Job, int | None]]
+    ) -> list[tuple[tuple[Job, int | None], Any]]:
+        """((job, scene), ImageResult or the exception it raised) for each, in order."""
+        if not units:
             return []
         process = self._process
         if process is None:
             from cellwatch.pipeline import process_images as process
         try:
             results = process(
-                [self.paths.inbox / job.rel_path for job in jobs],
+                [self.paths.inbox / job.rel_path for job, _ in units],
                 config=engine.config,
                 segmenter=engine.segmenter,
                 out_dir=self.paths.out,
-                job_ids=[job.job_id for job in jobs],
+                job_ids=[job.job_id for job, _ in units],
+                scenes=[scene for _, scene in units],
             )
-            return list(zip(jobs, results, strict=True))
+            return list(zip(units, results, strict=True))
         except Exception as exc:  # one image's fault must not cost the others their work
-            if len(jobs) == 1:
-                return [(jobs[0], exc)]
-            return [pair for job in jobs for pair in self._run(engine, [job])]
+            if len(units) == 1:
+                return [(units[0], exc)]
+            return [pair for unit in units for pair in self._run(engine, [unit])]
 
     def _check_content(self, job: Job, engine: Engine, result: Any) -> Any:
         """The result, unless the file was replaced after it was queued: then the new
@@ -515,10 +573,11 @@ class Worker:
                 job,
                 engine,
                 "the file changed after it was queued; its new content is counted as a new image",
+                result.row.get("scene"),
             )
         return result
 
-    def _failed(self, job: Job, engine: Engine, message: str) -> Any:
+    def _failed(self, job: Job, engine: Engine, message: str, scene: int | None = None) -> Any:
         from cellwatch.pipeline import failed_result
 
         path = self.paths.inbox / job.rel_path
@@ -528,6 +587,7 @@ class Worker:
             "model": engine.model_label,
             "settings_hash": engine.config.settings_hash(),
             "job_id": job.job_id,
+            "scene": scene,
         }
         return failed_result(
             path,
@@ -538,23 +598,23 @@ class Worker:
             row=base,
         )
 
-    def _record(self, result: Any) -> str:
-        """Append the result's rows unless its job is already in the ledger; the job's
-        final state."""
+    def _record(self, result: Any) -> None:
+        """Append the result's rows unless its (job, scene) is already in the ledger."""
         from cellwatch.service.driver import record
 
         row = result.row
-        if row["job_id"] not in self.recorded:
+        key = (row["job_id"], ledger.scene_key(row.get("scene")))
+        if key not in self.recorded:
             record(result, self.paths.out)
-            self.recorded[row["job_id"]] = row["status"]
+            self.recorded[key] = row["status"]
             self.metrics.recorded(row)
+        name = row["image"] + (f" scene {key[1]}" if key[1] else "")
         if row["status"] == "ok":
             self.done += 1
-            log.info("%s: %s cells", row["image"], row.get("cell_count"))
-            return "done"
-        self.failed += 1
-        log.warning("%s failed: %s", row["image"], row.get("error"))
-        return "failed"
+            log.info("%s: %s cells", name, row.get("cell_count"))
+        else:
+            self.failed += 1
+            log.warning("%s failed: %s", name, row.get("error"))
 
 
 def _describe(exc: Exception) -> str:

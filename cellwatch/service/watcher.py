@@ -38,6 +38,7 @@ from typing import Any
 
 from cellwatch.config import WatchConfig
 from cellwatch.service.jobs import FileVersion
+from cellwatch.storage import vendor
 from cellwatch.storage.imageio import sha256_file, tiff_incomplete
 
 log = logging.getLogger("cellwatch.watch")
@@ -123,8 +124,9 @@ def incomplete_reason(path: Path) -> str | None:
 
     A TIFF must have all its pages and their pixel data, and as many planes as its OME-XML
     or ImageJ header declares (:func:`~cellwatch.storage.imageio.tiff_incomplete`); a PNG
-    must end in its ``IEND`` chunk, a JPEG in its end-of-image marker. Other types are left
-    to the image reader to judge. Reads headers only, never the pixels.
+    must end in its ``IEND`` chunk, a JPEG in its end-of-image marker, and a CZI, ND2 or LIF
+    file must open whole in its bioio reader (:func:`~cellwatch.storage.vendor.opens_whole`).
+    Other types are left to the image reader to judge. Reads headers only, never the pixels.
     """
     name = path.name.lower()
     try:
@@ -137,6 +139,8 @@ def incomplete_reason(path: Path) -> str | None:
             return "it does not end in the PNG end chunk"
         if name.endswith((".jpg", ".jpeg")) and _tail(path, 2) != b"\xff\xd9":
             return "it does not end in the JPEG end marker"
+        if vendor.is_vendor(path) and not vendor.opens_whole(path):  # the reader's own check
+            return "its reader cannot open it whole yet"
     except OSError as exc:
         return f"it cannot be read ({_readable(exc)})"
     return None

@@ -1,9 +1,11 @@
 """Read microscope images into one 2-D plane, and write label images.
 
-Every input is checked before it is decoded: its declared size must fit ``input.max_pixels``
-and a TIFF's pixel data must lie inside the file. Anything that cannot be read becomes a
-:class:`~cellwatch.errors.BadInputError` that names the file and says what is wrong.
-Input files are only ever opened for reading.
+TIFF and OME-TIFF are read with tifffile, PNG and JPEG with Pillow, and the microscope
+formats (CZI, ND2, LIF) through bioio (:mod:`cellwatch.storage.vendor`), one scene at a
+time. Every input is checked before it is decoded: its declared size must fit
+``input.max_pixels`` and a TIFF's pixel data must lie inside the file. Anything that cannot
+be read becomes a :class:`~cellwatch.errors.BadInputError` that names the file and says
+what is wrong. Input files are only ever opened for reading.
 """
 
 from __future__ import annotations
@@ -26,9 +28,22 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from cellwatch.config import installed_vendor_suffixes
 from cellwatch.errors import BadInputError, ConfigError, TransientError
+from cellwatch.storage import vendor
 
-SUPPORTED_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
+#: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
+#: whose bioio plugin (cellwatch extra) is installed.
+SUPPORTED_EXTENSIONS = (
+    ".tif",
+    ".tiff",
+    ".ome.tif",
+    ".ome.tiff",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    *installed_vendor_suffixes(),
+)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CHANNEL_AXES = "CS"
@@ -53,12 +68,15 @@ class ImageData:
         The file it came from.
     note : str
         What was done to get one plane, for logs ("max projection of 12 planes").
+    scene : int or None
+        The scene (position) of a multi-scene file it is, from 0; None for a file of one.
     """
 
     pixels: np.ndarray
     pixel_size_um: float | None
     path: Path
     note: str = ""
+    scene: int | None = None
 
 
 def is_supported(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -> bool:
@@ -72,14 +90,32 @@ def is_supported(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -
     return not name.startswith(".") and name.endswith(suffixes)
 
 
-def stem(path: Path) -> str:
+def stem(path: Path, scene: int | None = None) -> str:
     """The file name without its image suffix (``a.ome.tif`` → ``a``), used to pair images
-    with masks and to name label images and overlays."""
+    with masks and to name label images and overlays; ``a_s2`` for scene 2 of a file of
+    several scenes."""
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = path.stem
+    return name if scene is None else f"{name}_s{scene}"
+
+
+def scene_count(path: Path) -> int:
+    """How many scenes (positions, series) the file holds: 1 unless it is a microscope
+    format that holds several.
+
+    Raises
+    ------
+    BadInputError
+        A microscope file does not open, or its reader (cellwatch extra) is not installed.
+    TransientError
+        The operating system could not open the file for a reason that may pass.
+    """
+    return vendor.scene_count(path) if vendor.is_vendor(path) else 1
 
 
 def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
@@ -108,25 +144,31 @@ def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
 def read_image(
     path: Path,
     *,
-    channel: int | None = None,
+    channel: int | str | None = None,
     stack: Literal["max", "plane"] = "max",
     plane: int = 0,
     max_pixels: int = 400_000_000,
+    scene: int | None = None,
 ) -> ImageData:
-    """Read a TIFF, OME-TIFF, PNG or JPEG file and reduce it to one 2-D plane.
+    """Read a TIFF, OME-TIFF, PNG, JPEG, CZI, ND2 or LIF file and reduce it to one 2-D plane.
 
     Parameters
     ----------
     path : Path
         The image file.
-    channel : int or None
-        Channel to use. None accepts gray images, and colour images whose channels are equal.
+    channel : int, str or None
+        Channel to use, by number (from 0) or by the name the file gives it (``"DAPI"``,
+        any case; OME-TIFF and the microscope formats name their channels). None accepts
+        gray images, and colour images whose channels are equal.
     stack : {"max", "plane"}
         "max" projects all Z/T/other planes; "plane" keeps plane number ``plane``.
     plane : int
         Flat index over all stack axes, used when ``stack="plane"``.
     max_pixels : int
         Refuse images that declare more pixels (height × width × planes) than this.
+    scene : int or None
+        The scene (position) of a microscope file that holds several (from 0; see
+        :func:`scene_count`). None for any other file.
 
     Returns
     -------
@@ -141,19 +183,82 @@ def read_image(
         The operating system could not open the file for a reason that may pass.
     """
     path = Path(path)
-    with _open_input(path) as fh:
-        if path.name.lower().endswith(_TIFF_SUFFIXES):
-            data, axes, n_alpha, pixel_size = _read_tiff(fh, path, max_pixels)
-        elif path.name.lower().endswith((".png", ".jpg", ".jpeg")):
-            data, axes, n_alpha, pixel_size = _read_pillow(fh, path, max_pixels)
-        else:
-            raise BadInputError(f"{path} has an unsupported file type; use {SUPPORTED_EXTENSIONS}")
+    notes = []
+    if vendor.is_vendor(path):
+        data, axes, pixel_size, names, note = _read_vendor(path, scene, max_pixels)
+        n_alpha = 0
+        notes.append(note)
+    elif scene is not None:
+        raise BadInputError(f"{path} holds one image, so scene {scene} does not exist")
+    else:
+        with _open_input(path) as fh:
+            if path.name.lower().endswith(_TIFF_SUFFIXES):
+                data, axes, n_alpha, pixel_size, names = _read_tiff(fh, path, max_pixels)
+            elif path.name.lower().endswith((".png", ".jpg", ".jpeg")):
+                data, axes, n_alpha, pixel_size = _read_pillow(fh, path, max_pixels)
+                names = None
+            else:
+                raise BadInputError(
+                    f"{path} has an unsupported file type; use {SUPPORTED_EXTENSIONS}"
+                )
     if data.size == 0:
         raise BadInputError(f"{path} contains an image with no pixels (shape {data.shape})")
-    pixels, note = _reduce_to_plane(data, axes, n_alpha, path, channel, stack, plane)
+    if isinstance(channel, str):
+        channel = _channel_by_name(path, channel, names, _channel_count(data.shape, axes))
+        notes.append(f"channel {_name_of(names, channel)!r}")
+    pixels, note = _reduce_to_plane(data, axes, n_alpha, path, channel, stack, plane, names)
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8)
-    return ImageData(pixels, pixel_size, path, note)
+    return ImageData(pixels, pixel_size, path, "; ".join(n for n in [*notes, note] if n), scene)
+
+
+def _read_vendor(
+    path: Path, scene: int | None, max_pixels: int
+) -> tuple[np.ndarray, str, float | None, tuple[str, ...] | None, str]:
+    """One scene of a microscope file: pixels, axes, pixel size, channel names, a note."""
+    found = vendor.open_scene(path, scene)
+    lazy = found.data
+    _check_declared_size(path, tuple(lazy.shape), found.axes, np.dtype(lazy.dtype), max_pixels)
+    try:
+        # synchronous: no pool of threads left behind, none nested in a Dask worker
+        data = np.asarray(lazy.compute(scheduler="synchronous"))
+    except (BadInputError, TransientError, MemoryError):
+        raise
+    except Exception as exc:  # a decoder may fail in any way on a corrupt file
+        raise BadInputError(
+            f"{path}: scene {found.index} ({found.name}) could not be read; the file may be "
+            f"truncated or corrupt ({' '.join(str(exc).split())})"
+        ) from exc
+    note = f"scene {found.index} ({found.name}) of {found.count}" if found.count > 1 else ""
+    return data, found.axes, found.pixel_size_um, found.channel_names, note
+
+
+def _name_of(names: tuple[str, ...] | None, channel: int) -> str:
+    return names[channel] if names and channel < len(names) else str(channel)
+
+
+def _channel_count(shape: tuple[int, ...], axes: str) -> int:
+    return int(shape[axes.index("C")]) if "C" in axes else 1
+
+
+def _channel_by_name(path: Path, name: str, names: tuple[str, ...] | None, n_chan: int) -> int:
+    """The index of the channel called ``name`` (any case, surrounding spaces ignored)."""
+    if not names or len(names) != n_chan:
+        numbers = f"a channel number (0 to {n_chan - 1})" if n_chan > 1 else "null (one channel)"
+        raise BadInputError(
+            f"{path} does not name its channels, so input.channel = {name!r} cannot be "
+            f"found; set input.channel to {numbers} in config.yaml"
+        )
+    wanted = name.strip().casefold()
+    matches = [i for i, n in enumerate(names) if n.strip().casefold() == wanted]
+    if len(matches) != 1:
+        what = "no channel" if not matches else "more than one channel"
+        raise BadInputError(
+            f"{path} has {what} named {name!r}; its channels are "
+            f"{', '.join(repr(n) for n in names)}. Set input.channel to one of these names "
+            f"or to a number (0 to {n_chan - 1}) in config.yaml"
+        )
+    return matches[0]
 
 
 def _open_input(path: Path) -> BinaryIO:
@@ -175,7 +280,7 @@ def _open_input(path: Path) -> BinaryIO:
 
 def _read_tiff(
     fh: BinaryIO, path: Path, max_pixels: int
-) -> tuple[np.ndarray, str, int, float | None]:
+) -> tuple[np.ndarray, str, int, float | None, tuple[str, ...] | None]:
     try:
         with tifffile.TiffFile(fh) as tif:
             series = tif.series[0]
@@ -194,13 +299,28 @@ def _read_tiff(
                 pixel_size = _tiff_pixel_size(tif)
             except (ET.ParseError, ValueError, TypeError, ZeroDivisionError):
                 pixel_size = None  # broken metadata should not cost the pixels
+            try:
+                names = _ome_channel_names(tif)
+            except ET.ParseError:
+                names = None
             data = series.asarray()
     except (BadInputError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
         raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
     n_alpha = sum(e in (1, 2) for e in keyframe.extrasamples) if "S" in axes else 0
-    return data, axes, n_alpha, pixel_size
+    return data, axes, n_alpha, pixel_size, names
+
+
+def _ome_channel_names(tif: tifffile.TiffFile) -> tuple[str, ...] | None:
+    """The first image's channel names from OME metadata, if every channel has one."""
+    if not (tif.is_ome and tif.ome_metadata):
+        return None
+    pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Image/{*}Pixels")
+    if pixels is None:
+        return None
+    names = tuple(c.get("Name") or "" for c in pixels.findall("{*}Channel"))
+    return names if names and all(names) else None
 
 
 def _read_pillow(
@@ -392,6 +512,7 @@ def _reduce_to_plane(
     channel: int | None,
     stack: str,
     plane: int,
+    names: tuple[str, ...] | None = None,
 ) -> tuple[np.ndarray, str]:
     """Reshape to (planes, channels, H, W), then pick a channel and a plane."""
     stack_idx = [i for i, a in enumerate(axes) if a not in "YX" + _CHANNEL_AXES]
@@ -402,22 +523,27 @@ def _reduce_to_plane(
     if n_alpha and "S" in axes and "C" not in axes:
         data = data[:, :-n_alpha]
         notes.append("alpha dropped")
-    data = _pick_channel(data, path, channel, notes)
+    data = _pick_channel(data, path, channel, notes, names)
     pixels = _pick_plane(data, path, stack, plane, notes)
     return np.ascontiguousarray(pixels), "; ".join(notes)
 
 
 def _pick_channel(
-    data: np.ndarray, path: Path, channel: int | None, notes: list[str]
+    data: np.ndarray,
+    path: Path,
+    channel: int | None,
+    notes: list[str],
+    names: tuple[str, ...] | None = None,
 ) -> np.ndarray:
     """(planes, channels, H, W) -> (planes, H, W)."""
     n_chan = data.shape[1]
     if channel is None:
         if any(not np.array_equal(data[:, 0], data[:, k]) for k in range(1, n_chan)):
+            named = f", or its name: {', '.join(names)}" if names and len(names) == n_chan else ""
             raise BadInputError(
                 f"{path} has {n_chan} channels that differ (a colour or multi-channel image). "
                 "Set input.channel in config.yaml to the channel that shows the cells "
-                f"(0 to {n_chan - 1})."
+                f"(0 to {n_chan - 1}{named})."
             )
         if n_chan > 1:
             notes.append(f"gray from {n_chan} equal channels")
