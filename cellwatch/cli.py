@@ -10,14 +10,15 @@ import argparse
 import logging
 import os
 import sys
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, config_from_args, load_config
-from cellwatch.errors import CellwatchError, ConfigError, ModelError, TransientError
+from cellwatch.config import Config, config_from_args, load_config, override
+from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
     from cellwatch.pipeline import ImageResult, Segmenter
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return int(args.handler(args))
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, ClusterError) as exc:
         print(f"cellwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CellwatchError as exc:
@@ -61,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     _common(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        help="Dask worker processes on this machine: a number (0: in this process) or auto "
+        "(default: compute.workers)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: compute.scheduler)",
+    )
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("train", help="train or fine-tune a U-Net on images and masks")
@@ -109,15 +121,39 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto or a number ≥ 0, got {text!r}")
+    return value
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cellwatch.model import choose_backend
+    from cellwatch.service.cluster import uses_dask
+
+    config = override(
+        config_from_args(args),
+        **{
+            "compute.workers": getattr(args, "workers", None),
+            "compute.scheduler": getattr(args, "scheduler", None),
+        },
+    )
+    images = list(find_images(args.inputs, config.input.extensions))
+    if not images:
+        raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
+    choose_backend()
+    if uses_dask(config.compute):
+        return predict_over_dask(args, config, images)
     from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
     from cellwatch.service.driver import record
 
-    config = config_from_args(args)
-    images = list(find_images(args.inputs, config.input.extensions))
-    if not images:
-        raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     segmenter = Segmenter(config, load_model(config.model.path))
     out_dir = Path(config.output.dir)
     failed = 0
@@ -136,6 +172,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Path]) -> int:
+    """``cellwatch predict`` with Dask workers doing the images; this process records."""
+    from cellwatch.service.cluster import run_images
+    from cellwatch.service.driver import record_all
+
+    out_dir = Path(config.output.dir)
+    bar = Progress(len(images), enabled=not args.quiet and sys.stderr.isatty())
+    failed = 0
+
+    def on_results(results: list[ImageResult]) -> None:
+        nonlocal failed
+        record_all(results, out_dir)
+        for result in results:
+            if result.row["status"] != "ok":
+                failed += 1
+                log.warning("%s: %s", result.row["image"], result.row.get("error"))
+            elif not args.quiet:
+                log.info("%s: %d cells", result.row["image"], result.row["cell_count"])
+        bar.advance(len(results), Path(results[-1].row["image"]).name)
+
+    run_images(images, config, out_dir, on_results=on_results)
+    bar.close()
+    print(
+        f"{len(images) - failed} of {len(images)} images counted ({bar.rate():.1f} images/s); "
+        f"ledger: {out_dir / 'ledger.csv'}",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+class Progress:
+    """A one-line progress bar on stderr: images done, of how many, and images per second."""
+
+    def __init__(self, total: int, *, enabled: bool, clock: Callable[[], float] = time.monotonic):
+        self.total, self.done, self.enabled, self.clock = total, 0, enabled, clock
+        self.started = clock()
+
+    def rate(self) -> float:
+        return self.done / max(self.clock() - self.started, 1e-9)
+
+    def advance(self, n: int, name: str = "") -> None:
+        self.done += n
+        if self.enabled:
+            filled = int(30 * self.done / max(self.total, 1))
+            bar = "#" * filled + "." * (30 - filled)
+            line = f"\r[{bar}] {self.done}/{self.total} {self.rate():6.1f} images/s {name[:30]:30}"
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
 
 
 def process_group(

@@ -23,7 +23,9 @@ last row of each ``(job_id, label)`` (see docs/daemon.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -37,8 +39,10 @@ from types import FrameType
 from typing import IO, Any
 
 from cellwatch.config import Config, override
-from cellwatch.errors import BadInputError, CellwatchError, ConfigError, TransientError
+from cellwatch.errors import BadInputError, CellwatchError, ConfigError
+from cellwatch.errors import describe as _describe
 from cellwatch.reporting.report import check_settings, reports_for_config
+from cellwatch.service.crash import crash_point
 from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
 from cellwatch.service.schedule import ReportSchedule
 from cellwatch.service.sdnotify import Notifier
@@ -50,6 +54,9 @@ log = logging.getLogger("cellwatch.watch")
 BATCH_IMAGES = 8  # images claimed together, so their tiles can share inference batches
 HEARTBEAT_S = 10.0  # how often the daemon tells `cellwatch status` it is alive
 RETRY_BASE_S = 30.0  # first delay before a transient failure is retried; doubles each time
+RECONNECT_S = 5.0  # how often a lost Dask scheduler is tried again
+PROBLEM_EVERY_S = 60.0  # how often a lasting problem (no scheduler, no workers) is logged again
+STOP_DRAIN_S = 30.0  # on stop, how long the images in flight on Dask workers are waited for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,25 +129,33 @@ class Engine:
     """The settings and the loaded model the worker uses; replaced whole on SIGHUP."""
 
     config: Config
-    segmenter: Any  # cellwatch.pipeline.Segmenter
+    segmenter: Any  # cellwatch.pipeline.Segmenter; None when Dask workers hold the model
+    label: str = ""  # the model's name@hash, when there is no segmenter here
+    device: str = ""  # what the network runs on in this process
 
     @property
     def model_label(self) -> str:
-        return str(self.segmenter.model.label)
+        return self.label or str(self.segmenter.model.label)
 
 
 def load_engine(config: Config) -> Engine:
     """Load the model and run one dummy batch, so the first image does not pay for graph
-    compilation and a broken model fails before the daemon reports READY."""
+    compilation and a broken model fails before the daemon reports READY. With Dask
+    workers (``compute``), they load it (:mod:`cellwatch.service.worker`) and this process
+    only notes its name and hash."""
     import numpy as np
 
-    from cellwatch.model import load_model
+    from cellwatch.model import choose_backend, device_name, load_model, model_label
     from cellwatch.pipeline import Segmenter
+    from cellwatch.service.cluster import uses_dask
 
+    choose_backend()
+    if uses_dask(config.compute):
+        return Engine(config, None, label=model_label(config.model.path))
     segmenter = Segmenter(config, load_model(config.model.path))
     t = config.tiling
     segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
-    return Engine(config, segmenter)
+    return Engine(config, segmenter, device=device_name())
 
 
 class Daemon:
@@ -211,7 +226,7 @@ class Daemon:
         if self._stop_requested:
             self.notifier.send("STOPPING=1")
             return 0
-        worker = Worker(self.paths, engine, recorded, stop=self.stop, wake=self.wake)
+        worker = self._worker(engine, recorded)
         threads = [
             threading.Thread(target=self._watch, name="watcher", daemon=True),
             threading.Thread(target=worker.run, name="worker", daemon=True),
@@ -222,10 +237,11 @@ class Daemon:
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
-            "watching %s; results in %s; model %s",
+            "watching %s; results in %s; model %s; %s",
             self.paths.inbox,
             self.paths.out,
             engine.model_label,
+            f"network on {engine.device} in this process" if engine.device else "Dask workers",
         )
         code = self._loop(queue, worker, threads)
         self.notifier.send("STOPPING=1", "STATUS=stopping: finishing the images in hand")
@@ -241,6 +257,19 @@ class Daemon:
         queue.set_meta(state="stopped", heartbeat=_now())
         log.info("stopped: %d image(s) counted, %d failed", worker.done, worker.failed)
         return code
+
+    def _worker(self, engine: Engine, recorded: dict[str, str]) -> Worker:
+        """The worker thread's object: images in threads of this process, or on Dask."""
+        if engine.segmenter is not None:
+            return Worker(self.paths, engine, recorded, stop=self.stop, wake=self.wake)
+        from cellwatch.service.cluster import Pool
+
+        pool = Pool(engine.config.compute)
+        worker = ClusterWorker(
+            self.paths, engine, recorded, stop=self.stop, wake=self.wake, pool=pool
+        )
+        worker.connect(at_start=True)
+        return worker
 
     @property
     def _tick(self) -> float:
@@ -298,7 +327,11 @@ class Daemon:
             self.notifier.send("WATCHDOG=1")
 
     def _beat(self, queue: JobQueue, worker: Worker) -> None:
-        queue.set_meta(heartbeat=_now(), model=worker.engine.model_label)
+        queue.set_meta(
+            heartbeat=_now(),
+            model=worker.engine.model_label,
+            compute=json.dumps(worker.compute_status()),
+        )
         self.notifier.status(self._summary(queue, worker))
 
     def _summary(self, queue: JobQueue, worker: Worker) -> str:
@@ -315,6 +348,9 @@ class Daemon:
         try:
             config = self.load_config()
             paths = Paths.of(config)
+            if config.compute != self.config.compute:
+                log.warning("new compute settings take effect only after a restart")
+                config = override_compute(config, self.config)
             engine = load_engine(config)
         except Exception as exc:  # a bad new model or config must not stop a working daemon
             log.error("reload failed, still using the previous settings and model: %s", exc)
@@ -449,7 +485,12 @@ class Worker:
                 outcome = self._failed(job, engine, message)
             outcomes[job.job_id] = self._record(self._check_content(job, engine, outcome))
         queue.finish(outcomes)
+        crash_point("after-commit")
         return True
+
+    def compute_status(self) -> dict[str, Any]:
+        """Where the images are processed, for ``cellwatch status``."""
+        return {"mode": "in-process", "device": self.engine.device or None, "workers": []}
 
     def _run(self, engine: Engine, jobs: list[Job]) -> list[tuple[Job, Any]]:
         """(job, ImageResult or the exception it raised) for each job, in order."""
@@ -466,6 +507,7 @@ class Worker:
                 out_dir=self.paths.out,
                 job_ids=[job.job_id for job in jobs],
             )
+            crash_point("after-labels", " ".join(job.rel_path for job in jobs))
             return list(zip(jobs, results, strict=True))
         except Exception as exc:  # one image's fault must not cost the others their work
             if len(jobs) == 1:
@@ -522,17 +564,255 @@ class Worker:
         return "failed"
 
 
-def _describe(exc: Exception) -> str:
-    """An exception from processing one image, in words."""
-    if isinstance(exc, TransientError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror or exc}{where}"
-    return (
-        f"unexpected error ({type(exc).__name__}: {exc}); please report it to the cellwatch "
-        "maintainers with the image"
-    )
+class ClusterWorker(Worker):
+    """The worker thread when Dask worker processes run the images (``compute``).
+
+    It claims jobs while fewer than :attr:`Pool.window <cellwatch.service.cluster.Pool.window>`
+    are in flight, submits one task each, and records results as they come back: the
+    rows of all results at hand in one append, then their jobs finished in one commit.
+    A worker that died holding a job costs that job one attempt and it runs again on
+    another (:data:`cellwatch.errors.WORKER_DIED` in its row after
+    ``watch.max_attempts``). When the scheduler is out of reach, or has no workers, the
+    jobs wait in the queue (the ones in flight go back to it, their attempt not counted),
+    the log and ``cellwatch status`` say so once a minute, and the work resumes when the
+    scheduler is back.
+
+    Parameters
+    ----------
+    pool : cellwatch.service.cluster.Pool
+        The Dask client (and local cluster) to use; the rest as for :class:`Worker`.
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        engine: Engine,
+        recorded: dict[str, str],
+        *,
+        stop: threading.Event,
+        wake: threading.Event,
+        pool: Any,
+    ) -> None:
+        super().__init__(paths, engine, recorded, stop=stop, wake=wake)
+        self.pool = pool
+        self._queue: JobQueue | None = None  # the worker thread's connection, while it runs
+        self.held: dict[str, Job] = {}  # Dask key -> the job its task runs
+        self.problem: str | None = None
+        self._said: tuple[str | None, float] = (None, 0.0)
+        self._next_connect = 0.0
+        self._status: dict[str, Any] = {"mode": "dask", "workers": []}
+        self._next_status = 0.0
+
+    def connect(self, *, at_start: bool = False) -> bool:
+        """Connected to a scheduler (starting the local cluster, or joining
+        ``compute.scheduler``, at most every :data:`RECONNECT_S`), with the workers there
+        warmed up; False while it is out of reach.
+
+        Raises
+        ------
+        ClusterError, ModelError
+            At start only: the local cluster does not start, a worker cannot see the
+            inbox or the output folder, or the model does not load.
+        """
+        from cellwatch.errors import ClusterError
+        from cellwatch.service.cluster import describe_start
+
+        if self.pool.healthy:
+            return True
+        if time.monotonic() < self._next_connect:
+            return False
+        self._next_connect = time.monotonic() + RECONNECT_S
+        self._release_all()
+        self.pool.close()
+        try:
+            self.pool.open()
+            folders = [(self.paths.inbox, False), (self.paths.out, True)]
+            found = self.pool.warm_up(self.engine.config, folders, self.engine.model_label)
+        except ClusterError as exc:
+            if at_start and self.pool.compute.scheduler is None:
+                raise
+            self._trouble(str(exc))
+            self.pool.close()
+            return False
+        log.info("%s", describe_start(self.pool, found))
+        if self.problem:
+            log.warning("the Dask scheduler at %s is back; resuming", self.pool.address)
+        self.problem = None
+        return True
+
+    def run(self) -> None:
+        """The worker thread (see :meth:`Worker.run`); on stop it waits up to
+        :data:`STOP_DRAIN_S` for the images in flight, then closes the local cluster."""
+        self._queue: JobQueue | None = None
+        try:
+            with JobQueue(self.paths.db) as queue:
+                self._queue = queue
+                while not self.stop.is_set():
+                    self.work(queue)
+                self._drain(queue)
+        except OSError as exc:
+            self.error = f"cannot write to {exc.filename or self.paths.out}: {exc.strerror or exc}"
+            log.error("%s", self.error)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the worker failed")
+        finally:
+            self._queue = None
+            self.pool.close()
+
+    def work(self, queue: JobQueue) -> bool:
+        """Record what finished, hand Dask more jobs; False when there was nothing to do."""
+        self._queue = queue
+        if not self.connect():
+            self._trouble(self.problem or f"the Dask scheduler at {self.pool.address} is gone")
+            self.wake.wait(1.0)
+            return False
+        busy = self._settle(queue, self.pool.finished(timeout=0))
+        threads = self.pool.threads()
+        if not threads:
+            self._trouble(
+                f"no Dask worker is connected to the scheduler at {self.pool.address}; the "
+                "images wait in the queue"
+            )
+        elif self.problem:
+            log.warning("Dask workers are back; resuming")
+            self.problem = None
+        room = self.pool.compute.in_flight_per_worker * threads - len(self.held)
+        while room > 0 and not self.stop.is_set():
+            jobs = queue.claim(room)
+            if not jobs:
+                break
+            room -= len(jobs)
+            busy = True
+            self._submit(queue, jobs)
+        if time.monotonic() >= self._next_status:
+            self._next_status = time.monotonic() + HEARTBEAT_S / 2
+            self._status = {"mode": "dask", **self.pool.describe()}
+        if not busy:
+            if self.held:
+                busy = self._settle(queue, self.pool.finished(timeout=0.2))
+            else:
+                self.wake.wait(0.5)
+                self.wake.clear()
+        if not self.pool.healthy:
+            self._release_all()
+        return busy
+
+    def compute_status(self) -> dict[str, Any]:
+        status = dict(self._status)
+        status["problem"] = self.problem
+        status["in_flight"] = len(self.held)
+        return status
+
+    def _submit(self, queue: JobQueue, jobs: list[Job]) -> None:
+        from cellwatch.service.worker import Task
+
+        engine, max_attempts = self.engine, self.engine.config.watch.max_attempts
+        outcomes: dict[str, Any] = {}
+        for job in jobs:
+            if job.job_id in self.recorded:  # its row landed before a crash
+                outcomes[job.job_id] = "done" if self.recorded[job.job_id] == "ok" else "failed"
+            elif job.attempts > max_attempts:  # it was running at each of the last stops
+                reason = job.last_error or (
+                    "cellwatch stopped while processing this image (a crash, a power cut or "
+                    "an out-of-memory kill?)"
+                )
+                message = f"gave up after {max_attempts} attempts; last error: {reason}"
+                outcomes[job.job_id] = self._record(self._failed(job, engine, message))
+            else:
+                key = f"cellwatch-{job.job_id}-{job.attempts}"
+                self.held[key] = job
+                task = Task(
+                    str(self.paths.inbox / job.rel_path),
+                    job.job_id,
+                    str(self.paths.out),
+                    engine.config,
+                    engine.model_label,
+                )
+                self.pool.submit(key, task)
+        if outcomes:
+            queue.finish(outcomes)
+            crash_point("after-commit")
+
+    def _settle(self, queue: JobQueue, finished: list[Any]) -> bool:
+        """Record the finished tasks' results; retry or fail the ones that raised."""
+        if not finished:
+            return False
+        engine, max_attempts = self.engine, self.engine.config.watch.max_attempts
+        results: list[tuple[Job, Any]] = []
+        for fin in finished:
+            job = self.held.pop(fin.key, None)
+            if job is None:
+                continue
+            if fin.result is not None:
+                results.append((job, self._check_content(job, engine, fin.result.result)))
+                continue
+            error = fin.error or RuntimeError("the task ended with neither result nor error")
+            killed = type(error).__name__ == "KilledWorker"
+            if fin.lost or (killed and self.stop.is_set()):  # not the image's fault
+                queue.release(job.job_id)
+                continue
+            message = _describe(error)
+            if job.attempts < max_attempts:
+                delay = 0.0 if killed else RETRY_BASE_S * 2 ** (job.attempts - 1)
+                log.warning("%s: %s; trying again in %.0f s", job.rel_path, message, delay)
+                queue.retry(job.job_id, message, delay)
+                continue
+            message = f"gave up after {job.attempts} attempts; last error: {message}"
+            results.append((job, self._failed(job, engine, message)))
+        if results:
+            queue.finish(self._record_all([result for _, result in results]))
+            crash_point("after-commit", " ".join(job.rel_path for job, _ in results))
+        return True
+
+    def _record_all(self, results: list[Any]) -> dict[str, Any]:
+        """Append the rows of the results whose jobs are not in the ledger yet (one append
+        for all); each job's final state."""
+        from cellwatch.service.driver import record_all
+
+        new = [r for r in results if r.row["job_id"] not in self.recorded]
+        record_all(new, self.paths.out)
+        outcomes = {}
+        for result in results:
+            row = result.row
+            self.recorded.setdefault(row["job_id"], row["status"])
+            if row["status"] == "ok":
+                self.done += 1
+                log.info("%s: %s cells", row["image"], row.get("cell_count"))
+                outcomes[row["job_id"]] = "done"
+            else:
+                self.failed += 1
+                log.warning("%s failed: %s", row["image"], row.get("error"))
+                outcomes[row["job_id"]] = "failed"
+        return outcomes
+
+    def _drain(self, queue: JobQueue) -> None:
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while self.held and self.pool.healthy and time.monotonic() < deadline:
+            self._settle(queue, self.pool.finished(timeout=0.2))
+        self._release_all()
+
+    def _release_all(self) -> None:
+        """Put the jobs in flight back in the queue, their attempt not counted: their tasks
+        were lost with the scheduler, or the daemon is stopping."""
+        self.pool.drop_all()
+        if self.held and self._queue is not None:
+            for job in self.held.values():
+                self._queue.release(job.job_id)
+        self.held.clear()
+
+    def _trouble(self, message: str) -> None:
+        """Log a problem when it is new, and again once a minute while it lasts."""
+        self.problem = message
+        said, when = self._said
+        if message != said or time.monotonic() - when >= PROBLEM_EVERY_S:
+            log.error("%s", message)
+            self._said = (message, time.monotonic())
+
+
+def override_compute(config: Config, running: Config) -> Config:
+    """``config`` with the ``compute`` section of the settings the daemon started with."""
+    return dataclasses.replace(config, compute=running.compute)
 
 
 def _lock(state: Path) -> IO[str]:
