@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellwatch.config import ComputeConfig, Config
-from cellwatch.errors import ClusterError
+from cellwatch.errors import ClusterError, ModelError
 from cellwatch.model import visible_gpus
 
 if TYPE_CHECKING:
@@ -50,9 +50,10 @@ __all__ = [
 
 log = logging.getLogger("cellwatch.cluster")
 
-CONNECT_TIMEOUT_S = 20.0  # a scheduler that does not answer in this time is unreachable
+CONNECT_TIMEOUT_S = 15.0  # a scheduler that does not answer in this time is unreachable
 GPU_PROCESSES = 8  # worker processes per GPU for workers: auto (see docs/benchmarks.md)
 MAX_CHECKED_FOLDERS = 1000  # images whose folders the workers check at start
+WARM_RESULT_S = 5.0  # how long a finished warm-up's answer is waited for
 GPU_MEMORY_SHARE = 0.9  # of a GPU's memory, divided among the processes that share it
 
 
@@ -167,6 +168,7 @@ class Pool:
         self.client: Any = None
         self.futures: dict[str, Any] = {}  # key -> Future, the tasks in flight
         self.devices: dict[str, str] = {}  # worker address -> device
+        self.warming: dict[str, Any] = {}  # worker address -> its warm-up task
 
     @property
     def address(self) -> str:
@@ -183,7 +185,6 @@ class Pool:
         ClusterError
             The scheduler does not answer within :data:`CONNECT_TIMEOUT_S`.
         """
-        import dask
         from distributed import Client
 
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -195,7 +196,7 @@ class Pool:
             self.client = Client(
                 self.compute.scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False
             )
-        except (OSError, TimeoutError, dask.config.ConfigurationError) as exc:
+        except (OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {self.compute.scheduler} "
                 f"within {CONNECT_TIMEOUT_S:.0f} s ({exc}); is `dask scheduler` running there, "
@@ -321,6 +322,45 @@ class Pool:
             self.devices[info["worker"]] = str(info["device"])
         return found
 
+    def warm_new(
+        self, config: Config, folders: Iterable[tuple[Path, bool]], model: str = ""
+    ) -> list[str]:
+        """Start warming up workers that joined since (:func:`warm_up`, without waiting),
+        and collect the warm-ups that are over; the problems they found, in words."""
+        from cellwatch.service.worker import warm_up
+
+        problems = []
+        for address, future in list(self.warming.items()):
+            if future.status == "pending":
+                continue
+            del self.warming[address]
+            try:
+                self.devices[address] = str(future.result(timeout=WARM_RESULT_S)["device"])
+            except (ClusterError, ModelError) as exc:
+                problems.append(str(exc))
+            except Exception as exc:  # the worker died meanwhile: a new one comes anew
+                log.debug("warming up %s: %s", address, exc)
+            future.release()
+        listed = [(str(Path(p).absolute()), writable) for p, writable in folders]
+        try:
+            addresses = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        except Exception:  # the scheduler went away between two calls
+            return problems
+        for address in addresses:
+            if address in self.devices or address in self.warming:
+                continue
+            self.warming[address] = self.client.submit(
+                warm_up,
+                config,
+                listed,
+                model,
+                key=f"cellwatch-warm-up-{address}-{time.monotonic_ns()}",
+                workers=[address],
+                allow_other_workers=False,
+                pure=False,
+            )
+        return problems
+
     def submit(self, key: str, task: Any) -> None:
         """Hand one task (:class:`cellwatch.service.worker.Task`) to Dask."""
         from cellwatch.service.worker import run_task
@@ -364,9 +404,10 @@ class Pool:
     def drop_all(self) -> list[str]:
         """Forget every task in flight (after the scheduler was lost); their keys."""
         keys = list(self.futures)
-        for future in self.futures.values():
+        for future in [*self.futures.values(), *self.warming.values()]:
             future.release()
         self.futures.clear()
+        self.warming.clear()
         return keys
 
     def describe(self) -> dict[str, Any]:
@@ -400,6 +441,7 @@ class Pool:
         """Close the client and stop the local cluster's workers (an external cluster's
         workers keep running)."""
         self.futures.clear()
+        self.warming.clear()
         for closing in (self.client, self.cluster):
             if closing is None:
                 continue

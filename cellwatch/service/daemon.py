@@ -686,7 +686,11 @@ class ClusterWorker(Worker):
             busy = True
             self._submit(queue, jobs)
         if time.monotonic() >= self._next_status:
-            self._next_status = time.monotonic() + HEARTBEAT_S / 2
+            self._next_status = time.monotonic() + HEARTBEAT_S / 4
+            folders = [(self.paths.inbox, False), (self.paths.out, True)]
+            engine = self.engine
+            for problem in self.pool.warm_new(engine.config, folders, engine.model_label):
+                self._trouble(problem)
             self._status = {"mode": "dask", **self.pool.describe()}
         if not busy:
             if self.held:

@@ -69,6 +69,8 @@ def run_task(task: Task) -> Done:
     from cellwatch.pipeline import process_image
 
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # the row says what is wrong
+    # A worker that cannot see the shared folders must not record the image as unreadable.
+    check_folders([(str(Path(task.path).parent), False), (task.out_dir, False)])
     segmenter = _segmenter(task.config, task.model)
     result = process_image(
         Path(task.path),
