@@ -19,6 +19,7 @@ thread at a time (``worker-saturation: 1.0``), so a death costs no other image a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -464,9 +465,11 @@ def run_images(
     out_dir: Path,
     *,
     on_results: Callable[[list[ImageResult]], None],
+    pool: Pool | None = None,
 ) -> None:
     """Process ``images`` on Dask workers; hand each batch of results, as they arrive, to
-    ``on_results`` (which records them: the caller is the driver).
+    ``on_results`` (which records them: the caller is the driver). ``pool`` is an open
+    :class:`Pool` to use (and leave open); by default one is opened for ``config.compute``.
 
     At most :attr:`Pool.window` images are in flight, so any number of images takes
     bounded memory. An image whose worker died is tried again on another, up to
@@ -493,7 +496,7 @@ def run_images(
         raise ClusterError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     todo: deque[tuple[int, str, int]] = deque((i, uuid.uuid4().hex, 1) for i in range(len(images)))
     held: dict[str, tuple[int, str, int]] = {}  # key -> (image index, job id, attempt)
-    with Pool(config.compute) as pool:
+    with contextlib.nullcontext(pool) if pool is not None else Pool(config.compute) as pool:
         pool.wait_for_workers(config.compute.worker_timeout_s)
         folders = {Path(p).absolute().parent for p in images[:MAX_CHECKED_FOLDERS]}
         found = pool.warm_up(
