@@ -524,7 +524,8 @@ def run_images(
                         "image(s) in flight; the rows of the images done are in the ledger"
                     )
                 error = fin.error or RuntimeError("the task ended with neither result nor error")
-                if type(error).__name__ == "KilledWorker" and attempt < max_attempts:
+                again = type(error).__name__ == "KilledWorker" or isinstance(error, ClusterError)
+                if again and attempt < max_attempts:
                     log.warning("%s: %s; trying again", images[i], describe(error))
                     todo.appendleft((i, job_id, attempt + 1))
                     continue
