@@ -10,14 +10,15 @@ import argparse
 import logging
 import os
 import sys
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, config_from_args
-from cellwatch.errors import CellwatchError, ConfigError, ModelError, TransientError
+from cellwatch.config import Config, config_from_args, override
+from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
     from cellwatch.pipeline import ImageResult, Segmenter
@@ -28,9 +29,10 @@ log = logging.getLogger("cellwatch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command_line = ["cellwatch", *(sys.argv[1:] if argv is None else argv)]
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(words) or "")
+    args = parser.parse_args(words)
+    args.command_line = ["cellwatch", *words]
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(levelname)s %(message)s",
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return int(args.handler(args))
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, ClusterError) as exc:
         print(f"cellwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CellwatchError as exc:
@@ -50,26 +52,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``cellwatch`` argument parser.
+
+    Parameters
+    ----------
+    only : str, optional
+        Give only this command its arguments (the others are listed with their help line):
+        each command's options live in its own module, and importing them all would make
+        every command pay for pandas, matplotlib and scikit-image at start. None: all.
+    """
     parser = argparse.ArgumentParser(
         prog="cellwatch", description="Count cells in microscope images."
     )
     parser.add_argument("--version", action="version", version=f"cellwatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_line, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line)
+        if only is None or only == name:
+            setup(p)
+    return parser
 
-    p = sub.add_parser("predict", help="segment, count and measure cells in images")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     _common(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        help="Dask worker processes on this machine: a number (0: in this process) or auto "
+        "(default: compute.workers)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: compute.scheduler)",
+    )
     p.set_defaults(handler=cmd_predict)
 
-    p = sub.add_parser("train", help="train or fine-tune a U-Net on images and masks")
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.training import train
 
     train.add_arguments(p)
     p.set_defaults(handler=train.run)
 
-    p = sub.add_parser("evaluate", help="score a model against ground-truth masks")
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.training import evaluate
 
     evaluate.add_arguments(p)
@@ -77,36 +107,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
     p.set_defaults(handler=evaluate.run)
 
-    p = sub.add_parser("report", help="write the daily count report")
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.reporting import report
 
     report.add_report_arguments(p)
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
     p.set_defaults(handler=lambda a: report.report_cli(a, config_from_args(a)))
 
-    p = sub.add_parser("watch", help="run the daemon: count every new image in the inbox")
-    from cellwatch.service import daemon, status
+
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.service import daemon
 
     daemon.add_arguments(p)
     p.set_defaults(handler=daemon.run)
 
-    p = sub.add_parser("status", help="show the daemon's queue, counts and last error")
+
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.service import status
+
     status.add_arguments(p)
     p.set_defaults(handler=status.run)
 
-    p = sub.add_parser("export", help="write a model as a bioimage.io package (.zip)")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.interop import bioimageio_export
 
     bioimageio_export.add_arguments(p)
     p.set_defaults(handler=bioimageio_export.run)
 
-    p = sub.add_parser("bench", help="measure speed and memory on this machine")
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch import bench
 
     bench.add_arguments(p)
     p.set_defaults(handler=bench.run)
 
-    return parser
+
+#: Each command: its help line, and what gives it its arguments and handler.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "predict": ("segment, count and measure cells in images", _predict_arguments),
+    "train": ("train or fine-tune a U-Net on images and masks", _train_arguments),
+    "evaluate": ("score a model against ground-truth masks", _evaluate_arguments),
+    "report": ("write the daily count report", _report_arguments),
+    "watch": ("run the daemon: count every new image in the inbox", _watch_arguments),
+    "status": ("show the daemon's queue, counts and last error", _status_arguments),
+    "export": ("write a model as a bioimage.io package (.zip)", _export_arguments),
+    "bench": ("measure speed and memory on this machine", _bench_arguments),
+}
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named on the command line (its first word that is one), if any."""
+    return next((word for word in argv if word in COMMANDS), None)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -115,15 +168,39 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="configuration file (YAML)")
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto or a number ≥ 0, got {text!r}")
+    return value
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cellwatch.model import choose_backend
+    from cellwatch.service.cluster import uses_dask
+
+    config = override(
+        config_from_args(args),
+        **{
+            "compute.workers": getattr(args, "workers", None),
+            "compute.scheduler": getattr(args, "scheduler", None),
+        },
+    )
+    images = list(find_images(args.inputs, config.input.extensions))
+    if not images:
+        raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
+    choose_backend()
+    if uses_dask(config.compute):
+        return predict_over_dask(args, config, images)
     from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
     from cellwatch.service.driver import record
 
-    config = config_from_args(args)
-    images = list(find_images(args.inputs, config.input.extensions))
-    if not images:
-        raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     segmenter = Segmenter(config, load_model(config.model.path))
     out_dir = Path(config.output.dir)
     failed = counted = 0  # images: each scene of a file of several counts as one
@@ -145,6 +222,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Path]) -> int:
+    """``cellwatch predict`` with Dask workers doing the images; this process records."""
+    from cellwatch.service.cluster import run_images
+    from cellwatch.service.driver import record_all
+
+    out_dir = Path(config.output.dir)
+    bar = Progress(len(images), enabled=not args.quiet and sys.stderr.isatty())
+    failed = 0
+
+    def on_results(results: list[ImageResult]) -> None:
+        nonlocal failed
+        record_all(results, out_dir)
+        for result in results:
+            if result.row["status"] != "ok":
+                failed += 1
+                log.warning("%s: %s", result.row["image"], result.row.get("error"))
+            elif not args.quiet:
+                log.info("%s: %d cells", result.row["image"], result.row["cell_count"])
+        bar.advance(len(results), Path(results[-1].row["image"]).name)
+
+    run_images(images, config, out_dir, on_results=on_results)
+    bar.close()
+    print(
+        f"{len(images) - failed} of {len(images)} images counted ({bar.rate():.1f} images/s); "
+        f"ledger: {out_dir / 'ledger.csv'}",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+class Progress:
+    """A one-line progress bar on stderr: images done, of how many, and images per second."""
+
+    def __init__(self, total: int, *, enabled: bool, clock: Callable[[], float] = time.monotonic):
+        self.total, self.done, self.enabled, self.clock = total, 0, enabled, clock
+        self.started = clock()
+
+    def rate(self) -> float:
+        return self.done / max(self.clock() - self.started, 1e-9)
+
+    def advance(self, n: int, name: str = "") -> None:
+        self.done += n
+        if self.enabled:
+            filled = int(30 * self.done / max(self.total, 1))
+            bar = "#" * filled + "." * (30 - filled)
+            line = f"\r[{bar}] {self.done}/{self.total} {self.rate():6.1f} images/s {name[:30]:30}"
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
 
 
 def process_group(

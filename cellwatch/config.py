@@ -148,6 +148,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """Where images are processed: in this process, or in Dask worker processes."""
+
+    workers: int | Literal["auto"] = "auto"  # 0: in this process; "auto": what is fastest here
+    scheduler: str | None = None  # address of an existing Dask scheduler (tcp://host:8786)
+    threads_per_worker: int = 1  # images one worker process works on at once
+    gpu_sharing: Literal["shared", "exclusive"] = "shared"  # several processes per GPU, or one
+    in_flight_per_worker: int = 2  # jobs handed to Dask per worker thread: bounds the driver
+    worker_timeout_s: float = 120.0  # how long a command waits for a first Dask worker
+    dashboard_address: str | None = ":0"  # Dask's dashboard for a local cluster; ":0": any port
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -159,6 +172,7 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def settings_hash(self) -> str:
@@ -285,6 +299,7 @@ def validate(cfg: Config) -> None:
         )
     if not m.address.strip():
         _fail(where, "metrics.address", "must not be empty (127.0.0.1 serves this machine only)")
+    _check_compute(cfg.compute, where)
     if cfg.model.path is not None and not Path(cfg.model.path).is_file():
         _fail(
             where,
@@ -327,6 +342,29 @@ def _check_report(r: ReportConfig, where: str) -> None:
             _fail(where, f"report.{key}", f"must be between 0 and 1, got {getattr(r, key)}")
     if r.refresh_interval_s <= 0:
         _fail(where, "report.refresh_interval_s", f"must be positive, got {r.refresh_interval_s}")
+
+
+def _check_compute(c: ComputeConfig, where: str) -> None:
+    if c.workers != "auto" and c.workers < 0:
+        _fail(where, "compute.workers", f"must be auto or a number ≥ 0, got {c.workers}")
+    if c.threads_per_worker < 1:
+        _fail(
+            where, "compute.threads_per_worker", f"must be at least 1, got {c.threads_per_worker}"
+        )
+    if c.in_flight_per_worker < 1:
+        _fail(
+            where,
+            "compute.in_flight_per_worker",
+            f"must be at least 1, got {c.in_flight_per_worker}",
+        )
+    if c.worker_timeout_s <= 0:
+        _fail(where, "compute.worker_timeout_s", f"must be positive, got {c.worker_timeout_s}")
+    if c.scheduler is not None and not re.fullmatch(r"(tcp|tls|ws|wss|inproc)://\S+", c.scheduler):
+        _fail(
+            where,
+            "compute.scheduler",
+            f"must be a Dask scheduler address such as tcp://10.0.0.5:8786, got {c.scheduler!r}",
+        )
 
 
 def time_zone(name: str, where: str = "") -> ZoneInfo:

@@ -28,3 +28,29 @@ class BadInputError(CellwatchError):
 
 class TransientError(CellwatchError):
     """A fault that may go away (a file still being written, a full disk); retry later."""
+
+
+class ClusterError(CellwatchError):
+    """The Dask scheduler or its workers cannot be reached or cannot see the files
+    (exit status 2 for a command; the daemon waits and retries)."""
+
+
+WORKER_DIED = (
+    "a worker process died while processing this image (killed for memory, or a crash in a "
+    "library?)"
+)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception from processing one image, in words for the ledger's ``error`` column."""
+    if type(exc).__name__ == "KilledWorker":  # distributed's, without importing it here
+        return WORKER_DIED
+    if isinstance(exc, CellwatchError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return (
+        f"unexpected error ({type(exc).__name__}: {exc}); please report it to the cellwatch "
+        "maintainers with the image"
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,81 @@ class LoadedModel:
         except Exception:  # an unusual graph: run it as it is
             agree = False
         return split_on_out_of_memory(fast if agree else plain)
+
+
+def model_label(path: str | Path | None = None) -> str:
+    """``name@hash`` of a model file as :attr:`LoadedModel.label` gives it, without loading
+    the network (what a driver that leaves the network to its workers records)."""
+    path = Path(path) if path is not None else BUNDLED_MODEL
+    try:
+        return f"{path.stem}@{file_sha256(path)[:12]}"
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+
+
+def visible_gpus(
+    environ: Mapping[str, str] | None = None, proc: Path = Path("/proc/driver/nvidia/gpus")
+) -> int:
+    """How many NVIDIA GPUs this process may use, without loading a framework: the GPUs the
+    driver lists, or as many as ``CUDA_VISIBLE_DEVICES`` names."""
+    environ = os.environ if environ is None else environ
+    try:
+        present = len(list(proc.iterdir()))
+    except OSError:
+        present = 0
+    chosen = environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is None or not present:
+        return present
+    names = [d for d in chosen.split(",") if d.strip() and d.strip() != "-1"]
+    return min(present, len(names))
+
+
+def choose_backend(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Pick the Keras backend before Keras is imported: JAX when a GPU is visible, JAX with
+    CUDA is installed (``pip install 'cellwatch[gpu]'``) and the user did not set
+    ``KERAS_BACKEND``. Returns the backend chosen, or None when left as it was."""
+    import importlib.util
+
+    environ = os.environ if environ is None else environ
+    if environ.get("KERAS_BACKEND") or not visible_gpus(environ):
+        return None
+    cuda_plugin = ("jax_cuda12_plugin", "jax_cuda13_plugin")
+    if importlib.util.find_spec("jax") is None or not any(
+        importlib.util.find_spec(name) for name in cuda_plugin
+    ):
+        return None
+    environ["KERAS_BACKEND"] = "jax"
+    return "jax"
+
+
+def device_name() -> str:
+    """What the network runs on in this process, e.g. ``gpu:0 NVIDIA H100 (jax)``."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            d = jax.devices()[0]
+            return f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')} (jax)".replace("  ", " ")
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "")
+                return f"gpu:0 {name} (tensorflow)".strip()
+            return "cpu (tensorflow)"
+        if backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return f"gpu:0 {torch.cuda.get_device_name(0)} (torch)"
+            return "cpu (torch)"
+    except Exception as exc:  # a device query must never stop the counting
+        return f"unknown ({backend}: {exc})"
+    return f"cpu ({backend})"
 
 
 def card_path(model_path: Path) -> Path:

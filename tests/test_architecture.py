@@ -192,7 +192,7 @@ def test_status_and_report_help_do_not_import_keras(tmp_path):
         "        main(argv)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "heavy = [m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules]\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'jax', 'torch', 'distributed') if m in sys.modules]\n"
         "print('HEAVY=' + ','.join(heavy))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -27,7 +27,9 @@ crash in the middle of the file only the scenes without a row are run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -41,8 +43,10 @@ from types import FrameType
 from typing import IO, Any
 
 from cellwatch.config import Config, override
-from cellwatch.errors import BadInputError, CellwatchError, ConfigError, TransientError
+from cellwatch.errors import BadInputError, CellwatchError, ConfigError
+from cellwatch.errors import describe as _describe
 from cellwatch.reporting.report import check_settings, reports_for_config
+from cellwatch.service.crash import crash_point
 from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
 from cellwatch.service.metrics import Metrics, MetricsServer, serve
 from cellwatch.service.schedule import ReportSchedule
@@ -55,6 +59,9 @@ log = logging.getLogger("cellwatch.watch")
 BATCH_IMAGES = 8  # images claimed together, so their tiles can share inference batches
 HEARTBEAT_S = 10.0  # how often the daemon tells `cellwatch status` it is alive
 RETRY_BASE_S = 30.0  # first delay before a transient failure is retried; doubles each time
+RECONNECT_S = 5.0  # how often a lost Dask scheduler is tried again
+PROBLEM_EVERY_S = 60.0  # how often a lasting problem (no scheduler, no workers) is logged again
+STOP_DRAIN_S = 30.0  # on stop, how long the images in flight on Dask workers are waited for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,25 +134,33 @@ class Engine:
     """The settings and the loaded model the worker uses; replaced whole on SIGHUP."""
 
     config: Config
-    segmenter: Any  # cellwatch.pipeline.Segmenter
+    segmenter: Any  # cellwatch.pipeline.Segmenter; None when Dask workers hold the model
+    label: str = ""  # the model's name@hash, when there is no segmenter here
+    device: str = ""  # what the network runs on in this process
 
     @property
     def model_label(self) -> str:
-        return str(self.segmenter.model.label)
+        return self.label or str(self.segmenter.model.label)
 
 
 def load_engine(config: Config) -> Engine:
     """Load the model and run one dummy batch, so the first image does not pay for graph
-    compilation and a broken model fails before the daemon reports READY."""
+    compilation and a broken model fails before the daemon reports READY. With Dask
+    workers (``compute``), they load it (:mod:`cellwatch.service.worker`) and this process
+    only notes its name and hash."""
     import numpy as np
 
-    from cellwatch.model import load_model
+    from cellwatch.model import choose_backend, device_name, load_model, model_label
     from cellwatch.pipeline import Segmenter
+    from cellwatch.service.cluster import uses_dask
 
+    choose_backend()
+    if uses_dask(config.compute):
+        return Engine(config, None, label=model_label(config.model.path))
     segmenter = Segmenter(config, load_model(config.model.path))
     t = config.tiling
     segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
-    return Engine(config, segmenter)
+    return Engine(config, segmenter, device=device_name())
 
 
 class Daemon:
@@ -230,13 +245,11 @@ class Daemon:
     def _serve(self, queue: JobQueue, recorded: dict[tuple[str, str], str]) -> int:
         self.notifier.status("loading the model")
         engine = load_engine(self.config)
-        self.metrics.use_model(engine.model_label, engine.segmenter.stopwatch)
+        self.metrics.use_model(engine.model_label, _stopwatch(engine))
         if self._stop_requested:
             self.notifier.send("STOPPING=1")
             return 0
-        worker = Worker(
-            self.paths, engine, recorded, stop=self.stop, wake=self.wake, metrics=self.metrics
-        )
+        worker = self._worker(engine, recorded)
         threads = [
             threading.Thread(target=self._watch, name="watcher", daemon=True),
             threading.Thread(target=worker.run, name="worker", daemon=True),
@@ -247,10 +260,11 @@ class Daemon:
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
-            "watching %s; results in %s; model %s",
+            "watching %s; results in %s; model %s; %s",
             self.paths.inbox,
             self.paths.out,
             engine.model_label,
+            f"network on {engine.device} in this process" if engine.device else "Dask workers",
         )
         code = self._loop(queue, worker, threads)
         self.notifier.send("STOPPING=1", "STATUS=stopping: finishing the images in hand")
@@ -266,6 +280,27 @@ class Daemon:
         queue.set_meta(state="stopped", heartbeat=_now())
         log.info("stopped: %d image(s) counted, %d failed", worker.done, worker.failed)
         return code
+
+    def _worker(self, engine: Engine, recorded: dict[tuple[str, str], str]) -> Worker:
+        """The worker thread's object: images in threads of this process, or on Dask."""
+        if engine.segmenter is not None:
+            return Worker(
+                self.paths, engine, recorded, stop=self.stop, wake=self.wake, metrics=self.metrics
+            )
+        from cellwatch.service.cluster import Pool
+
+        pool = Pool(engine.config.compute)
+        worker = ClusterWorker(
+            self.paths,
+            engine,
+            recorded,
+            stop=self.stop,
+            wake=self.wake,
+            pool=pool,
+            metrics=self.metrics,
+        )
+        worker.connect(at_start=True)
+        return worker
 
     @property
     def _tick(self) -> float:
@@ -323,7 +358,11 @@ class Daemon:
             self.notifier.send("WATCHDOG=1")
 
     def _beat(self, queue: JobQueue, worker: Worker) -> None:
-        queue.set_meta(heartbeat=_now(), model=worker.engine.model_label)
+        queue.set_meta(
+            heartbeat=_now(),
+            model=worker.engine.model_label,
+            compute=json.dumps(worker.compute_status()),
+        )
         self.metrics.queue(queue.counts())
         self.notifier.status(self._summary(queue, worker))
 
@@ -341,6 +380,9 @@ class Daemon:
         try:
             config = self.load_config()
             paths = Paths.of(config)
+            if config.compute != self.config.compute:
+                log.warning("new compute settings take effect only after a restart")
+                config = override_compute(config, self.config)
             engine = load_engine(config)
         except Exception as exc:  # a bad new model or config must not stop a working daemon
             log.error("reload failed, still using the previous settings and model: %s", exc)
@@ -354,7 +396,7 @@ class Daemon:
             if config.metrics != self.config.metrics:
                 log.warning("new metrics settings take effect only after a restart")
             self.config = config
-            self.metrics.use_model(engine.model_label, engine.segmenter.stopwatch)
+            self.metrics.use_model(engine.model_label, _stopwatch(engine))
             worker.engine = engine
             if self.watcher is not None:
                 self.watcher.update(config.watch)
@@ -519,7 +561,12 @@ class Worker:
             outcomes[job.job_id] = self._outcome(job, scenes.get(job.job_id, [None]))
         queue.finish(outcomes)
         self.metrics.queue(queue.counts())
+        crash_point("after-commit")
         return True
+
+    def compute_status(self) -> dict[str, Any]:
+        """Where the images are processed, for ``cellwatch status``."""
+        return {"mode": "in-process", "device": self.engine.device or None, "workers": []}
 
     def _list_scenes(self, job: Job) -> list[int | None] | Exception:
         """The images of the job's file (:func:`cellwatch.pipeline.scenes_of`), or the
@@ -558,6 +605,7 @@ class Worker:
                 job_ids=[job.job_id for job, _ in units],
                 scenes=[scene for _, scene in units],
             )
+            crash_point("after-labels", " ".join(job.rel_path for job, _ in units))
             return list(zip(units, results, strict=True))
         except Exception as exc:  # one image's fault must not cost the others their work
             if len(units) == 1:
@@ -617,17 +665,337 @@ class Worker:
             log.warning("%s failed: %s", name, row.get("error"))
 
 
-def _describe(exc: Exception) -> str:
-    """An exception from processing one image, in words."""
-    if isinstance(exc, TransientError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror or exc}{where}"
-    return (
-        f"unexpected error ({type(exc).__name__}: {exc}); please report it to the cellwatch "
-        "maintainers with the image"
-    )
+class ClusterWorker(Worker):
+    """The worker thread when Dask worker processes run the images (``compute``).
+
+    It claims jobs while fewer than :attr:`Pool.window <cellwatch.service.cluster.Pool.window>`
+    are in flight, submits one task each, and records results as they come back: the
+    rows of all results at hand in one append, then their jobs finished in one commit.
+    A worker that died holding a job costs that job one attempt and it runs again on
+    another (:data:`cellwatch.errors.WORKER_DIED` in its row after
+    ``watch.max_attempts``). When the scheduler is out of reach, or has no workers, the
+    jobs wait in the queue (the ones in flight go back to it, their attempt not counted),
+    the log and ``cellwatch status`` say so once a minute, and the work resumes when the
+    scheduler is back.
+
+    Parameters
+    ----------
+    pool : cellwatch.service.cluster.Pool
+        The Dask client (and local cluster) to use; the rest as for :class:`Worker`.
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        engine: Engine,
+        recorded: dict[tuple[str, str], str],
+        *,
+        stop: threading.Event,
+        wake: threading.Event,
+        pool: Any,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(paths, engine, recorded, stop=stop, wake=wake, metrics=metrics)
+        self.pool = pool
+        self._queue: JobQueue | None = None  # the worker thread's connection, while it runs
+        self.held: dict[str, tuple[Job, int | None]] = {}  # Dask key -> (job, scene) it runs
+        self._jobs: dict[str, _InFlight] = {}  # job_id -> its scenes still on Dask
+        self.problem: str | None = None
+        self._said: tuple[str | None, float] = (None, 0.0)
+        self._next_connect = 0.0
+        self._status: dict[str, Any] = {"mode": "dask", "workers": []}
+        self._next_status = 0.0
+
+    def connect(self, *, at_start: bool = False) -> bool:
+        """Connected to a scheduler (starting the local cluster, or joining
+        ``compute.scheduler``, at most every :data:`RECONNECT_S`), with the workers there
+        warmed up; False while it is out of reach.
+
+        Raises
+        ------
+        ClusterError, ModelError
+            At start only: the local cluster does not start, a worker cannot see the
+            inbox or the output folder, or the model does not load.
+        """
+        from cellwatch.errors import ClusterError
+        from cellwatch.service.cluster import describe_start
+
+        if self.pool.healthy:
+            return True
+        if time.monotonic() < self._next_connect:
+            return False
+        self._next_connect = time.monotonic() + RECONNECT_S
+        self._release_all()
+        self.pool.close()
+        try:
+            self.pool.open()
+            folders = [(self.paths.inbox, False), (self.paths.out, True)]
+            found = self.pool.warm_up(self.engine.config, folders, self.engine.model_label)
+        except ClusterError as exc:
+            if at_start and self.pool.compute.scheduler is None:
+                raise
+            self._trouble(str(exc))
+            self.pool.close()
+            return False
+        log.info("%s", describe_start(self.pool, found))
+        if self.problem:
+            log.warning("the Dask scheduler at %s is back; resuming", self.pool.address)
+        self.problem = None
+        return True
+
+    def run(self) -> None:
+        """The worker thread (see :meth:`Worker.run`); on stop it waits up to
+        :data:`STOP_DRAIN_S` for the images in flight, then closes the local cluster."""
+        self._queue: JobQueue | None = None
+        try:
+            with JobQueue(self.paths.db) as queue:
+                self._queue = queue
+                while not self.stop.is_set():
+                    self.work(queue)
+                self._drain(queue)
+        except OSError as exc:
+            self.error = f"cannot write to {exc.filename or self.paths.out}: {exc.strerror or exc}"
+            log.error("%s", self.error)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the worker failed")
+        finally:
+            self._queue = None
+            self.pool.close()
+
+    def work(self, queue: JobQueue) -> bool:
+        """Record what finished, hand Dask more jobs; False when there was nothing to do."""
+        self._queue = queue
+        if not self.connect():
+            self._trouble(self.problem or f"the Dask scheduler at {self.pool.address} is gone")
+            self.wake.wait(1.0)
+            return False
+        busy = self._settle(queue, self.pool.finished(timeout=0))
+        threads = self.pool.threads()
+        if not threads:
+            self._trouble(
+                f"no Dask worker is connected to the scheduler at {self.pool.address}; the "
+                "images wait in the queue"
+            )
+        elif self.problem:
+            log.warning("Dask workers are back; resuming")
+            self.problem = None
+        room = self.pool.compute.in_flight_per_worker * threads - len(self.held)
+        while room > 0 and not self.stop.is_set():
+            jobs = queue.claim(room)
+            if not jobs:
+                break
+            room -= len(jobs)
+            busy = True
+            self._submit(queue, jobs)
+        if time.monotonic() >= self._next_status:
+            self._next_status = time.monotonic() + HEARTBEAT_S / 4
+            folders = [(self.paths.inbox, False), (self.paths.out, True)]
+            engine = self.engine
+            for problem in self.pool.warm_new(engine.config, folders, engine.model_label):
+                self._trouble(problem)
+            self._status = {"mode": "dask", **self.pool.describe()}
+        if not busy:
+            if self.held:
+                busy = self._settle(queue, self.pool.finished(timeout=0.2))
+            else:
+                self.wake.wait(0.5)
+                self.wake.clear()
+        if not self.pool.healthy:
+            self._release_all()
+        return busy
+
+    def compute_status(self) -> dict[str, Any]:
+        status = dict(self._status)
+        status["problem"] = self.problem
+        status["in_flight"] = len(self.held)
+        return status
+
+    def _submit(self, queue: JobQueue, jobs: list[Job]) -> None:
+        """Hand Dask one task per image of each job (its file, or each scene of it) whose
+        row has not landed yet; record at once what needs no work."""
+        from cellwatch.service.worker import Task
+
+        engine, max_attempts = self.engine, self.engine.config.watch.max_attempts
+        follow = engine.config.watch.follow_symlinks
+        self.metrics.started(jobs)
+        outcomes: dict[str, Any] = {}
+        for job in jobs:
+            if why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
+                # checked again here, just before reading: the file may have been swapped
+                if self._missing(job, [None]):
+                    self._record_all([self._failed(job, engine, why)])
+                outcomes[job.job_id] = "failed"
+                continue
+            scenes = self._list_scenes(job)
+            if isinstance(scenes, Exception):
+                self._retry_or_fail(queue, job, scenes, [None], outcomes)
+                continue
+            todo = self._missing(job, scenes)
+            if not todo:  # every row landed before a crash
+                outcomes[job.job_id] = self._outcome(job, scenes)
+            elif job.attempts > max_attempts:  # it was running at each of the last stops
+                reason = job.last_error or (
+                    "cellwatch stopped while processing this image (a crash, a power cut or "
+                    "an out-of-memory kill?)"
+                )
+                message = f"gave up after {max_attempts} attempts; last error: {reason}"
+                self._record_all([self._failed(job, engine, message, scene) for scene in todo])
+                outcomes[job.job_id] = self._outcome(job, scenes)
+            else:
+                self._jobs[job.job_id] = _InFlight(job, scenes, waiting=len(todo))
+                for scene in todo:
+                    key = f"cellwatch-{job.job_id}-{ledger.scene_key(scene)}-{job.attempts}"
+                    self.held[key] = (job, scene)
+                    task = Task(
+                        str(self.paths.inbox / job.rel_path),
+                        job.job_id,
+                        str(self.paths.out),
+                        engine.config,
+                        engine.model_label,
+                        scene,
+                    )
+                    self.pool.submit(key, task)
+        if outcomes:
+            queue.finish(outcomes)
+            crash_point("after-commit")
+
+    def _settle(self, queue: JobQueue, finished: list[Any]) -> bool:
+        """Record the finished tasks' results; once all of a job's images are back, finish
+        the job, or retry or fail it if one of them raised."""
+        if not finished:
+            return False
+        engine = self.engine
+        results: list[Any] = []
+        settled: list[_InFlight] = []
+        for fin in finished:
+            entry = self.held.pop(fin.key, None)
+            if entry is None:
+                continue
+            job, _ = entry
+            state = self._jobs[job.job_id]
+            state.waiting -= 1
+            if fin.result is not None:
+                results.append(self._check_content(job, engine, fin.result.result))
+                for stage, seconds in fin.result.stages.items():
+                    self.metrics.observe_stage(stage, seconds)
+            else:
+                error = fin.error or RuntimeError("the task ended with neither result nor error")
+                killed = type(error).__name__ == "KilledWorker"
+                if fin.lost or (killed and self.stop.is_set()):  # not the image's fault
+                    state.lost = True
+                elif state.fault is None:
+                    state.fault = error
+            if state.waiting == 0:
+                settled.append(self._jobs.pop(job.job_id))
+        self._record_all(results)
+        outcomes: dict[str, Any] = {}
+        for state in settled:
+            job = state.job
+            if state.fault is not None:
+                self._retry_or_fail(queue, job, state.fault, state.scenes, outcomes)
+            elif state.lost and self._missing(job, state.scenes):
+                queue.release(job.job_id)
+            else:
+                outcomes[job.job_id] = self._outcome(job, state.scenes)
+        if outcomes:
+            queue.finish(outcomes)
+            crash_point("after-commit", " ".join(s.job.rel_path for s in settled))
+        self.metrics.queue(queue.counts())
+        return True
+
+    def _retry_or_fail(
+        self,
+        queue: JobQueue,
+        job: Job,
+        error: Exception,
+        scenes: list[int | None],
+        outcomes: dict[str, Any],
+    ) -> None:
+        """Try the job again later, or after ``watch.max_attempts`` give its images without
+        a row one ``failed`` row each."""
+        message = _describe(error)
+        if job.attempts < self.engine.config.watch.max_attempts:
+            killed = type(error).__name__ == "KilledWorker"
+            delay = 0.0 if killed else RETRY_BASE_S * 2 ** (job.attempts - 1)
+            log.warning("%s: %s; trying again in %.0f s", job.rel_path, message, delay)
+            queue.retry(job.job_id, message, delay)
+            return
+        message = f"gave up after {job.attempts} attempts; last error: {message}"
+        missing = self._missing(job, scenes)
+        self._record_all([self._failed(job, self.engine, message, scene) for scene in missing])
+        outcomes[job.job_id] = self._outcome(job, scenes)
+
+    def _record_all(self, results: list[Any]) -> None:
+        """Append the rows of the results whose (job, scene) is not in the ledger yet, in one
+        append for all."""
+        from cellwatch.service.driver import record_all
+
+        new, keys = [], set()
+        for result in results:
+            row = result.row
+            key = (row["job_id"], ledger.scene_key(row.get("scene")))
+            if key not in self.recorded and key not in keys:
+                new.append(result)
+                keys.add(key)
+        record_all(new, self.paths.out)
+        for result in new:
+            row = result.row
+            self.recorded[(row["job_id"], ledger.scene_key(row.get("scene")))] = row["status"]
+            self.metrics.recorded(row)
+            name = row["image"] + (f" scene {row['scene']}" if row.get("scene") is not None else "")
+            if row["status"] == "ok":
+                self.done += 1
+                log.info("%s: %s cells", name, row.get("cell_count"))
+            else:
+                self.failed += 1
+                log.warning("%s failed: %s", name, row.get("error"))
+
+    def _drain(self, queue: JobQueue) -> None:
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while self.held and self.pool.healthy and time.monotonic() < deadline:
+            self._settle(queue, self.pool.finished(timeout=0.2))
+        self._release_all()
+
+    def _release_all(self) -> None:
+        """Put the jobs in flight back in the queue, their attempt not counted: their tasks
+        were lost with the scheduler, or the daemon is stopping."""
+        self.pool.drop_all()
+        if self.held and self._queue is not None:
+            for job_id in {job.job_id for job, _ in self.held.values()}:
+                self._queue.release(job_id)
+        self.held.clear()
+        self._jobs.clear()
+
+    def _trouble(self, message: str) -> None:
+        """Log a problem when it is new, and again once a minute while it lasts."""
+        self.problem = message
+        said, when = self._said
+        if message != said or time.monotonic() - when >= PROBLEM_EVERY_S:
+            log.error("%s", message)
+            self._said = (message, time.monotonic())
+
+
+@dataclass
+class _InFlight:
+    """A job whose images are on Dask: how many are still out, and what went wrong."""
+
+    job: Job
+    scenes: list[int | None]
+    waiting: int
+    fault: Exception | None = None  # the first error an image of it raised
+    lost: bool = False  # a task went with the scheduler or a stop: not the image's fault
+
+
+def _stopwatch(engine: Engine) -> Any:
+    """The stopwatch of the pipeline in this process; None when Dask workers run it (their
+    stage times come back with each result)."""
+    return engine.segmenter.stopwatch if engine.segmenter is not None else None
+
+
+def override_compute(config: Config, running: Config) -> Config:
+    """``config`` with the ``compute`` section of the settings the daemon started with."""
+    return dataclasses.replace(config, compute=running.compute)
 
 
 def _lock(state: Path) -> IO[str]:

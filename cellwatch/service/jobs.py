@@ -254,6 +254,17 @@ class JobQueue:
                 job_id, "running", "pending", now, last_error=error, not_before=now + delay_s
             )
 
+    def release(self, job_id: str) -> None:
+        """Send a running job back to ``pending`` with its attempt not counted: it was
+        lost through no fault of its own (the Dask scheduler went away, the daemon is
+        stopping)."""
+        now = self.clock()
+        with self._transaction():
+            self._move(job_id, "running", "pending", now, not_before=0.0)
+            self._db.execute(
+                "UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE job_id = ?", (job_id,)
+            )
+
     def _move(self, job_id: str, old: State, new: State, now: float, **values: object) -> None:
         sets = ", ".join(f"{key} = ?" for key in values)
         cursor = self._db.execute(

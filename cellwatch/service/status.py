@@ -88,6 +88,7 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
             "failed": int(today["status"].eq("failed").sum()),
             "since": midnight.isoformat(),
         },
+        "compute": json.loads(meta["compute"]) if meta.get("compute") else None,
         "images_per_minute": round(len(recent) / (RATE_WINDOW.total_seconds() / 60), 2),
         "last_error": last_error,
         "state_dir": str(state),
@@ -118,9 +119,33 @@ def format_text(report: dict[str, Any]) -> str:
         ("today", f"{t['counted']} counted, {t['failed']} failed (since {t['since']})"),
         ("rate", f"{report['images_per_minute']:g} images/min over the last 10 min"),
         ("last error", error),
+        *_compute_lines(report.get("compute")),
     ]
     head = f"cellwatch status — output {report['output_dir']}, state {report['state_dir']}"
     return "\n".join([head, *(f"  {key:<11} {value}" for key, value in lines)])
+
+
+def _compute_lines(compute: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Where the images are processed: this process's device, or the Dask workers, their
+    device and jobs in flight, and a problem (no scheduler, no workers) if there is one."""
+    if not compute:
+        return []
+    if compute.get("mode") != "dask":
+        return [("compute", f"in the daemon's process, on {compute.get('device') or 'unknown'}")]
+    workers = compute.get("workers") or []
+    lines = [
+        (
+            "compute",
+            f"Dask scheduler {compute.get('scheduler')}, {len(workers)} worker(s), "
+            f"{compute.get('in_flight', 0)} job(s) in flight; dashboard "
+            f"{compute.get('dashboard') or 'off'}",
+        )
+    ]
+    for w in workers:
+        lines.append(("worker", f"{w['name']} on {w['device']}: {w['in_flight']} in flight"))
+    if compute.get("problem"):
+        lines.append(("problem", str(compute["problem"])))
+    return lines
 
 
 def _daemon(meta: dict[str, str], now: datetime) -> dict[str, Any]:
