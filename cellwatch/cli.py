@@ -322,17 +322,13 @@ def find_images(inputs: Iterable[Path], extensions: Sequence[str]) -> Iterator[P
 
 def progress(groups: Sequence[list[Path]], *, enabled: bool) -> Iterator[list[Path]]:
     """Yield groups of images while drawing a one-line progress bar on stderr."""
-    total, done = sum(len(g) for g in groups), 0
+    bar = Progress(sum(len(g) for g in groups), enabled=enabled)
     for group in groups:
-        if enabled:
-            filled = int(30 * done / total)
-            bar = "#" * filled + "." * (30 - filled)
-            sys.stderr.write(f"\r[{bar}] {done}/{total} {group[0].name[:40]:40}")
-            sys.stderr.flush()
+        bar.advance(0, group[0].name)
         yield group
-        done += len(group)
-    if enabled:
-        sys.stderr.write(f"\r[{'#' * 30}] {total}/{total}{' ' * 41}\n")
+        bar.done += len(group)
+    bar.advance(0)
+    bar.close()
 
 
 if __name__ == "__main__":

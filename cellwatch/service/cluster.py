@@ -349,6 +349,8 @@ class Pool:
             addresses = list(self.client.scheduler_info(n_workers=-1)["workers"])
         except Exception:  # the scheduler went away between two calls
             return problems
+        for address in set(self.warming) - set(addresses):  # the worker left first
+            self.warming.pop(address).release()
         for address in addresses:
             if address in self.devices or address in self.warming:
                 continue

@@ -299,7 +299,11 @@ class Daemon:
             pool=pool,
             metrics=self.metrics,
         )
-        worker.connect(at_start=True)
+        try:
+            worker.connect(at_start=True)
+        except BaseException:
+            pool.close()  # the local workers, before the error stops the daemon
+            raise
         return worker
 
     @property
@@ -772,12 +776,10 @@ class ClusterWorker(Worker):
             return False
         busy = self._settle(queue, self.pool.finished(timeout=0))
         threads = self.pool.threads()
+        alone = f"no Dask worker is connected to the scheduler at {self.pool.address}"
         if not threads:
-            self._trouble(
-                f"no Dask worker is connected to the scheduler at {self.pool.address}; the "
-                "images wait in the queue"
-            )
-        elif self.problem:
+            self._trouble(f"{alone}; the images wait in the queue")
+        elif self.problem and self.problem.startswith(alone):
             log.warning("Dask workers are back; resuming")
             self.problem = None
         room = self.pool.compute.in_flight_per_worker * threads - len(self.held)
