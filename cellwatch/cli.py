@@ -231,23 +231,26 @@ def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Pat
 
     out_dir = Path(config.output.dir)
     bar = Progress(len(images), enabled=not args.quiet and sys.stderr.isatty())
-    failed = 0
+    failed = counted = 0  # images: each scene of a file of several counts as one
 
     def on_results(results: list[ImageResult]) -> None:
-        nonlocal failed
+        nonlocal failed, counted
         record_all(results, out_dir)
         for result in results:
-            if result.row["status"] != "ok":
+            counted += 1
+            row = result.row
+            name = row["image"] + (f" scene {row['scene']}" if row.get("scene") is not None else "")
+            if row["status"] != "ok":
                 failed += 1
-                log.warning("%s: %s", result.row["image"], result.row.get("error"))
+                log.warning("%s: %s", name, row.get("error"))
             elif not args.quiet:
-                log.info("%s: %d cells", result.row["image"], result.row["cell_count"])
+                log.info("%s: %d cells", name, row["cell_count"])
         bar.advance(len(results), Path(results[-1].row["image"]).name)
 
     run_images(images, config, out_dir, on_results=on_results)
     bar.close()
     print(
-        f"{len(images) - failed} of {len(images)} images counted ({bar.rate():.1f} images/s); "
+        f"{counted - failed} of {counted} images counted ({bar.rate():.1f} images/s); "
         f"ledger: {out_dir / 'ledger.csv'}",
         file=sys.stderr,
     )

@@ -206,7 +206,10 @@ def test_the_vendor_suffixes_follow_the_installed_extras(monkeypatch):
 # --- counting: predict -----------------------------------------------------------------------
 
 
-def test_predict_counts_each_czi_scene_as_an_image(threshold_model, tmp_path: Path, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"], ids=["in this process", "one Dask worker"])
+def test_predict_counts_each_czi_scene_as_an_image(
+    threshold_model, tmp_path: Path, capsys, workers: str
+):
     czi = write_czi(tmp_path / "in" / "plate.czi")
     tif = tmp_path / "in" / "single.tif"
     tifffile.imwrite(tif, discs((64, 64), [(20, 20), (44, 44)], 6)[0])
@@ -214,6 +217,7 @@ def test_predict_counts_each_czi_scene_as_an_image(threshold_model, tmp_path: Pa
     config.write_text("input:\n  channel: DAPI\ntiling:\n  tile_size: 64\n  overlap: 8\n")
     out = tmp_path / "out"
     argv = ["predict", str(czi.parent), "--out", str(out), "--model", str(threshold_model)]
+    argv += ["--workers", workers]  # a Dask worker gets one task per scene
     # channel DAPI: the TIFF names no channels, so it fails and says why
     assert cli.main([*argv, "--config", str(config), "--quiet"]) == 1
     assert "3 of 4 images counted" in capsys.readouterr().err
@@ -341,6 +345,31 @@ def test_daemon_counts_each_scene_once_through_a_kill_in_the_middle_of_a_file(
     second = (tmp_path / "daemon-2.log").read_text()
     assert "plate.czi scene 0:" not in second  # its row had landed: not counted again
     assert [r["scene"] for r in at_kill][:1] == ["0"]
+    with JobQueue(cw.out / ".state" / "jobs.sqlite3", readonly=True) as queue:
+        assert queue.counts()["done"] == 1
+
+
+def test_daemon_on_a_dask_worker_counts_each_scene_once(
+    cellwatch_daemon, tmp_path: Path, threshold_model: Path
+):
+    """With ``compute.workers: 1`` the driver hands Dask one task per scene and records
+    each scene's row once; the file's job is done when all three are in."""
+    config = write_config(tmp_path / "config.yaml", threshold_model, stable_time_s=0.3)
+    config.write_text(config.read_text() + "input:\n  channel: DAPI\ncompute:\n  workers: 1\n")
+    cw = cellwatch_daemon(config)
+    write_czi(tmp_path / "plate.czi")
+    cw.start()
+    os.rename(tmp_path / "plate.czi", cw.inbox / "plate.czi")
+    cw.wait_rows(lambda rows: len(rows) >= 3, timeout=180)
+    time.sleep(1.0)  # a doubled row would land now
+    assert cw.stop() == 0
+    rows = cw.rows()
+    assert sorted(r["scene"] for r in rows) == ["0", "1", "2"]
+    assert {r["scene"]: int(r["cell_count"]) for r in rows} == {
+        str(k): len(c) for k, c in enumerate(SCENE_DISCS)
+    }
+    assert len({r["job_id"] for r in rows}) == 1
+    check_files_whole(cw.out)
     with JobQueue(cw.out / ".state" / "jobs.sqlite3", readonly=True) as queue:
         assert queue.counts()["done"] == 1
 
