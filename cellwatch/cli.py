@@ -210,18 +210,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for result in process_group(group, config, segmenter, out_dir):
             record(result, out_dir)
             counted += 1
-            row = result.row
-            name = row["image"] + (f" scene {row['scene']}" if row.get("scene") is not None else "")
-            if row["status"] != "ok":
-                failed += 1
-                log.warning("%s: %s", name, row.get("error"))
-            elif not args.quiet:
-                log.info("%s: %d cells", name, row["cell_count"])
+            failed += _tell(result, quiet=args.quiet)
     print(
         f"{counted - failed} of {counted} images counted; ledger: {out_dir / 'ledger.csv'}",
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _tell(result: ImageResult, *, quiet: bool) -> bool:
+    """Log what became of one image; True if it failed."""
+    from cellwatch.storage.ledger import row_name
+
+    row = result.row
+    if row["status"] != "ok":
+        log.warning("%s: %s", row_name(row), row.get("error"))
+        return True
+    if not quiet:
+        log.info("%s: %d cells", row_name(row), row["cell_count"])
+    return False
 
 
 def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Path]) -> int:
@@ -236,15 +243,8 @@ def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Pat
     def on_results(results: list[ImageResult]) -> None:
         nonlocal failed, counted
         record_all(results, out_dir)
-        for result in results:
-            counted += 1
-            row = result.row
-            name = row["image"] + (f" scene {row['scene']}" if row.get("scene") is not None else "")
-            if row["status"] != "ok":
-                failed += 1
-                log.warning("%s: %s", name, row.get("error"))
-            elif not args.quiet:
-                log.info("%s: %d cells", name, row["cell_count"])
+        counted += len(results)
+        failed += sum(_tell(result, quiet=args.quiet) for result in results)
         bar.advance(len(results), Path(results[-1].row["image"]).name)
 
     run_images(images, config, out_dir, on_results=on_results)

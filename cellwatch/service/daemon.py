@@ -652,21 +652,29 @@ class Worker:
 
     def _record(self, result: Any) -> None:
         """Append the result's rows unless its (job, scene) is already in the ledger."""
-        from cellwatch.service.driver import record
+        self._record_all([result])
 
-        row = result.row
-        key = (row["job_id"], ledger.scene_key(row.get("scene")))
-        if key not in self.recorded:
-            record(result, self.paths.out)
+    def _record_all(self, results: list[Any]) -> None:
+        """Append the rows of the results whose (job, scene) is not in the ledger yet, in one
+        append for all."""
+        from cellwatch.service.driver import record_all
+
+        new: dict[tuple[str, str], Any] = {}
+        for result in results:
+            key = (result.row["job_id"], ledger.scene_key(result.row.get("scene")))
+            if key not in self.recorded:
+                new.setdefault(key, result)
+        record_all(list(new.values()), self.paths.out)
+        for key, result in new.items():
+            row = result.row
             self.recorded[key] = row["status"]
             self.metrics.recorded(row)
-        name = row["image"] + (f" scene {key[1]}" if key[1] else "")
-        if row["status"] == "ok":
-            self.done += 1
-            log.info("%s: %s cells", name, row.get("cell_count"))
-        else:
-            self.failed += 1
-            log.warning("%s failed: %s", name, row.get("error"))
+            if row["status"] == "ok":
+                self.done += 1
+                log.info("%s: %s cells", ledger.row_name(row), row.get("cell_count"))
+            else:
+                self.failed += 1
+                log.warning("%s failed: %s", ledger.row_name(row), row.get("error"))
 
 
 class ClusterWorker(Worker):
@@ -927,31 +935,6 @@ class ClusterWorker(Worker):
         missing = self._missing(job, scenes)
         self._record_all([self._failed(job, self.engine, message, scene) for scene in missing])
         outcomes[job.job_id] = self._outcome(job, scenes)
-
-    def _record_all(self, results: list[Any]) -> None:
-        """Append the rows of the results whose (job, scene) is not in the ledger yet, in one
-        append for all."""
-        from cellwatch.service.driver import record_all
-
-        new, keys = [], set()
-        for result in results:
-            row = result.row
-            key = (row["job_id"], ledger.scene_key(row.get("scene")))
-            if key not in self.recorded and key not in keys:
-                new.append(result)
-                keys.add(key)
-        record_all(new, self.paths.out)
-        for result in new:
-            row = result.row
-            self.recorded[(row["job_id"], ledger.scene_key(row.get("scene")))] = row["status"]
-            self.metrics.recorded(row)
-            name = row["image"] + (f" scene {row['scene']}" if row.get("scene") is not None else "")
-            if row["status"] == "ok":
-                self.done += 1
-                log.info("%s: %s cells", name, row.get("cell_count"))
-            else:
-                self.failed += 1
-                log.warning("%s failed: %s", name, row.get("error"))
 
     def _drain(self, queue: JobQueue) -> None:
         deadline = time.monotonic() + STOP_DRAIN_S

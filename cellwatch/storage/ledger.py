@@ -45,6 +45,7 @@ __all__ = [
     "read",
     "recorded",
     "repair",
+    "row_name",
     "scene_key",
 ]
 
@@ -358,6 +359,24 @@ def scene_key(scene: Any) -> str:
     if scene is None or scene is pd.NA or (isinstance(scene, float) and math.isnan(scene)):
         return ""
     return str(scene).strip()
+
+
+def row_name(row: Mapping[str, Any]) -> str:
+    """The image a row is about, as logs and messages name it: its file, and the scene.
+
+    Examples
+    --------
+    >>> row_name({"image": "/in/plate.czi", "scene": 2})
+    '/in/plate.czi scene 2'
+    >>> row_name({"image": "/in/a.tif", "scene": None})
+    '/in/a.tif'
+    """
+    scene = row.get("scene")
+    return (
+        f"{row['image']} scene {scene}"
+        if scene is not None and scene == scene
+        else str(row["image"])
+    )
 
 
 def recorded(path: Path) -> dict[tuple[str, str], str]:
