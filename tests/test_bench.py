@@ -37,10 +37,11 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
                 figures["stage_share"]
             )
             assert 0 <= figures["non_network_share"] <= 1
-    assert (
-        report["memory"]["big_image"]["peak_rss_mb"]
-        > report["memory"]["big_image"]["ready_rss_mb"] * 0.5
-    )
+    for case in ("big_image", "big_image_default_config"):
+        figures = report["memory"][case]
+        assert figures["peak_rss_mb"] > figures["ready_rss_mb"] * 0.5
+        assert f"{case}_peak_rss_mb" in report["targets"]
+    assert report["memory"]["big_image"]["scale"] == 1.0
     assert "growth_mb" in report["memory"]["backlog"]
     assert {"non_network_share_mosaic", "network_share_of_peak", "total_s"} <= set(
         report["targets"]
