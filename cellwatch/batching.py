@@ -19,9 +19,11 @@ import numpy as np
 
 from cellwatch.errors import TransientError
 from cellwatch.tiling import (
+    MakeStitcher,
     PredictBatch,
     Prepare,
     TileQueue,
+    TileSource,
     _predict,
 )
 
@@ -86,11 +88,18 @@ class SharedBatches:
         finally:
             self.add_workers()
 
-    def predict(self, image: np.ndarray, prepare: Prepare | None = None) -> np.ndarray:
+    def predict(
+        self,
+        image: np.ndarray | TileSource,
+        prepare: Prepare | None = None,
+        *,
+        stitcher: MakeStitcher | None = None,
+    ) -> np.ndarray:
         """The stitched ``(H, W, C)`` network output for ``image`` (see
-        :func:`~cellwatch.tiling.predict_tiled` for ``prepare``); blocks until ready."""
+        :func:`~cellwatch.tiling.predict_tiled` for ``prepare`` and ``stitcher``); blocks
+        until ready."""
         with self._cond:
-            job = self._queue.add(image, prepare)
+            job = self._queue.add(image, prepare, stitcher=stitcher)
             self._changed = self._clock()
             self._busy -= 1
             try:

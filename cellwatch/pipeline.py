@@ -1,6 +1,11 @@
 """One image in, one ledger row out: read → normalise → rescale → tile → predict →
 stitch → label → measure → write.
 
+An image the scale step zooms is never zoomed whole: its tiles are cut from a
+:class:`~cellwatch.preprocess.ZoomedSource` and the network's outputs are stitched straight
+back onto the image's own grid (:class:`~cellwatch.preprocess.OwnGridStitcher`), where the
+cells are labelled. Memory then grows with the image's own size, whatever the zoom.
+
 :class:`Segmenter` holds the model and settings and is pure computation (arrays in,
 labels out). :func:`process_image` adds the file I/O around it and never raises for a bad
 image: it returns a ``failed`` row instead, so a batch or the daemon keeps going.
@@ -41,10 +46,10 @@ from cellwatch.postprocess import (
     masked_interior,
     tidy,
 )
-from cellwatch.preprocess import Normalization, rescale, resize_to
+from cellwatch.preprocess import Normalization, ZoomedSource, own_grid_stitcher
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
 from cellwatch.storage import imageio, overlay
-from cellwatch.tiling import PredictBatch, Prepare, predict_tiled
+from cellwatch.tiling import MakeStitcher, PredictBatch, Prepare, TileSource, predict_tiled
 from cellwatch.timing import Stopwatch
 
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
@@ -116,30 +121,30 @@ class Segmenter:
         reuse = next((s for s in passes if is_close(s, choice.scale)), None)
         if reuse is not None:
             choice = dataclasses.replace(choice, scale=reuse)
-            scaled = passes.pop(reuse)
+            labels = passes.pop(reuse)
         else:
-            scaled = self.labels_at(pixels, choice.scale, normalization)
+            labels = self.labels_at(pixels, choice.scale, normalization)
         passes.clear()
         with watch("postprocess"):
-            labels = resize_to(scaled, pixels.shape, order=0)
-            del scaled
             labels = tidy(labels, self.config.postprocess.min_cell_area_px, out=labels)
         return Segmentation(labels, choice)
 
     def labels_at(
         self, image: np.ndarray, scale: float, normalization: Normalization | None = None
     ) -> np.ndarray:
-        """Labels of ``image`` zoomed by ``scale``, on the zoomed grid.
+        """Labels of ``image`` as the network sees it zoomed by ``scale``, on the image's
+        own grid (int32, ``image.shape``, not yet tidied).
 
         ``image`` is raw pixels that ``normalization`` normalises, or without it an image
-        normalised already. At scale 1 the tiles are normalised as they are cut, so no
-        float copy of the whole image is made.
+        normalised already. No float copy of the whole image is made: at scale 1 the tiles
+        are normalised as they are cut, at any other scale they are also zoomed as they are
+        cut, and their outputs are resampled onto the image's grid as they are stitched.
         """
         t, p, watch = self.config.tiling, self.config.postprocess, self.stopwatch
-        source, prepare = self._network_input(image, scale, normalization)
+        source, prepare, stitcher = self._network_input(image, scale, normalization)
         shared: SharedBatches | None = getattr(self._local, "shared", None)
         if shared is not None:  # inside process_images: batches shared with other images
-            probs = shared.predict(source, prepare)
+            probs = shared.predict(source, prepare, stitcher=stitcher)
         else:
             probs = predict_tiled(
                 source,
@@ -149,6 +154,7 @@ class Segmenter:
                 batch_size=t.batch_size,
                 stopwatch=watch,
                 prepare=prepare,
+                stitcher=stitcher,
             )
         del source
         with watch("postprocess"):
@@ -158,7 +164,8 @@ class Segmenter:
                     interior_threshold=p.interior_threshold,
                     overwrite=True,
                     split_threshold=p.split_threshold,
-                    split_min_area=p.split_min_area_px,
+                    # a size at the network's scale, as the image's own pixels
+                    split_min_area=max(1, round(p.split_min_area_px / scale**2)),
                 )
             return labels_from_probabilities(
                 probs,
@@ -168,15 +175,14 @@ class Segmenter:
 
     def _network_input(
         self, image: np.ndarray, scale: float, normalization: Normalization | None
-    ) -> tuple[np.ndarray, Prepare | None]:
-        """The image the tiles are cut from, and what turns them into network input."""
-        if normalization is not None and scale == 1.0:
-            return image, normalization.apply_in_place
-        if normalization is not None:
-            with self.stopwatch("normalise"):
-                image = normalization.apply(image)
-        with self.stopwatch("rescale"):
-            return rescale(image, scale), None
+    ) -> tuple[np.ndarray | TileSource, Prepare | None, MakeStitcher | None]:
+        """What the tiles are cut from, what turns them into network input, and what
+        stitches the outputs (None: the tiler's own stitcher)."""
+        if scale == 1.0:
+            prepare = normalization.apply_in_place if normalization is not None else None
+            return image, prepare, None
+        # Zooming each tile counts as cutting it ("tile"), resampling back as "stitch".
+        return ZoomedSource(image, scale, normalization), None, own_grid_stitcher(image.shape)
 
     def estimate_diameter(
         self,
@@ -198,13 +204,13 @@ class Segmenter:
         scale, diameter = 1.0, None
         for _ in range(ESTIMATE_PASSES):
             size = max(64, round(ESTIMATE_WINDOW / scale))
-            found = typical_diameter(
+            found = typical_diameter(  # labels on the image's grid: diameters in its pixels
                 self._window_labels(image, size, scale, passes, normalization),
-                min_diameter=target / 4,
+                min_diameter=target / 4 / scale,
             )
             if found is None:
                 return diameter
-            diameter = found / scale
+            diameter = found
             corrected = min(max(target / diameter, s.min_scale), s.max_scale)
             if is_close(corrected, scale):
                 break

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice, pairwise
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -36,6 +36,30 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], object]  # turns cut tiles (float32) into network input, in place
+
+
+class TileSource(Protocol):
+    """An image the tiler cuts tiles from without holding it whole (a zoomed image:
+    :class:`cellwatch.preprocess.ZoomedSource`). ``window`` returns network input, float32
+    ``(height, width)``, for a region inside ``shape``."""
+
+    shape: tuple[int, int]
+
+    def window(self, y0: int, x0: int, height: int, width: int) -> np.ndarray: ...
+
+
+class StitcherLike(Protocol):
+    """What the tiler needs of a stitcher (:class:`Stitcher`, or one that resamples)."""
+
+    def add_run(self, first: int, outputs: np.ndarray) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    def result(self) -> np.ndarray: ...
+
+
+MakeStitcher = Callable[["TileGrid", int], StitcherLike]  # (grid, channels) → stitcher
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -188,7 +212,11 @@ class Stitcher:
         return self._out
 
 
-def _check_image(image: np.ndarray, prepare: Prepare | None = None) -> None:
+def _check_image(image: np.ndarray | TileSource, prepare: Prepare | None = None) -> None:
+    if not isinstance(image, np.ndarray):
+        if len(image.shape) != 2:
+            raise ValueError(f"expected a 2-D tile source, got shape {image.shape}")
+        return  # a source gives network input itself
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
     if prepare is None and not np.issubdtype(image.dtype, np.floating):
@@ -199,6 +227,24 @@ def _check_settings(tile: int, overlap: int, batch_size: int) -> None:
     TileGrid(1, 1, tile, overlap)  # raises on a bad tile or overlap
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _cut(job: TileJob, ys: np.ndarray, xs: np.ndarray, tiles: np.ndarray) -> None:
+    """Fill ``tiles`` from the job's source, one window per tile, padded as
+    :meth:`TileGrid.windows` pads an image shorter than a tile."""
+    if job.source is None:
+        raise RuntimeError("a tile job without windows needs a source")
+    grid, size = job.grid, job.grid.tile
+    for tile, y0, x0 in zip(tiles, ys, xs, strict=True):
+        height, width = min(size, grid.height - int(y0)), min(size, grid.width - int(x0))
+        piece = job.source.window(int(y0), int(x0), height, width)
+        for axis, short in enumerate((size - height, size - width)):
+            if short:  # the whole axis is shorter than a tile
+                widths = [(0, 0), (0, 0)]
+                widths[axis] = (0, short)
+                edge = piece.shape[axis] == 1
+                piece = np.pad(piece, widths, mode="edge" if edge else "reflect")
+        tile[...] = piece
 
 
 def _predict(batch: np.ndarray, predict_batch: PredictBatch) -> np.ndarray:
@@ -216,12 +262,14 @@ class TileJob:
     """One image on its way through the network."""
 
     grid: TileGrid
-    windows: np.ndarray  # every tile position of the image, a view
+    windows: np.ndarray | None  # every tile position of the image, a view (None: a source)
     prepare: Prepare | None = None  # applied to the image's tiles as they are cut
     taken: int = 0  # tiles handed to a batch so far
-    stitcher: Stitcher | None = None  # created once the model's channel count is known
+    stitcher: StitcherLike | None = None  # created once the model's channel count is known
     error: BaseException | None = None
     done: bool = False
+    source: TileSource | None = None  # cuts the tiles when there are no windows
+    make_stitcher: MakeStitcher = Stitcher
 
     def result(self) -> np.ndarray:
         """The stitched ``(H, W, C)`` output; raises the error that stopped the job."""
@@ -263,13 +311,25 @@ class TileQueue:
     def _time(self, stage: str) -> AbstractContextManager[None]:
         return self._watch(stage) if self._watch is not None else nullcontext()
 
-    def add(self, image: np.ndarray, prepare: Prepare | None = None) -> TileJob:
+    def add(
+        self,
+        image: np.ndarray | TileSource,
+        prepare: Prepare | None = None,
+        *,
+        stitcher: MakeStitcher | None = None,
+    ) -> TileJob:
         """Queue a 2-D float image, or any 2-D image with the ``prepare`` step that turns
-        its tiles (cut as float32) into network input in place; raises ``ValueError`` for a
-        bad one."""
+        its tiles (cut as float32) into network input in place, or a :class:`TileSource`;
+        raises ``ValueError`` for a bad one. ``stitcher`` makes the job's stitcher
+        (default :class:`Stitcher`) from the grid and the output's channel count."""
         _check_image(image, prepare)
         grid = TileGrid.for_shape(image.shape, self.tile, self.overlap)
-        job = TileJob(grid, grid.windows(image), prepare)
+        if isinstance(image, np.ndarray):
+            job = TileJob(grid, grid.windows(image), prepare)
+        else:
+            job = TileJob(grid, None, prepare, source=image)
+        if stitcher is not None:
+            job.make_stitcher = stitcher
         self._jobs.append(job)
         self.pending += len(grid)
         return job
@@ -285,7 +345,10 @@ class TileQueue:
                 index = np.arange(job.taken, job.taken + n)
                 ys, xs = job.grid.origins
                 tiles = batch.tiles[slot : slot + n, ..., 0]
-                tiles[...] = job.windows[ys[index], xs[index]]
+                if job.windows is not None:
+                    tiles[...] = job.windows[ys[index], xs[index]]
+                else:
+                    _cut(job, ys[index], xs[index], tiles)
                 if job.prepare is not None:
                     job.prepare(tiles)
                 batch.runs.append((job, job.taken, n, slot))
@@ -304,7 +367,7 @@ class TileQueue:
                 if job.error is not None:
                     continue
                 if job.stitcher is None:
-                    job.stitcher = Stitcher(job.grid, outputs.shape[3])
+                    job.stitcher = job.make_stitcher(job.grid, outputs.shape[3])
                 job.stitcher.add_run(first, outputs[slot : slot + n])
                 if job.stitcher.complete:
                     job.done = True
@@ -330,7 +393,7 @@ class TileQueue:
 
 
 def predict_tiled_many(
-    images: Iterable[np.ndarray],
+    images: Iterable[np.ndarray | TileSource],
     predict_batch: PredictBatch,
     *,
     tile: int = 256,
@@ -338,6 +401,7 @@ def predict_tiled_many(
     batch_size: int = 8,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
+    stitcher: MakeStitcher | None = None,
 ) -> Iterator[np.ndarray]:
     """Like :func:`predict_tiled` for several images whose tiles share batches.
 
@@ -345,18 +409,19 @@ def predict_tiled_many(
     as its last tile is predicted. A bad image raises when it is reached.
     """
     queue = TileQueue(tile=tile, overlap=overlap, batch_size=batch_size, stopwatch=stopwatch)
-    return _predict_many(images, predict_batch, queue, prepare)
+    return _predict_many(images, predict_batch, queue, prepare, stitcher)
 
 
 def _predict_many(
-    images: Iterable[np.ndarray],
+    images: Iterable[np.ndarray | TileSource],
     predict_batch: PredictBatch,
     queue: TileQueue,
     prepare: Prepare | None,
+    stitcher: MakeStitcher | None = None,
 ) -> Iterator[np.ndarray]:
     jobs: deque[TileJob] = deque()  # in input order; the front one finishes first
     for image in images:
-        jobs.append(queue.add(image, prepare))
+        jobs.append(queue.add(image, prepare, stitcher=stitcher))
         while queue.pending >= queue.batch_size:
             queue.step(predict_batch)
             while jobs and jobs[0].done:
@@ -368,7 +433,7 @@ def _predict_many(
 
 
 def predict_tiled(
-    image: np.ndarray,
+    image: np.ndarray | TileSource,
     predict_batch: PredictBatch,
     *,
     tile: int = 256,
@@ -376,14 +441,16 @@ def predict_tiled(
     batch_size: int = 8,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
+    stitcher: MakeStitcher | None = None,
 ) -> np.ndarray:
     """Predict one 2-D image tile by tile and return the stitched ``(H, W, C)`` float32 map.
 
     Parameters
     ----------
-    image : np.ndarray
+    image : np.ndarray or TileSource
         2-D normalised float image of any size; smaller than a tile is fine. With
-        ``prepare``, any 2-D image (raw pixels).
+        ``prepare``, any 2-D image (raw pixels). A :class:`TileSource` gives each tile's
+        network input itself, so the image it stands for need not exist whole.
     predict_batch : callable
         Takes ``(batch_size, tile, tile, 1)`` float32 on every call, the last batch padded
         with zeros, and returns ``(batch_size, tile, tile, C)``.
@@ -399,11 +466,15 @@ def predict_tiled(
         cut, e.g. :meth:`cellwatch.preprocess.Normalization.apply_in_place`, so that a
         large image is normalised tile by tile instead of copied whole. It must act on
         each pixel alone.
+    stitcher : callable, optional
+        ``stitcher(grid, channels)`` makes what assembles the outputs; default
+        :class:`Stitcher`. :func:`cellwatch.preprocess.own_grid_stitcher` puts a zoomed
+        image's outputs straight back on the image's own grid.
 
     Returns
     -------
     np.ndarray
-        ``(H, W, C)`` float32, the shape of ``image``.
+        ``(H, W, C)`` float32, the shape of ``image`` (or what ``stitcher`` makes).
 
     Raises
     ------
@@ -429,5 +500,6 @@ def predict_tiled(
             batch_size=batch_size,
             stopwatch=stopwatch,
             prepare=prepare,
+            stitcher=stitcher,
         )
     )

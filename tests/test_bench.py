@@ -43,10 +43,11 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
                 figures["stage_share"]
             )
             assert 0 <= figures["non_network_share"] <= 1
-    assert (
-        report["memory"]["big_image"]["peak_rss_mb"]
-        > report["memory"]["big_image"]["ready_rss_mb"] * 0.5
-    )
+    for case in ("big_image", "big_image_default_config"):
+        figures = report["memory"][case]
+        assert figures["peak_rss_mb"] > figures["ready_rss_mb"] * 0.5
+        assert f"{case}_peak_rss_mb" in report["targets"]
+    assert report["memory"]["big_image"]["scale"] == 1.0
     assert "growth_mb" in report["memory"]["backlog"]
     assert {"non_network_share_mosaic", "network_share_of_peak", "total_s"} <= set(
         report["targets"]
@@ -124,7 +125,8 @@ def test_tidy_equals_relabel_sequential(min_area):
     assert tidy(np.zeros((3, 3), np.int32), 5).max() == 0
 
 
-def test_process_images_gives_what_process_image_gives(threshold_model, tmp_path):
+@pytest.mark.parametrize("scale", [None, 1.6], ids=["own-scale", "zoomed"])
+def test_process_images_gives_what_process_image_gives(threshold_model, tmp_path, scale):
     paths = []
     for i, (shape, radius) in enumerate([((64, 64), 8), ((300, 200), 10), ((40, 90), 6)] * 3):
         image, _ = discs(shape, [(shape[0] // 2, shape[1] // 2), (10, 10)], radius)
@@ -133,7 +135,9 @@ def test_process_images_gives_what_process_image_gives(threshold_model, tmp_path
         tifffile.imwrite(paths[-1], image)
     (tmp_path / "in" / "broken.tif").write_text("not an image")
     paths.insert(4, tmp_path / "in" / "broken.tif")
-    config = override(Config(), **{"tiling.tile_size": 64, "tiling.overlap": 16})
+    config = override(
+        Config(), **{"tiling.tile_size": 64, "tiling.overlap": 16, "scale.scale": scale}
+    )
     segmenter = Segmenter(config, load_model(threshold_model))
     ids = [f"j{i}" for i in range(len(paths))]
     one = [
@@ -150,6 +154,8 @@ def test_process_images_gives_what_process_image_gives(threshold_model, tmp_path
         }
         assert a.cells.equals(b.cells)
     assert [r.row["status"] for r in many].count("failed") == 1
+    assert {r.row.get("scale") for r in many if r.row["status"] == "ok"} == {scale or 1.0}
+    assert [r.row.get("cell_count") for r in many if r.row["status"] == "ok"] == [2] * 9
 
 
 @pytest.mark.skipif(

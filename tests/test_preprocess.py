@@ -1,5 +1,7 @@
 """Tests for cellwatch.preprocess: histogram percentiles and the normalisation applied tile
-by tile give exactly what numpy and a whole-image float copy give."""
+by tile give exactly what numpy and a whole-image float copy give; a zoom made window by
+window, and outputs stitched back onto the image's own grid, give what scikit-image's
+resize of the whole image gives."""
 
 from __future__ import annotations
 
@@ -7,9 +9,19 @@ import numpy as np
 import pytest
 
 from cellwatch.errors import BadInputError
-from cellwatch.preprocess import Normalization, normalize
+from cellwatch.preprocess import (
+    Normalization,
+    OwnGridStitcher,
+    ZoomedSource,
+    axis_operator,
+    normalize,
+    own_grid_stitcher,
+    rescale,
+    resize_to,
+)
 from cellwatch.storage import pixels
 from cellwatch.storage.pixels import percentiles
+from cellwatch.tiling import TileGrid, predict_tiled
 
 QS = [(1.0, 99.8), (0.0, 100.0), (50.0,), (1.5, 99.0, 37.123456789), (99.99, 0.01)]
 
@@ -91,3 +103,99 @@ def test_normalization_needs_a_plane_and_float32_out():
     norm = Normalization.of(np.arange(12, dtype=np.uint8).reshape(3, 4))
     with pytest.raises(ValueError, match="out must be float32"):
         norm.apply(np.zeros((2, 2), np.uint8), out=np.zeros((2, 2), np.float64))
+
+
+# --- zoom by windows ----------------------------------------------------------------------
+
+SHAPES = [(151, 129), (64, 90), (7, 5), (1, 40), (40, 1)]
+SCALES = [1.33, 1.94, 2.5, 5.0, 0.6, 0.2, 1.07]
+TOLERANCE = 5e-7  # float32 rounding of values in [0, 1]
+
+
+def _raw(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) * 4000).astype(np.uint16)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_zoomed_windows_equal_the_whole_image_zoom(shape, scale):
+    image = _raw(shape)
+    norm = Normalization.of(image)
+    whole = rescale(norm.apply(image), scale)  # scikit-image, the whole image at once
+    source = ZoomedSource(image, scale, norm)
+    assert source.shape == whole.shape
+    height, width = whole.shape
+    windows = [
+        (0, 0, height, width),
+        (height // 3, width // 4, max(1, height // 2), max(1, width // 3)),
+        (height - 1, width - 1, 1, 1),
+        (0, width - 1, height, 1),
+    ]
+    for y0, x0, h, w in windows:
+        h, w = min(h, height - y0), min(w, width - x0)
+        np.testing.assert_allclose(
+            source.window(y0, x0, h, w), whole[y0 : y0 + h, x0 : x0 + w], atol=TOLERANCE, rtol=0
+        )
+
+
+def _model(batch: np.ndarray) -> np.ndarray:
+    """A pointwise three-channel stand-in for the network."""
+    return np.concatenate([batch, batch * batch, 1 - batch], axis=-1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_tiles_cut_from_the_source_equal_tiles_of_the_zoomed_image(shape, scale):
+    image = _raw(shape, 1)
+    norm = Normalization.of(image)
+    zoomed = rescale(norm.apply(image), scale)
+    kwargs = {"tile": 32, "overlap": 8, "batch_size": 4}
+    expected = predict_tiled(zoomed, _model, **kwargs)
+    streamed = predict_tiled(ZoomedSource(image, scale, norm), _model, **kwargs)
+    np.testing.assert_allclose(streamed, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_outputs_stitched_on_the_own_grid_equal_resizing_the_zoomed_output(shape, scale):
+    image = _raw(shape, 2)
+    norm = Normalization.of(image)
+    zoomed_output = _model(rescale(norm.apply(image), scale)[..., None])
+    expected = resize_to(zoomed_output, shape, order=1)  # what labelling used to start from
+    source = ZoomedSource(image, scale, norm)
+    own = predict_tiled(
+        source, _model, tile=32, overlap=8, batch_size=4, stitcher=own_grid_stitcher(shape)
+    )
+    assert own.shape == (*shape, 3)
+    np.testing.assert_allclose(own, expected, atol=2e-6, rtol=0)
+
+
+def test_own_grid_stitcher_keeps_nan_where_most_weight_is_nan():
+    """A masked interior plane: NaN outside cells. Zoomed by 2, each original pixel sits
+    half-way between two zoomed pixels along each axis."""
+    zoomed = np.full((8, 8), np.nan, np.float32)
+    zoomed[:, :4] = 0.9
+    zoomed[:, 4] = 0.5  # the column next to the NaN ones
+    grid = TileGrid.for_shape(zoomed.shape, 8, 0)
+    stitcher = OwnGridStitcher(grid, 1, (4, 4))
+    stitcher.add(0, zoomed[..., None])
+    out = stitcher.result()[..., 0]
+    # original column c sits at zoomed position 2c + 0.5: columns 0, 1 take 0.9; column 2
+    # averages 0.5 and NaN half and half: the non-NaN half, 0.5; column 3 is all NaN
+    np.testing.assert_allclose(out[:, :2], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(out[:, 2], 0.5, rtol=1e-6)
+    assert np.isnan(out[:, 3]).all()
+
+
+def test_zoom_errors_name_the_window_and_the_rows():
+    source = ZoomedSource(_raw((10, 10)), 2.0, None)
+    with pytest.raises(ValueError, match=r"window \(15, 0\) of 10×4 is outside"):
+        source.window(15, 0, 10, 4)
+    with pytest.raises(ValueError, match="expected a 2-D image"):
+        ZoomedSource(np.zeros((2, 2, 2)), 2.0)
+    with pytest.raises(ValueError, match="rows 0:5 of a resize from 4 to 4"):
+        axis_operator(4, 4, 0, 5, mode="mirror")
+    stitcher = OwnGridStitcher(TileGrid.for_shape((20, 20), 8, 2), 1, (10, 10))
+    with pytest.raises(RuntimeError, match="tiles missing"):
+        stitcher.result()
