@@ -6,6 +6,21 @@ written), 2 for usage, configuration or model errors.
 
 from __future__ import annotations
 
+__all__ = [
+    "COMMANDS",
+    "EXIT_OK",
+    "EXIT_SOME_FAILED",
+    "EXIT_USAGE",
+    "Progress",
+    "build_parser",
+    "cmd_predict",
+    "find_images",
+    "main",
+    "predict_over_dask",
+    "process_group",
+    "progress",
+]
+
 import argparse
 import logging
 import os
@@ -29,6 +44,7 @@ log = logging.getLogger("cellwatch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cellwatch`` command line; the exit status (0 ok, 1 some images failed, 2 usage, configuration or model errors)."""
     words = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_command_in(words) or "")
     args = parser.parse_args(words)
@@ -181,6 +197,7 @@ def _workers(text: str) -> int | str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``cellwatch predict``: count the cells in each image, in this process or on Dask workers."""
     from cellwatch.model import choose_backend
     from cellwatch.service.cluster import uses_dask
 
@@ -265,9 +282,11 @@ class Progress:
         self.started = clock()
 
     def rate(self) -> float:
+        """Images per second since the bar began."""
         return self.done / max(self.clock() - self.started, 1e-9)
 
     def advance(self, n: int, name: str = "") -> None:
+        """Count ``n`` more images done and redraw the bar."""
         self.done += n
         if self.enabled:
             filled = int(30 * self.done / max(self.total, 1))
@@ -277,6 +296,7 @@ class Progress:
             sys.stderr.flush()
 
     def close(self) -> None:
+        """End the bar's line."""
         if self.enabled:
             sys.stderr.write("\n")
 

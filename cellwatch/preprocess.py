@@ -16,6 +16,19 @@ time, restricted to the rows and columns a window needs.
 
 from __future__ import annotations
 
+__all__ = [
+    "Normalization",
+    "OwnGridStitcher",
+    "ZoomedSource",
+    "axis_operator",
+    "finite_float32",
+    "normalize",
+    "own_grid_stitcher",
+    "rescale",
+    "resize_to",
+    "scaled_shape",
+]
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol

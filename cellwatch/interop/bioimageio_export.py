@@ -59,6 +59,7 @@ DEFAULT_CITE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch export``."""
     parser.add_argument(
         "--model", type=Path, help="model file (.keras); default: model.path, or the bundled model"
     )

@@ -26,6 +26,26 @@ crash in the middle of the file only the scenes without a row are run again.
 
 from __future__ import annotations
 
+__all__ = [
+    "BATCH_IMAGES",
+    "HEARTBEAT_S",
+    "PROBLEM_EVERY_S",
+    "RECONNECT_S",
+    "RETRY_BASE_S",
+    "STOP_DRAIN_S",
+    "ClusterWorker",
+    "Daemon",
+    "Engine",
+    "Paths",
+    "Worker",
+    "add_arguments",
+    "checked",
+    "load_engine",
+    "override_compute",
+    "run",
+    "settings_from_args",
+]
+
 import argparse
 import dataclasses
 import fcntl
@@ -65,6 +85,7 @@ STOP_DRAIN_S = 30.0  # on stop, how long the images in flight on Dask workers ar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch watch``."""
     parser.add_argument("--config", type=Path, help="configuration file (YAML)")
     parser.add_argument("--inbox", type=Path, help="folder to watch (default: watch.inbox)")
     parser.add_argument("--out", type=Path, help="output folder (default: output.dir)")
@@ -101,12 +122,15 @@ def checked(config: Config) -> Config:
 
 @dataclass(frozen=True)
 class Paths:
+    """The folders the daemon works with, made absolute once at start."""
+
     inbox: Path
     out: Path
     state: Path
 
     @classmethod
     def of(cls, config: Config) -> Paths:
+        """The folders ``config`` names; the inbox must exist."""
         inbox = Path(os.path.abspath(config.watch.inbox))
         if not inbox.is_dir():
             raise ConfigError(
@@ -118,14 +142,17 @@ class Paths:
 
     @property
     def ledger(self) -> Path:
+        """The ledger, ``OUT/ledger.csv``."""
         return self.out / "ledger.csv"
 
     @property
     def cells(self) -> Path:
+        """The cell table, ``OUT/cells.csv``."""
         return self.out / "cells.csv"
 
     @property
     def db(self) -> Path:
+        """The job database in the state folder."""
         return self.state / DB_NAME
 
 
@@ -140,6 +167,7 @@ class Engine:
 
     @property
     def model_label(self) -> str:
+        """The model's ``name@hash``, as the ledger's ``model`` column writes it."""
         return self.label or str(self.segmenter.model.label)
 
 
@@ -194,6 +222,7 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
 
     def serve(self) -> int:
+        """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 if a thread died."""
         for folder in (self.paths.out, self.paths.state):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -816,6 +845,7 @@ class ClusterWorker(Worker):
         return busy
 
     def compute_status(self) -> dict[str, Any]:
+        """The Dask workers, their devices and the jobs in flight, for ``cellwatch status``."""
         status = dict(self._status)
         status["problem"] = self.problem
         status["in_flight"] = len(self.held)

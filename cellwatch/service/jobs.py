@@ -19,6 +19,18 @@ thread opens its own :class:`JobQueue` (SQLite connections are not shared across
 
 from __future__ import annotations
 
+__all__ = [
+    "DB_NAME",
+    "SCHEMA_VERSION",
+    "FileVersion",
+    "Job",
+    "JobQueue",
+    "QueueError",
+    "Recovery",
+    "job_id_for",
+    "state_dir",
+]
+
 import hashlib
 import sqlite3
 import time
@@ -87,11 +99,14 @@ class FileVersion:
 
     @property
     def job_id(self) -> str:
+        """The job's id: a hash of the file's path in the inbox and its content."""
         return job_id_for(self.rel_path, self.sha256)
 
 
 @dataclass(frozen=True)
 class Job:
+    """One queued file version and where it stands: state, attempts, last error, when it is due."""
+
     job_id: str
     rel_path: str
     size: int
@@ -152,6 +167,7 @@ class JobQueue:
             ) from exc
 
     def close(self) -> None:
+        """Close the database connection."""
         self._db.close()
 
     def __enter__(self) -> JobQueue:
@@ -340,6 +356,7 @@ class JobQueue:
             )
 
     def meta(self) -> dict[str, str]:
+        """The daemon's notes for ``cellwatch status`` (pid, heartbeat, model, compute)."""
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
 
 

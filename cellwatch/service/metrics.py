@@ -148,6 +148,7 @@ class MetricsServer:
 
     @property
     def port(self) -> int:
+        """The port it answers on (useful when 0 asked for any free port)."""
         return int(self._server.server_address[1])
 
     def close(self) -> None:

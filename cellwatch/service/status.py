@@ -8,6 +8,8 @@ error, the model in use and whether the daemon is alive.
 
 from __future__ import annotations
 
+__all__ = ["ALIVE_WITHIN_S", "RATE_WINDOW", "add_arguments", "collect", "format_text", "run"]
+
 import argparse
 import json
 import sys
@@ -26,6 +28,7 @@ ALIVE_WITHIN_S = 60.0  # a heartbeat older than this means the daemon is not run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch status``."""
     parser.add_argument("--config", type=Path, help="configuration file (YAML)")
     parser.add_argument("--out", type=Path, help="output folder (default: output.dir)")
     parser.add_argument(
@@ -35,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``cellwatch status``: print the daemon's state (``--json`` for scripts); exit status 0."""
     from cellwatch.config import config_from_args
 
     config = override(

@@ -22,6 +22,16 @@ waits for a writer forever).
 
 from __future__ import annotations
 
+__all__ = [
+    "Stability",
+    "Watcher",
+    "incomplete_reason",
+    "looks_complete",
+    "matches",
+    "refusal",
+    "start_observer",
+]
+
 import errno
 import fnmatch
 import logging
@@ -194,6 +204,7 @@ class Stability:
         return seen.complete
 
     def forget(self, key: str) -> None:
+        """Stop tracking a file (it vanished, or became a job)."""
         self._files.pop(key, None)
 
     def __contains__(self, key: object) -> bool:

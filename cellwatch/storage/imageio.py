@@ -10,6 +10,20 @@ what is wrong. Input files are only ever opened for reading.
 
 from __future__ import annotations
 
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "ImageData",
+    "atomic_write",
+    "find_pairs",
+    "is_supported",
+    "read_image",
+    "scene_count",
+    "sha256_file",
+    "stem",
+    "tiff_incomplete",
+    "write_labels",
+]
+
 import hashlib
 import math
 import os
