@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
+from scipy import sparse
 from skimage.transform import resize
 
 from cellwatch.errors import BadInputError
@@ -215,6 +216,18 @@ def _mirror(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(index >= n, period - index, index)
 
 
+def _sparse(weights: np.ndarray) -> sparse.csr_array:
+    """A 1-D resize map as a float32 sparse matrix: a few taps per row, so applying it costs
+    little, in one thread (a BLAS product of the dense map would spawn threads per tile)."""
+    return sparse.csr_array(weights.astype(np.float32))
+
+
+def _apply(rows: sparse.csr_array, values: np.ndarray, cols: sparse.csr_array) -> np.ndarray:
+    """``rows @ values @ cols.T`` for 2-D ``values``: both axes resized (float32)."""
+    along_y = rows @ values
+    return np.asarray((cols @ along_y.T).T, dtype=np.float32)
+
+
 def _clamp(index: np.ndarray, n: int) -> np.ndarray:
     return np.clip(index, 0, n - 1)
 
@@ -254,9 +267,9 @@ class ZoomedSource:
             _shrink_sigma(i, o, shrinking) for i, o in zip(image.shape, self.shape, strict=True)
         )
         # Tiles of one row share their rows' map, tiles of one column their columns' map.
-        self._maps: dict[tuple[int, int, int], tuple[int, np.ndarray]] = {}
+        self._maps: dict[tuple[int, int, int], tuple[int, sparse.csr_array]] = {}
 
-    def _map(self, axis: int, start: int, size: int) -> tuple[int, np.ndarray]:
+    def _map(self, axis: int, start: int, size: int) -> tuple[int, sparse.csr_array]:
         key = (axis, start, size)
         if key not in self._maps:
             if len(self._maps) > 4096:
@@ -269,7 +282,7 @@ class ZoomedSource:
                 mode="mirror",
                 sigma=self._sigma[axis],
             )
-            self._maps[key] = first, weights.astype(np.float32)
+            self._maps[key] = first, _sparse(weights)
         return self._maps[key]
 
     def window(self, y0: int, x0: int, height: int, width: int) -> np.ndarray:
@@ -286,7 +299,7 @@ class ZoomedSource:
             values = self.normalization.apply(pixels)
         else:
             values = finite_float32(pixels)
-        return rows @ values @ cols.T
+        return _apply(rows, values, cols)
 
 
 class OwnGridStitcher:
@@ -319,7 +332,7 @@ class OwnGridStitcher:
             (np.arange(n) + 0.5) * (z / n) - 0.5
             for n, z in zip(self.shape, (grid.height, grid.width), strict=True)
         ]
-        self._maps: dict[tuple[int, ...], np.ndarray] = {}  # shared by a row or column of tiles
+        self._maps: dict[tuple[int, ...], sparse.csr_array] = {}  # shared by a row or column
 
     def _range(self, axis: int, keep_from: int, keep_to: int) -> tuple[int, int]:
         """Original samples whose zoomed position lies in ``[keep_from, keep_to)`` (the first
@@ -339,23 +352,27 @@ class OwnGridStitcher:
         valid = output[: self.grid.height - y0, : self.grid.width - x0]  # drop tile padding
         wy = self._operator(0, rows, y0, valid.shape[0])
         wx = self._operator(1, cols, x0, valid.shape[1])
-        finite = np.isfinite(valid)
-        if finite.all():
-            block = np.einsum("ij,jkc,lk->ilc", wy, valid, wx, optimize=True)
-        else:
-            share = np.einsum("ij,jkc,lk->ilc", wy, finite.astype(np.float32), wx, optimize=True)
-            total = np.einsum("ij,jkc,lk->ilc", wy, np.where(finite, valid, 0), wx, optimize=True)
+        target = self._out[rows[0] : rows[1], cols[0] : cols[1]]
+        for channel in range(valid.shape[2]):
+            values = valid[..., channel]
+            finite = np.isfinite(values)
+            if finite.all():
+                target[..., channel] = _apply(wy, values, wx)
+                continue
+            share = _apply(wy, finite.astype(np.float32), wx)
+            total = _apply(wy, np.where(finite, values, np.float32(0)), wx)
             with np.errstate(invalid="ignore", divide="ignore"):
-                block = np.where(share >= 0.5, total / share, np.float32(np.nan))
-        self._out[rows[0] : rows[1], cols[0] : cols[1]] = block
+                target[..., channel] = np.where(share >= 0.5, total / share, np.float32(np.nan))
 
-    def _operator(self, axis: int, span: tuple[int, int], origin: int, size: int) -> np.ndarray:
+    def _operator(
+        self, axis: int, span: tuple[int, int], origin: int, size: int
+    ) -> sparse.csr_array:
         """Weights ``(samples, size)`` over the tile's valid part: resize_to's map back."""
         key = (axis, *span, origin, size)
         if key not in self._maps:
             if len(self._maps) > 4096:
                 self._maps.clear()
-            self._maps[key] = self._make_operator(axis, span, origin, size)
+            self._maps[key] = _sparse(self._make_operator(axis, span, origin, size))
         return self._maps[key]
 
     def _make_operator(
