@@ -2,7 +2,7 @@
 
 Two measurements (issue: "every core, every GPU, every machine"):
 
-1. **The pipeline's CPU stages** (read, normalise, tile, stitch, label, measure, write):
+1. **The pipeline's CPU stages** (read, normalize, tile, stitch, label, measure, write):
    a burst of 16-bit images with a stub network (a 1×1 convolution that costs nothing),
    through 1 and then 2 Dask worker processes (one thread each): how far a second
    process multiplies the rate.

@@ -2,7 +2,7 @@
 
 What the pipeline does around the network for a zoomed image, without the network:
 
-* whole (before issue 16): normalise the whole image to float32, zoom it with
+* whole (before issue 16): normalize the whole image to float32, zoom it with
   scikit-image's ``resize``, cut every tile from it, and shrink a label image of the zoomed
   size back to the image's own size;
 * tiles (since): zoom each tile from the pixels it needs as it is cut

@@ -71,7 +71,7 @@ import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-fluo"
 STAGES = (
-    "read", "normalise", "rescale", "tile", "inference", "stitch", "tile_stitch",
+    "read", "normalize", "rescale", "tile", "inference", "stitch", "tile_stitch",
     "postprocess", "measure", "write", "ledger",
 )  # fmt: skip
 MB = 1e6

@@ -38,7 +38,7 @@ def measure_cells(
 ) -> pd.DataFrame:
     """One row per cell: centroid, area, perimeter, shape and mean intensity.
 
-    ``intensity`` is the original image (raw values, not normalised). Physical columns
+    ``intensity`` is the original image (raw values, not normalized). Physical columns
     (µm, µm²) are filled when ``pixel_size_um`` is known and left empty otherwise. The
     values are those of ``regionprops_table`` (tested to agree within 1e-9).
     """

@@ -1,7 +1,7 @@
 """The U-Net: building, saving with its model card, and loading safely.
 
 Model contract: a Keras 3 ``.keras`` file whose input is ``(batch, tile, tile, 1)``
-normalised float32 and whose output is ``(batch, tile, tile, C)`` probabilities, with
+normalized float32 and whose output is ``(batch, tile, tile, C)`` probabilities, with
 C = 3 (background, interior, boundary) or C = 1 (foreground). Beside it, ``<name>.json``
 is the model card: how it was trained, and the cell diameter (pixels) it expects, which
 prediction uses to rescale images.
@@ -46,7 +46,7 @@ class LoadedModel:
         """A function mapping a fixed-shape batch to probabilities, compiled once.
 
         On TensorFlow the network is one ``tf.function``, traced once per batch shape, with
-        every batch normalisation that follows a convolution folded into that
+        every batch normalization that follows a convolution folded into that
         convolution's kernel and bias (one fused conv + bias + activation instead of four
         passes over the activations: the default U-Net runs about 15-25 % faster; outputs
         agree to ~1e-6, and the unfolded network is used if they do not). XLA

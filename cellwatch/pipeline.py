@@ -1,4 +1,4 @@
-"""One image in, one ledger row out: read → normalise → rescale → tile → predict →
+"""One image in, one ledger row out: read → normalize → rescale → tile → predict →
 stitch → label → measure → write.
 
 An image the scale step zooms is never zoomed whole: its tiles are cut from a
@@ -106,7 +106,7 @@ class Segmenter:
     def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
         """Labels of a 2-D image (raw pixels) and the scale they were found at."""
         norm, watch = self.config.normalize, self.stopwatch
-        with watch("normalise"):  # tiles are normalised as they are cut (labels_at)
+        with watch("normalize"):  # tiles are normalized as they are cut (labels_at)
             normalization = Normalization.of(pixels, norm.low_percentile, norm.high_percentile)
         passes: dict[float, np.ndarray] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
@@ -135,9 +135,9 @@ class Segmenter:
         """Labels of ``image`` as the network sees it zoomed by ``scale``, on the image's
         own grid (int32, ``image.shape``, not yet tidied).
 
-        ``image`` is raw pixels that ``normalization`` normalises, or without it an image
-        normalised already. No float copy of the whole image is made: at scale 1 the tiles
-        are normalised as they are cut, at any other scale they are also zoomed as they are
+        ``image`` is raw pixels that ``normalization`` normalizes, or without it an image
+        normalized already. No float copy of the whole image is made: at scale 1 the tiles
+        are normalized as they are cut, at any other scale they are also zoomed as they are
         cut, and their outputs are resampled onto the image's grid as they are stitched.
         """
         t, p, watch = self.config.tiling, self.config.postprocess, self.stopwatch

@@ -1,4 +1,4 @@
-"""Intensity normalisation and rescaling, shared by prediction and training.
+"""Intensity normalization and rescaling, shared by prediction and training.
 
 Training and prediction must see images the same way, so both call these functions.
 A :class:`Normalization` is the map :func:`normalize` applies; prediction applies it tile by
@@ -53,7 +53,7 @@ class Normalization:
 
     @classmethod
     def of(cls, image: np.ndarray, low: float = 1.0, high: float = 99.8) -> Normalization:
-        """The normalisation of a 2-D ``image`` by its ``low`` and ``high`` percentiles."""
+        """The normalization of a 2-D ``image`` by its ``low`` and ``high`` percentiles."""
         if image.ndim != 2:
             raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
         pixels = image if image.dtype in HISTOGRAM_DTYPES else finite_float32(image)
@@ -62,7 +62,7 @@ class Normalization:
         return cls(np.float32(lo), np.float32(span if span > 0 else 0.0))
 
     def apply(self, values: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Normalised float32 values; ``out`` (float32, ``values``' shape, may be ``values``
+        """Normalized float32 values; ``out`` (float32, ``values``' shape, may be ``values``
         itself) receives them instead of a new array."""
         if out is None:
             out = np.array(values, dtype=np.float32)
@@ -80,7 +80,7 @@ class Normalization:
         return out
 
     def apply_in_place(self, values: np.ndarray) -> np.ndarray:
-        """Normalise float32 ``values`` in place (tiles as they are cut, for example)."""
+        """Normalize float32 ``values`` in place (tiles as they are cut, for example)."""
         return self.apply(values, out=values)
 
 
@@ -238,7 +238,7 @@ def _shrink_sigma(n_in: int, n_out: int, shrinking: bool) -> float:
 
 
 class ZoomedSource:
-    """Windows of an image normalised and zoomed by ``scale``, made on demand.
+    """Windows of an image normalized and zoomed by ``scale``, made on demand.
 
     ``window(y0, x0, h, w)`` equals ``rescale(normalization.apply(image), scale)[y0:y0+h,
     x0:x0+w]`` (within float32 rounding) but reads only the pixels that window needs, so
@@ -247,7 +247,7 @@ class ZoomedSource:
     Parameters
     ----------
     image : np.ndarray
-        2-D raw pixels (any dtype), or a normalised float image when ``normalization``
+        2-D raw pixels (any dtype), or a normalized float image when ``normalization``
         is None.
     scale : float
         The zoom; the zoomed shape is :func:`scaled_shape`.

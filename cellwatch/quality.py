@@ -21,7 +21,7 @@ def saturated_fraction(pixels: np.ndarray, *, max_value: float | None = None) ->
     Parameters
     ----------
     pixels : numpy.ndarray
-        The raw image as read from the file, before normalisation.
+        The raw image as read from the file, before normalization.
     max_value : float, optional
         The saturation level, e.g. 4095 for a 12-bit camera. Defaults to the largest value
         of an integer dtype (255 for 8-bit, 65535 for 16-bit); for floating-point images,
@@ -54,7 +54,7 @@ def saturated_fraction(pixels: np.ndarray, *, max_value: float | None = None) ->
 
 
 def focus_score(image: np.ndarray) -> float:
-    """Sharpness of a 2-D image: variance of its Laplacian after normalisation.
+    """Sharpness of a 2-D image: variance of its Laplacian after normalization.
 
     The image is first scaled so its 1st and 99th percentiles map to 0 and 1, so the score
     does not depend on exposure or bit depth. In-focus images score high; blurred ones
@@ -63,7 +63,7 @@ def focus_score(image: np.ndarray) -> float:
     Parameters
     ----------
     image : numpy.ndarray
-        One 2-D plane (raw or normalised). Non-finite pixels count as 0.
+        One 2-D plane (raw or normalized). Non-finite pixels count as 0.
 
     Returns
     -------
@@ -80,7 +80,7 @@ def focus_score(image: np.ndarray) -> float:
     low, high = np.percentile(finite_float32(image[::step_y, ::step_x]), (1.0, 99.0))
     if high <= low:
         return 0.0
-    # The Laplacian is linear, so scaling its variance equals normalising the image first.
+    # The Laplacian is linear, so scaling its variance equals normalizing the image first.
     total = squares = 0.0
     for laplacian in _laplacian_bands(image):
         total += float(laplacian.sum(dtype=np.float64))

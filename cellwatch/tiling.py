@@ -11,7 +11,7 @@ Stitching keeps, for every output pixel, the tile in which that pixel lies farth
 tile edge: each tile contributes its central region, overlaps are split at their midpoint,
 and border tiles contribute up to the image border. We prefer this to a blending window
 because it is exact: the tiles partition the image (identity in, identity out), there is no
-weight array to normalise, and tiled equals untiled prediction whenever ``overlap // 2`` is
+weight array to normalize, and tiled equals untiled prediction whenever ``overlap // 2`` is
 at least the network's edge-effect margin.
 """
 
@@ -220,7 +220,7 @@ def _check_image(image: np.ndarray | TileSource, prepare: Prepare | None = None)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
     if prepare is None and not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(f"expected a float image, got {image.dtype} — forgot to normalise?")
+        raise ValueError(f"expected a float image, got {image.dtype} — forgot to normalize?")
 
 
 def _check_settings(tile: int, overlap: int, batch_size: int) -> None:
@@ -448,7 +448,7 @@ def predict_tiled(
     Parameters
     ----------
     image : np.ndarray or TileSource
-        2-D normalised float image of any size; smaller than a tile is fine. With
+        2-D normalized float image of any size; smaller than a tile is fine. With
         ``prepare``, any 2-D image (raw pixels). A :class:`TileSource` gives each tile's
         network input itself, so the image it stands for need not exist whole.
     predict_batch : callable
@@ -464,7 +464,7 @@ def predict_tiled(
     prepare : callable, optional
         Applied, in place, to each run of tiles (float32, ``(n, tile, tile)``) as they are
         cut, e.g. :meth:`cellwatch.preprocess.Normalization.apply_in_place`, so that a
-        large image is normalised tile by tile instead of copied whole. It must act on
+        large image is normalized tile by tile instead of copied whole. It must act on
         each pixel alone.
     stitcher : callable, optional
         ``stitcher(grid, channels)`` makes what assembles the outputs; default

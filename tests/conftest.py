@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-fluo"
 
 
 def save_threshold_model(path: Path, *, diameter_px: float | None = None, classes: int = 3) -> Path:
-    """A Keras model with hand-set weights that calls a pixel "interior" when its normalised
+    """A Keras model with hand-set weights that calls a pixel "interior" when its normalized
     intensity is above 0.5: a pointwise rule, so its answers are known exactly."""
     import keras
     from keras import layers

@@ -88,7 +88,7 @@ def test_the_package_describes_the_model_as_its_card_does(package: Path):
     # the test pair: raw pixels in, probabilities that sum to one out
     assert test_input.shape[:1] == test_output.shape[:1] == (1,) and test_input.shape[-1] == 1
     assert test_output.shape[1:3] == test_input.shape[1:3] and test_output.shape[-1] == 3
-    assert test_input.max() > 1.5  # raw intensities: normalising is the package's job
+    assert test_input.max() > 1.5  # raw intensities: normalizing is the package's job
     assert np.allclose(test_output.sum(axis=-1), 1, atol=1e-4)
 
 

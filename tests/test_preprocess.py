@@ -1,4 +1,4 @@
-"""Tests for cellwatch.preprocess: histogram percentiles and the normalisation applied tile
+"""Tests for cellwatch.preprocess: histogram percentiles and the normalization applied tile
 by tile give exactly what numpy and a whole-image float copy give; a zoom made window by
 window, and outputs stitched back onto the image's own grid, give what scikit-image's
 resize of the whole image gives."""
@@ -27,7 +27,7 @@ QS = [(1.0, 99.8), (0.0, 100.0), (50.0,), (1.5, 99.0, 37.123456789), (99.99, 0.0
 
 
 def reference_normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """The whole-image normalisation as first written: a float copy, then np.percentile."""
+    """The whole-image normalization as first written: a float copy, then np.percentile."""
     pixels = image.astype(np.float32, copy=False)
     if not np.isfinite(pixels).all():
         pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
@@ -86,7 +86,7 @@ def test_normalize_equals_the_whole_image_float_copy(index):
 
 
 @pytest.mark.parametrize("index", range(7))
-def test_normalising_in_place_piece_by_piece_equals_normalising_the_whole(index):
+def test_normalizing_in_place_piece_by_piece_equals_normalizing_the_whole(index):
     image = _images()[index]
     norm = Normalization.of(image)
     pieces = np.empty(image.shape, np.float32)

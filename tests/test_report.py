@@ -579,10 +579,10 @@ def test_focus_score_in_bands_equals_the_whole_image(monkeypatch, band_pixels, s
     raw = ndimage.gaussian_filter(rng.random(shape) * 60000, 1).astype(np.uint16)
     expected = reference_focus_score(raw)
     assert focus_score(raw) == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    # raw or normalised, the score is the same (the normalised image is rounded to float32)
+    # raw or normalized, the score is the same (the normalized image is rounded to float32)
     assert focus_score(normalize(raw)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
     floats = raw.astype(np.float64)
-    floats[0, 0] = np.nan  # counts as 0, as in normalisation
+    floats[0, 0] = np.nan  # counts as 0, as in normalization
     assert focus_score(floats) == pytest.approx(reference_focus_score(floats), rel=1e-6)
 
 

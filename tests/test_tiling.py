@@ -209,7 +209,7 @@ def test_bad_arguments_raise(kwargs, match):
     [
         (np.zeros((4, 4, 1), dtype=np.float32), r"expected a 2-D image, got shape \(4, 4, 1\)"),
         (np.zeros(4, dtype=np.float32), r"expected a 2-D image"),
-        (np.zeros((4, 4), dtype=np.uint16), r"expected a float image.*forgot to normalise"),
+        (np.zeros((4, 4), dtype=np.uint16), r"expected a float image.*forgot to normalize"),
         (np.zeros((0, 4), dtype=np.float32), r"image is empty"),
     ],
 )
@@ -393,12 +393,12 @@ def test_stopwatch_busy_time_merges_overlapping_intervals():
         Stopwatch().busy("inference")
 
 
-# --- raw images normalised tile by tile as they are cut ----------------------------------
+# --- raw images normalized tile by tile as they are cut ----------------------------------
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 300), (255, 257), (3000, 17)])
 @pytest.mark.parametrize(("tile", "overlap"), [(32, 8), (64, 0), (256, 48)])
-def test_tiles_normalised_as_they_are_cut_equal_a_normalised_image(shape, tile, overlap):
+def test_tiles_normalized_as_they_are_cut_equal_a_normalized_image(shape, tile, overlap):
     from cellwatch.preprocess import Normalization, normalize
 
     raw = np.random.default_rng(1).integers(0, 65535, shape).astype(np.uint16)
@@ -410,7 +410,7 @@ def test_tiles_normalised_as_they_are_cut_equal_a_normalised_image(shape, tile, 
     assert all(dtype == np.float32 for _, dtype in recorder.calls)
 
 
-def test_shared_batches_normalise_tiles_as_they_are_cut():
+def test_shared_batches_normalize_tiles_as_they_are_cut():
     from cellwatch.batching import SharedBatches
     from cellwatch.preprocess import Normalization, normalize
 

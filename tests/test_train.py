@@ -179,7 +179,7 @@ def test_batches_depend_on_seed_epoch_and_index_only():
     assert not np.array_equal(crops[1][0], first[0])  # a new epoch draws new crops
 
 
-def test_shot_noise_makes_noisy_normalised_crops_and_leaves_others_as_they_were():
+def test_shot_noise_makes_noisy_normalized_crops_and_leaves_others_as_they_were():
     image, labels = discs((96, 96), [(30, 30), (60, 60)], 12)
     sample = Sample("x", image.astype(np.float32) / image.max(), labels, 1.0)
 
@@ -192,7 +192,7 @@ def test_shot_noise_makes_noisy_normalised_crops_and_leaves_others_as_they_were(
         np.testing.assert_array_equal(crop(seed, 0.0)[0], plain[0])
     noisy, clean = [crop(seed, 1.0) for seed in range(20)], [crop(seed, 0.0) for seed in range(20)]
     assert all(not np.array_equal(n[0], c[0]) for n, c in zip(noisy, clean, strict=True))
-    for image, crop_labels in noisy:  # still normalised, cells still brighter than background
+    for image, crop_labels in noisy:  # still normalized, cells still brighter than background
         assert np.isfinite(image).all() and -3 < np.median(image) < 3
         if (crop_labels > 0).any() and (crop_labels == 0).any():
             assert image[crop_labels > 0].mean() > image[crop_labels == 0].mean()

@@ -4,14 +4,14 @@ The package is built with ``bioimageio.spec``'s own model classes and written wi
 ``save_bioimageio_package`` (nothing here writes YAML), and holds:
 
 - ``rdf.yaml``: one input tensor ``image`` (batch, y, x, one channel) with ``scale_range``
-  preprocessing at the model card's percentiles, as cellwatch normalises images; one
+  preprocessing at the model card's percentiles, as cellwatch normalizes images; one
   output tensor ``probabilities`` (batch, y, x, one channel per class) with the halo, the
   context each output edge needs (:func:`halo_px`);
 - weights as ONNX (converted with tf2onnx through Keras' own exporter; runs in deepImageJ,
   ilastik and bioimageio.core without TensorFlow) and as the Keras 3 file itself;
 - a test input and output computed by cellwatch: a sample image brought to the model's
   cell size by cellwatch's own scale step, and the network's answer on it after
-  cellwatch's normalisation;
+  cellwatch's normalization;
 - the model card's description, training data and citations, and a README.
 
 Needs ``pip install 'cellwatch[bioimageio]'``.
@@ -159,7 +159,7 @@ def export_model(
 
 def test_tensors(model: LoadedModel, config: Config, sample: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test input (raw intensities at the model's scale, float32, ``(1, y, x, 1)``)
-    and the probabilities the network gives for it after cellwatch's normalisation.
+    and the probabilities the network gives for it after cellwatch's normalization.
 
     The sample is brought to the model's cell size as cellwatch would (the scale the
     pipeline chooses for it: configured, from the pixel size, or estimated), and its
@@ -198,7 +198,7 @@ def _normalized(test_input: np.ndarray, model: LoadedModel, config: Config) -> n
 
 
 def _percentiles(model: LoadedModel, config: Config) -> tuple[float, float]:
-    """The model card's normalisation percentiles (those it was trained with), else the
+    """The model card's normalization percentiles (those it was trained with), else the
     configuration's."""
     card = model.card.get("normalize") or {}
     low = card.get("low_percentile", config.normalize.low_percentile)

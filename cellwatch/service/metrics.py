@@ -77,7 +77,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "cellwatch_stage_seconds",
-            "Seconds each run of a pipeline stage took (read, normalise, inference, ...).",
+            "Seconds each run of a pipeline stage took (read, normalize, inference, ...).",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,

@@ -75,7 +75,7 @@ class ImageData:
     Attributes
     ----------
     pixels : np.ndarray
-        2-D (H, W) array in the file's own dtype (bool becomes uint8); never normalised.
+        2-D (H, W) array in the file's own dtype (bool becomes uint8); never normalized.
     pixel_size_um : float or None
         Physical pixel size in µm from OME or TIFF resolution metadata, else None.
     path : Path

@@ -1,6 +1,6 @@
 """Train or fine-tune the U-Net from a folder of images and a folder of masks.
 
-Every image is normalised like ``predict`` does and rescaled so that its cells reach the
+Every image is normalized like ``predict`` does and rescaled so that its cells reach the
 model's cell diameter (the median equivalent diameter of its mask objects), then random
 256×256 crops are drawn with augmentation (scale jitter, flips, 90° turns, contrast, gamma,
 noise, blur; with ``--shot-noise``, photon-limited exposures too). The best model on the
@@ -74,13 +74,13 @@ class Sample:
     """One training image and its instance labels, normalized and rescaled to the training diameter."""
 
     name: str
-    image: np.ndarray  # normalised float32 at the training scale
+    image: np.ndarray  # normalized float32 at the training scale
     labels: np.ndarray  # int32 instance labels at the training scale
     scale: float
 
 
 def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> Sample:
-    """Read one pair, normalise the image and rescale both to the training diameter."""
+    """Read one pair, normalize the image and rescale both to the training diameter."""
     pixels = imageio.read_image(image_path).pixels
     labels = as_instances(imageio.read_image(mask_path).pixels)
     if labels.shape != pixels.shape:
@@ -127,7 +127,7 @@ def random_crop(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented (image, labels) crop of ``crop``×``crop`` pixels; a ``shot_noise``
     share of them are first turned into photon-limited exposures (:func:`_photon_limited`),
-    normalised again with ``percentiles``."""
+    normalized again with ``percentiles``."""
     zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.4))) if augment else 1.0
     size = max(8, round(crop / zoom))
     image, labels = _pad_to(sample.image, size), _pad_to(sample.labels, size)
@@ -150,7 +150,7 @@ def random_crop(
 def _photon_limited(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The same scene seen with few photons: 5–100 at the brightest cells (log-uniform),
     over a background of up to 35 % of that, with Poisson shot noise and Gaussian read
-    noise; in photons, not yet normalised."""
+    noise; in photons, not yet normalized."""
     peak = math.exp(rng.uniform(math.log(5.0), math.log(100.0)))
     expected = np.clip(image, 0.0, None) * peak + rng.uniform(0.0, 0.35) * peak
     read_noise = rng.normal(0.0, rng.uniform(0.0, 2.0), image.shape)
