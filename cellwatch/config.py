@@ -8,6 +8,29 @@ silently falls back to a default. Command-line flags override values with
 
 from __future__ import annotations
 
+__all__ = [
+    "VENDOR_FORMATS",
+    "ComputeConfig",
+    "Config",
+    "InputConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "NormalizeConfig",
+    "OutputConfig",
+    "PostprocessConfig",
+    "ReportConfig",
+    "ScaleConfig",
+    "TilingConfig",
+    "WatchConfig",
+    "config_from_args",
+    "installed_vendor_suffixes",
+    "load_config",
+    "local_today",
+    "override",
+    "time_zone",
+    "validate",
+]
+
 import argparse
 import dataclasses
 import hashlib
@@ -61,11 +84,15 @@ def _default_include() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """``model``: which model file (empty: the bundled one)."""
+
     path: str | None = None  # None: the model bundled with cellwatch
 
 
 @dataclass(frozen=True)
 class InputConfig:
+    """``input``: how a file becomes one 2-D plane (channel, stack, size limit, suffixes)."""
+
     # None: gray, or RGB whose channels are equal; a str: the channel's name in the file
     channel: int | str | None = None
     stack: Literal["max", "plane"] = "max"
@@ -77,12 +104,16 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class NormalizeConfig:
+    """``normalize``: the percentiles mapped to 0 and 1."""
+
     low_percentile: float = 1.0
     high_percentile: float = 99.8
 
 
 @dataclass(frozen=True)
 class ScaleConfig:
+    """``scale``: how cells are brought to the model's size."""
+
     mode: Literal["auto", "none"] = "auto"  # "none": feed the image at its own scale
     scale: float | None = None  # explicit zoom factor applied to the image
     diameter_px: float | None = None  # typical cell diameter in the image, in pixels
@@ -93,6 +124,8 @@ class ScaleConfig:
 
 @dataclass(frozen=True)
 class TilingConfig:
+    """``tiling``: tile size, overlap and batch size of the network's passes."""
+
     tile_size: int = 256
     overlap: int = 48
     batch_size: int = 8
@@ -100,6 +133,8 @@ class TilingConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
+    """``postprocess``: how probabilities become separate cells."""
+
     interior_threshold: float = 0.8
     foreground_threshold: float = 0.8
     split_threshold: float = 0.97
@@ -109,12 +144,16 @@ class PostprocessConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
+    """``output``: the results folder and what is written there."""
+
     dir: str = "results"
     overlays: bool = True
 
 
 @dataclass(frozen=True)
 class WatchConfig:
+    """``watch``: the inbox, what is watched in it, and when a file counts as whole."""
+
     inbox: str = "inbox"
     state_dir: str | None = None  # None: <output.dir>/.state
     include: tuple[str, ...] = field(default_factory=_default_include)  # as input.extensions
@@ -133,6 +172,8 @@ class WatchConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
+    """``report``: the daily report's time zone, groups and QC thresholds."""
+
     timezone: str = "UTC"
     group_pattern: str | None = None
     refresh_interval_s: float = 600.0
@@ -143,6 +184,8 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
+    """``metrics``: where ``cellwatch watch`` serves Prometheus metrics (no port: none)."""
+
     address: str = "127.0.0.1"  # where `cellwatch watch` serves /metrics for Prometheus
     port: int | None = None  # None: no metrics served
 
@@ -162,6 +205,8 @@ class ComputeConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting, one frozen object: loaded with :func:`load_config`, laid over with :func:`override`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)

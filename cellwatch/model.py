@@ -9,7 +9,22 @@ prediction uses to rescale images.
 
 from __future__ import annotations
 
-import hashlib
+__all__ = [
+    "BUNDLED_MODEL",
+    "MIN_KERAS",
+    "LoadedModel",
+    "build_seed_unet",
+    "build_unet",
+    "card_path",
+    "choose_backend",
+    "device_name",
+    "load_model",
+    "model_label",
+    "read_card",
+    "visible_gpus",
+    "write_card",
+]
+
 import json
 import os
 from collections.abc import Callable, Mapping, MutableMapping
@@ -20,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cellwatch.errors import ModelError
+from cellwatch.storage.imageio import sha256_file
 
 MIN_KERAS = (3, 14)
 BUNDLED_MODEL = Path(__file__).parent / "models" / "cellwatch-nuclei.keras"
@@ -139,7 +155,7 @@ def model_label(path: str | Path | None = None) -> str:
     the network (what a driver that leaves the network to its workers records)."""
     path = Path(path) if path is not None else BUNDLED_MODEL
     try:
-        return f"{path.stem}@{file_sha256(path)[:12]}"
+        return f"{path.stem}@{sha256_file(path)[:12]}"
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
 
@@ -210,15 +226,8 @@ def device_name() -> str:
 
 
 def card_path(model_path: Path) -> Path:
+    """Where a model's card lives: beside it, ``NAME.json`` for ``NAME.keras``."""
     return model_path.with_suffix(".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(path: str | Path | None = None) -> LoadedModel:
@@ -248,7 +257,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     return LoadedModel(
         network=network,
         name=path.stem,
-        sha256=file_sha256(path),
+        sha256=sha256_file(path),
         classes=classes,
         diameter_px=_positive(card.get("diameter_px")),
         pixel_size_um=_positive(card.get("pixel_size_um")),
@@ -257,6 +266,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
 
 
 def read_card(model_path: Path) -> dict[str, Any]:
+    """The model's card (its settings, data and metrics), or ``{}`` when it has none."""
     path = card_path(model_path)
     if not path.exists():
         return {}
@@ -270,6 +280,7 @@ def read_card(model_path: Path) -> dict[str, Any]:
 
 
 def write_card(model_path: Path, card: dict[str, Any]) -> Path:
+    """Write the card beside the model, atomically; returns its path."""
     path = card_path(model_path)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(

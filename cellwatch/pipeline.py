@@ -17,6 +17,22 @@ and ``ledger.csv``.
 
 from __future__ import annotations
 
+__all__ = [
+    "ESTIMATE_PASSES",
+    "ESTIMATE_WINDOW",
+    "IN_FLIGHT_BYTES",
+    "WRITE_ASIDE_PIXELS",
+    "ImageResult",
+    "Segmentation",
+    "Segmenter",
+    "failed_result",
+    "process_image",
+    "process_images",
+    "read",
+    "scenes_of",
+    "write_images",
+]
+
 import dataclasses
 import os
 import threading
@@ -60,6 +76,8 @@ WRITE_ASIDE_PIXELS = 1 << 22  # from 4 MP, an image's files are written while it
 
 @dataclass(frozen=True)
 class Segmentation:
+    """One image's labels and the scale they were found at."""
+
     labels: np.ndarray  # int32, the input's shape, ids 1..n
     scale: ScaleChoice
 

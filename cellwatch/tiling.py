@@ -17,13 +17,24 @@ at least the network's edge-effect margin.
 
 from __future__ import annotations
 
+__all__ = [
+    "Stitcher",
+    "StitcherLike",
+    "TileGrid",
+    "TileJob",
+    "TileQueue",
+    "TileSource",
+    "predict_tiled",
+    "predict_tiled_many",
+]
+
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice, pairwise
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from itertools import pairwise
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -33,7 +44,6 @@ from cellwatch.errors import ModelError
 if TYPE_CHECKING:
     from cellwatch.timing import Stopwatch
 
-T = TypeVar("T")
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], object]  # turns cut tiles (float32) into network input, in place
 
@@ -60,15 +70,6 @@ class StitcherLike(Protocol):
 
 
 MakeStitcher = Callable[["TileGrid", int], StitcherLike]  # (grid, channels) → stitcher
-
-
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Yield lists of ``size`` consecutive items; the last list may be shorter."""
-    if size < 1:
-        raise ValueError(f"batch size must be at least 1, got {size}")
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
 
 
 def _axis_spans(length: int, tile: int, overlap: int) -> tuple[tuple[int, int, int], ...]:

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from cellwatch.errors import ModelError
-from cellwatch.tiling import Stitcher, TileGrid, batched, predict_tiled, predict_tiled_many
+from cellwatch.tiling import Stitcher, TileGrid, predict_tiled, predict_tiled_many
 
 SIZES = [(1, 1), (7, 300), (255, 257), (256, 256), (257, 256), (3000, 17), (600, 900)]
 TILE_OVERLAPS = [(t, o) for t in (32, 64, 256) for o in sorted({0, 8, t // 4, t // 2 - 1})]
@@ -180,11 +180,6 @@ def test_stitcher_accepts_tiles_in_any_order():
     np.testing.assert_array_equal(stitcher.result()[..., 0], image)
 
 
-def test_batched():
-    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert list(batched([], 2)) == []
-
-
 # --- every error path -------------------------------------------------------------------
 
 
@@ -248,11 +243,6 @@ def test_stitcher_errors():
     stitcher.add(0, np.zeros((8, 8, 2), np.float32))
     with pytest.raises(RuntimeError, match=f"{len(grid) - 1} of {len(grid)} tiles missing"):
         stitcher.result()
-
-
-def test_batched_rejects_bad_size():
-    with pytest.raises(ValueError, match="batch size must be at least 1"):
-        list(batched(range(3), 0))
 
 
 @pytest.mark.parametrize(
