@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_daemon import Cellwatch, write_config, write_tiff
 
 from cellwatch.errors import CellwatchError
-from cellwatch.model import file_sha256
 from cellwatch.service.jobs import FileVersion, JobQueue
 from cellwatch.service.metrics import Metrics, serve
+from cellwatch.storage.imageio import sha256_file
 from cellwatch.timing import Stopwatch
 
 #: The only labels a cellwatch metric may carry (``le`` is a histogram's bucket bound).
@@ -97,7 +97,7 @@ def test_daemon_counts_three_images_and_a_scrape_shows_them(
     for stage in ("read", "inference", "measure", "write"):
         assert value(samples, "cellwatch_stage_seconds_count", stage=stage) >= 1, stage
     assert value(samples, "cellwatch_stage_seconds_count", stage="read") == 3
-    digest = file_sha256(threshold_model)[:12]
+    digest = sha256_file(threshold_model)[:12]
     assert value(samples, "cellwatch_model_info", name="threshold", hash=digest) == 1
     labels = {key for (_, pairs) in samples for key, _ in pairs}
     assert labels <= ALLOWED_LABELS, labels - ALLOWED_LABELS  # nothing per image
