@@ -216,6 +216,10 @@ def _mirror(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(index >= n, period - index, index)
 
 
+def _clamp(index: np.ndarray, n: int) -> np.ndarray:
+    return np.clip(index, 0, n - 1)
+
+
 def _sparse(weights: np.ndarray) -> sparse.csr_array:
     """A 1-D resize map as a float32 sparse matrix: a few taps per row, so applying it costs
     little, in one thread (a BLAS product of the dense map would spawn threads per tile)."""
@@ -226,10 +230,6 @@ def _apply(rows: sparse.csr_array, values: np.ndarray, cols: sparse.csr_array) -
     """``rows @ values @ cols.T`` for 2-D ``values``: both axes resized (float32)."""
     along_y = rows @ values
     return np.asarray((cols @ along_y.T).T, dtype=np.float32)
-
-
-def _clamp(index: np.ndarray, n: int) -> np.ndarray:
-    return np.clip(index, 0, n - 1)
 
 
 def _shrink_sigma(n_in: int, n_out: int, shrinking: bool) -> float:

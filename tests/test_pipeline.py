@@ -229,5 +229,7 @@ def test_peak_memory_per_pixel_of_large_images(
         assert 1.3 < large["scale"] < 1.6, large["scale"]
     growth = (large["peak_mb"] - small["peak_mb"]) * 1e6 / (large["pixels"] - small["pixels"])
     above = (large["peak_mb"] - large["rss_before_mb"]) * 1e6 / large["pixels"]
-    assert growth < 9.0, f"{growth:.1f} bytes per pixel from 4 to 16 MP"
-    assert above < 9.0, f"{above:.1f} bytes per pixel above the resident memory before"
+    # Measured on the development VM: 8.1-8.5 and 7.1-7.3 (a zoomed image took 20 before
+    # it was zoomed tile by tile); the bound leaves room for other machines' allocators.
+    assert growth < 10.0, f"{growth:.1f} bytes per pixel from 4 to 16 MP"
+    assert above < 10.0, f"{above:.1f} bytes per pixel above the resident memory before"
