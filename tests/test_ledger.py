@@ -118,32 +118,17 @@ def test_files_are_unchanged_when_the_file_size_limit_is_reached(tmp_path):
 
 def test_files_are_unchanged_on_a_full_tmpfs(tmp_path):
     """A real full file system: a 256 KiB tmpfs in a private mount namespace, filled up."""
-    unshare = shutil.which("unshare")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare command; the RLIMIT_FSIZE test covers short writes")
     mount = tmp_path / "small"
     mount.mkdir()
-    probe = (
-        subprocess.run(
-            [
-                unshare or "unshare",
-                "-rm",
-                "mount",
-                "-t",
-                "tmpfs",
-                "-o",
-                "size=256k",
-                "tmpfs",
-                mount,
-            ],
-            capture_output=True,
-            text=True,
+    command = f"mount -t tmpfs -o size=256k tmpfs {mount}"
+    probe = subprocess.run(["unshare", "-rm", *command.split()], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs without privileges here ({probe.stderr.strip()}); "
+            "the RLIMIT_FSIZE test covers short writes"
         )
-        if unshare
-        else None
-    )
-    if probe is None or probe.returncode != 0:
-        reason = probe.stderr.strip() if probe else "no unshare command"
-        pytest.skip(f"cannot mount a tmpfs without privileges here ({reason}); "
-                    "the RLIMIT_FSIZE test covers short writes")  # fmt: skip
-    script = f'mount -t tmpfs -o size=256k tmpfs {mount} && exec "$@"'
+    script = f'{command} && exec "$@"'
     results = _full_disk_run("tmpfs", mount, ["unshare", "-rm", "sh", "-c", script, "sh"])
     _check_nothing_changed(results)
