@@ -544,33 +544,16 @@ class Worker:
         self.metrics.started(jobs)
         self.metrics.queue(queue.counts())
         max_attempts = engine.config.watch.max_attempts
-        follow = engine.config.watch.follow_symlinks
         scenes: dict[str, list[int | None]] = {}
         faults: dict[str, Exception] = {}  # the first fault of each job this time
         units: list[tuple[Job, int | None]] = []
         for job in jobs:
-            if why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
-                # checked again here, just before reading: the file may have been swapped
-                scenes[job.job_id] = [None]
-                if self._missing(job, [None]):
-                    self._record(self._failed(job, engine, why))
+            planned = self._plan(job)
+            if isinstance(planned, Exception):
+                faults[job.job_id] = planned
                 continue
-            listed = self._list_scenes(job)
-            if isinstance(listed, Exception):
-                faults[job.job_id] = listed
-                continue
-            scenes[job.job_id] = listed
-            todo = self._missing(job, listed)
-            if todo and job.attempts > max_attempts:  # running at each of the last stops
-                reason = job.last_error or (
-                    "cellwatch stopped while processing this image (a crash, a power cut or "
-                    "an out-of-memory kill?)"
-                )
-                message = f"gave up after {max_attempts} attempts; last error: {reason}"
-                for scene in todo:
-                    self._record(self._failed(job, engine, message, scene))
-            else:
-                units += [(job, scene) for scene in todo]
+            scenes[job.job_id], todo = planned
+            units += [(job, scene) for scene in todo]
         group = engine.config.tiling.batch_size
         for start in range(0, len(units), group):
             for (job, _), outcome in self._run(engine, units[start : start + group]):
@@ -600,6 +583,36 @@ class Worker:
     def compute_status(self) -> dict[str, Any]:
         """Where the images are processed, for ``cellwatch status``."""
         return {"mode": "in-process", "device": self.engine.device or None, "workers": []}
+
+    def _plan(self, job: Job) -> tuple[list[int | None], list[int | None]] | Exception:
+        """The job's images and those of them still to run, or the fault that kept its
+        file from being opened (a transient one: retried like any other).
+
+        On the way it records what needs no work: a file refused just before reading
+        (it may have been swapped for a link since it was queued) gets its failed row,
+        and so does every image of a job that was running at each of the last
+        ``watch.max_attempts`` stops; neither has anything left to run.
+        """
+        engine = self.engine
+        follow = engine.config.watch.follow_symlinks
+        if why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
+            if self._missing(job, [None]):
+                self._record(self._failed(job, engine, why))
+            return [None], []
+        scenes = self._list_scenes(job)
+        if isinstance(scenes, Exception):
+            return scenes
+        todo = self._missing(job, scenes)
+        max_attempts = engine.config.watch.max_attempts
+        if todo and job.attempts > max_attempts:
+            reason = job.last_error or (
+                "cellwatch stopped while processing this image (a crash, a power cut or "
+                "an out-of-memory kill?)"
+            )
+            message = f"gave up after {max_attempts} attempts; last error: {reason}"
+            self._record_all([self._failed(job, engine, message, scene) for scene in todo])
+            return scenes, []
+        return scenes, todo
 
     def _list_scenes(self, job: Job) -> list[int | None] | Exception:
         """The images of the job's file (:func:`cellwatch.pipeline.scenes_of`), or the
@@ -856,31 +869,16 @@ class ClusterWorker(Worker):
         row has not landed yet; record at once what needs no work."""
         from cellwatch.service.worker import Task
 
-        engine, max_attempts = self.engine, self.engine.config.watch.max_attempts
-        follow = engine.config.watch.follow_symlinks
+        engine = self.engine
         self.metrics.started(jobs)
         outcomes: dict[str, Any] = {}
         for job in jobs:
-            if why := refusal(self.paths.inbox, job.rel_path, follow_symlinks=follow):
-                # checked again here, just before reading: the file may have been swapped
-                if self._missing(job, [None]):
-                    self._record_all([self._failed(job, engine, why)])
-                outcomes[job.job_id] = "failed"
+            planned = self._plan(job)
+            if isinstance(planned, Exception):
+                self._retry_or_fail(queue, job, planned, [None], outcomes)
                 continue
-            scenes = self._list_scenes(job)
-            if isinstance(scenes, Exception):
-                self._retry_or_fail(queue, job, scenes, [None], outcomes)
-                continue
-            todo = self._missing(job, scenes)
-            if not todo:  # every row landed before a crash
-                outcomes[job.job_id] = self._outcome(job, scenes)
-            elif job.attempts > max_attempts:  # it was running at each of the last stops
-                reason = job.last_error or (
-                    "cellwatch stopped while processing this image (a crash, a power cut or "
-                    "an out-of-memory kill?)"
-                )
-                message = f"gave up after {max_attempts} attempts; last error: {reason}"
-                self._record_all([self._failed(job, engine, message, scene) for scene in todo])
+            scenes, todo = planned
+            if not todo:  # refused, given up, or every row landed before a crash
                 outcomes[job.job_id] = self._outcome(job, scenes)
             else:
                 self._jobs[job.job_id] = _InFlight(job, scenes, waiting=len(todo))
