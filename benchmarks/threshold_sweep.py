@@ -28,11 +28,10 @@ from cellwatch.config import Config
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.postprocess import labels_from_probabilities, tidy
-from cellwatch.preprocess import normalize, rescale, resize_to
+from cellwatch.preprocess import normalize, resize_to
 from cellwatch.scale import choose_scale
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
-from cellwatch.tiling import predict_tiled
 from cellwatch.training import matching
 from cellwatch.training.targets import as_instances
 
@@ -62,7 +61,6 @@ def predict_all(pairs: list[tuple[Path, Path]], config: Config, model_path: Path
     """Each image's probabilities at the scale the default config chooses for it."""
     model = load_model(model_path)
     segmenter = Segmenter(config, model)
-    predict = model.predict_fn()  # one compiled function for every image
     cached = []
     for image_path, mask_path in pairs:
         image = normalize(imageio.read_image(image_path).pixels)
@@ -74,7 +72,7 @@ def predict_all(pairs: list[tuple[Path, Path]], config: Config, model_path: Path
             image_pixel_size_um=None,
             estimate_diameter=lambda image=image: segmenter.estimate_diameter(image),
         )
-        probs = predict_tiled(rescale(image, choice.scale), predict, tile=256, overlap=48)
+        probs = segmenter.probabilities(image, choice.scale, raw=True)  # as the pipeline tiles
         cached.append((truth, probs.astype(np.float16)))
     return cached
 

@@ -45,9 +45,8 @@ TILE, OVERLAP, BATCH = 256, 48, 8
 def whole(image: np.ndarray, norm: Normalization, scale: float) -> None:
     zoomed = rescale(norm.apply(image), scale)
     grid = TileGrid.for_shape(zoomed.shape, TILE, OVERLAP)
-    windows, (ys, xs) = grid.windows(zoomed), grid.origins
     for i in range(0, len(grid), BATCH):
-        windows[ys[i : i + BATCH], xs[i : i + BATCH]].astype(np.float32)
+        grid.cut(zoomed, np.arange(i, min(i + BATCH, len(grid))))
     labels = np.zeros(zoomed.shape, np.int32)  # what labelling the zoomed output gave
     resize_to(labels, image.shape, order=0)
 
@@ -56,11 +55,8 @@ def tiles(image: np.ndarray, norm: Normalization, scale: float) -> None:
     source = ZoomedSource(image, scale, norm)
     grid = TileGrid.for_shape(source.shape, TILE, OVERLAP)
     stitcher = own_grid_stitcher(image.shape)(grid, 1)
-    for index, (y0, x0) in enumerate(grid.boxes()):
-        height, width = min(TILE, grid.height - y0), min(TILE, grid.width - x0)
-        tile = source.window(y0, x0, height, width)
-        pad = [(0, TILE - height), (0, TILE - width)]
-        tile = np.pad(tile, pad, mode="reflect") if height < TILE or width < TILE else tile
+    for index in range(len(grid)):
+        tile = grid.cut(source, np.array([index]))[0]
         # A masked-interior plane stands in for the network's output: NaN off the cells.
         stitcher.add(index, np.where(tile > 0.3, tile, np.float32(np.nan))[..., None])
     stitcher.result()

@@ -56,13 +56,14 @@ class SharedBatches:
         tile: int = 256,
         overlap: int = 48,
         batch_size: int = 8,
+        align: int = 1,
         max_wait_s: float = 0.05,
         stopwatch: Stopwatch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._predict = predict_batch
         self._queue = TileQueue(
-            tile=tile, overlap=overlap, batch_size=batch_size, stopwatch=stopwatch
+            tile=tile, overlap=overlap, batch_size=batch_size, align=align, stopwatch=stopwatch
         )
         self._cond = threading.Condition()
         self._busy = 0  # workers that may queue tiles: not waiting, paused or gone

@@ -296,6 +296,7 @@ def prepare_models(
     """The default-architecture model (given, else bundled unless ``bundled`` is False,
     else an untrained stand-in of ``sizes.unet_filters``), the seed network (``seed``,
     else an untrained one) and a stub, each a loadable ``.keras`` file."""
+    from cellwatch.config import Config
     from cellwatch.model import BUNDLED_MODEL, build_seed_unet, build_unet
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,9 +313,14 @@ def prepare_models(
         path = _saved(folder / "seed.keras", build_seed_unet(filters=sizes.seed_filters))
         models["seed"] = {"path": path, "about": "untrained build_seed_unet() (the architecture)"}
     models["stub"] = {"path": _stub_model(folder / "stub.keras"), "about": "1x1 conv threshold"}
-    for entry in models.values():
-        entry["flops_per_tile"] = conv_flops_per_tile(entry["path"], 256)
-        entry["about"] = {"model": entry["about"], "gflop_per_tile": entry["flops_per_tile"] / 1e9}
+    for name, entry in models.items():  # the seed architecture takes 256² tiles only
+        entry["tile"] = 256 if name == "seed" else Config().tiling.tile_size
+        entry["flops_per_tile"] = conv_flops_per_tile(entry["path"], entry["tile"])
+        entry["about"] = {
+            "model": entry["about"],
+            "tile_px": entry["tile"],
+            "gflop_per_tile": entry["flops_per_tile"] / 1e9,
+        }
     return models
 
 
@@ -409,17 +415,21 @@ def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
 def network_rates(
     models: dict[str, dict[str, Any]], repeats: int, peak_gflops: float
 ) -> dict[str, dict[str, float]]:
-    """Tiles per second of the network alone on full batches: each model as the pipeline
-    runs it, the default one-tile-at-a-time, and the default under XLA."""
+    """Tiles per second of the network alone on full batches of the tiles the pipeline
+    gives it: each model as the pipeline runs it, the default one-tile-at-a-time, and the
+    default under XLA."""
     import tensorflow as tf
 
+    from cellwatch.config import Config
     from cellwatch.model import load_model
 
     out = {}
-    batch = np.random.default_rng(0).random((8, 256, 256, 1), dtype=np.float32)
+    size = Config().tiling.batch_size
     for name, entry in models.items():
         if name == "stub":
             continue
+        side = entry["tile"]
+        batch = np.random.default_rng(0).random((size, side, side, 1), dtype=np.float32)
         model = load_model(entry["path"])
         cases = {name: (model.predict_fn(), batch)}
         if name == "default":
@@ -432,6 +442,7 @@ def network_rates(
             seconds = float(np.median(times)) / len(data)
             gflops = entry["flops_per_tile"] / 1e9 / seconds
             out[case] = {
+                "tile_px": side,
                 "s_per_tile": round(seconds, 5),
                 "tiles_per_s": round(1 / seconds, 3),
                 "best_tiles_per_s": round(len(data) / min(times), 3),
@@ -461,9 +472,12 @@ def workloads(
 ) -> dict[str, dict[str, Any]]:
     """Each workload with the default model (shared batches), the seed model, and the
     default model one tile at a time, one image after another."""
-    runs = [("default", "default", 8, True)]
+    from cellwatch.config import Config
+
+    batch = Config().tiling.batch_size
+    runs = [("default", "default", batch, True)]
     if "seed" not in skip:
-        runs.append(("seed", "seed", 8, True))
+        runs.append(("seed", "seed", batch, True))
     if "naive" not in skip:
         runs.append(("naive", "default", 1, False))
     results: dict[str, dict[str, Any]] = {"mosaic": {}, "burst": {}}
@@ -504,8 +518,8 @@ def _segmenter(
     model = load_model(model_path)
     counter = _Counting(model.predict_fn())
     segmenter = Segmenter(config, model, counter, stopwatch=_stopwatch(intervals))
-    t = config.tiling
-    segmenter.predict_batch(np.zeros((batch_size, t.tile_size, t.tile_size, 1), np.float32))
+    tile = segmenter.tiling.tile
+    segmenter.predict_batch(np.zeros((batch_size, tile, tile, 1), np.float32))
     counter.batches = counter.tiles = 0
     segmenter.stopwatch.reset()
     return segmenter, counter
@@ -673,13 +687,14 @@ def memory_child(spec_json: str) -> None:
     """Entry point of the memory subprocess: process the images as the daemon does (groups
     of ``tiling.batch_size``) and print one JSON line of memory figures."""
     from cellwatch import pipeline
+    from cellwatch.config import Config
     from cellwatch.service import driver
 
     spec = json.loads(spec_json)
     out, paths = Path(spec["out"]), [Path(p) for p in spec["paths"]]
     segmenter, _ = _segmenter(
         Path(spec["model"]),
-        8,
+        Config().tiling.batch_size,
         intervals=spec["intervals"],
         default_config=spec.get("default_config", False),
     )
@@ -815,14 +830,15 @@ def format_table(report: dict[str, Any]) -> str:
         "plain TensorFlow rates (GFLOP/s): "
         + ", ".join(f"{k} {v}" for k, v in report["peak"].items()),
         "",
-        f"{'network alone':<22}{'GFLOP/tile':>11}{'tiles/s':>9}{'GFLOP/s':>9}{'of peak':>9}",
+        f"{'network alone':<22}{'tile':>5}{'GFLOP/tile':>11}{'tiles/s':>9}{'GFLOP/s':>9}"
+        f"{'of peak':>9}",
     ]
     for name, r in report["network"].items():
         model = "seed" if name == "seed" else "default"
         gflop = report["models"][model]["gflop_per_tile"]
         lines.append(
-            f"{name:<22}{gflop:>11.2f}{r['tiles_per_s']:>9.2f}{r['gflops']:>9.1f}"
-            f"{r['share_of_peak']:>9.0%}"
+            f"{name:<22}{r.get('tile_px', 256):>5}{gflop:>11.2f}{r['tiles_per_s']:>9.2f}"
+            f"{r['gflops']:>9.1f}{r['share_of_peak']:>9.0%}"
         )
     lines += ["", _workload_table(report["workloads"]), ""]
     for name, r in report["memory"].items():
@@ -871,7 +887,7 @@ HEADLINES = (
     "workloads.burst.default.mp_per_s",
     "workloads.mosaic.default.non_network_share",
     "workloads.burst.default.non_network_share",
-    "network.default.tiles_per_s",
+    "network.default.gflops",
     "network.default.share_of_peak",
     "peak.best_gflops",
     "memory.big_image.peak_rss_mb",

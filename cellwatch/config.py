@@ -126,9 +126,9 @@ class ScaleConfig:
 class TilingConfig:
     """``tiling``: tile size, overlap and batch size of the network's passes."""
 
-    tile_size: int = 256
-    overlap: int = 48
-    batch_size: int = 8
+    tile_size: int = 512
+    overlap: int | Literal["auto"] = "auto"  # auto: from the model's receptive field
+    batch_size: int = 2
 
 
 @dataclass(frozen=True)
@@ -287,11 +287,12 @@ def validate(cfg: Config) -> None:
             "tiling.tile_size",
             f"must be a multiple of 16 and at least 32, got {t.tile_size}",
         )
-    if not 0 <= t.overlap < t.tile_size // 2:
+    if t.overlap != "auto" and not 0 <= t.overlap <= t.tile_size - 16:
         _fail(
             where,
             "tiling.overlap",
-            f"must be ≥ 0 and less than half the tile size ({t.tile_size // 2}), got {t.overlap}",
+            f"must be auto, or ≥ 0 and at most the tile size less 16 ({t.tile_size - 16}), "
+            f"got {t.overlap}",
         )
     if t.batch_size < 1:
         _fail(where, "tiling.batch_size", f"must be at least 1, got {t.batch_size}")
@@ -479,6 +480,15 @@ def _coerce(kind: Any, value: Any, key: str, where: str) -> Any:
                 return _coerce(option, value, key, where)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) > 1:  # e.g. int | Literal["auto"]
+            kinds = " or ".join(
+                "/".join(map(str, typing.get_args(o)))
+                if typing.get_origin(o) is Literal
+                else o.__name__
+                for o in args
+                if o is not type(None)
+            )
+            raise ConfigError(f"{where}: {key} must be {kinds}, got {value!r}".lstrip(": "))
         raise errors[0]
     if origin is Literal:
         if value not in args:

@@ -3,8 +3,10 @@
 Model contract: a Keras 3 ``.keras`` file whose input is ``(batch, tile, tile, 1)``
 normalized float32 and whose output is ``(batch, tile, tile, C)`` probabilities, with
 C = 3 (background, interior, boundary) or C = 1 (foreground). Beside it, ``<name>.json``
-is the model card: how it was trained, and the cell diameter (pixels) it expects, which
-prediction uses to rescale images.
+is the model card: how it was trained, the cell diameter (pixels) it expects, which
+prediction uses to rescale images, and the context (receptive field) the network needs,
+which tiling uses to choose the overlap (:func:`measure_receptive_field`; measured once,
+when the card lacks it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ __all__ = [
     "choose_backend",
     "device_name",
     "load_model",
+    "measure_receptive_field",
     "model_label",
+    "pooling_grid",
     "read_card",
     "visible_gpus",
     "write_card",
@@ -29,6 +33,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,9 @@ from cellwatch.storage.imageio import sha256_file
 
 MIN_KERAS = (3, 14)
 BUNDLED_MODEL = Path(__file__).parent / "models" / "cellwatch-nuclei.keras"
+RF_TOLERANCE = 1e-3  # output change (probabilities) below which context no longer counts
+RF_PROBE_PX = 512  # side of the first probe image; doubled while the field reaches its edge
+RF_MAX_PROBE_PX = 2048
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,19 @@ class LoadedModel:
     diameter_px: float | None  # cell diameter the model was trained at, if known
     pixel_size_um: float | None
     card: dict[str, Any]
+    grid_px: int = 1  # the pooling grid: tile origins on multiples of it see the same phase
+    input_px: int | None = None  # the side of the input, when the network fixes it
+
+    @cached_property
+    def context_px(self) -> int | None:
+        """The receptive-field radius the network needs (see :func:`measure_receptive_field`):
+        from the model card, else measured now, once. None for a network of fixed input
+        size."""
+        recorded = self.card.get("receptive_field")
+        if isinstance(recorded, dict) and isinstance(recorded.get("radius_px"), int):
+            return int(recorded["radius_px"])
+        measured = measure_receptive_field(self.network, diameter_px=self.diameter_px)
+        return None if measured is None else int(measured["radius_px"])
 
     @property
     def label(self) -> str:
@@ -262,6 +283,8 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         diameter_px=_positive(card.get("diameter_px")),
         pixel_size_um=_positive(card.get("pixel_size_um")),
         card=card,
+        grid_px=pooling_grid(network),
+        input_px=_fixed_side(network),
     )
 
 
@@ -300,8 +323,120 @@ def _check_contract(network: Any, path: Path) -> int:
     return int(out_shape[-1])
 
 
+def _fixed_side(network: Any) -> int | None:
+    height, width = tuple(network.input_shape)[1:3]
+    return int(height) if height is not None and height == width else None
+
+
 def _positive(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+# --- the context a network needs ------------------------------------------------------
+
+
+def pooling_grid(network: Any) -> int:
+    """The product of the strides of the network's downsampling layers (poolings, strided
+    convolutions): 2**depth for a U-Net. Tiles whose origins are multiples of it meet
+    every pooling at the same phase as the whole image does. (With parallel downsampling
+    branches this is a multiple of the true grid, which serves as well.)"""
+    grid = 1
+    for layer in network.layers:
+        if hasattr(layer, "layers"):  # a nested model
+            grid *= pooling_grid(layer)
+            continue
+        strides = getattr(layer, "strides", None)
+        if isinstance(strides, tuple | list) and "Transpose" not in type(layer).__name__:
+            grid *= max(int(s) for s in strides)
+    return grid
+
+
+def measure_receptive_field(
+    network: Any,
+    *,
+    tolerance: float = RF_TOLERANCE,
+    diameter_px: float | None = None,
+) -> dict[str, Any] | None:
+    """The effective receptive-field radius: how far from a tile edge a pixel must lie for
+    its probabilities to be those of the whole image, to ``tolerance``.
+
+    Measured as tiling meets it: the network runs on a probe image and on each half of it
+    (cut on the pooling grid), and the radius is one more than the farthest distance from
+    the cut at which a half's output differs from the whole's by ``tolerance`` or more
+    (any class, any position along the cut). The probe is synthetic nuclei: blurred discs
+    of about the model's cell diameter on a dim, noisy background, two of them, as on
+    featureless input (zeros, uniform noise) the field looks far smaller than on cells.
+    The probe is enlarged while the field reaches its edge. For the bundled U-Net this
+    takes a few seconds on two CPU cores; ``cellwatch train`` records the result in the card.
+
+    Returns the card entry ``{"radius_px", "tolerance", "grid_px", "probe_px", "method"}``,
+    or None for a network whose input size is fixed (it cannot be cut).
+    """
+    import keras
+
+    if any(d is not None for d in tuple(network.input_shape)[1:3]):
+        return None
+    grid = pooling_grid(network)
+    size = -(-max(RF_PROBE_PX, 2 * grid) // (2 * grid)) * 2 * grid
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(image, dtype=np.float32)[None, ..., None]
+        return np.asarray(keras.ops.convert_to_numpy(network(batch, training=False)))[0]
+
+    while True:
+        profile = np.zeros(size // 2)
+        for seed in (0, 1):
+            probe = _probe_nuclei(size, diameter_px or 20.0, seed)
+            profile = np.maximum(profile, _edge_effect(predict, probe))
+        over = np.flatnonzero(profile >= tolerance)
+        radius = int(over[-1]) + 1 if over.size else 0
+        if radius < size // 2 or size >= RF_MAX_PROBE_PX:
+            break
+        size *= 2
+    return {
+        "radius_px": radius,
+        "tolerance": tolerance,
+        "grid_px": grid,
+        "probe_px": size,
+        "method": "largest distance from a cut edge at which a half of a synthetic-nuclei "
+        "probe changes the output by the tolerance, plus one",
+    }
+
+
+def _edge_effect(predict: Callable[[np.ndarray], np.ndarray], probe: np.ndarray) -> np.ndarray:
+    """``out[d]``: the largest change of any output at distance ``d`` from a cut edge,
+    when the network sees one half of ``probe`` (cut across the middle of either axis)
+    instead of all of it. ``predict`` maps an ``(H, W)`` image to ``(H, W, C)``."""
+    half = probe.shape[0] // 2
+    whole = predict(probe)
+    profile = np.zeros(half)
+    for axis in (0, 1):
+        for first in (True, False):
+            part: list[slice] = [slice(None), slice(None)]
+            part[axis] = slice(0, half) if first else slice(half, 2 * half)
+            change = np.abs(predict(probe[tuple(part)]) - whole[tuple(part)])
+            by_distance = change.max(axis=(1 - axis, 2))
+            profile = np.maximum(profile, by_distance[::-1] if first else by_distance)
+    return profile
+
+
+def _probe_nuclei(size: int, diameter: float, seed: int) -> np.ndarray:
+    """A normalised image of soft discs covering about half of it, brightness varying."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.05, 0.02, (size, size))
+    count = int(0.5 * size * size / (np.pi * (diameter / 2) ** 2))
+    reach = int(np.ceil(0.65 * diameter)) + 12  # the sigmoid edge is < 1e-5 beyond
+    for cy, cx, scale, brightness in zip(
+        *rng.uniform(0, size, (2, count)),
+        rng.uniform(0.6, 1.3, count),
+        rng.uniform(0.3, 1.0, count),
+        strict=True,
+    ):
+        y0, x0 = max(0, int(cy) - reach), max(0, int(cx) - reach)
+        yy, xx = np.ogrid[y0 : min(size, int(cy) + reach), x0 : min(size, int(cx) + reach)]
+        edge = np.hypot(yy - cy, xx - cx) - scale * diameter / 2
+        image[yy, xx] += brightness / (1 + np.exp(np.clip(edge, -50, 50)))
+    return np.clip(image, 0, 1.2).astype(np.float32)
 
 
 # --- architectures --------------------------------------------------------------------

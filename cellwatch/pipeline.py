@@ -30,6 +30,7 @@ __all__ = [
     "process_images",
     "read",
     "scenes_of",
+    "tiling_for",
     "write_images",
 ]
 
@@ -53,7 +54,7 @@ import pandas as pd
 from cellwatch import quality
 from cellwatch.batching import SharedBatches
 from cellwatch.config import Config
-from cellwatch.errors import BadInputError, CellwatchError, ModelError, TransientError
+from cellwatch.errors import BadInputError, CellwatchError, ConfigError, ModelError, TransientError
 from cellwatch.measure import measure_cells, summarize
 from cellwatch.model import LoadedModel
 from cellwatch.postprocess import (
@@ -65,7 +66,15 @@ from cellwatch.postprocess import (
 from cellwatch.preprocess import Normalization, ZoomedSource, own_grid_stitcher
 from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
 from cellwatch.storage import imageio, overlay
-from cellwatch.tiling import MakeStitcher, PredictBatch, Prepare, TileSource, predict_tiled
+from cellwatch.tiling import (
+    MakeStitcher,
+    PredictBatch,
+    Prepare,
+    TileSettings,
+    TileSource,
+    predict_tiled,
+    tile_settings,
+)
 from cellwatch.timing import Stopwatch
 
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
@@ -95,6 +104,7 @@ class Segmenter:
     ) -> None:
         self.config = config
         self.model = model
+        self.tiling = tiling_for(config, model)
         self.stopwatch = stopwatch or Stopwatch()
         self.predict_batch = self.stopwatch.timed("inference", predict_batch or model.predict_fn())
         self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
@@ -158,23 +168,8 @@ class Segmenter:
         are normalized as they are cut, at any other scale they are also zoomed as they are
         cut, and their outputs are resampled onto the image's grid as they are stitched.
         """
-        t, p, watch = self.config.tiling, self.config.postprocess, self.stopwatch
-        source, prepare, stitcher = self._network_input(image, scale, normalization)
-        shared: SharedBatches | None = getattr(self._local, "shared", None)
-        if shared is not None:  # inside process_images: batches shared with other images
-            probs = shared.predict(source, prepare, stitcher=stitcher)
-        else:
-            probs = predict_tiled(
-                source,
-                self.predict_plane,
-                tile=t.tile_size,
-                overlap=t.overlap,
-                batch_size=t.batch_size,
-                stopwatch=watch,
-                prepare=prepare,
-                stitcher=stitcher,
-            )
-        del source
+        p, watch = self.config.postprocess, self.stopwatch
+        probs = self.probabilities(image, scale, normalization)
         with watch("postprocess"):
             if self.model.classes == 3:  # the stitched plane's memory becomes the labels
                 return labels_from_masked_interior(
@@ -190,6 +185,35 @@ class Segmenter:
                 interior_threshold=p.interior_threshold,
                 foreground_threshold=p.foreground_threshold,
             )
+
+    def probabilities(
+        self,
+        image: np.ndarray,
+        scale: float,
+        normalization: Normalization | None = None,
+        *,
+        raw: bool = False,
+    ) -> np.ndarray:
+        """The tiled network output ``(H, W, C)`` for ``image`` zoomed by ``scale``, on the
+        image's own grid (``image`` and ``normalization`` as for :meth:`labels_at`): the
+        plane that labelling reads, or with ``raw`` the model's own output, every class.
+        """
+        t = self.tiling
+        source, prepare, stitcher = self._network_input(image, scale, normalization)
+        shared: SharedBatches | None = getattr(self._local, "shared", None)
+        if shared is not None and not raw:  # in process_images: batches shared with others
+            return shared.predict(source, prepare, stitcher=stitcher)
+        return predict_tiled(
+            source,
+            self.predict_batch if raw else self.predict_plane,
+            tile=t.tile,
+            overlap=t.overlap,
+            align=t.align,
+            batch_size=self.config.tiling.batch_size,
+            stopwatch=self.stopwatch,
+            prepare=prepare,
+            stitcher=stitcher,
+        )
 
     def _network_input(
         self, image: np.ndarray, scale: float, normalization: Normalization | None
@@ -248,6 +272,19 @@ class Segmenter:
         if window.shape == image.shape:
             passes[scale] = labels
         return labels
+
+
+def tiling_for(config: Config, model: LoadedModel) -> TileSettings:
+    """The tiles ``config`` asks for, aligned to the model's pooling grid; with
+    ``tiling.overlap: auto``, an overlap that covers the model's receptive field. A network
+    whose input size is fixed (the seed architecture) gets tiles of that size."""
+    t = config.tiling
+    tile = model.input_px or t.tile_size
+    context = model.context_px if t.overlap == "auto" else None
+    try:
+        return tile_settings(tile, t.overlap, context_px=context, grid_px=model.grid_px)
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: tiling: {exc}") from exc
 
 
 @dataclass
@@ -499,11 +536,12 @@ def process_images(
             process_image(p, job_id=j, scene=s, **kwargs)
             for p, j, s in zip(paths, job_ids, scenes, strict=True)
         ]
-    t = segmenter.config.tiling  # what labels_at uses when an image is alone
-    shared = SharedBatches(
+    t = segmenter.config.tiling
+    shared = SharedBatches(  # tiled as labels_at tiles an image alone
         segmenter.predict_plane,
-        tile=t.tile_size,
-        overlap=t.overlap,
+        tile=segmenter.tiling.tile,
+        overlap=segmenter.tiling.overlap,
+        align=segmenter.tiling.align,
         batch_size=t.batch_size,
         stopwatch=segmenter.stopwatch,
     )

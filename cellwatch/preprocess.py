@@ -31,7 +31,7 @@ __all__ = [
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 from scipy import sparse
@@ -39,6 +39,7 @@ from skimage.transform import resize
 
 from cellwatch.errors import BadInputError
 from cellwatch.storage.pixels import HISTOGRAM_DTYPES, percentiles
+from cellwatch.tiling import Stitcher, TileGrid
 
 
 @dataclass(frozen=True)
@@ -137,18 +138,6 @@ def resize_to(array: np.ndarray, shape: tuple[int, int], *, order: int) -> np.nd
         preserve_range=True,
     )
     return out.astype(array.dtype, copy=False)
-
-
-class _Grid(Protocol):
-    """What :class:`OwnGridStitcher` needs of a tile grid (:class:`cellwatch.tiling.TileGrid`)."""
-
-    height: int
-    width: int
-    tile: int
-
-    def __len__(self) -> int: ...
-
-    def spans(self, index: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]: ...
 
 
 def axis_operator(
@@ -302,7 +291,7 @@ class ZoomedSource:
         return _apply(rows, values, cols)
 
 
-class OwnGridStitcher:
+class OwnGridStitcher(Stitcher):
     """Stitch the network's outputs for the tiles of a zoomed image onto the image's own grid.
 
     Each original pixel takes its value from the tile whose kept region (``grid.spans``)
@@ -311,7 +300,8 @@ class OwnGridStitcher:
     image's own size is kept. NaN marks a pixel outside every cell (a
     :func:`~cellwatch.postprocess.masked_interior` plane): a pixel whose interpolation
     weights fall mostly (≥ half) on NaN stays NaN, the others average their non-NaN
-    neighbours. Has the interface of :class:`cellwatch.tiling.Stitcher`.
+    neighbours. A :class:`cellwatch.tiling.Stitcher` that places each tile's kept region
+    by resampling it.
 
     Parameters
     ----------
@@ -323,10 +313,8 @@ class OwnGridStitcher:
         ``(H, W)`` of the image's own grid.
     """
 
-    def __init__(self, grid: _Grid, channels: int, shape: tuple[int, int]) -> None:
-        self.grid, self.shape = grid, (int(shape[0]), int(shape[1]))
-        self._out = np.zeros((*self.shape, channels), dtype=np.float32)
-        self._added = np.zeros(len(grid), dtype=bool)
+    def __init__(self, grid: TileGrid, channels: int, shape: tuple[int, int]) -> None:
+        super().__init__(grid, channels, shape)
         # position of each original row / column on the zoomed grid (resize_to's map)
         self._at = [
             (np.arange(n) + 0.5) * (z / n) - 0.5
@@ -342,17 +330,18 @@ class OwnGridStitcher:
         hi = len(at) if keep_to >= end else int(np.searchsorted(at, keep_to, side="left"))
         return lo, hi
 
-    def add(self, index: int, output: np.ndarray) -> None:
-        """Store the model output ``(tile, tile, C)`` of tile ``index``."""
-        (y0, y1, y2), (x0, x1, x2) = self.grid.spans(index)
-        rows, cols = self._range(0, y1, y2), self._range(1, x1, x2)
-        self._added[index] = True
-        if rows[0] == rows[1] or cols[0] == cols[1]:
+    def place(
+        self, rows: tuple[int, int, int], cols: tuple[int, int, int], output: np.ndarray
+    ) -> None:
+        """Resample the kept region of one tile's ``output`` onto the image's own grid."""
+        (y0, y1, y2), (x0, x1, x2) = rows, cols
+        ys, xs = self._range(0, y1, y2), self._range(1, x1, x2)
+        if ys[0] == ys[1] or xs[0] == xs[1]:
             return  # a thin kept region between two original samples
-        valid = output[: self.grid.height - y0, : self.grid.width - x0]  # drop tile padding
-        wy = self._operator(0, rows, y0, valid.shape[0])
-        wx = self._operator(1, cols, x0, valid.shape[1])
-        target = self._out[rows[0] : rows[1], cols[0] : cols[1]]
+        valid = output[: self.grid.height - y0, : self.grid.width - x0]  # drop the padding
+        wy = self._operator(0, ys, y0, valid.shape[0])
+        wx = self._operator(1, xs, x0, valid.shape[1])
+        target = self._out[ys[0] : ys[1], xs[0] : xs[1]]
         for channel in range(valid.shape[2]):
             values = valid[..., channel]
             finite = np.isfinite(values)
@@ -390,24 +379,7 @@ class OwnGridStitcher:
         dense[:, lo : lo + weights.shape[1]] = weights
         return dense
 
-    def add_run(self, first: int, outputs: np.ndarray) -> None:
-        """Store the outputs ``(n, tile, tile, C)`` of tiles ``first … first + n - 1``."""
-        for offset, output in enumerate(outputs):
-            self.add(first + offset, output)
 
-    @property
-    def complete(self) -> bool:
-        """Whether every tile of the grid has been added."""
-        return bool(self._added.all())
-
-    def result(self) -> np.ndarray:
-        """The ``(H, W, C)`` array on the image's own grid; every tile must have been added."""
-        if not self.complete:
-            missing = int((~self._added).sum())
-            raise RuntimeError(f"cannot stitch: {missing} of {len(self.grid)} tiles missing")
-        return self._out
-
-
-def own_grid_stitcher(shape: tuple[int, int]) -> Callable[[_Grid, int], OwnGridStitcher]:
+def own_grid_stitcher(shape: tuple[int, int]) -> Callable[[TileGrid, int], OwnGridStitcher]:
     """A stitcher factory for the tiler: ``factory(grid, channels)`` → :class:`OwnGridStitcher`."""
     return lambda grid, channels: OwnGridStitcher(grid, channels, shape)

@@ -10,22 +10,34 @@ their batch is filled, so memory is the stitched output plus one batch.
 Stitching keeps, for every output pixel, the tile in which that pixel lies farthest from the
 tile edge: each tile contributes its central region, overlaps are split at their midpoint,
 and border tiles contribute up to the image border. We prefer this to a blending window
-because it is exact: the tiles partition the image (identity in, identity out), there is no
-weight array to normalize, and tiled equals untiled prediction whenever ``overlap // 2`` is
-at least the network's edge-effect margin.
+because it is exact: the tiles partition the image (identity in, identity out), and there is
+no weight array to normalize.
+
+Tiled prediction equals the network's prediction on the whole image, padded to the
+network's pooling grid (:meth:`TileGrid.canvas`), when two things hold. Every tile origin
+lies on that grid (``align``): a 2× max-pooling is not shift-invariant, so a tile that meets
+the poolings at another phase than the whole image gives other outputs everywhere, however
+much context it has. And every kept pixel lies at least the network's receptive-field
+radius inside each tile edge that is not an edge of the padded image: a ``padding="same"``
+convolution sees zeros past a tile edge where the whole image has pixels.
+:func:`tile_settings` chooses the overlap that guarantees it. A zoomed image
+(:class:`TileSource`) is tiled the same way on its zoomed grid.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "DEFAULT_OVERLAP",
+    "MakeStitcher",
     "Stitcher",
-    "StitcherLike",
     "TileGrid",
     "TileJob",
     "TileQueue",
+    "TileSettings",
     "TileSource",
     "predict_tiled",
     "predict_tiled_many",
+    "tile_settings",
 ]
 
 from collections import deque
@@ -37,7 +49,6 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from cellwatch.errors import ModelError
 
@@ -58,68 +69,167 @@ class TileSource(Protocol):
     def window(self, y0: int, x0: int, height: int, width: int) -> np.ndarray: ...
 
 
-class StitcherLike(Protocol):
-    """What the tiler needs of a stitcher (:class:`Stitcher`, or one that resamples)."""
-
-    def add_run(self, first: int, outputs: np.ndarray) -> None: ...
-
-    @property
-    def complete(self) -> bool: ...
-
-    def result(self) -> np.ndarray: ...
+MakeStitcher = Callable[["TileGrid", int], "Stitcher"]  # (grid, channels) → stitcher
 
 
-MakeStitcher = Callable[["TileGrid", int], StitcherLike]  # (grid, channels) → stitcher
+def _axis_spans(
+    length: int, tile: int, overlap: int, align: int = 1
+) -> tuple[tuple[int, int, int], ...]:
+    """Return ``(start, keep_from, keep_to)`` per tile along one axis, in image coordinates.
 
-
-def _axis_spans(length: int, tile: int, overlap: int) -> tuple[tuple[int, int, int], ...]:
-    """Return ``(start, keep_from, keep_to)`` per tile along one axis, in image coordinates."""
-    padded = max(length, tile)  # shorter axes are padded at the end up to one tile
-    starts = [*range(0, padded - tile, tile - overlap), padded - tile]
+    Origins step by ``tile - overlap`` rounded down to a multiple of ``align``; the last
+    tile ends flush with the canvas (the axis padded to a multiple of ``align`` and to at
+    least one tile), so every origin is a multiple of ``align``. Neighbours split their
+    overlap at its midpoint.
+    """
+    canvas = _canvas_length(length, tile, align)
+    step = (tile - overlap) // align * align
+    starts = [*range(0, canvas - tile, step), canvas - tile]
     cuts = [0, *((a + b + tile) // 2 for a, b in pairwise(starts)), length]
     return tuple(zip(starts, cuts[:-1], cuts[1:], strict=True))
+
+
+def _canvas_length(length: int, tile: int, align: int) -> int:
+    return max(-(-length // align) * align, tile)
+
+
+def _source_index(length: int, canvas: int) -> np.ndarray:
+    """Image index of every canvas position: the axis reflected past its end (as
+    ``np.pad(mode="reflect")``; a single pixel is repeated)."""
+    position = np.arange(canvas, dtype=np.intp)
+    if length == 1:
+        return np.zeros(canvas, dtype=np.intp)
+    period = 2 * (length - 1)
+    folded = position % period
+    return np.where(folded < length, folded, period - folded)
+
+
+DEFAULT_OVERLAP = 48  # px; "auto" for a model whose receptive field is unknown
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """Tile side, overlap and origin alignment for one model (:func:`tile_settings`)."""
+
+    tile: int
+    overlap: int
+    align: int
+
+    @property
+    def margin(self) -> int:
+        """The least distance from a kept pixel to an edge of its tile (inside the canvas)."""
+        return (self.tile - (self.tile - self.overlap) // self.align * self.align) // 2
+
+
+def tile_settings(
+    tile: int, overlap: int | str, *, context_px: int | None, grid_px: int = 1
+) -> TileSettings:
+    """How to tile for a network with the given receptive field and pooling grid.
+
+    Tile origins lie on the pooling grid (``align = grid_px``) unless the step
+    ``tile - overlap`` is shorter than the grid (a network that pools down to one pixel),
+    where they cannot. ``overlap="auto"`` is the least overlap that gives every kept pixel
+    ``context_px`` of context on each side, its step rounded down to the grid;
+    :data:`DEFAULT_OVERLAP` when the receptive field is unknown.
+
+    Raises
+    ------
+    ValueError
+        When ``tile`` cannot give a kept pixel ``context_px`` on each side, or the overlap
+        is not a number of pixels in ``[0, tile - align]``.
+
+    Examples
+    --------
+    >>> tile_settings(512, "auto", context_px=92, grid_px=16)
+    TileSettings(tile=512, overlap=192, align=16)
+    >>> tile_settings(256, 48, context_px=92, grid_px=16).margin
+    24
+    """
+    if overlap == "auto":
+        if context_px is None:
+            overlap = min(DEFAULT_OVERLAP, tile // 4)
+        else:
+            step = (tile - 2 * context_px) // grid_px * grid_px
+            if step < grid_px:
+                least = 2 * context_px + grid_px
+                raise ValueError(
+                    f"tiles of {tile} px are too small for this model: it needs "
+                    f"{context_px} px of context on each side of a kept pixel, so tiles of "
+                    f"at least {-(-least // grid_px) * grid_px} px (or a fixed overlap)"
+                )
+            overlap = tile - step
+    if not isinstance(overlap, int) or isinstance(overlap, bool):
+        raise ValueError(f"overlap must be a number of pixels or 'auto', got {overlap!r}")
+    align = grid_px if tile - overlap >= grid_px and tile % grid_px == 0 else 1
+    TileGrid(1, 1, tile, overlap, align)  # raises on a bad tile or overlap
+    return TileSettings(tile, overlap, align)
 
 
 @dataclass(frozen=True)
 class TileGrid:
     """Square tiles covering a ``height`` × ``width`` image, row-major, with ``overlap`` px.
 
-    Tile origins step by ``tile - overlap``; the last tile on each axis is flush with the
-    edge. An axis shorter than ``tile`` is padded at its end (reflect, or edge for a single
-    pixel), so the origin along it is 0.
+    The tiles cover the *canvas*: the image padded at its bottom and right, reflected, to a
+    multiple of ``align`` px and to at least one tile along each axis (a single pixel is
+    repeated). Tile origins step by ``tile - overlap`` rounded down to a multiple of
+    ``align`` (so the overlap may grow), and the last tile on each axis ends flush with the
+    canvas: every origin is a multiple of ``align``. With a network's pooling grid as
+    ``align`` (16 for four 2× poolings), each tile meets the poolings at the phase the
+    whole canvas does, so the stitched output equals the network's output on the canvas
+    wherever a kept pixel lies at least the network's receptive-field radius inside every
+    tile edge that is not a canvas edge: wherever ``(tile - step) // 2`` covers that radius.
     """
 
     height: int
     width: int
     tile: int
     overlap: int
+    align: int = 1
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"image is empty: shape ({self.height}, {self.width})")
         if self.tile < 1:
             raise ValueError(f"tile must be at least 1 px, got {self.tile}")
-        if self.overlap < 0 or 2 * self.overlap >= self.tile:
+        if self.align < 1 or self.tile % self.align:
             raise ValueError(
-                f"overlap must be in [0, tile/2), got overlap={self.overlap} for tile={self.tile}"
+                f"tile ({self.tile} px) must be a multiple of align, got align={self.align}"
+            )
+        if not 0 <= self.overlap <= self.tile - self.align:
+            raise ValueError(
+                f"overlap must be in [0, tile - align] = [0, {self.tile - self.align}], "
+                f"got overlap={self.overlap} for tile={self.tile}, align={self.align}"
             )
 
     @classmethod
-    def for_shape(cls, shape: tuple[int, int], tile: int, overlap: int) -> TileGrid:
+    def for_shape(cls, shape: tuple[int, int], tile: int, overlap: int, align: int = 1) -> TileGrid:
         """Build the grid for an image of the given ``(height, width)``."""
         if len(shape) != 2:
             raise ValueError(f"expected a 2-D image shape, got {tuple(shape)}")
-        return cls(int(shape[0]), int(shape[1]), int(tile), int(overlap))
+        return cls(int(shape[0]), int(shape[1]), int(tile), int(overlap), int(align))
+
+    @property
+    def step(self) -> int:
+        """Distance between neighbouring tile origins (the last step may be shorter)."""
+        return (self.tile - self.overlap) // self.align * self.align
+
+    @property
+    def canvas_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the padded image the tiles cover."""
+        return (
+            _canvas_length(self.height, self.tile, self.align),
+            _canvas_length(self.width, self.tile, self.align),
+        )
 
     @cached_property
     def rows(self) -> tuple[tuple[int, int, int], ...]:
         """``(y0, keep_from, keep_to)`` for each row of tiles."""
-        return _axis_spans(self.height, self.tile, self.overlap)
+        return _axis_spans(self.height, self.tile, self.overlap, self.align)
 
     @cached_property
     def cols(self) -> tuple[tuple[int, int, int], ...]:
         """``(x0, keep_from, keep_to)`` for each column of tiles."""
-        return _axis_spans(self.width, self.tile, self.overlap)
+        return _axis_spans(self.width, self.tile, self.overlap, self.align)
 
     @cached_property
     def origins(self) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +237,18 @@ class TileGrid:
         ys = np.array([r[0] for r in self.rows], dtype=np.intp)
         xs = np.array([c[0] for c in self.cols], dtype=np.intp)
         return np.repeat(ys, len(xs)), np.tile(xs, len(ys))
+
+    @cached_property
+    def _sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """Image row (column) of each pixel row (column) of each row (column) of tiles:
+        ``(rows, tile)`` and ``(cols, tile)`` index arrays."""
+        canvas_y, canvas_x = self.canvas_shape
+        ys, xs = _source_index(self.height, canvas_y), _source_index(self.width, canvas_x)
+        offsets = np.arange(self.tile, dtype=np.intp)
+        return (
+            ys[np.array([r[0] for r in self.rows])[:, None] + offsets],
+            xs[np.array([c[0] for c in self.cols])[:, None] + offsets],
+        )
 
     def __len__(self) -> int:
         return len(self.rows) * len(self.cols)
@@ -142,53 +264,101 @@ class TileGrid:
         row, col = divmod(index, len(self.cols))
         return self.rows[row], self.cols[col]
 
-    def windows(self, image: np.ndarray) -> np.ndarray:
-        """A ``(H', W', tile, tile)`` view of every tile position of ``image`` (padded first
-        along axes shorter than a tile, which copies only such small images)."""
-        if image.shape != (self.height, self.width):
-            grid = (self.height, self.width)
-            raise ValueError(f"image shape {image.shape} does not match the grid's {grid}")
-        for axis, size in enumerate(image.shape):
-            if size < self.tile:  # the whole axis is shorter than a tile
-                widths = [(0, 0), (0, 0)]
-                widths[axis] = (0, self.tile - size)
-                image = np.pad(image, widths, mode="reflect" if size > 1 else "edge")
-        return sliding_window_view(image, (self.tile, self.tile))
+    def canvas(self, image: np.ndarray) -> np.ndarray:
+        """``image`` padded to :attr:`canvas_shape` as the tiles see it (a copy): what the
+        network would be given for a whole-image prediction."""
+        self._check(image)
+        canvas_y, canvas_x = self.canvas_shape
+        ys, xs = _source_index(self.height, canvas_y), _source_index(self.width, canvas_x)
+        return image[ys[:, None], xs[None, :]]
 
-    def extract(
-        self, image: np.ndarray, indices: Sequence[int], *, windows: np.ndarray | None = None
+    def cut(
+        self,
+        image: np.ndarray | TileSource,
+        indices: np.ndarray,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Return the tiles at ``indices`` as an ``(n, tile, tile)`` float32 array.
+        """The tiles at ``indices`` (an index array) of the canvas of ``image`` as ``(n,
+        tile, tile)``, in the image's dtype (float32 from a :class:`TileSource`) or written
+        into ``out``.
 
-        ``windows`` is :meth:`windows` of ``image``, when the caller keeps it.
+        No padded copy of the image is made: a tile inside the image is one slice (one
+        ``window`` of a source), one that reaches into the padding reads the block of the
+        image its reflected rows and columns come from and gathers them.
         """
+        self._check(image)
+        rows, cols = divmod(np.asarray(indices, dtype=np.intp).reshape(-1), len(self.cols))
+        t = self.tile
+        if out is None:
+            dtype = image.dtype if isinstance(image, np.ndarray) else np.float32
+            out = np.empty((len(rows), t, t), dtype=dtype)
+        source_y, source_x = self._sources
+        for k, (row, col) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+            y0, x0 = self.rows[row][0], self.cols[col][0]
+            if y0 + t <= self.height and x0 + t <= self.width:
+                out[k] = _block(image, y0, x0, t, t)
+            else:
+                ys, xs = source_y[row], source_x[col]
+                y, x = int(ys.min()), int(xs.min())
+                block = _block(image, y, x, int(ys.max()) + 1 - y, int(xs.max()) + 1 - x)
+                out[k] = block[np.ix_(ys - y, xs - x)]
+        return out
+
+    def extract(self, image: np.ndarray | TileSource, indices: Sequence[int]) -> np.ndarray:
+        """Return the tiles at ``indices`` as an ``(n, tile, tile)`` float32 array."""
         index = np.asarray(indices, dtype=np.intp).reshape(-1)
         bad = index[(index < 0) | (index >= len(self))]
         if bad.size:
             raise IndexError(f"tile index {bad[0]} out of range for a grid of {len(self)} tiles")
-        view = self.windows(image) if windows is None else windows
-        ys, xs = self.origins
-        return view[ys[index], xs[index]].astype(np.float32, copy=False)
+        return self.cut(image, index).astype(np.float32, copy=False)
+
+    def _check(self, image: np.ndarray | TileSource) -> None:
+        if tuple(image.shape) != (self.height, self.width):
+            grid = (self.height, self.width)
+            raise ValueError(f"image shape {tuple(image.shape)} does not match the grid's {grid}")
+
+
+def _block(image: np.ndarray | TileSource, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """Rows ``y0:y0+height``, columns ``x0:x0+width`` of an array or a source."""
+    if isinstance(image, np.ndarray):
+        return image[y0 : y0 + height, x0 : x0 + width]
+    return image.window(y0, x0, height, width)
 
 
 class Stitcher:
-    """Write each tile's central region into one ``(H, W, C)`` float32 array."""
+    """Write each tile's kept region into one ``(H, W, C)`` float32 array.
 
-    def __init__(self, grid: TileGrid, channels: int) -> None:
+    The bookkeeping (which tiles have come, the output's shape) is here; where a tile's
+    kept region goes is :meth:`place`. This class copies it to the same place in an array
+    of the grid's size; :class:`cellwatch.preprocess.OwnGridStitcher` resamples it onto a
+    zoomed image's own grid (``shape``).
+    """
+
+    def __init__(self, grid: TileGrid, channels: int, shape: tuple[int, int] | None = None) -> None:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}")
         self.grid = grid
-        self._out = np.zeros((grid.height, grid.width, channels), dtype=np.float32)
+        self.shape = (grid.height, grid.width) if shape is None else (int(shape[0]), int(shape[1]))
+        self._out = np.zeros((*self.shape, channels), dtype=np.float32)
         self._added = np.zeros(len(grid), dtype=bool)
 
     def add(self, index: int, output: np.ndarray) -> None:
         """Store the model output ``(tile, tile, C)`` of tile ``index``."""
-        (y0, y1, y2), (x0, x1, x2) = self.grid.spans(index)
+        spans = self.grid.spans(index)
         expected = (self.grid.tile, self.grid.tile, self._out.shape[2])
         if output.shape != expected:
             raise ValueError(f"tile output has shape {output.shape}, expected {expected}")
-        self._out[y1:y2, x1:x2] = output[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
+        self.place(*spans, output)
         self._added[index] = True
+
+    def place(
+        self, rows: tuple[int, int, int], cols: tuple[int, int, int], output: np.ndarray
+    ) -> None:
+        """Write the kept region of one tile's ``output``; ``rows`` and ``cols`` are its
+        ``(origin, keep_from, keep_to)`` spans (:meth:`TileGrid.spans`)."""
+        (y0, y1, y2), (x0, x1, x2) = rows, cols
+        self._out[y1:y2, x1:x2] = output[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
 
     def add_run(self, first: int, outputs: np.ndarray) -> None:
         """Store the outputs ``(n, tile, tile, C)`` of tiles ``first … first + n - 1``.
@@ -224,28 +394,10 @@ def _check_image(image: np.ndarray | TileSource, prepare: Prepare | None = None)
         raise ValueError(f"expected a float image, got {image.dtype} — forgot to normalize?")
 
 
-def _check_settings(tile: int, overlap: int, batch_size: int) -> None:
-    TileGrid(1, 1, tile, overlap)  # raises on a bad tile or overlap
+def _check_settings(tile: int, overlap: int, batch_size: int, align: int = 1) -> None:
+    TileGrid(1, 1, tile, overlap, align)  # raises on a bad tile, overlap or alignment
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-
-
-def _cut(job: TileJob, ys: np.ndarray, xs: np.ndarray, tiles: np.ndarray) -> None:
-    """Fill ``tiles`` from the job's source, one window per tile, padded as
-    :meth:`TileGrid.windows` pads an image shorter than a tile."""
-    if job.source is None:
-        raise RuntimeError("a tile job without windows needs a source")
-    grid, size = job.grid, job.grid.tile
-    for tile, y0, x0 in zip(tiles, ys, xs, strict=True):
-        height, width = min(size, grid.height - int(y0)), min(size, grid.width - int(x0))
-        piece = job.source.window(int(y0), int(x0), height, width)
-        for axis, short in enumerate((size - height, size - width)):
-            if short:  # the whole axis is shorter than a tile
-                widths = [(0, 0), (0, 0)]
-                widths[axis] = (0, short)
-                edge = piece.shape[axis] == 1
-                piece = np.pad(piece, widths, mode="edge" if edge else "reflect")
-        tile[...] = piece
 
 
 def _predict(batch: np.ndarray, predict_batch: PredictBatch) -> np.ndarray:
@@ -263,13 +415,12 @@ class TileJob:
     """One image on its way through the network."""
 
     grid: TileGrid
-    windows: np.ndarray | None  # every tile position of the image, a view (None: a source)
+    image: np.ndarray | TileSource  # tiles are cut from it as their batch is filled
     prepare: Prepare | None = None  # applied to the image's tiles as they are cut
     taken: int = 0  # tiles handed to a batch so far
-    stitcher: StitcherLike | None = None  # created once the model's channel count is known
+    stitcher: Stitcher | None = None  # created once the model's channel count is known
     error: BaseException | None = None
     done: bool = False
-    source: TileSource | None = None  # cuts the tiles when there are no windows
     make_stitcher: MakeStitcher = Stitcher
 
     def result(self) -> np.ndarray:
@@ -301,10 +452,12 @@ class TileQueue:
         tile: int,
         overlap: int,
         batch_size: int,
+        align: int = 1,
         stopwatch: Stopwatch | None = None,
     ) -> None:
-        _check_settings(tile, overlap, batch_size)
+        _check_settings(tile, overlap, batch_size, align)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        self.align = align
         self._jobs: deque[TileJob] = deque()  # jobs with tiles left to take
         self.pending = 0  # tiles queued and not yet taken
         self._watch = stopwatch
@@ -324,11 +477,8 @@ class TileQueue:
         raises ``ValueError`` for a bad one. ``stitcher`` makes the job's stitcher
         (default :class:`Stitcher`) from the grid and the output's channel count."""
         _check_image(image, prepare)
-        grid = TileGrid.for_shape(image.shape, self.tile, self.overlap)
-        if isinstance(image, np.ndarray):
-            job = TileJob(grid, grid.windows(image), prepare)
-        else:
-            job = TileJob(grid, None, prepare, source=image)
+        grid = TileGrid.for_shape(image.shape, self.tile, self.overlap, self.align)
+        job = TileJob(grid, image, prepare)
         if stitcher is not None:
             job.make_stitcher = stitcher
         self._jobs.append(job)
@@ -343,13 +493,8 @@ class TileQueue:
             while slot < self.batch_size and self._jobs:
                 job = self._jobs[0]
                 n = min(self.batch_size - slot, len(job.grid) - job.taken)
-                index = np.arange(job.taken, job.taken + n)
-                ys, xs = job.grid.origins
                 tiles = batch.tiles[slot : slot + n, ..., 0]
-                if job.windows is not None:
-                    tiles[...] = job.windows[ys[index], xs[index]]
-                else:
-                    _cut(job, ys[index], xs[index], tiles)
+                job.grid.cut(job.image, np.arange(job.taken, job.taken + n), out=tiles)
                 if job.prepare is not None:
                     job.prepare(tiles)
                 batch.runs.append((job, job.taken, n, slot))
@@ -400,6 +545,7 @@ def predict_tiled_many(
     tile: int = 256,
     overlap: int = 48,
     batch_size: int = 8,
+    align: int = 1,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
     stitcher: MakeStitcher | None = None,
@@ -409,7 +555,9 @@ def predict_tiled_many(
     Images are read lazily; each ``(H, W, C)`` result is yielded, in input order, as soon
     as its last tile is predicted. A bad image raises when it is reached.
     """
-    queue = TileQueue(tile=tile, overlap=overlap, batch_size=batch_size, stopwatch=stopwatch)
+    queue = TileQueue(
+        tile=tile, overlap=overlap, batch_size=batch_size, align=align, stopwatch=stopwatch
+    )
     return _predict_many(images, predict_batch, queue, prepare, stitcher)
 
 
@@ -440,6 +588,7 @@ def predict_tiled(
     tile: int = 256,
     overlap: int = 48,
     batch_size: int = 8,
+    align: int = 1,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
     stitcher: MakeStitcher | None = None,
@@ -456,10 +605,14 @@ def predict_tiled(
         Takes ``(batch_size, tile, tile, 1)`` float32 on every call, the last batch padded
         with zeros, and returns ``(batch_size, tile, tile, C)``.
     tile, overlap : int
-        Tile side and overlap in pixels; ``0 <= overlap < tile / 2``. Tiled equals untiled
-        prediction when ``overlap // 2`` covers the model's edge-effect margin.
+        Tile side and overlap in pixels, ``0 <= overlap <= tile - align``.
     batch_size : int
         Tiles per model call.
+    align : int
+        Tile origins are multiples of ``align`` (see :class:`TileGrid`): the network's
+        pooling grid, so that tiled prediction equals the network's prediction on the whole
+        padded image (:meth:`TileGrid.canvas`) where ``overlap // 2`` covers its receptive
+        field radius (:func:`tile_settings` finds that overlap).
     stopwatch : Stopwatch, optional
         Counts cutting tiles as ``tile`` and stitching as ``stitch``.
     prepare : callable, optional
@@ -499,6 +652,7 @@ def predict_tiled(
             tile=tile,
             overlap=overlap,
             batch_size=batch_size,
+            align=align,
             stopwatch=stopwatch,
             prepare=prepare,
             stitcher=stitcher,

@@ -97,6 +97,11 @@ def test_halo_comes_from_the_model_card_when_it_records_one():
     assert halo_px({}, tiling) == 24  # half the overlap, as tiling discards
     assert halo_px({"receptive_field_px": 93}, tiling) == 47
     assert halo_px({"halo_px": 30, "receptive_field_px": 93}, tiling) == 30
+    # the measured field as `cellwatch train` records it: its radius is the context
+    measured = {"receptive_field": {"radius_px": 92, "tolerance": 0.001, "grid_px": 16}}
+    assert halo_px(measured, tiling) == 92
+    assert halo_px(measured, TilingConfig(overlap="auto")) == 92
+    assert halo_px({}, TilingConfig(overlap="auto")) == 24  # no field known: the old margin
 
 
 def test_out_must_be_a_zip(tmp_path: Path):

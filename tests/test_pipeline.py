@@ -62,6 +62,53 @@ def test_tiled_and_untiled_agree(threshold_model, tmp_path):
     np.testing.assert_allclose(a[4:-4, 4:-4], b[4:-4, 4:-4], atol=1e-5)
 
 
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "images"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+@pytest.mark.parametrize(
+    ("name", "tile"),
+    [("a65bbfc5673e", 512), ("a65bbfc5673e", 256), ("2c83c86dd4e5", 512)],
+    ids=["a65-default", "a65-256-many-seams", "2c8-default"],
+)
+def test_tiled_equals_whole_image_with_the_bundled_model(bundled, name, tile):
+    """Real nuclei (DSB 2018 fluorescence, 520 × 696), the bundled U-Net, ``overlap: auto``:
+    the stitched tiles give what the network gives on the whole image, reflected at its
+    bottom and right to the 16-px pooling grid as the tiles see it (at the top and left the
+    network's own zero padding meets the image edge in both)."""
+    from cellwatch.postprocess import labels_from_masked_interior
+    from cellwatch.preprocess import Normalization
+
+    raw = tifffile.imread(SAMPLES / f"{name}.tif")
+    seg = Segmenter(override(Config(), **{"tiling.tile_size": tile}), bundled)
+    norm = Normalization.of(raw)
+    image = norm.apply(raw)
+    h, w = image.shape
+    canvas = np.pad(image, [(0, -h % 16), (0, -w % 16)], mode="reflect")[None, ..., None]
+
+    whole = seg.predict_batch(canvas)[0, :h, :w]
+    tiled = seg.probabilities(raw, 1.0, norm, raw=True)
+    close = np.abs(tiled - whole).max(axis=-1) <= 0.02
+    assert close.mean() >= 0.999, f"{100 * (1 - close.mean()):.2f} % of pixels differ by > 0.02"
+
+    p = seg.config.postprocess
+    whole_labels = labels_from_masked_interior(
+        seg.predict_plane(canvas)[0, :h, :w, 0],
+        interior_threshold=p.interior_threshold,
+        split_threshold=p.split_threshold,
+        split_min_area=p.split_min_area_px,
+    )
+    labels = seg.labels_at(raw, 1.0, norm)
+    assert whole_labels.max() > 20  # nuclei were found
+    if not np.array_equal(labels, whole_labels):
+        at = matching.match(whole_labels, labels, thresholds=(0.99,))[0]
+        assert at.fp == at.fn == 0, f"{at.fn} of {whole_labels.max()} cells differ at IoU 0.99"
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (255, 257), (3000, 17), (17, 3000), (64, 64)])
 def test_labels_have_the_input_shape(threshold_model, shape):
     rng = np.random.default_rng(0)

@@ -146,11 +146,12 @@ def _model(batch: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scale", SCALES)
-def test_tiles_cut_from_the_source_equal_tiles_of_the_zoomed_image(shape, scale):
+@pytest.mark.parametrize("align", [1, 16])  # 16: tiles reach into the reflected canvas
+def test_tiles_cut_from_the_source_equal_tiles_of_the_zoomed_image(shape, scale, align):
     image = _raw(shape, 1)
     norm = Normalization.of(image)
     zoomed = rescale(norm.apply(image), scale)
-    kwargs = {"tile": 32, "overlap": 8, "batch_size": 4}
+    kwargs = {"tile": 32, "overlap": 8, "batch_size": 4, "align": align}
     expected = predict_tiled(zoomed, _model, **kwargs)
     streamed = predict_tiled(ZoomedSource(image, scale, norm), _model, **kwargs)
     np.testing.assert_allclose(streamed, expected, atol=TOLERANCE, rtol=0)
@@ -158,17 +159,56 @@ def test_tiles_cut_from_the_source_equal_tiles_of_the_zoomed_image(shape, scale)
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scale", SCALES)
-def test_outputs_stitched_on_the_own_grid_equal_resizing_the_zoomed_output(shape, scale):
+@pytest.mark.parametrize("align", [1, 16])
+def test_outputs_stitched_on_the_own_grid_equal_resizing_the_zoomed_output(shape, scale, align):
     image = _raw(shape, 2)
     norm = Normalization.of(image)
     zoomed_output = _model(rescale(norm.apply(image), scale)[..., None])
     expected = resize_to(zoomed_output, shape, order=1)  # what labelling used to start from
     source = ZoomedSource(image, scale, norm)
     own = predict_tiled(
-        source, _model, tile=32, overlap=8, batch_size=4, stitcher=own_grid_stitcher(shape)
+        source,
+        _model,
+        tile=32,
+        overlap=8,
+        batch_size=4,
+        align=align,
+        stitcher=own_grid_stitcher(shape),
     )
     assert own.shape == (*shape, 3)
     np.testing.assert_allclose(own, expected, atol=2e-6, rtol=0)
+
+
+def _pooling_model(batch: np.ndarray) -> np.ndarray:
+    """A one-level U-Net stand-in: 2×2 max-pooling, a 3×3 correlation with zero padding on
+    the pooled map, nearest upsampling. Its output depends on the pooling phase."""
+    from scipy import ndimage
+
+    x = batch[..., 0]
+    n, h, w = x.shape
+    pooled = x.reshape(n, h // 2, 2, w // 2, 2).max(axis=(2, 4))
+    kernel = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3) / 45
+    smoothed = ndimage.correlate(pooled, kernel, mode="constant")
+    return smoothed.repeat(2, axis=1).repeat(2, axis=2)[..., None]
+
+
+@pytest.mark.parametrize("shape", [(50, 70), (37, 91), (7, 40)])
+@pytest.mark.parametrize("scale", [0.6, 1.7])
+def test_a_zoomed_image_tiled_on_the_pooling_grid_equals_its_whole_canvas(shape, scale):
+    """The zoomed image is tiled as an image is: origins on the pooling grid, the canvas
+    reflected past the zoomed image's end, and the stitched output is the network's on
+    that whole canvas (resampled to the image's own grid by the own-grid stitcher)."""
+    image = _raw(shape, 3)
+    norm = Normalization.of(image)
+    source = ZoomedSource(image, scale, norm)
+    grid = TileGrid.for_shape(source.shape, 32, 14, align=2)  # margin 8 ≥ the 3-px field
+    zoomed = rescale(norm.apply(image), scale)
+    whole = _pooling_model(grid.canvas(zoomed)[None, ..., None])[0][: grid.height, : grid.width]
+    kwargs = {"tile": 32, "overlap": 14, "batch_size": 3, "align": 2}
+    tiled = predict_tiled(source, _pooling_model, **kwargs)
+    np.testing.assert_allclose(tiled, whole, atol=TOLERANCE, rtol=0)
+    own = predict_tiled(source, _pooling_model, **kwargs, stitcher=own_grid_stitcher(shape))
+    np.testing.assert_allclose(own, resize_to(whole, shape, order=1), atol=2e-6, rtol=0)
 
 
 def test_own_grid_stitcher_keeps_nan_where_most_weight_is_nan():

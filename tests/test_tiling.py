@@ -7,7 +7,13 @@ import pytest
 from scipy import ndimage
 
 from cellwatch.errors import ModelError
-from cellwatch.tiling import Stitcher, TileGrid, predict_tiled, predict_tiled_many
+from cellwatch.tiling import (
+    Stitcher,
+    TileGrid,
+    predict_tiled,
+    predict_tiled_many,
+    tile_settings,
+)
 
 SIZES = [(1, 1), (7, 300), (255, 257), (256, 256), (257, 256), (3000, 17), (600, 900)]
 TILE_OVERLAPS = [(t, o) for t in (32, 64, 256) for o in sorted({0, 8, t // 4, t // 2 - 1})]
@@ -67,14 +73,68 @@ def test_small_axes_are_reflect_padded(shape):
     np.testing.assert_array_equal(tile, expected)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (2, 3), (7, 300), (603, 1272), (3000, 17)])
+@pytest.mark.parametrize(("tile", "align"), [(32, 1), (32, 16), (64, 16), (256, 16)])
+def test_the_canvas_is_the_image_reflected_to_the_grid_and_a_tile(shape, tile, align):
+    image = _image(shape)
+    grid = TileGrid.for_shape(shape, tile=tile, overlap=8, align=align)
+    height, width = grid.canvas_shape
+    assert height % align == 0 and width % align == 0
+    assert height == max(-(-shape[0] // align) * align, tile)
+    assert width == max(-(-shape[1] // align) * align, tile)
+    expected = image
+    for axis, (size, target) in enumerate(zip(shape, (height, width), strict=True)):
+        widths = [(0, 0), (0, 0)]
+        widths[axis] = (0, target - size)
+        expected = np.pad(expected, widths, mode="edge" if size == 1 else "reflect")
+    canvas = grid.canvas(image)
+    np.testing.assert_array_equal(canvas, expected)
+    for index, (y0, x0) in enumerate(grid.boxes()):  # tiles are cut from the canvas
+        np.testing.assert_array_equal(
+            grid.extract(image, [index])[0], canvas[y0 : y0 + tile, x0 : x0 + tile]
+        )
+
+
 @pytest.mark.parametrize(
-    ("length", "tile", "overlap", "starts"),
-    [(1, 32, 0, [0]), (32, 32, 8, [0]), (100, 32, 8, [0, 24, 48, 68]), (72, 32, 8, [0, 24, 40])],
+    ("length", "tile", "overlap", "align", "starts"),
+    [
+        (1, 32, 0, 1, [0]),
+        (32, 32, 8, 1, [0]),
+        (100, 32, 8, 1, [0, 24, 48, 68]),
+        (72, 32, 8, 1, [0, 24, 40]),
+        # on a 16-px grid the image is padded to 608 instead of the last tile starting at 344
+        (600, 256, 48, 16, [0, 208, 352]),
+        (600, 256, 126, 16, [0, 128, 256, 352]),  # a step of 130 rounds down to 128
+        (100, 64, 16, 16, [0, 48]),
+    ],
 )
-def test_grid_origins_step_and_end_flush(length, tile, overlap, starts):
-    grid = TileGrid.for_shape((length, 5), tile=tile, overlap=overlap)
-    assert grid.boxes() == [(s, 0) for s in starts]
+def test_grid_origins_step_and_end_flush(length, tile, overlap, align, starts):
+    grid = TileGrid.for_shape((length, 5), tile=tile, overlap=overlap, align=align)
+    assert [y for y, _ in grid.boxes()] == starts
     assert len(grid) == len(starts)
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 255, 256, 257, 603, 1000, 1272])
+@pytest.mark.parametrize(
+    ("tile", "overlap", "align"),
+    [(256, 48, 16), (256, 192, 16), (512, 192, 16), (256, 130, 16), (64, 20, 8), (32, 8, 1)],
+)
+def test_origins_lie_on_the_grid_and_kept_pixels_keep_the_margin(length, tile, overlap, align):
+    grid = TileGrid.for_shape((length, 3), tile=tile, overlap=overlap, align=align)
+    canvas = grid.canvas_shape[0]
+    margin = (tile - grid.step) // 2
+    assert margin >= overlap // 2
+    assert grid.rows[-1][0] + tile == canvas
+    kept = []
+    for start, keep_from, keep_to in grid.rows:
+        assert start % align == 0
+        assert start <= keep_from < keep_to <= start + tile
+        if start > 0:  # an edge inside the canvas: the network sees zeros past it
+            assert keep_from - start >= margin
+        if start + tile < canvas:
+            assert start + tile - keep_to >= margin
+        kept += range(keep_from, keep_to)
+    assert kept == list(range(length))  # the kept spans partition the image
 
 
 @pytest.mark.parametrize("shape", [(300, 500), (257, 1000), (40, 40)])
@@ -98,6 +158,39 @@ def test_too_small_overlap_shows_seams():
     tiled = predict_tiled(image, model, tile=64, overlap=2, batch_size=4)
     untiled = model(image[None, ..., None])[0]
     assert not np.allclose(tiled[2:-2, 2:-2], untiled[2:-2, 2:-2], atol=1e-3)
+
+
+def pooling_model(batch: np.ndarray) -> np.ndarray:
+    """A one-level 'U-Net': 2×2 max-pooling, a 3×3 correlation with zero padding on the
+    pooled map, nearest upsampling. Not shift-invariant: the output depends on the phase
+    at which the pooling meets the image."""
+    x = batch[..., 0]
+    n, h, w = x.shape
+    pooled = x.reshape(n, h // 2, 2, w // 2, 2).max(axis=(2, 4))
+    kernel = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3) / 45
+    smoothed = ndimage.correlate(pooled, kernel, mode="constant")
+    return smoothed.repeat(2, axis=1).repeat(2, axis=2)[..., None]
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (257, 1000), (40, 41), (603, 1272)])
+@pytest.mark.parametrize(("tile", "overlap"), [(64, 12), (64, 21), (96, 30)])
+def test_tiled_equals_the_whole_canvas_for_a_pooling_network(shape, tile, overlap):
+    # the model's receptive field is 3 px; every overlap here leaves at least 6 each side
+    image = _image(shape)
+    grid = TileGrid.for_shape(shape, tile, overlap, align=2)
+    whole = pooling_model(grid.canvas(image)[None, ..., None])[0][: shape[0], : shape[1]]
+    tiled = predict_tiled(image, pooling_model, tile=tile, overlap=overlap, align=2)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)  # border pixels included
+
+
+def test_tiles_off_the_pooling_grid_disagree():
+    """Guards the previous test: with odd origins (a step of 43) the same network and the
+    same ample overlap no longer give the whole canvas's output."""
+    image = _image((300, 500))
+    grid = TileGrid.for_shape(image.shape, 64, 21, align=2)
+    whole = pooling_model(grid.canvas(image)[None, ..., None])[0][:300, :500]
+    tiled = predict_tiled(image, pooling_model, tile=64, overlap=21, align=1)
+    assert np.abs(tiled - whole).max() > 0.05
 
 
 def test_pointwise_function_matches_everywhere():
@@ -180,6 +273,38 @@ def test_stitcher_accepts_tiles_in_any_order():
     np.testing.assert_array_equal(stitcher.result()[..., 0], image)
 
 
+@pytest.mark.parametrize(
+    ("tile", "overlap", "context", "grid", "expected"),
+    [
+        (512, "auto", 92, 16, (512, 192, 16)),  # margin 96 ≥ 92
+        (256, "auto", 92, 16, (256, 192, 16)),  # a step of 64
+        (256, "auto", 0, 16, (256, 0, 16)),
+        (64, "auto", 2, 1, (64, 4, 1)),
+        (256, 48, 92, 16, (256, 48, 16)),  # a fixed overlap is kept, origins still aligned
+        (256, 48, None, 256, (256, 48, 1)),  # a step shorter than the grid: no alignment
+        (256, "auto", None, 256, (256, 48, 1)),  # receptive field unknown: the old overlap
+    ],
+)
+def test_tile_settings(tile, overlap, context, grid, expected):
+    settings = tile_settings(tile, overlap, context_px=context, grid_px=grid)
+    assert (settings.tile, settings.overlap, settings.align) == expected
+    if overlap == "auto" and context is not None:
+        assert settings.margin >= context
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "match"),
+    [
+        (192, "auto", r"tiles of 192 px are too small .* 92 px of context .* at least 208 px"),
+        (256, "some", r"overlap must be a number of pixels or 'auto', got 'some'"),
+        (256, 256, r"overlap must be in \[0, tile - align\] = \[0, 255\]"),
+    ],
+)
+def test_tile_settings_errors(tile, overlap, match):
+    with pytest.raises(ValueError, match=match):
+        tile_settings(tile, overlap, context_px=92, grid_px=16)
+
+
 # --- every error path -------------------------------------------------------------------
 
 
@@ -187,8 +312,10 @@ def test_stitcher_accepts_tiles_in_any_order():
     ("kwargs", "match"),
     [
         ({"tile": 0}, r"tile must be at least 1"),
-        ({"tile": 64, "overlap": 32}, r"overlap must be in \[0, tile/2\)"),
-        ({"tile": 64, "overlap": -1}, r"overlap must be in \[0, tile/2\)"),
+        ({"tile": 64, "overlap": 64}, r"overlap must be in \[0, tile - align\] = \[0, 63\]"),
+        ({"tile": 64, "overlap": -1}, r"overlap must be in \[0, tile - align\]"),
+        ({"tile": 64, "overlap": 56, "align": 16}, r"= \[0, 48\], got overlap=56"),
+        ({"tile": 64, "overlap": 8, "align": 24}, r"tile \(64 px\) must be a multiple of align"),
         ({"batch_size": 0}, r"batch_size must be at least 1"),
     ],
 )
@@ -290,6 +417,35 @@ def test_threads_share_batches_and_get_their_own_results():
     tiles = sum(len(TileGrid.for_shape(im.shape, 32, 8)) for im in images)
     assert all(shape == (4, 32, 32, 1) for shape, _ in recorder.calls)
     assert len(recorder.calls) < tiles  # tiles of different images shared batches
+
+
+def test_shared_batches_keep_origins_on_the_pooling_grid():
+    import threading
+
+    from cellwatch.batching import SharedBatches
+
+    images = [_image(s, seed=i) for i, s in enumerate([(70, 90), (300, 130), (41, 41)])]
+    shared = SharedBatches(pooling_model, tile=32, overlap=13, batch_size=3, align=2)
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        try:
+            results[i] = shared.predict(images[i])
+        finally:
+            shared.remove_worker()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    shared.add_workers(len(threads))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, image in enumerate(images):
+        grid = TileGrid.for_shape(image.shape, 32, 13, align=2)
+        whole = pooling_model(grid.canvas(image)[None, ..., None])[0][
+            : image.shape[0], : image.shape[1]
+        ]
+        np.testing.assert_allclose(results[i], whole, rtol=0, atol=1e-6)
 
 
 def test_a_lone_worker_flushes_a_partial_batch():

@@ -49,6 +49,8 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
     assert len(losses) == 5 and min(losses[-2:]) < losses[0]  # one noisy epoch may not fall
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["diameter_px"] == 14 and card["settings"]["depth"] == 2
+    assert card["receptive_field"]["grid_px"] == 4  # depth 2
+    assert 0 < card["receptive_field"]["radius_px"] < 64
     assert "--diameter 14" in card["command"]
     assert out.with_suffix(".loss.png").exists()
     assert out.stat().st_size < out.with_suffix(".last.keras").stat().st_size  # no optimizer state

@@ -37,6 +37,7 @@ from cellwatch.config import Config, TilingConfig, load_config
 from cellwatch.errors import ConfigError, ModelError
 from cellwatch.model import LoadedModel, load_model
 from cellwatch.storage import imageio
+from cellwatch.tiling import DEFAULT_OVERLAP
 
 __all__ = ["SAMPLE", "add_arguments", "export_model", "halo_px", "run", "test_tensors"]
 
@@ -86,14 +87,22 @@ def run(args: argparse.Namespace) -> int:
 
 def halo_px(card: Mapping[str, Any], tiling: TilingConfig) -> int:
     """Pixels of context each edge of the output needs: the model card's ``halo_px``, else
-    half its ``receptive_field_px``, where the card records the network's measured
-    receptive field; otherwise half the tiling overlap, the margin that tiling discards
-    at each tile's edge (seams fall in the middle of the overlap)."""
-    for key, divisor in (("halo_px", 1), ("receptive_field_px", 2)):
-        value = card.get(key)
+    the radius of the receptive field it records (``receptive_field.radius_px``, as
+    :func:`cellwatch.model.measure_receptive_field` measures it and ``cellwatch train``
+    writes it; or half a ``receptive_field_px``); otherwise half a fixed tiling overlap,
+    the margin that tiling discards at each tile's edge (seams fall in the middle of the
+    overlap), or half :data:`cellwatch.tiling.DEFAULT_OVERLAP` with ``overlap: auto``."""
+    field = card.get("receptive_field")
+    radius = field.get("radius_px") if isinstance(field, Mapping) else None
+    for value, divisor in (
+        (card.get("halo_px"), 1),
+        (radius, 1),
+        (card.get("receptive_field_px"), 2),
+    ):
         if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
             return int(np.ceil(value / divisor))
-    return tiling.overlap // 2
+    overlap = DEFAULT_OVERLAP if tiling.overlap == "auto" else tiling.overlap
+    return overlap // 2
 
 
 def export_model(

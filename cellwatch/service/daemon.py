@@ -186,8 +186,8 @@ def load_engine(config: Config) -> Engine:
     if uses_dask(config.compute):
         return Engine(config, None, label=model_label(config.model.path))
     segmenter = Segmenter(config, load_model(config.model.path))
-    t = config.tiling
-    segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
+    size, tile = config.tiling.batch_size, segmenter.tiling.tile
+    segmenter.predict_batch(np.zeros((size, tile, tile, 1), np.float32))
     return Engine(config, segmenter, device=device_name())
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cellwatch.errors import ConfigError
-from cellwatch.model import build_seed_unet, build_unet, write_card
+from cellwatch.model import build_seed_unet, build_unet, measure_receptive_field, write_card
 from cellwatch.preprocess import normalize, resize_to, scaled_shape
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
@@ -363,7 +363,8 @@ def train(
         verbose=verbose,
     )
     # the best checkpoint carries the optimizer's state (3× the weights); ship weights only
-    keras.saving.load_model(out, compile=False).save(out)
+    best_network = keras.saving.load_model(out, compile=False)
+    best_network.save(out)
     history = _read_history(history_path)
     best = min(history, key=lambda row: row["val_loss"]) if history else {}
     card = {
@@ -373,6 +374,9 @@ def train(
         "diameter_px": settings.diameter_px or None,
         "pixel_size_um": None,
         "tile": 256,
+        "receptive_field": measure_receptive_field(
+            best_network, diameter_px=settings.diameter_px or None
+        ),
         "normalize": {
             "low_percentile": settings.low_percentile,
             "high_percentile": settings.high_percentile,
