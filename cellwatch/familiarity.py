@@ -64,6 +64,11 @@ SIGNALS: dict[str, int] = {"brightness": 1, "edge_blur_px": 1, "confidence": -1}
 #: Tail shares the reference quantiles are stored at, the most unusual first.
 TAILS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 
+#: The two tail shares whose quantiles set how fast the tail falls beyond the training
+#: images (chosen by benchmarks/familiarity.py: quantiles nearer the extreme are too
+#: uncertain when a few dozen images make the reference).
+TAIL_FIT: tuple[float, float] = (0.05, 0.25)
+
 CARD_KEY = "familiarity_reference"  # where a model card keeps its references
 
 
@@ -97,18 +102,20 @@ class Reference:
     def tail(self, value: float) -> float:
         """The share of training images at least as far out as ``value`` (0.5 at or inside
         the median), interpolated between the stored quantiles. Beyond the most unusual
-        one it falls off exponentially, at the rate the two most unusual quantiles give
-        (an exponential tail), so an image a little beyond the training images scores a
-        little lower than the most unusual of them, and one far beyond scores near 0."""
+        one it falls off exponentially (an exponential tail), at the rate of the fall
+        between the quantiles at :data:`TAIL_FIT`, so an image a little beyond the
+        training images scores a little lower than the most unusual of them, and one far
+        beyond scores near 0."""
         side = SIGNALS[self.signal]
         # np.interp needs rising x: flip the axis for signals whose low values are unusual
         xs = np.asarray(self.values, dtype=float) * -side
         x = value * -side
         if x >= xs[0]:
             return float(np.interp(x, xs, TAILS, right=0.5))
-        # the tail share shrinks by TAILS[2]/TAILS[0] over the span of those quantiles
-        span = max(xs[2] - xs[0], 1e-9)
-        rate = math.log(TAILS[2] / TAILS[0]) / span
+        near, far = (TAILS.index(t) for t in TAIL_FIT)
+        # the tail share shrinks by TAILS[far] / TAILS[near] over the span of those quantiles
+        span = max(xs[far] - xs[near], 1e-9)
+        rate = math.log(TAILS[far] / TAILS[near]) / span
         return TAILS[0] * math.exp(-rate * (xs[0] - x))
 
 
@@ -199,7 +206,7 @@ def score(
     >>> score({"brightness": 0.45}, reference=ref)
     0.015
     >>> score({"brightness": 0.6}, reference=ref)
-    0.005
+    0.00342
     >>> score({"brightness": 0.03}, at_bound=True, reference=ref)
     0.0
     """

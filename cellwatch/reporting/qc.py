@@ -74,7 +74,7 @@ class QcThresholds:
     outlier_k: float = 3.5
     saturated_max_fraction: float = 0.01
     focus_min_ratio: float = 0.3
-    familiarity_min: float = 0.02
+    familiarity_min: float = 0.001
     min_reference_n: int = 5
 
     @classmethod

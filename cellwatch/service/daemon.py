@@ -725,7 +725,7 @@ class Worker:
             return
         self._warned_unfamiliar = today
         log.warning(
-            "%s: %s (familiarity %.3f, below report.familiarity_min %g). Further such images "
+            "%s: %s (familiarity %.2g, below report.familiarity_min %g). Further such images "
             'today are flagged "unfamiliar" in the daily report, without another warning',
             ledger.row_name(row),
             UNFAMILIAR_MESSAGE,
