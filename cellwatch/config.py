@@ -180,6 +180,7 @@ class ReportConfig:
     outlier_k: float = 3.5  # flag counts this many robust SDs from the typical count
     saturated_max_fraction: float = 0.01  # flag images with more pixels at the maximum
     focus_min_ratio: float = 0.3  # flag focus scores below this share of the day's median
+    familiarity_min: float = 0.001  # flag images whose familiarity (0–1) is below this
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ def _check_report(r: ReportConfig, where: str) -> None:
             )
     if not r.outlier_k > 0:
         _fail(where, "report.outlier_k", f"must be positive, got {r.outlier_k}")
-    for key in ("saturated_max_fraction", "focus_min_ratio"):
+    for key in ("saturated_max_fraction", "focus_min_ratio", "familiarity_min"):
         if not 0 <= getattr(r, key) < 1:
             _fail(where, f"report.{key}", f"must be between 0 and 1, got {getattr(r, key)}")
     if r.refresh_interval_s <= 0:

@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellwatch import quality
+from cellwatch import familiarity, quality
 from cellwatch.batching import SharedBatches
-from cellwatch.config import Config
+from cellwatch.config import Config, ScaleConfig
 from cellwatch.errors import BadInputError, CellwatchError, ConfigError, ModelError, TransientError
 from cellwatch.measure import measure_cells, summarize
 from cellwatch.model import LoadedModel
@@ -77,6 +77,7 @@ from cellwatch.tiling import (
 )
 from cellwatch.timing import Stopwatch
 
+_Labelled = tuple[np.ndarray, float | None]  # labels, and the network's confidence in them
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
 ESTIMATE_PASSES = 3  # network passes the cell-size estimate may take
 IN_FLIGHT_BYTES = 64 << 20  # process_images admits more images while their files total less
@@ -85,10 +86,12 @@ WRITE_ASIDE_PIXELS = 1 << 22  # from 4 MP, an image's files are written while it
 
 @dataclass(frozen=True)
 class Segmentation:
-    """One image's labels and the scale they were found at."""
+    """One image's labels, the scale they were found at and how familiar the image looks
+    to the model (:mod:`cellwatch.familiarity`)."""
 
     labels: np.ndarray  # int32, the input's shape, ids 1..n
     scale: ScaleChoice
+    familiarity: familiarity.Familiarity
 
 
 class Segmenter:
@@ -108,6 +111,10 @@ class Segmenter:
         self.stopwatch = stopwatch or Stopwatch()
         self.predict_batch = self.stopwatch.timed("inference", predict_batch or model.predict_fn())
         self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
+        try:
+            self._familiar_reference = familiarity.reference_from_card(model.card)
+        except ValueError as exc:
+            raise ModelError(f"{model.name}: {exc}") from exc
 
         def predict_plane(batch: np.ndarray) -> np.ndarray:
             # A three-class output is reduced tile by tile to the one plane labelling needs,
@@ -132,11 +139,12 @@ class Segmenter:
         self.predict_plane = predict_plane
 
     def segment(self, pixels: np.ndarray, pixel_size_um: float | None = None) -> Segmentation:
-        """Labels of a 2-D image (raw pixels) and the scale they were found at."""
+        """Labels of a 2-D image (raw pixels), the scale they were found at and the
+        image's familiarity."""
         norm, watch = self.config.normalize, self.stopwatch
         with watch("normalize"):  # tiles are normalized as they are cut (labels_at)
             normalization = Normalization.of(pixels, norm.low_percentile, norm.high_percentile)
-        passes: dict[float, np.ndarray] = {}  # whole-image labels the estimate already made
+        passes: dict[float, _Labelled] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
             self.config.scale,
             model_diameter_px=self.model.diameter_px,
@@ -144,18 +152,29 @@ class Segmenter:
             image_pixel_size_um=pixel_size_um,
             estimate_diameter=lambda: self.estimate_diameter(pixels, passes, normalization),
         )
+        at_bound = _at_bound(choice, self.config.scale)
         # The model was trained with ±40 % scale jitter, so a pass already made within 15 %
         # of the chosen scale is as good as a new one.
         reuse = next((s for s in passes if is_close(s, choice.scale)), None)
         if reuse is not None:
             choice = dataclasses.replace(choice, scale=reuse)
-            labels = passes.pop(reuse)
+            labels, confidence = passes.pop(reuse)
         else:
-            labels = self.labels_at(pixels, choice.scale, normalization)
+            labels, confidence = self._labelled(pixels, choice.scale, normalization)
         passes.clear()
         with watch("postprocess"):
             labels = tidy(labels, self.config.postprocess.min_cell_area_px, out=labels)
-        return Segmentation(labels, choice)
+        with watch("familiarity"):
+            familiar = familiarity.measure(
+                pixels,
+                labels,
+                normalization,
+                scale=choice.scale,
+                confidence=confidence,
+                at_bound=at_bound,
+                reference=self._familiar_reference,
+            )
+        return Segmentation(labels, choice, familiar)
 
     def labels_at(
         self, image: np.ndarray, scale: float, normalization: Normalization | None = None
@@ -168,11 +187,19 @@ class Segmenter:
         are normalized as they are cut, at any other scale they are also zoomed as they are
         cut, and their outputs are resampled onto the image's grid as they are stitched.
         """
+        return self._labelled(image, scale, normalization)[0]
+
+    def _labelled(
+        self, image: np.ndarray, scale: float, normalization: Normalization | None = None
+    ) -> _Labelled:
+        """:meth:`labels_at`'s labels, and the network's confidence in them
+        (:func:`cellwatch.familiarity.core_share`; None for a one-class model)."""
         p, watch = self.config.postprocess, self.stopwatch
         probs = self.probabilities(image, scale, normalization)
         with watch("postprocess"):
             if self.model.classes == 3:  # the stitched plane's memory becomes the labels
-                return labels_from_masked_interior(
+                confidence = familiarity.core_share(probs[..., 0])
+                labels = labels_from_masked_interior(
                     probs[..., 0],
                     interior_threshold=p.interior_threshold,
                     overwrite=True,
@@ -180,11 +207,13 @@ class Segmenter:
                     # a size at the network's scale, as the image's own pixels
                     split_min_area=max(1, round(p.split_min_area_px / scale**2)),
                 )
-            return labels_from_probabilities(
+                return labels, confidence
+            labels = labels_from_probabilities(
                 probs,
                 interior_threshold=p.interior_threshold,
                 foreground_threshold=p.foreground_threshold,
             )
+            return labels, None
 
     def probabilities(
         self,
@@ -229,7 +258,7 @@ class Segmenter:
     def estimate_diameter(
         self,
         image: np.ndarray,
-        passes: dict[float, np.ndarray] | None = None,
+        passes: dict[float, _Labelled] | None = None,
         normalization: Normalization | None = None,
     ) -> float | None:
         """Typical cell diameter (original pixels) from network passes over a window of
@@ -247,7 +276,7 @@ class Segmenter:
         for _ in range(ESTIMATE_PASSES):
             size = max(64, round(ESTIMATE_WINDOW / scale))
             found = typical_diameter(  # labels on the image's grid: diameters in its pixels
-                self._window_labels(image, size, scale, passes, normalization),
+                self._window_labelled(image, size, scale, passes, normalization)[0],
                 min_diameter=target / 4 / scale,
             )
             if found is None:
@@ -259,19 +288,19 @@ class Segmenter:
             scale = corrected
         return diameter
 
-    def _window_labels(
+    def _window_labelled(
         self,
         image: np.ndarray,
         size: int,
         scale: float,
-        passes: dict[float, np.ndarray],
+        passes: dict[float, _Labelled],
         normalization: Normalization | None,
-    ) -> np.ndarray:
+    ) -> _Labelled:
         window = _window(image, size)
-        labels = self.labels_at(window, scale, normalization)
+        labelled = self._labelled(window, scale, normalization)
         if window.shape == image.shape:
-            passes[scale] = labels
-        return labels
+            passes[scale] = labelled
+        return labelled
 
 
 def tiling_for(config: Config, model: LoadedModel) -> TileSettings:
@@ -351,6 +380,7 @@ def process_image(
                     scale=result.scale.scale,
                     diameter_px=result.scale.diameter_px,
                     scale_source=result.scale.source,
+                    familiarity=result.familiarity.score,
                     saturated_fraction=quality.saturated_fraction(pixels),
                     focus_score=quality.focus_score(pixels),
                 )
@@ -612,6 +642,15 @@ def _file_size(path: Path) -> int:
         return os.stat(path).st_size
     except OSError:  # process_image reports the file as it finds it
         return 0
+
+
+def _at_bound(choice: ScaleChoice, settings: ScaleConfig) -> bool:
+    """Whether an estimated zoom stopped at ``scale.min_scale`` or ``scale.max_scale``."""
+    return (
+        choice.source == "estimated"
+        and choice.diameter_px is not None
+        and not settings.min_scale < choice.scale < settings.max_scale
+    )
 
 
 def _window(image: np.ndarray, size: int) -> np.ndarray:

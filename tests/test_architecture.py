@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cellwatch"
 
 IMAGE_PATH = {
     "batching",
+    "familiarity",
     "measure",
     "model",
     "pipeline",

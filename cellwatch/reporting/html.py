@@ -23,7 +23,7 @@ from matplotlib.dates import DateFormatter
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cellwatch.reporting.qc import FAILED, FLAG_ORDER
+from cellwatch.reporting.qc import FAILED, FLAG_ORDER, UNFAMILIAR, UNFAMILIAR_MESSAGE
 
 if TYPE_CHECKING:
     from cellwatch.reporting.report import DayReport
@@ -323,6 +323,10 @@ def _flags_html(row: pd.Series | dict) -> str:
     if FAILED in row["flags"] and isinstance(error, str) and error:
         short = error if len(error) <= 160 else error[:157] + "…"
         html += f'<div class="err" title="{escape(error)}">{escape(short)}</div>'
+    if UNFAMILIAR in row["flags"]:
+        value = pd.to_numeric(row.get("familiarity"), errors="coerce")
+        shown = "—" if pd.isna(value) else f"{float(value):.2g}"
+        html += f'<div class="err">{escape(UNFAMILIAR_MESSAGE)} (familiarity {shown})</div>'
     return html
 
 
@@ -346,6 +350,10 @@ def _models(images: pd.DataFrame) -> str:
 def _legend(report: DayReport) -> str:
     t = report.thresholds
     items = [
+        f"<b>unfamiliar</b>: {escape(UNFAMILIAR_MESSAGE)}. The image looks unlike the "
+        f"images the model was trained on (familiarity below {t.familiarity_min:g}; "
+        "docs/familiarity.md): inverted contrast, heavy blur, cells of a size it cannot "
+        "reach, or a network unsure of what it found",
         "<b>empty</b>: no cells found",
         f"<b>saturated</b>: more than {t.saturated_max_fraction:.1%} of pixels at the "
         "camera's maximum",

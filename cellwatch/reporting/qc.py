@@ -1,8 +1,9 @@
 """Quality checks that point a biologist at the images worth a second look.
 
-Two pure measures run in the pipeline on every image and land in the ledger as the
-optional columns ``saturated_fraction`` and ``focus_score``; :func:`flag_images` turns a
-day's ledger rows into readable flags for the report. Every flag is cheap: no image is
+Pure measures run in the pipeline on every image and land in the ledger as the optional
+columns ``saturated_fraction``, ``focus_score`` and ``familiarity``
+(:mod:`cellwatch.familiarity`); :func:`flag_images` turns a day's ledger rows into
+readable flags for the report. Every flag is cheap: no image is
 re-read when the report is built.
 """
 
@@ -16,6 +17,8 @@ __all__ = [
     "HIGH",
     "LOW",
     "SATURATED",
+    "UNFAMILIAR",
+    "UNFAMILIAR_MESSAGE",
     "QcThresholds",
     "flag_images",
     "robust_outliers",
@@ -38,9 +41,11 @@ HIGH = "high count"
 LOW = "low count"
 SATURATED = "saturated"
 BLURRED = "out of focus"
+UNFAMILIAR = "unfamiliar"
+UNFAMILIAR_MESSAGE = "the model was not made for images like this: check, or train your own"
 
 #: Flags in the order a reader should look at them.
-FLAG_ORDER: tuple[str, ...] = (FAILED, EMPTY, BLURRED, SATURATED, HIGH, LOW)
+FLAG_ORDER: tuple[str, ...] = (FAILED, UNFAMILIAR, EMPTY, BLURRED, SATURATED, HIGH, LOW)
 
 # 1.4826 · MAD estimates the standard deviation of normally distributed values.
 _MAD_TO_SD = 1.4826
@@ -60,6 +65,8 @@ class QcThresholds:
     focus_min_ratio : float
         Flag an image as out of focus when its focus score is below this fraction of the
         day's median focus score.
+    familiarity_min : float
+        Flag an image as unfamiliar when its familiarity (0–1) is below this (0: never).
     min_reference_n : int
         How many good images a group (or day) needs before counts are compared with it.
     """
@@ -67,6 +74,7 @@ class QcThresholds:
     outlier_k: float = 3.5
     saturated_max_fraction: float = 0.01
     focus_min_ratio: float = 0.3
+    familiarity_min: float = 0.001
     min_reference_n: int = 5
 
     @classmethod
@@ -76,6 +84,7 @@ class QcThresholds:
             outlier_k=settings.outlier_k,
             saturated_max_fraction=settings.saturated_max_fraction,
             focus_min_ratio=settings.focus_min_ratio,
+            familiarity_min=settings.familiarity_min,
         )
 
     def __post_init__(self) -> None:
@@ -89,6 +98,10 @@ class QcThresholds:
         if not 0 <= self.focus_min_ratio < 1:
             raise ConfigError(
                 f"report.focus_min_ratio must be between 0 and 1, got {self.focus_min_ratio}"
+            )
+        if not 0 <= self.familiarity_min < 1:
+            raise ConfigError(
+                f"report.familiarity_min must be between 0 and 1, got {self.familiarity_min}"
             )
         if self.min_reference_n < 2:
             raise ConfigError(f"min_reference_n must be at least 2, got {self.min_reference_n}")
@@ -125,7 +138,8 @@ def flag_images(
     ----------
     images : pandas.DataFrame
         Ledger rows of one day (``status``, ``cell_count`` and, when the pipeline wrote
-        them, ``saturated_fraction`` and ``focus_score``).
+        them, ``saturated_fraction``, ``focus_score`` and ``familiarity``; an empty
+        familiarity, as older rows have, is never flagged).
     group_keys : pandas.Series
         The experiment group of each row (same index), or all-empty when not grouped.
     thresholds : QcThresholds
@@ -143,6 +157,10 @@ def flag_images(
     counts = pd.to_numeric(images["cell_count"], errors="coerce")
     for index in images.index[~ok]:
         flags[index].append(FAILED)
+    if "familiarity" in images:
+        familiarity = pd.to_numeric(images["familiarity"], errors="coerce").where(ok)
+        for index in images.index[familiarity < thresholds.familiarity_min]:
+            flags[index].append(UNFAMILIAR)
     for index in images.index[ok & counts.eq(0)]:
         flags[index].append(EMPTY)
     if "focus_score" in images:

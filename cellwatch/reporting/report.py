@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 NO_MATCH = "(no match)"
 _REQUIRED = ("processed_at", "image", "status", "cell_count")
 # Older ledgers may lack these; the report shows them as unknown.
-_OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence", "scene")
+_OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence", "scene", "familiarity")
 # A group name must not take a ledger column's name, nor one the report adds.
 _ADDED = ("date", "time", "qc_flags", "typical_count", "acquired_at")
 _INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href")

@@ -57,14 +57,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from cellwatch.config import Config, override
+from cellwatch.config import Config, local_today, override
 from cellwatch.errors import BadInputError, CellwatchError, ConfigError
 from cellwatch.errors import describe as _describe
+from cellwatch.reporting.qc import UNFAMILIAR_MESSAGE
 from cellwatch.reporting.report import check_settings, reports_for_config
 from cellwatch.service.crash import crash_point
 from cellwatch.service.jobs import DB_NAME, FileVersion, Job, JobQueue, state_dir
@@ -491,6 +492,9 @@ class Worker:
         Where the worker reports jobs started and images recorded.
     scenes : callable, optional
         :func:`cellwatch.pipeline.scenes_of` (tests pass a fake).
+    clock : callable, optional
+        The time now, as an aware datetime (tests pass a fake): the warning about
+        unfamiliar images is logged once per local day of ``report.timezone``.
     """
 
     def __init__(
@@ -504,12 +508,15 @@ class Worker:
         process: Callable[..., list[Any]] | None = None,
         metrics: Metrics | None = None,
         scenes: Callable[[Path], list[int | None]] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.paths, self.engine, self.recorded = paths, engine, recorded
         self.stop, self.wake = stop, wake
         self._process = process
         self.metrics = metrics or Metrics()
         self._scenes_of = scenes
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._warned_unfamiliar: date | None = None  # the local day of the last warning
         self.done = self.failed = 0
         self.error: str | None = None
 
@@ -714,9 +721,30 @@ class Worker:
             if row["status"] == "ok":
                 self.done += 1
                 log.info("%s: %s cells", ledger.row_name(row), row.get("cell_count"))
+                self._warn_if_unfamiliar(row)
             else:
                 self.failed += 1
                 log.warning("%s failed: %s", ledger.row_name(row), row.get("error"))
+
+    def _warn_if_unfamiliar(self, row: dict[str, Any]) -> None:
+        """Log a warning for the first image of a local day whose familiarity is below
+        ``report.familiarity_min``; the day's report flags every such image."""
+        report = self.engine.config.report
+        value = row.get("familiarity")
+        if value is None or not value < report.familiarity_min:
+            return
+        today = local_today(report.timezone, self._clock())
+        if today == self._warned_unfamiliar:
+            return
+        self._warned_unfamiliar = today
+        log.warning(
+            "%s: %s (familiarity %.2g, below report.familiarity_min %g). Further such images "
+            'today are flagged "unfamiliar" in the daily report, without another warning',
+            ledger.row_name(row),
+            UNFAMILIAR_MESSAGE,
+            value,
+            report.familiarity_min,
+        )
 
 
 class ClusterWorker(Worker):

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cellwatch.errors import CellwatchError, TransientError
@@ -79,6 +80,7 @@ COLUMNS: tuple[str, ...] = (
     "focus_score",
     "job_id",
     "scene",
+    "familiarity",
 )
 
 CELL_COLUMNS: tuple[str, ...] = (
@@ -100,7 +102,7 @@ CELL_COLUMNS: tuple[str, ...] = (
 
 
 #: Columns added after ledgers were in use; :func:`read` gives older ledgers them, empty.
-_LATER_COLUMNS: tuple[str, ...] = ("scene",)
+_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity")
 
 
 class LedgerError(CellwatchError):
@@ -319,8 +321,8 @@ def repair(path: Path) -> bool:
 def read(path: Path) -> pd.DataFrame:
     """The ledger as a DataFrame (empty, with the right columns, if there is no file).
 
-    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene``),
-    empty. ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
+    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene`` and
+    ``familiarity``), empty. ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
     """
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(COLUMNS))
@@ -341,8 +343,10 @@ def read(path: Path) -> pd.DataFrame:
     rows = pd.read_csv(path, dtype={name: "string" for name in text}, low_memory=False)
     for name in _LATER_COLUMNS:
         if name not in rows:
-            rows[name] = pd.Series(
-                pd.NA, index=rows.index, dtype="string" if name in text else object
+            rows[name] = (
+                pd.Series(pd.NA, index=rows.index, dtype="string")
+                if name in text
+                else pd.Series(np.nan, index=rows.index, dtype="float64")
             )
     return rows
 
