@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -163,7 +164,7 @@ class Segmenter:
             labels = self.labels_at(pixels, choice.scale, normalization)
         passes.clear()
         with watch("postprocess"):
-            labels = tidy(labels, self.config.postprocess.min_cell_area_px, out=labels)
+            labels = tidy(labels, _min_area(self.config, choice.scale), out=labels)
         return Segmentation(labels, choice)
 
     def labels_at(
@@ -656,6 +657,12 @@ def _file_size(path: Path) -> int:
         return os.stat(path).st_size
     except OSError:  # process_image reports the file as it finds it
         return 0
+
+
+def _min_area(config: Config, scale: float) -> int:
+    """The smallest cell kept, in the image's pixels: ``min_cell_area_px`` at the network's
+    scale, so that what counts as debris does not depend on the image's magnification."""
+    return max(1, math.ceil(config.postprocess.min_cell_area_px / scale**2))
 
 
 def _estimate_window(scale: float) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import discs
 from scipy import ndimage as ndi
 
 from cellwatch.config import Config
@@ -82,3 +83,16 @@ def test_nuclei_of_any_size_are_counted_at_the_right_scale(bundled, diameter, pe
     right = bundled.model.diameter_px / diameter
     assert result.scale.scale == pytest.approx(right, rel=0.2), result.scale
     assert result.labels.max() == truth.max()
+
+
+@pytest.mark.parametrize("zoom", [1, 4])
+def test_debris_is_dropped_at_any_magnification(sized_threshold_model, zoom):
+    # four cells of 20 px and a speck of 3×3 px (under min_cell_area_px, 12), all zoomed:
+    # at 4× the speck covers 144 of the image's pixels, but the network sees it 3×3 again
+    centres = [(40 * zoom, 40 * zoom), (40 * zoom, 120 * zoom), (120 * zoom, 40 * zoom)]
+    centres.append((120 * zoom, 120 * zoom))
+    image, truth = discs((160 * zoom, 160 * zoom), centres, 10 * zoom)
+    image[80 * zoom : 83 * zoom, 80 * zoom : 83 * zoom] = 200
+    result = Segmenter(Config(), load_model(sized_threshold_model)).segment(image)
+    assert result.scale.scale == pytest.approx(1 / zoom, rel=0.15)
+    assert result.labels.max() == truth.max() == 4
