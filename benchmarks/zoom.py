@@ -81,7 +81,7 @@ def score(
     errors = [
         abs(e / t - 1)
         for t, e in zip(table["true_diameter_px"], table["estimated_diameter_px"], strict=True)
-        if t and e
+        if pd.notna(t) and pd.notna(e) and t > 0 and e > 0  # None (nothing found) reads NaN
     ]
     return {
         "accuracy_0.5": round(summary["thresholds"]["0.50"]["accuracy"], 4),
