@@ -118,7 +118,7 @@ class ScaleConfig:
     scale: float | None = None  # explicit zoom factor applied to the image
     diameter_px: float | None = None  # typical cell diameter in the image, in pixels
     pixel_size_um: float | None = None  # overrides the pixel size read from the file
-    min_scale: float = 0.2
+    min_scale: float = 0.08
     max_scale: float = 5.0
 
 

@@ -18,9 +18,11 @@ and ``ledger.csv``.
 from __future__ import annotations
 
 __all__ = [
-    "ESTIMATE_PASSES",
     "ESTIMATE_WINDOW",
+    "ESTIMATE_WINDOW_MAX",
     "IN_FLIGHT_BYTES",
+    "PYRAMID_MIN_SIDE",
+    "REFINE_PASSES",
     "WRITE_ASIDE_PIXELS",
     "ImageResult",
     "Segmentation",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -64,12 +67,21 @@ from cellwatch.postprocess import (
     tidy,
 )
 from cellwatch.preprocess import Normalization, ZoomedSource, own_grid_stitcher
-from cellwatch.scale import ScaleChoice, choose_scale, is_close, typical_diameter
+from cellwatch.scale import (
+    PYRAMID,
+    Reading,
+    ScaleChoice,
+    choose_reading,
+    choose_scale,
+    is_close,
+    typical_diameter,
+)
 from cellwatch.storage import imageio, overlay
 from cellwatch.tiling import (
     MakeStitcher,
     PredictBatch,
     Prepare,
+    TileQueue,
     TileSettings,
     TileSource,
     predict_tiled,
@@ -79,7 +91,9 @@ from cellwatch.timing import Stopwatch
 
 _Labelled = tuple[np.ndarray, float | None]  # labels, and the network's confidence in them
 ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in model pixels
-ESTIMATE_PASSES = 3  # network passes the cell-size estimate may take
+ESTIMATE_WINDOW_MAX = 2048  # ... and at most this many of the image's pixels
+PYRAMID_MIN_SIDE = 32  # a pyramid level that would show the network less than this is skipped
+REFINE_PASSES = 2  # network passes that refine the size the pyramid found
 IN_FLIGHT_BYTES = 64 << 20  # process_images admits more images while their files total less
 WRITE_ASIDE_PIXELS = 1 << 22  # from 4 MP, an image's files are written while it is measured
 
@@ -163,7 +177,7 @@ class Segmenter:
             labels, confidence = self._labelled(pixels, choice.scale, normalization)
         passes.clear()
         with watch("postprocess"):
-            labels = tidy(labels, self.config.postprocess.min_cell_area_px, out=labels)
+            labels = tidy(labels, _min_area(self.config, choice.scale), out=labels)
         with watch("familiarity"):
             familiar = familiarity.measure(
                 pixels,
@@ -194,9 +208,17 @@ class Segmenter:
     ) -> _Labelled:
         """:meth:`labels_at`'s labels, and the network's confidence in them
         (:func:`cellwatch.familiarity.core_share`; None for a one-class model)."""
-        p, watch = self.config.postprocess, self.stopwatch
         probs = self.probabilities(image, scale, normalization)
-        with watch("postprocess"):
+        # a size at the network's scale, as the image's own pixels
+        return self._label(
+            probs, split_min_area=self.config.postprocess.split_min_area_px / scale**2
+        )
+
+    def _label(self, probs: np.ndarray, *, split_min_area: float) -> _Labelled:
+        """Labels of a stitched network output (a three-class model's plane is
+        overwritten), and the network's confidence in them."""
+        p = self.config.postprocess
+        with self.stopwatch("postprocess"):
             if self.model.classes == 3:  # the stitched plane's memory becomes the labels
                 confidence = familiarity.core_share(probs[..., 0])
                 labels = labels_from_masked_interior(
@@ -204,8 +226,7 @@ class Segmenter:
                     interior_threshold=p.interior_threshold,
                     overwrite=True,
                     split_threshold=p.split_threshold,
-                    # a size at the network's scale, as the image's own pixels
-                    split_min_area=max(1, round(p.split_min_area_px / scale**2)),
+                    split_min_area=max(1, round(split_min_area)),
                 )
                 return labels, confidence
             labels = labels_from_probabilities(
@@ -245,15 +266,22 @@ class Segmenter:
         )
 
     def _network_input(
-        self, image: np.ndarray, scale: float, normalization: Normalization | None
+        self,
+        image: np.ndarray,
+        scale: float,
+        normalization: Normalization | None,
+        *,
+        own_grid: bool = True,
     ) -> tuple[np.ndarray | TileSource, Prepare | None, MakeStitcher | None]:
         """What the tiles are cut from, what turns them into network input, and what
-        stitches the outputs (None: the tiler's own stitcher)."""
+        stitches the outputs (None: the tiler's own stitcher, on the network's grid; with
+        ``own_grid``, a zoomed image's outputs are resampled onto the image's grid)."""
         if scale == 1.0:
             prepare = normalization.apply_in_place if normalization is not None else None
             return image, prepare, None
         # Zooming each tile counts as cutting it ("tile"), resampling back as "stitch".
-        return ZoomedSource(image, scale, normalization), None, own_grid_stitcher(image.shape)
+        stitcher = own_grid_stitcher(image.shape) if own_grid else None
+        return ZoomedSource(image, scale, normalization), None, stitcher
 
     def estimate_diameter(
         self,
@@ -261,32 +289,85 @@ class Segmenter:
         passes: dict[float, _Labelled] | None = None,
         normalization: Normalization | None = None,
     ) -> float | None:
-        """Typical cell diameter (original pixels) from network passes over a window of
-        the image: the first at the image's own scale, then at the corrected scale until
-        the correction settles (at most ``ESTIMATE_PASSES`` passes).
+        """Typical cell diameter (original pixels) from network passes over the centre
+        of the image.
+
+        First a pass at each zoom of the pyramid (:data:`~cellwatch.scale.PYRAMID`, each
+        over a window of ``ESTIMATE_WINDOW`` network pixels, at most
+        ``ESTIMATE_WINDOW_MAX`` of the image's), their tiles sharing batches; the size of
+        the first level the next one confirms (:func:`~cellwatch.scale.choose_reading`)
+        is then refined at the zoom it asks for, until the correction settles (at most
+        ``REFINE_PASSES`` more passes). None when no pass finds enough cells.
 
         ``image`` and ``normalization`` are as for :meth:`labels_at`. Passes that covered
-        the whole image are stored in ``passes`` by scale for reuse.
+        the whole image on its own grid are stored in ``passes`` by scale for reuse.
         """
         target, s = self.model.diameter_px, self.config.scale
         if target is None:
             return None
         passes = {} if passes is None else passes
-        scale, diameter = 1.0, None
-        for _ in range(ESTIMATE_PASSES):
-            size = max(64, round(ESTIMATE_WINDOW / scale))
-            found = typical_diameter(  # labels on the image's grid: diameters in its pixels
-                self._window_labelled(image, size, scale, passes, normalization)[0],
-                min_diameter=target / 4 / scale,
-            )
-            if found is None:
-                return diameter
-            diameter = found
+        readings = []
+        for level, labelled in self._pyramid_labels(image, normalization):
+            labels = labelled[0]
+            if level == 1.0 and labels.shape == image.shape:
+                passes[level] = labelled
+            found = typical_diameter(labels, min_diameter=target / 4)  # network pixels
+            if found is not None:
+                readings.append(Reading(level, found / level))
+        best = choose_reading(readings)
+        if best is None:
+            return None
+        scale, diameter = best.level, best.diameter_px
+        for _ in range(REFINE_PASSES):
             corrected = min(max(target / diameter, s.min_scale), s.max_scale)
             if is_close(corrected, scale):
                 break
             scale = corrected
+            found = typical_diameter(  # labels on the image's grid: diameters in its pixels
+                self._window_labelled(image, _estimate_window(scale), scale, passes, normalization)[
+                    0
+                ],
+                min_diameter=target / 4 / scale,
+            )
+            if found is None:
+                break
+            diameter = found
         return diameter
+
+    def _pyramid_labels(
+        self, image: np.ndarray, normalization: Normalization | None
+    ) -> list[tuple[float, _Labelled]]:
+        """``(level, labels)`` of the estimate's first passes, each labelled on its own
+        network grid. All levels' tiles go through the network together (or through the
+        batches ``process_images`` shares), so the small levels fill the batches the
+        first one leaves part empty instead of each running a padded batch of its own."""
+        jobs = []
+        for level in PYRAMID:
+            window = _window(image, _estimate_window(level))
+            if level < 1.0 and min(window.shape) * level < PYRAMID_MIN_SIDE:
+                break
+            jobs.append((level, self._network_input(window, level, normalization, own_grid=False)))
+        shared: SharedBatches | None = getattr(self._local, "shared", None)
+        if shared is not None:
+            outputs = [shared.predict(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
+        else:
+            t = self.tiling
+            queue = TileQueue(
+                tile=t.tile,
+                overlap=t.overlap,
+                align=t.align,
+                batch_size=self.config.tiling.batch_size,
+                stopwatch=self.stopwatch,
+            )
+            queued = [queue.add(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
+            while queue.pending:
+                queue.step(self.predict_plane)
+            outputs = [job.result() for job in queued]
+        split_min_area = self.config.postprocess.split_min_area_px  # the network's grid
+        return [
+            (level, self._label(probs, split_min_area=split_min_area))
+            for (level, _), probs in zip(jobs, outputs, strict=True)
+        ]
 
     def _window_labelled(
         self,
@@ -651,6 +732,18 @@ def _at_bound(choice: ScaleChoice, settings: ScaleConfig) -> bool:
         and choice.diameter_px is not None
         and not settings.min_scale < choice.scale < settings.max_scale
     )
+
+
+def _min_area(config: Config, scale: float) -> int:
+    """The smallest cell kept, in the image's pixels: ``min_cell_area_px`` at the network's
+    scale, so that what counts as debris does not depend on the image's magnification."""
+    return max(1, math.ceil(config.postprocess.min_cell_area_px / scale**2))
+
+
+def _estimate_window(scale: float) -> int:
+    """Side, in the image's pixels, of the window a pass of the estimate at ``scale``
+    sees: ``ESTIMATE_WINDOW`` network pixels, within ``[64, ESTIMATE_WINDOW_MAX]``."""
+    return min(max(64, round(ESTIMATE_WINDOW / scale)), ESTIMATE_WINDOW_MAX)
 
 
 def _window(image: np.ndarray, size: int) -> np.ndarray:

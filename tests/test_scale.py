@@ -1,0 +1,98 @@
+"""Cells of any size: the size estimate's pyramid keeps the first level whose size the next
+level confirms, and the bundled model counts synthetic nuclei of 6, 40 and 150 px at the
+zoom that brings them to its training size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import discs
+from scipy import ndimage as ndi
+
+from cellwatch.config import Config
+from cellwatch.model import load_model
+from cellwatch.pipeline import Segmenter
+from cellwatch.scale import PYRAMID, Reading, choose_reading
+
+
+def test_pieces_of_large_nuclei_lose_to_the_level_that_sees_them_whole():
+    # 90 px nuclei: at 1 and ½ the network finds pieces of about its own size (20 px),
+    # whose size in the image's pixels doubles as the zoom halves; from ¼ on, whole nuclei.
+    readings = [Reading(1.0, 21.0), Reading(0.5, 43.0), Reading(0.25, 96.0), Reading(0.125, 103.0)]
+    assert choose_reading(readings) == Reading(0.25, 96.0)
+    assert choose_reading(readings[::-1]) == Reading(0.25, 96.0)  # any order
+    # nuclei the network sees whole at its own scale: the first level, confirmed
+    assert choose_reading([Reading(1.0, 45.0), Reading(0.5, 49.0)]) == Reading(1.0, 45.0)
+
+
+def test_without_confirmation_the_largest_zoom_is_kept():
+    assert choose_reading([]) is None
+    assert choose_reading([Reading(1.0, 6.0)]) == Reading(1.0, 6.0)  # small nuclei
+    # levels that are not neighbours (½ found too few cells) confirm nothing
+    assert choose_reading([Reading(1.0, 30.0), Reading(0.25, 31.0)]) == Reading(1.0, 30.0)
+    assert choose_reading([Reading(1.0, 20.0), Reading(0.5, 40.0)]) == Reading(1.0, 20.0)
+    with pytest.raises(ValueError, match="agreement"):
+        choose_reading([Reading(1.0, 6.0)], agreement=1.0)
+
+
+def test_the_pyramid_reaches_nuclei_of_250_px_within_the_default_bounds():
+    settings = Config().scale
+    assert min(PYRAMID) * 250 <= 20  # the smallest level shows them at a 20 px model's size
+    assert settings.min_scale <= 20 / 250
+
+
+def nuclei(diameter: float, per_side: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An 8-bit image of ``per_side``² separate nuclei of ``diameter`` px on a dark
+    background, and their labels. Each nucleus has its own brightness, a grainy texture
+    (a tenth of its size) and three dark nucleoli, as real ones do: a network shown large
+    ones at its own training size sees holes and edges inside them."""
+    rng = np.random.default_rng(seed)
+    pitch = round(diameter * 1.5) + 4
+    side = pitch * per_side
+    yy, xx = np.mgrid[:side, :side]
+    labels = np.zeros((side, side), np.int32)
+    dark = np.zeros((side, side), bool)
+    radius = diameter / 2
+    for k in range(per_side**2):
+        cy = (k // per_side) * pitch + pitch // 2 + rng.integers(-2, 3)
+        cx = (k % per_side) * pitch + pitch // 2 + rng.integers(-2, 3)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = k + 1
+        for _ in range(3):
+            angle, off = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.55) * radius
+            hole = (yy - cy - off * np.sin(angle)) ** 2 + (xx - cx - off * np.cos(angle)) ** 2
+            dark |= hole <= (0.15 * radius) ** 2
+    brightness = rng.uniform(120, 200, per_side**2 + 1)
+    grain = ndi.gaussian_filter(rng.normal(0, 1, (side, side)), max(1.0, diameter / 12))
+    grain /= grain.std()
+    inside = labels > 0
+    image = brightness[labels] * (1 + 0.3 * grain) * np.where(dark, 0.35, 1.0) * inside + 12
+    image = ndi.gaussian_filter(image, max(1.0, diameter / 40)) + rng.normal(0, 3, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Segmenter:
+    return Segmenter(Config(), load_model())
+
+
+@pytest.mark.parametrize(("diameter", "per_side"), [(6, 8), (40, 4), (150, 3)])
+def test_nuclei_of_any_size_are_counted_at_the_right_scale(bundled, diameter, per_side):
+    image, truth = nuclei(diameter, per_side)
+    result = bundled.segment(image)
+    assert result.scale.source == "estimated"
+    right = bundled.model.diameter_px / diameter
+    assert result.scale.scale == pytest.approx(right, rel=0.2), result.scale
+    assert result.labels.max() == truth.max()
+
+
+@pytest.mark.parametrize("zoom", [1, 4])
+def test_debris_is_dropped_at_any_magnification(sized_threshold_model, zoom):
+    # four cells of 20 px and a speck of 3×3 px (under min_cell_area_px, 12), all zoomed:
+    # at 4× the speck covers 144 of the image's pixels, but the network sees it 3×3 again
+    centres = [(40 * zoom, 40 * zoom), (40 * zoom, 120 * zoom), (120 * zoom, 40 * zoom)]
+    centres.append((120 * zoom, 120 * zoom))
+    image, truth = discs((160 * zoom, 160 * zoom), centres, 10 * zoom)
+    image[80 * zoom : 83 * zoom, 80 * zoom : 83 * zoom] = 200
+    result = Segmenter(Config(), load_model(sized_threshold_model)).segment(image)
+    assert result.scale.scale == pytest.approx(1 / zoom, rel=0.15)
+    assert result.labels.max() == truth.max() == 4
