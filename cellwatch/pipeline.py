@@ -59,6 +59,7 @@ from cellwatch.model import LoadedModel
 from cellwatch.postprocess import (
     labels_from_masked_interior,
     labels_from_probabilities,
+    masked_distance,
     masked_interior,
     tidy,
 )
@@ -100,23 +101,31 @@ class Segmenter:
         self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
 
         def predict_plane(batch: np.ndarray) -> np.ndarray:
-            # A three-class output is reduced tile by tile to the one plane labelling needs,
-            # so a large image is stitched into a third of the memory.
+            # A three-class output (with a seed head: and its inner distance) is reduced
+            # tile by tile to the one plane labelling needs, so a large image is stitched
+            # into a third (a quarter) of the memory.
             out = np.asarray(self.predict_batch(batch))
-            if model.classes != 3:
+            if model.classes not in (3, 4):
                 return out
-            if out.ndim != 4 or out.shape[-1] != 3:
+            if out.ndim != 4 or out.shape[-1] != model.classes:
                 raise ModelError(
-                    f"model returned shape {out.shape}; a three-class model must give "
-                    "(batch, tile, tile, 3)"
+                    f"model returned shape {out.shape}; a {model.classes}-channel model "
+                    f"must give (batch, tile, tile, {model.classes})"
                 )
             p = self.config.postprocess
             with self.stopwatch("postprocess"):
-                plane = masked_interior(
-                    out,
-                    interior_threshold=p.interior_threshold,
-                    foreground_threshold=p.foreground_threshold,
-                )
+                if model.classes == 4:  # seeds and flooding from the learned inner distance
+                    plane = masked_distance(
+                        out,
+                        foreground_threshold=p.foreground_threshold,
+                        distance_threshold=p.distance_threshold,
+                    )
+                else:
+                    plane = masked_interior(
+                        out,
+                        interior_threshold=p.interior_threshold,
+                        foreground_threshold=p.foreground_threshold,
+                    )
             return plane[..., None]
 
         self.predict_plane = predict_plane
@@ -183,6 +192,14 @@ class Segmenter:
                     overwrite=True,
                     split_threshold=p.split_threshold,
                     # a size at the network's scale, as the image's own pixels
+                    split_min_area=max(1, round(p.split_min_area_px / scale**2)),
+                )
+            if self.model.classes == 4:  # the plane holds the inner distance
+                return labels_from_masked_interior(
+                    probs[..., 0],
+                    interior_threshold=p.distance_threshold,
+                    overwrite=True,
+                    split_threshold=p.distance_split_threshold,
                     split_min_area=max(1, round(p.split_min_area_px / scale**2)),
                 )
             return labels_from_probabilities(
