@@ -95,18 +95,19 @@ def test_crops_carry_the_whole_images_distance_and_draw_the_same_crops():
         np.testing.assert_array_equal(x0, x1)
         np.testing.assert_array_equal(y0, y1)
         assert d1.shape == y1.shape and (d1[y1 == 0] < 0.5).all()
-    # without augmentation the crop is a plain window: the map is the window of the map
-    rng = np.random.default_rng(3)
-    _, crop_labels, crop_distance = random_crop_maps(headed, rng, 40, augment=False)
-    windows = [
-        (y, x)
-        for y in range(57)
-        for x in range(57)
-        if np.array_equal(labels[y : y + 40, x : x + 40], crop_labels)
-    ]
-    assert windows
-    y, x = windows[0]
-    np.testing.assert_allclose(crop_distance, distance[y : y + 40, x : x + 40], atol=1e-6)
+    # without augmentation the crop is a plain window: the map is the window of the whole
+    # image's map, also for a cell the window cuts (a disc wider than the crop)
+    _, big = discs((96, 96), [(48, 48)], 30)
+    ramp = np.arange(96 * 96, dtype=np.float32).reshape(96, 96)  # finds the window
+    whole = inner_distance(big)
+    sample = Sample("big", ramp, big, 1.0, whole)
+    for seed in range(3):
+        crop_image, _, crop_distance = random_crop_maps(
+            sample, np.random.default_rng(seed), 40, augment=False
+        )
+        y, x = divmod(int(crop_image[0, 0]), 96)
+        np.testing.assert_array_equal(crop_image, ramp[y : y + 40, x : x + 40])
+        np.testing.assert_allclose(crop_distance, whole[y : y + 40, x : x + 40], atol=1e-6)
 
 
 def test_targets_and_loss_carry_the_distance_channel():
