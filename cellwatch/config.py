@@ -139,7 +139,7 @@ class PostprocessConfig:
     foreground_threshold: float = 0.8
     split_threshold: float = 0.97
     split_min_area_px: int = 50
-    distance_threshold: float = 0.5  # seed-head models: inner distance that seeds a cell
+    distance_threshold: float = 0.7  # seed-head models: inner distance that seeds a cell
     distance_split_threshold: float = 1.0  # ... and splits a seed between its cores (1: off)
     min_cell_area_px: int = 12
 
