@@ -101,9 +101,10 @@ class Segmenter:
         self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
 
         def predict_plane(batch: np.ndarray) -> np.ndarray:
-            # A three-class output (with a seed head: and its inner distance) is reduced
-            # tile by tile to the one plane labelling needs, so a large image is stitched
-            # into a third (a quarter) of the memory.
+            # A three-class output is reduced tile by tile to the one plane labelling
+            # needs, so a large image is stitched into a third of the memory. A seed
+            # head's output becomes two planes: the masked inner distance, which labels
+            # the cells, and the masked interior, which the size estimate labels.
             out = np.asarray(self.predict_batch(batch))
             if model.classes not in (3, 4):
                 return out
@@ -115,11 +116,17 @@ class Segmenter:
             p = self.config.postprocess
             with self.stopwatch("postprocess"):
                 if model.classes == 4:  # seeds and flooding from the learned inner distance
-                    plane = masked_distance(
+                    seeded = masked_distance(
                         out,
                         foreground_threshold=p.foreground_threshold,
                         distance_threshold=p.distance_threshold,
                     )
+                    interior = masked_interior(
+                        out[..., :3],
+                        interior_threshold=p.interior_threshold,
+                        foreground_threshold=p.foreground_threshold,
+                    )
+                    return np.stack([seeded, interior], axis=-1)
                 else:
                     plane = masked_interior(
                         out,
@@ -157,10 +164,20 @@ class Segmenter:
         return Segmentation(labels, choice)
 
     def labels_at(
-        self, image: np.ndarray, scale: float, normalization: Normalization | None = None
+        self,
+        image: np.ndarray,
+        scale: float,
+        normalization: Normalization | None = None,
+        *,
+        seed_map: bool = True,
     ) -> np.ndarray:
         """Labels of ``image`` as the network sees it zoomed by ``scale``, on the image's
         own grid (int32, ``image.shape``, not yet tidied).
+
+        A model with a seed head labels cells from its seed map, or with ``seed_map``
+        False from its three classes as a three-class model does (what the size estimate
+        uses: the seed map is normalised per cell, so at the wrong scale it breaks a large
+        nucleus into pieces of the trained size, and the estimate would settle on them).
 
         ``image`` is raw pixels that ``normalization`` normalizes, or without it an image
         normalized already. No float copy of the whole image is made: at scale 1 the tiles
@@ -194,9 +211,17 @@ class Segmenter:
                     # a size at the network's scale, as the image's own pixels
                     split_min_area=max(1, round(p.split_min_area_px / scale**2)),
                 )
-            if self.model.classes == 4:  # the plane holds the inner distance
+            if self.model.classes == 4 and not seed_map:  # plane 1: the masked interior
                 return labels_from_masked_interior(
-                    probs[..., 0],
+                    np.ascontiguousarray(probs[..., 1]),
+                    interior_threshold=p.interior_threshold,
+                    overwrite=True,
+                    split_threshold=p.split_threshold,
+                    split_min_area=max(1, round(p.split_min_area_px / scale**2)),
+                )
+            if self.model.classes == 4:  # plane 0: the masked inner distance
+                return labels_from_masked_interior(
+                    np.ascontiguousarray(probs[..., 0]),
                     interior_threshold=p.distance_threshold,
                     overwrite=True,
                     split_threshold=p.distance_split_threshold,
@@ -261,9 +286,9 @@ class Segmenter:
         normalization: Normalization | None,
     ) -> np.ndarray:
         window = _window(image, size)
-        labels = self.labels_at(window, scale, normalization)
-        if window.shape == image.shape:
-            passes[scale] = labels
+        labels = self.labels_at(window, scale, normalization, seed_map=False)
+        if window.shape == image.shape and self.model.classes != 4:  # a seed head's
+            passes[scale] = labels  # labels come from its seed map: not these
         return labels
 
 

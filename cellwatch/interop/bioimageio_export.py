@@ -308,12 +308,11 @@ def _description(
     )
     probabilities = bio.OutputTensorDescr(
         id=bio.TensorId(OUTPUT_ID),
-        description="the probability of each class at each pixel: "
-        + ", ".join(classes)
-        + (
-            "; and the seed map (inner distance: 1 at each cell's centre, 0 at its outline)"
-            if model.seed_map
-            else ""
+        description=(
+            "the probability of each class at each pixel: " + ", ".join(classes)
+            if not model.seed_map  # the spec allows 128 characters
+            else f"class probabilities ({', '.join(classes[:-1])}) and the seed map "
+            f"{classes[-1]}: 1 at cell centres, 0 at outlines"
         ),
         axes=[
             bio.BatchAxis(),
