@@ -18,6 +18,7 @@ from cellwatch.errors import ConfigError, ModelError
 from cellwatch.model import build_unet, load_model, with_seed_head, write_card
 from cellwatch.pipeline import Segmenter
 from cellwatch.postprocess import labels_from_probabilities
+from cellwatch.preprocess import normalize
 from cellwatch.training import matching
 from cellwatch.training.targets import inner_distance
 from cellwatch.training.train import (
@@ -154,7 +155,13 @@ def test_a_seed_head_keeps_the_models_three_class_output():
         with_seed_head(build_unet(depth=2, filters=4, classes=1))
 
 
-def save_seed_model(path: Path, *, seed_head: bool = True, card: dict | None = None) -> Path:
+def save_seed_model(
+    path: Path,
+    *,
+    seed_head: bool = True,
+    card: dict | None = None,
+    seed_weights: tuple[float, float] = (20.0, -14.0),
+) -> Path:
     """Hand-set 1×1 weights: the classes call every pixel brighter than 0.2 (normalised)
     interior, so two touching bright discs are one clump to them; the seed channel
     rises with the intensity (0.5 at 0.7), so a dimmer seam between the discs is a
@@ -169,7 +176,7 @@ def save_seed_model(path: Path, *, seed_head: bool = True, card: dict | None = N
     if seed_head:
         distance = layers.Conv2D(1, 1, activation="sigmoid", name="inner_distance")
         out = layers.Concatenate(name="probabilities")([out, distance(inputs)])
-        distance.set_weights([np.array([[[[20.0]]]]), np.array([-14.0])])
+        distance.set_weights([np.array([[[[seed_weights[0]]]]]), np.array([seed_weights[1]])])
     keras.Model(inputs, out).save(path)
     if card is None:
         card = {"name": path.stem, **({"seed_map": "inner_distance"} if seed_head else {})}
@@ -217,6 +224,21 @@ def test_pipeline_tiles_carry_the_seed_map(tmp_path):
     labels = Segmenter(config, model).segment(seam_image(truth)).labels
     [at] = matching.match(truth, labels, thresholds=(0.7,))
     assert labels.max() == 2 * pairs and at.tp == 2 * pairs
+
+
+def test_the_size_estimate_reads_the_classes_not_the_seed_map(tmp_path):
+    """The seed map is normalised per cell, so at a wrong scale it breaks a large nucleus
+    into pieces of the trained size; the estimate labels with the three classes. Here the
+    seed map is empty: an estimate that read it would find nothing."""
+    path = save_seed_model(
+        tmp_path / "blind.keras",
+        card={"seed_map": "inner_distance", "diameter_px": 20.0},
+        seed_weights=(0.0, -10.0),
+    )
+    model = load_model(path)
+    image, _ = discs((256, 256), [(60, 60), (60, 170), (170, 100), (180, 200)], 20)
+    diameter = Segmenter(Config(), model).estimate_diameter(normalize(image))
+    assert diameter is not None and diameter == pytest.approx(40, rel=0.1)
 
 
 def test_a_card_naming_an_unknown_seed_map_is_refused(tmp_path):
