@@ -116,11 +116,7 @@ class Segmenter:
             p = self.config.postprocess
             with self.stopwatch("postprocess"):
                 if model.classes == 4:  # seeds and flooding from the learned inner distance
-                    seeded = masked_distance(
-                        out,
-                        foreground_threshold=p.foreground_threshold,
-                        distance_threshold=p.distance_threshold,
-                    )
+                    seeded = masked_distance(out, foreground_threshold=p.foreground_threshold)
                     interior = masked_interior(
                         out[..., :3],
                         interior_threshold=p.interior_threshold,

@@ -97,11 +97,7 @@ def labels_from_probabilities(
             f"model output must be (H, W, 1), (H, W, 3) or (H, W, 4), got {probs.shape}"
         )
     if probs.shape[-1] == 4:
-        plane = masked_distance(
-            probs,
-            foreground_threshold=foreground_threshold,
-            distance_threshold=distance_threshold,
-        )
+        plane = masked_distance(probs, foreground_threshold=foreground_threshold)
         return labels_from_masked_interior(
             plane,
             interior_threshold=distance_threshold,
@@ -143,23 +139,23 @@ def masked_interior(
     return np.where(inside, interior, np.float32(np.nan)).astype(np.float32, copy=False)
 
 
-def masked_distance(
-    probs: np.ndarray, *, foreground_threshold: float = 0.5, distance_threshold: float = 0.5
-) -> np.ndarray:
+def masked_distance(probs: np.ndarray, *, foreground_threshold: float = 0.5) -> np.ndarray:
     """Reduce ``(..., 4)`` background/interior/boundary/inner-distance maps to one float32
     plane, which :func:`labels_from_masked_interior` labels with ``interior_threshold``
-    set to ``distance_threshold``.
+    set to the seed threshold (``postprocess.distance_threshold``).
 
     A pixel belongs to a cell when its background probability is below
-    ``1 - foreground_threshold`` or its inner distance is above ``distance_threshold``
-    (a seed); such pixels keep their inner distance, all others become NaN. Works on a
-    batch of tiles as well as on a whole map.
+    ``1 - foreground_threshold``; such pixels keep their inner distance, all others become
+    NaN, so seeds (inner distance above the seed threshold) lie within the foreground the
+    classes see. (Unlike :func:`masked_interior`, a high seed value alone does not make a
+    pixel a cell's: the sigmoid seed map is not exclusive with the background class, and a
+    half-trained map is high on some backgrounds.) Works on a batch of tiles as well as on
+    a whole map.
     """
     if probs.shape[-1] != 4:
         raise ModelError(f"a seed-head output has 4 channels, got shape {probs.shape}")
-    distance = probs[..., 3]
-    inside = (probs[..., 0] < 1.0 - foreground_threshold) | (distance > distance_threshold)
-    return np.where(inside, distance, np.float32(np.nan)).astype(np.float32, copy=False)
+    inside = probs[..., 0] < 1.0 - foreground_threshold
+    return np.where(inside, probs[..., 3], np.float32(np.nan)).astype(np.float32, copy=False)
 
 
 def labels_from_masked_interior(

@@ -294,6 +294,16 @@ def test_a_lone_disc_stays_one_cell_on_its_seed_map():
     assert labels.max() == 1
 
 
+def test_the_seed_map_alone_does_not_make_a_cell_on_the_background():
+    """The sigmoid seed map is not exclusive with the background class: a half-trained
+    map is high on some backgrounds. Cells lie where the classes see foreground."""
+    _, truth = discs((40, 60), [(20, 20)], 12)
+    four = np.concatenate([clump_probabilities(truth), inner_distance(truth)[..., None]], -1)
+    four[5:15, 40:55, 3] = 0.9  # a bright patch of background in the seed map
+    labels = labels_from_probabilities(four, foreground_threshold=0.8, distance_threshold=0.7)
+    assert labels.max() == 1 and (labels[5:15, 40:55] == 0).all()
+
+
 # --- settings and training ------------------------------------------------------------
 
 
