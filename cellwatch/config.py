@@ -139,6 +139,8 @@ class PostprocessConfig:
     foreground_threshold: float = 0.8
     split_threshold: float = 0.97
     split_min_area_px: int = 50
+    distance_threshold: float = 0.7  # seed-head models: inner distance that seeds a cell
+    distance_split_threshold: float = 1.0  # ... and splits a seed between its cores (1: off)
     min_cell_area_px: int = 12
 
 
@@ -308,10 +310,17 @@ def validate(cfg: Config) -> None:
     if not 0 < s.min_scale <= 1 <= s.max_scale:
         _fail(where, "scale.min_scale/max_scale", "need 0 < min_scale ≤ 1 ≤ max_scale")
     p = cfg.postprocess
-    for key in ("interior_threshold", "foreground_threshold"):
+    for key in ("interior_threshold", "foreground_threshold", "distance_threshold"):
         value = getattr(p, key)
         if not 0 < value < 1:
             _fail(where, f"postprocess.{key}", f"must be between 0 and 1, got {value}")
+    if not p.distance_threshold < p.distance_split_threshold <= 1:
+        _fail(
+            where,
+            "postprocess.distance_split_threshold",
+            f"must lie above distance_threshold ({p.distance_threshold}) and be at most 1 "
+            f"(1 turns splitting off), got {p.distance_split_threshold}",
+        )
     if not p.interior_threshold < p.split_threshold <= 1:
         _fail(
             where,

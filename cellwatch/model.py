@@ -2,7 +2,9 @@
 
 Model contract: a Keras 3 ``.keras`` file whose input is ``(batch, tile, tile, 1)``
 normalized float32 and whose output is ``(batch, tile, tile, C)`` probabilities, with
-C = 3 (background, interior, boundary) or C = 1 (foreground). Beside it, ``<name>.json``
+C = 3 (background, interior, boundary), C = 4 (the same and a seed map, the inner
+distance: 1 at each cell's centre, falling to 0 at its outline; the card says
+``"seed_map": "inner_distance"``) or C = 1 (foreground). Beside it, ``<name>.json``
 is the model card: how it was trained, the cell diameter (pixels) it expects, which
 prediction uses to rescale images, and the context (receptive field) the network needs,
 which tiling uses to choose the overlap (:func:`measure_receptive_field`; measured once,
@@ -26,6 +28,7 @@ __all__ = [
     "pooling_grid",
     "read_card",
     "visible_gpus",
+    "with_seed_head",
     "write_card",
 ]
 
@@ -47,6 +50,7 @@ BUNDLED_MODEL = Path(__file__).parent / "models" / "cellwatch-nuclei.keras"
 RF_TOLERANCE = 1e-3  # output change (probabilities) below which context no longer counts
 RF_PROBE_PX = 512  # side of the first probe image; doubled while the field reaches its edge
 RF_MAX_PROBE_PX = 2048
+SEED_MAPS = ("inner_distance",)  # what a fourth output channel may hold
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,12 @@ class LoadedModel:
             return int(recorded["radius_px"])
         measured = measure_receptive_field(self.network, diameter_px=self.diameter_px)
         return None if measured is None else int(measured["radius_px"])
+
+    @property
+    def seed_map(self) -> str | None:
+        """What the fourth output channel holds (``"inner_distance"``), or None when the
+        model has no seed head."""
+        return "inner_distance" if self.classes == 4 else None
 
     @property
     def label(self) -> str:
@@ -275,6 +285,17 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         raise ModelError(f"cannot load model {path}: {exc}") from exc
     card = read_card(path)
     classes = _check_contract(network, path)
+    seed_map = card.get("seed_map")
+    if classes == 4 and seed_map not in (None, *SEED_MAPS):
+        raise ModelError(
+            f"{path}: the model card names a seed map {seed_map!r} that this version of "
+            f"cellwatch cannot use (it knows {', '.join(SEED_MAPS)}); update cellwatch"
+        )
+    if classes != 4 and seed_map is not None:
+        raise ModelError(
+            f"{path}: the model card names a seed map {seed_map!r}, but the model gives "
+            f"{classes} output channels, not 4; the card belongs to another model"
+        )
     return LoadedModel(
         network=network,
         name=path.stem,
@@ -318,8 +339,10 @@ def _check_contract(network: Any, path: Path) -> int:
     out_shape = tuple(network.output_shape)
     if len(in_shape) != 4 or in_shape[-1] != 1:
         raise ModelError(f"{path}: input must be (batch, height, width, 1), got {in_shape}")
-    if len(out_shape) != 4 or out_shape[-1] not in (1, 3):
-        raise ModelError(f"{path}: output must be (batch, height, width, 1 or 3), got {out_shape}")
+    if len(out_shape) != 4 or out_shape[-1] not in (1, 3, 4):
+        raise ModelError(
+            f"{path}: output must be (batch, height, width, 1, 3 or 4), got {out_shape}"
+        )
     return int(out_shape[-1])
 
 
@@ -442,9 +465,18 @@ def _probe_nuclei(size: int, diameter: float, seed: int) -> np.ndarray:
 # --- architectures --------------------------------------------------------------------
 
 
-def build_unet(depth: int = 4, filters: int = 16, classes: int = 3, name: str = "unet") -> Any:
+def build_unet(
+    depth: int = 4,
+    filters: int = 16,
+    classes: int = 3,
+    name: str = "unet",
+    *,
+    seed_head: bool = False,
+) -> Any:
     """A classic U-Net: two 3×3 conv + batch norm + ReLU per level, max-pool down,
-    2×2 transposed conv up, skip concatenations, softmax (or sigmoid for one class)."""
+    2×2 transposed conv up, skip concatenations, softmax (or sigmoid for one class).
+    With ``seed_head`` (three classes only) a fourth output channel learns the inner
+    distance (:func:`with_seed_head`)."""
     import keras
     from keras import layers
 
@@ -470,7 +502,52 @@ def build_unet(depth: int = 4, filters: int = 16, classes: int = 3, name: str = 
     outputs = layers.Conv2D(
         classes, 1, activation=activation, dtype="float32", name="probabilities"
     )(x)
-    return keras.Model(inputs, outputs, name=name)
+    network = keras.Model(inputs, outputs, name=name)
+    return with_seed_head(network) if seed_head else network
+
+
+def with_seed_head(network: Any, seed: int | None = None) -> Any:
+    """``network`` (a three-class model) with a seed head beside its last layer.
+
+    The last layer, a 1×1 softmax convolution to three classes, is kept (its weights
+    copied into a layer named ``classes``); a new 1×1 sigmoid convolution over the same
+    features (``inner_distance``, freshly initialised with ``seed``) learns the inner
+    distance (:func:`cellwatch.training.targets.inner_distance`). The two are
+    concatenated into one four-channel output named ``probabilities``, so tiling and
+    stitching carry the seed map like the classes. The trunk's layers are shared, with
+    their weights: fine-tuning ``--from`` a trained model starts from what it knows.
+
+    Raises
+    ------
+    ModelError
+        When the network does not end in a convolution to three classes.
+    """
+    import keras
+    from keras import layers
+
+    last = network.layers[-1]
+    if not isinstance(last, layers.Conv2D) or last.filters != 3 or last.kernel_size != (1, 1):
+        raise ModelError(
+            "a seed head is added beside a model's last layer, a 1×1 convolution to three "
+            f"classes; {network.name} ends in {type(last).__name__} with "
+            f"{network.output_shape[-1]} output channels"
+        )
+    features = last.input
+    classes = layers.Conv2D(3, 1, activation="softmax", dtype="float32", name="classes")
+    distance = layers.Conv2D(
+        1,
+        1,
+        activation="sigmoid",
+        dtype="float32",
+        name="inner_distance",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+    )
+    outputs = layers.Concatenate(dtype="float32", name="probabilities")(
+        [classes(features), distance(features)]
+    )
+    headed = keras.Model(network.input, outputs, name=network.name)
+    classes.set_weights(last.get_weights())
+    return headed
 
 
 def build_seed_unet(filters: int = 64, tile: int = 256, name: str = "seed") -> Any:

@@ -63,6 +63,7 @@ from cellwatch.model import LoadedModel
 from cellwatch.postprocess import (
     labels_from_masked_interior,
     labels_from_probabilities,
+    masked_distance,
     masked_interior,
     tidy,
 )
@@ -131,23 +132,34 @@ class Segmenter:
             raise ModelError(f"{model.name}: {exc}") from exc
 
         def predict_plane(batch: np.ndarray) -> np.ndarray:
-            # A three-class output is reduced tile by tile to the one plane labelling needs,
-            # so a large image is stitched into a third of the memory.
+            # A three-class output is reduced tile by tile to the one plane labelling
+            # needs, so a large image is stitched into a third of the memory. A seed
+            # head's output becomes two planes: the masked inner distance, which labels
+            # the cells, and the masked interior, which the size estimate labels.
             out = np.asarray(self.predict_batch(batch))
-            if model.classes != 3:
+            if model.classes not in (3, 4):
                 return out
-            if out.ndim != 4 or out.shape[-1] != 3:
+            if out.ndim != 4 or out.shape[-1] != model.classes:
                 raise ModelError(
-                    f"model returned shape {out.shape}; a three-class model must give "
-                    "(batch, tile, tile, 3)"
+                    f"model returned shape {out.shape}; a {model.classes}-channel model "
+                    f"must give (batch, tile, tile, {model.classes})"
                 )
             p = self.config.postprocess
             with self.stopwatch("postprocess"):
-                plane = masked_interior(
-                    out,
-                    interior_threshold=p.interior_threshold,
-                    foreground_threshold=p.foreground_threshold,
-                )
+                if model.classes == 4:  # seeds and flooding from the learned inner distance
+                    seeded = masked_distance(out, foreground_threshold=p.foreground_threshold)
+                    interior = masked_interior(
+                        out[..., :3],
+                        interior_threshold=p.interior_threshold,
+                        foreground_threshold=p.foreground_threshold,
+                    )
+                    return np.stack([seeded, interior], axis=-1)
+                else:
+                    plane = masked_interior(
+                        out,
+                        interior_threshold=p.interior_threshold,
+                        foreground_threshold=p.foreground_threshold,
+                    )
             return plane[..., None]
 
         self.predict_plane = predict_plane
@@ -191,33 +203,50 @@ class Segmenter:
         return Segmentation(labels, choice, familiar)
 
     def labels_at(
-        self, image: np.ndarray, scale: float, normalization: Normalization | None = None
+        self,
+        image: np.ndarray,
+        scale: float,
+        normalization: Normalization | None = None,
+        *,
+        seed_map: bool = True,
     ) -> np.ndarray:
         """Labels of ``image`` as the network sees it zoomed by ``scale``, on the image's
         own grid (int32, ``image.shape``, not yet tidied).
+
+        A model with a seed head labels cells from its seed map, or with ``seed_map``
+        False from its three classes as a three-class model does (what the size estimate
+        uses: the seed map is normalised per cell, so at the wrong scale it breaks a large
+        nucleus into pieces of the trained size, and the estimate would settle on them).
 
         ``image`` is raw pixels that ``normalization`` normalizes, or without it an image
         normalized already. No float copy of the whole image is made: at scale 1 the tiles
         are normalized as they are cut, at any other scale they are also zoomed as they are
         cut, and their outputs are resampled onto the image's grid as they are stitched.
         """
-        return self._labelled(image, scale, normalization)[0]
+        return self._labelled(image, scale, normalization, seed_map=seed_map)[0]
 
     def _labelled(
-        self, image: np.ndarray, scale: float, normalization: Normalization | None = None
+        self,
+        image: np.ndarray,
+        scale: float,
+        normalization: Normalization | None = None,
+        *,
+        seed_map: bool = True,
     ) -> _Labelled:
         """:meth:`labels_at`'s labels, and the network's confidence in them
         (:func:`cellwatch.familiarity.core_share`; None for a one-class model)."""
         probs = self.probabilities(image, scale, normalization)
         # a size at the network's scale, as the image's own pixels
-        return self._label(
-            probs, split_min_area=self.config.postprocess.split_min_area_px / scale**2
-        )
+        area = self.config.postprocess.split_min_area_px / scale**2
+        return self._label(probs, split_min_area=area, seed_map=seed_map)
 
-    def _label(self, probs: np.ndarray, *, split_min_area: float) -> _Labelled:
-        """Labels of a stitched network output (a three-class model's plane is
-        overwritten), and the network's confidence in them."""
+    def _label(
+        self, probs: np.ndarray, *, split_min_area: float, seed_map: bool = True
+    ) -> _Labelled:
+        """Labels of a stitched network output (the plane labelled is overwritten), and
+        the network's confidence in them; ``seed_map`` as for :meth:`labels_at`."""
         p = self.config.postprocess
+        area = max(1, round(split_min_area))
         with self.stopwatch("postprocess"):
             if self.model.classes == 3:  # the stitched plane's memory becomes the labels
                 confidence = familiarity.core_share(probs[..., 0])
@@ -226,7 +255,21 @@ class Segmenter:
                     interior_threshold=p.interior_threshold,
                     overwrite=True,
                     split_threshold=p.split_threshold,
-                    split_min_area=max(1, round(split_min_area)),
+                    split_min_area=area,
+                )
+                return labels, confidence
+            if self.model.classes == 4:  # planes: the masked inner distance, the masked interior
+                confidence = familiarity.core_share(probs[..., 1])
+                if seed_map:
+                    plane, threshold, split = 0, p.distance_threshold, p.distance_split_threshold
+                else:
+                    plane, threshold, split = 1, p.interior_threshold, p.split_threshold
+                labels = labels_from_masked_interior(
+                    np.ascontiguousarray(probs[..., plane]),
+                    interior_threshold=threshold,
+                    overwrite=True,
+                    split_threshold=split,
+                    split_min_area=area,
                 )
                 return labels, confidence
             labels = labels_from_probabilities(
@@ -309,8 +352,8 @@ class Segmenter:
         readings = []
         for level, labelled in self._pyramid_labels(image, normalization):
             labels = labelled[0]
-            if level == 1.0 and labels.shape == image.shape:
-                passes[level] = labelled
+            if level == 1.0 and labels.shape == image.shape and self.model.classes != 4:
+                passes[level] = labelled  # a seed head's cells come from its map: not these
             found = typical_diameter(labels, min_diameter=target / 4)  # network pixels
             if found is not None:
                 readings.append(Reading(level, found / level))
@@ -365,7 +408,7 @@ class Segmenter:
             outputs = [job.result() for job in queued]
         split_min_area = self.config.postprocess.split_min_area_px  # the network's grid
         return [
-            (level, self._label(probs, split_min_area=split_min_area))
+            (level, self._label(probs, split_min_area=split_min_area, seed_map=False))
             for (level, _), probs in zip(jobs, outputs, strict=True)
         ]
 
@@ -378,9 +421,9 @@ class Segmenter:
         normalization: Normalization | None,
     ) -> _Labelled:
         window = _window(image, size)
-        labelled = self._labelled(window, scale, normalization)
-        if window.shape == image.shape:
-            passes[scale] = labelled
+        labelled = self._labelled(window, scale, normalization, seed_map=False)
+        if window.shape == image.shape and self.model.classes != 4:
+            passes[scale] = labelled  # a seed head's cells come from its map: not these
         return labelled
 
 

@@ -9,6 +9,13 @@ told apart one level up: a seed that holds two or more *cores* (parts above a hi
 A one-class (foreground) model has no such signal, so its seeds come from maxima of the
 distance transform instead.
 
+A model with a seed head gives a fourth channel, the learned inner distance (1 at each
+cell's centre, falling to 0 at its outline, also where two cells touch with no gap): its
+seeds are the connected parts above ``distance_threshold`` (optionally split between cores
+above ``distance_split_threshold``), and they are flooded over the inner distance within
+the foreground (:func:`masked_distance`), so touching cells part along the map's valley
+between them whatever the interior probability says.
+
 The watershed only runs where it has a choice to make. Flooding never leaves a connected
 part of the mask, so every part is independent: a part holding no seed stays background,
 a part holding one seed becomes that cell, and only clumps with several seeds are flooded,
@@ -25,6 +32,7 @@ from __future__ import annotations
 __all__ = [
     "labels_from_masked_interior",
     "labels_from_probabilities",
+    "masked_distance",
     "masked_interior",
     "tidy",
     "watershed_by_part",
@@ -50,21 +58,53 @@ def labels_from_probabilities(
     min_area: int = 0,
     split_threshold: float | None = None,
     split_min_area: int = 0,
+    distance_threshold: float = 0.5,
+    distance_split_threshold: float | None = None,
 ) -> np.ndarray:
     """Turn (H, W, C) probabilities into an int32 label image, ids 1..n with no gaps.
 
     Parameters
     ----------
-    probs : (H, W, 3) background/interior/boundary or (H, W, 1) foreground probabilities.
-    interior_threshold : interior probability above which a pixel seeds a cell.
+    probs : (H, W, 3) background/interior/boundary, (H, W, 4) the same and the inner
+        distance of a seed head, or (H, W, 1) foreground probabilities.
+    interior_threshold : interior probability above which a pixel seeds a cell (three
+        classes).
     foreground_threshold : foreground probability above which a pixel belongs to a cell.
     min_area : cells smaller than this many pixels are dropped.
     split_threshold, split_min_area : a seed holding two or more parts above
         ``split_threshold`` of at least ``split_min_area`` pixels each is split between
         them (three-class maps; None or 1: no splitting).
+    distance_threshold : inner distance above which a pixel seeds a cell (four channels;
+        ``interior_threshold`` and ``split_threshold`` are then not used).
+    distance_split_threshold : four channels: a seed holding two or more parts above this
+        inner distance of at least ``split_min_area`` pixels is split between them (None
+        or 1: no splitting).
+
+    Examples
+    --------
+    Two touching squares that the classes see as one clump, with a seed map that dips
+    where they meet:
+
+    >>> probs = np.zeros((6, 10, 4), np.float32)
+    >>> probs[..., 0] = 1.0
+    >>> probs[1:5, 1:9, :2] = (0.0, 1.0)  # one clump of interior
+    >>> probs[1:5, 1:9, 3] = [0.3, 0.7, 0.9, 0.4, 0.4, 0.9, 0.7, 0.3]
+    >>> labels_from_probabilities(probs, foreground_threshold=0.5, distance_threshold=0.5)[2]
+    array([0, 1, 1, 1, 1, 2, 2, 2, 2, 0], dtype=int32)
     """
-    if probs.ndim != 3 or probs.shape[-1] not in (1, 3):
-        raise ModelError(f"model output must be (H, W, 1) or (H, W, 3), got {probs.shape}")
+    if probs.ndim != 3 or probs.shape[-1] not in (1, 3, 4):
+        raise ModelError(
+            f"model output must be (H, W, 1), (H, W, 3) or (H, W, 4), got {probs.shape}"
+        )
+    if probs.shape[-1] == 4:
+        plane = masked_distance(probs, foreground_threshold=foreground_threshold)
+        return labels_from_masked_interior(
+            plane,
+            interior_threshold=distance_threshold,
+            min_area=min_area,
+            split_threshold=distance_split_threshold,
+            split_min_area=split_min_area,
+        )
     if probs.shape[-1] == 3:
         plane = masked_interior(
             probs,
@@ -97,6 +137,25 @@ def masked_interior(
     interior = probs[..., 1]
     inside = (probs[..., 0] < 1.0 - foreground_threshold) | (interior > interior_threshold)
     return np.where(inside, interior, np.float32(np.nan)).astype(np.float32, copy=False)
+
+
+def masked_distance(probs: np.ndarray, *, foreground_threshold: float = 0.5) -> np.ndarray:
+    """Reduce ``(..., 4)`` background/interior/boundary/inner-distance maps to one float32
+    plane, which :func:`labels_from_masked_interior` labels with ``interior_threshold``
+    set to the seed threshold (``postprocess.distance_threshold``).
+
+    A pixel belongs to a cell when its background probability is below
+    ``1 - foreground_threshold``; such pixels keep their inner distance, all others become
+    NaN, so seeds (inner distance above the seed threshold) lie within the foreground the
+    classes see. (Unlike :func:`masked_interior`, a high seed value alone does not make a
+    pixel a cell's: the sigmoid seed map is not exclusive with the background class, and a
+    half-trained map is high on some backgrounds.) Works on a batch of tiles as well as on
+    a whole map.
+    """
+    if probs.shape[-1] != 4:
+        raise ModelError(f"a seed-head output has 4 channels, got shape {probs.shape}")
+    inside = probs[..., 0] < 1.0 - foreground_threshold
+    return np.where(inside, probs[..., 3], np.float32(np.nan)).astype(np.float32, copy=False)
 
 
 def labels_from_masked_interior(

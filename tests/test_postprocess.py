@@ -52,7 +52,7 @@ def test_empty_probabilities_give_no_cells():
 
 
 def test_wrong_output_shape_is_a_model_error():
-    with pytest.raises(ModelError, match=r"must be \(H, W, 1\) or \(H, W, 3\)"):
+    with pytest.raises(ModelError, match=r"must be \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\)"):
         labels_from_probabilities(np.zeros((8, 8, 2), np.float32))
 
 

@@ -289,7 +289,7 @@ def _description(
     step, fixed = _size_rule(model)
     size = fixed or bio.ParameterizedSize(min=_min_side(model, config), step=step)
     halo = halo_px(card, config.tiling)
-    classes = card.get("classes") or [f"class{i}" for i in range(model.classes)]
+    classes = _channel_names(model)
     space_in = [bio.SpaceInputAxis(id=bio.AxisId(a), size=size) for a in ("y", "x")]
     space_out = [
         bio.SpaceOutputAxisWithHalo(
@@ -317,7 +317,12 @@ def _description(
     )
     probabilities = bio.OutputTensorDescr(
         id=bio.TensorId(OUTPUT_ID),
-        description="the probability of each class at each pixel: " + ", ".join(classes),
+        description=(
+            "the probability of each class at each pixel: " + ", ".join(classes)
+            if not model.seed_map  # the spec allows 128 characters
+            else f"class probabilities ({', '.join(classes[:-1])}) and the seed map "
+            f"{classes[-1]}: 1 at cell centres, 0 at outlines"
+        ),
         axes=[
             bio.BatchAxis(),
             *space_out,
@@ -389,6 +394,17 @@ def _tiff(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def _channel_names(model: LoadedModel) -> list[str]:
+    """One name per output channel: the card's classes, and the seed map's name after
+    them for a model with a seed head (four channels)."""
+    classes = [str(c) for c in model.card.get("classes") or []]
+    if model.seed_map and len(classes) == model.classes - 1:
+        classes.append(model.seed_map)
+    if len(classes) != model.classes:
+        classes = [f"class{i}" for i in range(model.classes)]
+    return classes
+
+
 def _summary(model: LoadedModel) -> str:
     card = model.card
     if card.get("description"):
@@ -412,6 +428,14 @@ def _cellwatch_config(model: LoadedModel, config: Config, halo: int, side: int) 
             "split_threshold": p.split_threshold,
             "split_min_area_px": p.split_min_area_px,
             "min_cell_area_px": p.min_cell_area_px,
+            **(
+                {
+                    "distance_threshold": p.distance_threshold,
+                    "distance_split_threshold": p.distance_split_threshold,
+                }
+                if model.seed_map
+                else {}
+            ),
         },
     }
 
@@ -446,7 +470,15 @@ def _documentation(model: LoadedModel, config: Config) -> str:
         + ". cellwatch turns these into one label per cell: each connected interior (above "
         "`interior_threshold`) seeds a cell, grown by watershed over the foreground (one "
         "minus background above `foreground_threshold`), with the settings in "
-        "`config.cellwatch.postprocess` of `rdf.yaml`.",
+        "`config.cellwatch.postprocess` of `rdf.yaml`."
+        + (
+            f" The last channel, `{model.seed_map}`, is a seed map (sigmoid: 1 at each "
+            "cell's centre, falling to 0 at its outline and where cells touch); for this "
+            "model each connected part above `distance_threshold` seeds a cell instead, "
+            "flooded over the seed map within the foreground."
+            if model.seed_map
+            else ""
+        ),
         "",
         "## Training data",
         "",

@@ -3,7 +3,10 @@
 Every image is normalized like ``predict`` does and rescaled so that its cells reach the
 model's cell diameter (the median equivalent diameter of its mask objects), then random
 256×256 crops are drawn with augmentation (scale jitter, flips, 90° turns, contrast, gamma,
-noise, blur; with ``--shot-noise``, photon-limited exposures too). The best model on the
+noise, blur; with ``--shot-noise``, photon-limited exposures too). With ``--seed-head`` the
+U-Net also learns each cell's inner distance (:func:`~cellwatch.training.targets.inner_distance`,
+computed on the whole image before cropping), a fourth output channel whose peaks seed the
+cells; with ``--from`` the head is added to a trained three-class model. The best model on the
 validation loss is kept, with a model card and a loss curve beside it, and a
 ``.last.keras`` checkpoint lets an interrupted run resume.
 """
@@ -19,6 +22,7 @@ __all__ = [
     "load_sample",
     "make_losses",
     "random_crop",
+    "random_crop_maps",
     "run",
     "targets",
     "train",
@@ -39,11 +43,23 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cellwatch.errors import ConfigError
-from cellwatch.model import build_seed_unet, build_unet, measure_receptive_field, write_card
+from cellwatch.model import (
+    build_seed_unet,
+    build_unet,
+    measure_receptive_field,
+    with_seed_head,
+    write_card,
+)
 from cellwatch.preprocess import normalize, resize_to, scaled_shape
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
-from cellwatch.training.targets import as_instances, contact_band, median_diameter, three_class
+from cellwatch.training.targets import (
+    as_instances,
+    contact_band,
+    inner_distance,
+    median_diameter,
+    three_class,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class TrainSettings:
     loss: str = "ce+dice"
     contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
     shot_noise: float = 0.0  # share of crops seen as photon-limited exposures (0: none)
+    seed_head: bool = False  # also learn the inner distance (a fourth output channel)
     diameter_px: float = 20.0  # 0: train at the images' own scale
     crop: int = 256
     batch_size: int = 4
@@ -77,6 +94,7 @@ class Sample:
     image: np.ndarray  # normalized float32 at the training scale
     labels: np.ndarray  # int32 instance labels at the training scale
     scale: float
+    distance: np.ndarray | None = None  # float32 inner distance of ``labels`` (seed head)
 
 
 def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> Sample:
@@ -91,26 +109,42 @@ def load_sample(image_path: Path, mask_path: Path, settings: TrainSettings) -> S
     diameter = median_diameter(labels)
     scale = settings.diameter_px / diameter if settings.diameter_px and diameter else 1.0
     shape = scaled_shape(image.shape, scale)
+    labels = resize_to(labels, shape, order=0)
     return Sample(
         imageio.stem(image_path),
         resize_to(image, shape, order=1),
-        resize_to(labels, shape, order=0),
+        labels,
         scale,
+        inner_distance(labels) if settings.seed_head else None,
     )
 
 
-def targets(labels: np.ndarray, classes: int, contact_weight: float = 1.0) -> np.ndarray:
-    """One-hot training targets (H, W, classes) for a crop of instance labels; with a
-    ``contact_weight`` other than 1, one more channel holds each pixel's loss weight
-    (``contact_weight`` where cells meet, 1 elsewhere)."""
+def targets(
+    labels: np.ndarray,
+    classes: int,
+    contact_weight: float = 1.0,
+    *,
+    distance: np.ndarray | None = None,
+) -> np.ndarray:
+    """Training targets (H, W, channels) for a crop of instance labels.
+
+    One-hot classes (``classes`` channels); with ``distance`` (a seed head's target, the
+    crop of the whole image's :func:`~cellwatch.training.targets.inner_distance`), one
+    more channel holding it; with a ``contact_weight`` other than 1, a last channel
+    holding each pixel's loss weight (``contact_weight`` where cells meet, 1 elsewhere).
+    """
     if classes == 1:
-        one_hot = (labels > 0)[..., None].astype(np.float32)
+        channels = [(labels > 0)[..., None].astype(np.float32)]
     else:
-        one_hot = np.eye(3, dtype=np.float32)[three_class(labels)]
-    if contact_weight == 1.0:
-        return one_hot
-    weight = np.where(contact_band(labels), np.float32(contact_weight), np.float32(1.0))
-    return np.concatenate([one_hot, weight[..., None]], axis=-1)
+        channels = [np.eye(3, dtype=np.float32)[three_class(labels)]]
+    if distance is not None:
+        if distance.shape != labels.shape:
+            raise ValueError(f"distance {distance.shape} and labels {labels.shape} differ")
+        channels.append(distance.astype(np.float32, copy=False)[..., None])
+    if contact_weight != 1.0:
+        weight = np.where(contact_band(labels), np.float32(contact_weight), np.float32(1.0))
+        channels.append(weight[..., None])
+    return channels[0] if len(channels) == 1 else np.concatenate(channels, axis=-1)
 
 
 def random_crop(
@@ -128,23 +162,53 @@ def random_crop(
     """One augmented (image, labels) crop of ``crop``×``crop`` pixels; a ``shot_noise``
     share of them are first turned into photon-limited exposures (:func:`_photon_limited`),
     normalized again with ``percentiles``."""
+    image, labels, _ = random_crop_maps(
+        sample, rng, crop, augment, shot_noise=shot_noise, percentiles=percentiles
+    )
+    return image, labels
+
+
+def random_crop_maps(
+    sample: Sample,
+    rng: np.random.Generator,
+    crop: int,
+    augment: bool,
+    *,
+    shot_noise: float = 0.0,
+    percentiles: tuple[float, float] = (
+        TrainSettings.low_percentile,
+        TrainSettings.high_percentile,
+    ),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`random_crop`'s (image, labels) crop and, when the sample has one, the same
+    crop of its inner distance (bilinear, like the image), else None. It draws the same
+    random numbers either way, so a run with a seed head sees the same crops as one
+    without."""
     zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.4))) if augment else 1.0
     size = max(8, round(crop / zoom))
     image, labels = _pad_to(sample.image, size), _pad_to(sample.labels, size)
+    distance = None if sample.distance is None else _pad_to(sample.distance, size)
     y = rng.integers(0, image.shape[0] - size + 1)
     x = rng.integers(0, image.shape[1] - size + 1)
     image = resize_to(image[y : y + size, x : x + size], (crop, crop), order=1)
     labels = resize_to(labels[y : y + size, x : x + size], (crop, crop), order=0)
+    if distance is not None:
+        distance = resize_to(distance[y : y + size, x : x + size], (crop, crop), order=1)
     if not augment:
-        return image, labels
+        return image, labels, distance
     turns, flip = rng.integers(4), rng.integers(2)
     image, labels = np.rot90(image, turns), np.rot90(labels, turns)
+    if distance is not None:
+        distance = np.rot90(distance, turns)
     if flip:
         image, labels = image[:, ::-1], labels[:, ::-1]
+        distance = None if distance is None else distance[:, ::-1]
     image = np.ascontiguousarray(image)
+    if distance is not None:
+        distance = np.ascontiguousarray(distance)
     if shot_noise and rng.random() < shot_noise:  # no draw at 0: the same crops as before
         image = normalize(_photon_limited(image, rng), *percentiles)
-    return _augment_intensity(image, rng), np.ascontiguousarray(labels)
+    return _augment_intensity(image, rng), np.ascontiguousarray(labels), distance
 
 
 def _photon_limited(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -178,17 +242,24 @@ def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
 # --- Keras side -----------------------------------------------------------------------
 
 
-def make_losses(kind: str, weighted: bool = False) -> tuple[Any, Any]:
+def make_losses(
+    kind: str, weighted: bool = False, seed_head: bool = False, seed_weight: float = 1.0
+) -> tuple[Any, Any]:
     """The loss to train with and a soft foreground dice metric for the progress bar.
 
     ``weighted``: the targets' last channel is a per-pixel weight (:func:`targets`), which
-    scales the cross-entropy; the dice terms use the classes alone.
+    scales the cross-entropy; the dice terms use the classes alone. ``seed_head``: the
+    targets' and predictions' fourth channel is the inner distance, learned with binary
+    cross-entropy over every pixel (times ``seed_weight``), added to the classes' loss.
     """
     import keras
     from keras import ops
 
     def classes_and_weight(y_true: Any) -> tuple[Any, Any]:
-        return (y_true[..., :-1], y_true[..., -1]) if weighted else (y_true, None)
+        weight = y_true[..., -1] if weighted else None
+        if seed_head:
+            return y_true[..., :3], weight
+        return (y_true[..., :-1] if weighted else y_true), weight
 
     def soft_dice(y_true: Any, y_pred: Any) -> Any:
         axes = (1, 2)
@@ -219,7 +290,20 @@ def make_losses(kind: str, weighted: bool = False) -> tuple[Any, Any]:
     losses = {"dice": dice_loss, "ce": cross_entropy, "ce+dice": ce_dice}
     if kind not in losses:
         raise ConfigError(f"unknown loss '{kind}': choose one of {', '.join(losses)}")
-    return losses[kind], dice
+    if not seed_head:
+        return losses[kind], dice
+    classes_loss = losses[kind]
+
+    def with_seed_map(y_true: Any, y_pred: Any) -> Any:
+        seed_loss = keras.losses.binary_crossentropy(y_true[..., 3:4], y_pred[..., 3:4], axis=-1)
+        return classes_loss(y_true, y_pred[..., :3]) + seed_weight * ops.mean(seed_loss)
+
+    def seed_dice(y_true: Any, y_pred: Any) -> Any:
+        return dice(y_true, y_pred[..., :3])
+
+    with_seed_map.__name__ = f"{kind}+seed"
+    seed_dice.__name__ = "dice"  # the history's column stays "dice"
+    return with_seed_map, seed_dice
 
 
 def crop_batches(
@@ -252,7 +336,7 @@ def crop_batches(
             xs, ys = [], []
             for _ in range(settings.batch_size):
                 sample = samples[rng.integers(len(samples))]
-                image, labels = random_crop(
+                image, labels, distance = random_crop_maps(
                     sample,
                     rng,
                     settings.crop,
@@ -261,7 +345,7 @@ def crop_batches(
                     percentiles=(settings.low_percentile, settings.high_percentile),
                 )
                 xs.append(image[..., None])
-                ys.append(targets(labels, classes, settings.contact_weight))
+                ys.append(targets(labels, classes, settings.contact_weight, distance=distance))
             return np.stack(xs), np.stack(ys)
 
         def on_epoch_end(self) -> None:
@@ -283,9 +367,9 @@ def fixed_crops(
     xs, ys = [], []
     for sample in samples:
         for _ in range(per_sample):
-            image, labels = random_crop(sample, rng, crop, augment=False)
+            image, labels, distance = random_crop_maps(sample, rng, crop, augment=False)
             xs.append(image[..., None])
-            ys.append(targets(labels, classes, contact_weight))
+            ys.append(targets(labels, classes, contact_weight, distance=distance))
     return np.stack(xs), np.stack(ys)
 
 
@@ -313,7 +397,9 @@ def train(
     samples = [load_sample(i, m, settings) for i, m in pairs]
     val_samples = [load_sample(i, m, settings) for i, m in val_pairs]
     classes = 1 if settings.arch == "seed" else 3
-    loss, dice = make_losses(settings.loss, weighted=settings.contact_weight != 1.0)
+    loss, dice = make_losses(
+        settings.loss, weighted=settings.contact_weight != 1.0, seed_head=settings.seed_head
+    )
     last = out.with_suffix(".last.keras")
     state_path = out.with_suffix(".state.json")
     initial_epoch = 0
@@ -322,10 +408,21 @@ def train(
         initial_epoch = json.loads(state_path.read_text())["epoch"]
     elif start_from is not None:
         network = keras.saving.load_model(start_from, compile=False, safe_mode=True)
+        if settings.seed_head and network.output_shape[-1] == 3:
+            network = with_seed_head(network, seed=settings.seed)
     elif settings.arch == "seed":
         network = build_seed_unet(tile=settings.crop)
     else:
-        network = build_unet(settings.depth, settings.filters, classes)
+        network = build_unet(
+            settings.depth, settings.filters, classes, seed_head=settings.seed_head
+        )
+    channels = classes + int(settings.seed_head)
+    if network.output_shape[-1] != channels:
+        raise ConfigError(
+            f"the model gives {network.output_shape[-1]} output channels, but training "
+            f"{'with' if settings.seed_head else 'without'} --seed-head needs {channels}"
+            + ("" if settings.seed_head else ": add --seed-head to fine-tune a seed-head model")
+        )
     schedule = keras.optimizers.schedules.CosineDecay(
         settings.learning_rate, settings.epochs * settings.steps_per_epoch, alpha=0.05
     )
@@ -371,6 +468,7 @@ def train(
         "name": out.stem,
         "architecture": settings.arch,
         "classes": ["background", "interior", "boundary"] if classes == 3 else ["foreground"],
+        **({"seed_map": "inner_distance"} if settings.seed_head else {}),
         "diameter_px": settings.diameter_px or None,
         "pixel_size_um": None,
         "tile": 256,
@@ -466,6 +564,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "so the model copes with noisy images (0: none)",
     )
     parser.add_argument(
+        "--seed-head",
+        action="store_true",
+        help="also learn each cell's inner distance (1 at its centre, falling to 0 at its "
+        "outline) as a fourth output channel, whose peaks seed the cells, so touching cells "
+        "split where the three classes see one clump; with --from, the head is added to the "
+        "given three-class model (its trunk and classes kept)",
+    )
+    parser.add_argument(
         "--diameter",
         type=float,
         default=d.diameter_px,
@@ -497,6 +603,7 @@ def run(args: argparse.Namespace) -> int:
         loss=args.loss,
         contact_weight=args.contact_weight,
         shot_noise=args.shot_noise,
+        seed_head=args.seed_head,
         diameter_px=args.diameter,
         crop=args.crop,
         batch_size=args.batch_size,
@@ -511,6 +618,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--contact-weight must be positive, got {settings.contact_weight}")
     if not 0 <= settings.shot_noise <= 1:
         raise ConfigError(f"--shot-noise is a share of crops, 0 to 1; got {settings.shot_noise}")
+    if settings.seed_head and settings.arch != "unet":
+        raise ConfigError("--seed-head needs --arch unet (a three-class model)")
     if settings.arch == "seed" and settings.crop != 256:
         raise ConfigError("--arch seed works on 256×256 crops only (it convolves down to 1×1)")
     pairs = find_pairs(args.images, args.masks)
