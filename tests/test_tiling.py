@@ -591,9 +591,7 @@ def test_an_image_smaller_than_a_tile_is_one_tile_of_its_own_canvas(shape, tile,
     ("tile", "overlap", "align"),
     [(512, 192, 16), (768, 192, 16), (1024, 192, 16), (256, 48, 16), (64, 20, 8), (32, 8, 1)],
 )
-def test_fitted_tiles_keep_the_grid_and_the_margin_with_no_more_tiles(
-    length, tile, overlap, align
-):
+def test_fitted_tiles_keep_the_grid_and_the_margin_with_no_more_tiles(length, tile, overlap, align):
     grid = TileGrid.for_shape((length, 3), tile=tile, overlap=overlap, align=align, fit=True)
     full = TileGrid.for_shape((length, 3), tile=tile, overlap=overlap, align=align)
     side, canvas = grid.tile_shape[0], grid.canvas_shape[0]
