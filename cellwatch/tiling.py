@@ -1,7 +1,11 @@
 """Cut an image into overlapping tiles, predict them in fixed-size batches, stitch the outputs.
 
-Every batch handed to the model has exactly ``batch_size`` tiles, so a compiled graph is
-reused: the last batch is padded with zero tiles whose outputs are dropped. Tiles of several
+Every batch handed to the model has exactly ``batch_size`` tiles of one shape: the last
+batch is padded with zero tiles whose outputs are dropped. With ``fit`` (what the pipeline
+uses) tiles shrink to fit each image, so images of different sizes give tiles of
+different shapes and batches group tiles by shape; the network's ``tf.function``
+(``reduce_retracing``) is traced for the first shape and once more, shape-free, for all
+the others. Tiles of several
 images share batches: :func:`predict_tiled_many` for a sequence of images in one thread,
 :class:`cellwatch.batching.SharedBatches` for images that several threads segment at once (the network then
 runs while other images are read, labelled and written). Tiles are cut from the image as
