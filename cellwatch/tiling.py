@@ -5,10 +5,10 @@ batch is padded with zero tiles whose outputs are dropped. With ``fit`` (what th
 uses) tiles shrink to fit each image, so images of different sizes give tiles of
 different shapes and batches group tiles by shape; the network's ``tf.function``
 (``reduce_retracing``) is traced for the first shape and once more, shape-free, for all
-the others. Tiles of several
-images share batches: :func:`predict_tiled_many` for a sequence of images in one thread,
-:class:`cellwatch.batching.SharedBatches` for images that several threads segment at once (the network then
-runs while other images are read, labelled and written). Tiles are cut from the image as
+the others. Tiles of several images share batches: :func:`predict_tiled_many` for a
+sequence of images in one thread, :class:`cellwatch.batching.SharedBatches` for images
+that several threads segment at once (the network then runs while other images are read,
+labelled and written). Tiles are cut from the image as
 their batch is filled, so memory is the stitched output plus one batch.
 
 Stitching keeps, for every output pixel, the tile in which that pixel lies farthest from the
