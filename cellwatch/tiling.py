@@ -159,8 +159,9 @@ def tile_settings(
     Tile origins lie on the pooling grid (``align = grid_px``) unless the step
     ``tile - overlap`` is shorter than the grid (a network that pools down to one pixel),
     where they cannot. ``overlap="auto"`` is the least overlap that gives every kept pixel
-    ``context_px`` of context on each side, its step rounded down to the grid;
-    :data:`DEFAULT_OVERLAP` when the receptive field is unknown. ``tile`` is then the
+    ``context_px`` of context on each side (at least 1 px, what resampling a zoomed
+    image's tiles needs), its step rounded down to the grid; :data:`DEFAULT_OVERLAP` when
+    the receptive field is unknown. ``tile`` is then the
     largest tile: aligned tiles shrink to fit each image (``fit``), unless the network's
     input size is fixed (``fixed_size``).
 
@@ -181,6 +182,9 @@ def tile_settings(
         if context_px is None:
             overlap = min(DEFAULT_OVERLAP, tile // 4)
         else:
+            # at least 1 px: a zoomed image's tile is resampled onto the image's own grid
+            # (preprocess.OwnGridStitcher), which reads one sample past the kept region
+            context_px = max(context_px, 1)
             step = (tile - 2 * context_px) // grid_px * grid_px
             if step < grid_px:
                 least = 2 * context_px + grid_px

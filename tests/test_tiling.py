@@ -278,7 +278,8 @@ def test_stitcher_accepts_tiles_in_any_order():
     [
         (512, "auto", 92, 16, (512, 192, 16)),  # margin 96 ≥ 92
         (256, "auto", 92, 16, (256, 192, 16)),  # a step of 64
-        (256, "auto", 0, 16, (256, 0, 16)),
+        (256, "auto", 0, 16, (256, 16, 16)),  # 1 px to resample a zoomed tile, on the grid
+        (256, "auto", 0, 1, (256, 2, 1)),
         (64, "auto", 2, 1, (64, 4, 1)),
         (256, 48, 92, 16, (256, 48, 16)),  # a fixed overlap is kept, origins still aligned
         (256, 48, None, 256, (256, 48, 1)),  # a step shorter than the grid: no alignment
