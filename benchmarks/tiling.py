@@ -2,12 +2,14 @@
 speed, for tilings old and new, on real nuclei.
 
     python benchmarks/tiling.py [--repeats 3] [--mosaic 2048] [--burst 64] [--no-agreement]
-                                [--settings 256/48/1 512/auto ...]
+                                [--settings 256/48/1 512/auto/full 768/auto ...]
 
 For each image (the `val` image cb4df20a83b2, 603 × 1272, and a mosaic of 256 × 256 crops of
 the dsb2018-fluo images, as ``cellwatch bench`` builds it) and each tiling ``tile/overlap/
 align`` (align 1 with 256/48 is the tiling before origins were put on the pooling grid;
-``auto`` is ``tiling.overlap: auto`` for the bundled model), it prints:
+``auto`` is ``tiling.overlap: auto`` for the bundled model, whose tiles shrink to fit the
+image as the pipeline's do; ``auto/full`` keeps them ``tile`` × ``tile``, the tiling of
+the first exact version), it prints:
 
 * the network stage's speed: image megapixels ÷ the seconds ``predict_tiled`` takes
   (cutting, the network, stitching; median of ``--repeats``, the settings taking turns so
@@ -22,7 +24,7 @@ align`` (align 1 with 256/48 is the tiling before origins were put on the poolin
 
 With ``--burst N``, the network stage is also timed on N of the 256 × 256 crops, their
 tiles sharing batches (``predict_tiled_many``), as a burst of small images meets it: each
-crop is one tile at any tile size, so there only the speed differs.
+crop is one tile at any tile size, a whole tile without ``fit``, a 256² one with it.
 
 ``--no-agreement`` times the mosaic alone (a 4096² whole-image prediction would take
 several GB).
@@ -51,7 +53,7 @@ from cellwatch.tiling import TileGrid, predict_tiled, predict_tiled_many, tile_s
 from cellwatch.training import matching
 
 Predict = Callable[[np.ndarray], np.ndarray]
-Setting = tuple[int, int, int]  # tile, overlap, align
+Setting = tuple[int, int, int, bool]  # tile, overlap, align, fit
 VAL_IMAGE = DATA / "val" / "images" / "cb4df20a83b2.tif"
 
 
@@ -69,15 +71,16 @@ def main() -> None:
     parser.add_argument(
         "--settings",
         nargs="+",
-        default=["256/48/1", "256/48/16", "512/auto", "256/auto", "768/auto", "1024/auto"],
+        default=["256/48/1", "512/auto/full", "512/auto", "768/auto", "1024/auto"],
     )
     args = parser.parse_args()
     model = load_model()
     segmenter = Segmenter(Config(), model)
     predict = model.predict_fn()
     settings = [_setting(s, model.context_px, model.grid_px) for s in args.settings]
-    for tile, _, _ in settings:  # trace each batch shape before timing
+    for tile, *_ in settings:  # trace before timing (two traces cover every shape)
         predict(np.zeros((_batch(tile), tile, tile, 1), np.float32))
+    predict(np.zeros((1, 256, 256, 1), np.float32))
     images = (
         {"cb4df20a83b2": tifffile.imread(VAL_IMAGE)} if args.agreement or not args.mosaic else {}
     )
@@ -93,7 +96,8 @@ def main() -> None:
         pixels = sum(c.size for c in burst)
         for s in settings:
             row = {"image": f"burst of {len(burst)} × 256²", "tile/overlap/align": s}
-            row |= {"batch_size": _batch(s[0]), "network_px_per_px": max(s[0], 256) ** 2 / 256**2}
+            network = sum(_network_px(c.shape, s) for c in burst)
+            row |= {"batch_size": _batch(s[0]), "network_px_per_px": round(network / pixels, 2)}
             row |= {
                 "seconds": round(seconds[s], 3),
                 "mp_per_s": round(pixels / 1e6 / seconds[s], 3),
@@ -114,11 +118,16 @@ def main() -> None:
 
 
 def _setting(text: str, context: int | None, grid: int) -> Setting:
-    tile, overlap, *align = text.split("/")
+    tile, overlap, *rest = text.split("/")
     if overlap == "auto":
         t = tile_settings(int(tile), "auto", context_px=context, grid_px=grid)
-        return t.tile, t.overlap, t.align
-    return int(tile), int(overlap), int(align[0]) if align else grid
+        return t.tile, t.overlap, t.align, t.fit and rest != ["full"]
+    return int(tile), int(overlap), int(rest[0]) if rest else grid, False
+
+
+def _network_px(shape: tuple[int, ...], s: Setting) -> int:
+    grid = TileGrid.for_shape(shape, s[0], s[1], s[2], fit=s[3])
+    return len(grid) * grid.tile_shape[0] * grid.tile_shape[1]
 
 
 def _median_seconds(
@@ -134,8 +143,8 @@ def _median_seconds(
     return {s: statistics.median(t) for s, t in seconds.items()}
 
 
-def _kwargs(s: Setting) -> dict[str, int]:
-    return {"tile": s[0], "overlap": s[1], "align": s[2], "batch_size": _batch(s[0])}
+def _kwargs(s: Setting) -> dict[str, int | bool]:
+    return {"tile": s[0], "overlap": s[1], "align": s[2], "fit": s[3], "batch_size": _batch(s[0])}
 
 
 def _batch(tile: int) -> int:
@@ -161,11 +170,12 @@ def _labels(plane: np.ndarray, segmenter: Segmenter) -> np.ndarray:
 
 
 def _speed(image: np.ndarray, s: Setting, seconds: float) -> dict[str, float]:
-    grid = TileGrid.for_shape(image.shape, *s)
+    grid = TileGrid.for_shape(image.shape, s[0], s[1], s[2], fit=s[3])
     return {
         "batch_size": _batch(s[0]),
         "tiles": len(grid),
-        "network_px_per_px": round(len(grid) * s[0] ** 2 / image.size, 2),
+        "tile_shape": list(grid.tile_shape),
+        "network_px_per_px": round(_network_px(image.shape, s) / image.size, 2),
         "seconds": round(seconds, 3),
         "mp_per_s": round(image.size / 1e6 / seconds, 3),
     }

@@ -40,7 +40,9 @@ class SharedBatches:
 
     Workers are counted in (:meth:`add_workers`, before they start, so none is missed) and
     out (:meth:`remove_worker`), and call :meth:`predict` where they would call
-    :func:`predict_tiled`. A batch runs as soon as it is full. A partial batch runs, padded
+    :func:`predict_tiled`. A batch holds tiles of one shape (with ``fit``, images of
+    different sizes have tiles of different shapes; a burst of one size shares batches), and
+    runs as soon as it is full. A partial batch runs, padded
     with zeros, once no other worker can add tiles (all wait for the network, are
     :meth:`paused` or have left), or once no tile has arrived for ``max_wait_s`` (a worker
     busy measuring and writing its last image should not hold the network idle). The
@@ -57,13 +59,19 @@ class SharedBatches:
         overlap: int = 48,
         batch_size: int = 8,
         align: int = 1,
+        fit: bool = False,
         max_wait_s: float = 0.05,
         stopwatch: Stopwatch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._predict = predict_batch
         self._queue = TileQueue(
-            tile=tile, overlap=overlap, batch_size=batch_size, align=align, stopwatch=stopwatch
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            align=align,
+            fit=fit,
+            stopwatch=stopwatch,
         )
         self._cond = threading.Condition()
         self._busy = 0  # workers that may queue tiles: not waiting, paused or gone
@@ -121,7 +129,7 @@ class SharedBatches:
         queue = self._queue
         if self._running or not queue.pending:
             return float("inf")
-        if queue.pending >= queue.batch_size or self._busy <= 0:
+        if queue.full or self._busy <= 0:
             return 0.0
         return max(0.0, self._changed + self._max_wait - self._clock())
 

@@ -126,9 +126,9 @@ class ScaleConfig:
 class TilingConfig:
     """``tiling``: tile size, overlap and batch size of the network's passes."""
 
-    tile_size: int = 512
+    tile_size: int = 768  # the largest tile: tiles shrink to fit each image
     overlap: int | Literal["auto"] = "auto"  # auto: from the model's receptive field
-    batch_size: int = 2
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,7 @@ class Segmenter:
             tile=t.tile,
             overlap=t.overlap,
             align=t.align,
+            fit=t.fit,
             batch_size=self.config.tiling.batch_size,
             stopwatch=self.stopwatch,
             prepare=prepare,
@@ -429,13 +430,20 @@ class Segmenter:
 
 def tiling_for(config: Config, model: LoadedModel) -> TileSettings:
     """The tiles ``config`` asks for, aligned to the model's pooling grid; with
-    ``tiling.overlap: auto``, an overlap that covers the model's receptive field. A network
-    whose input size is fixed (the seed architecture) gets tiles of that size."""
+    ``tiling.overlap: auto``, an overlap that covers the model's receptive field. Tiles are
+    at most ``tiling.tile_size`` and shrink to fit each image. A network whose input size
+    is fixed (the seed architecture) gets tiles of that size."""
     t = config.tiling
     tile = model.input_px or t.tile_size
     context = model.context_px if t.overlap == "auto" else None
     try:
-        return tile_settings(tile, t.overlap, context_px=context, grid_px=model.grid_px)
+        return tile_settings(
+            tile,
+            t.overlap,
+            context_px=context,
+            grid_px=model.grid_px,
+            fixed_size=model.input_px is not None,
+        )
     except ValueError as exc:
         raise ConfigError(f"{config.source}: tiling: {exc}") from exc
 
@@ -696,6 +704,7 @@ def process_images(
         tile=segmenter.tiling.tile,
         overlap=segmenter.tiling.overlap,
         align=segmenter.tiling.align,
+        fit=segmenter.tiling.fit,
         batch_size=t.batch_size,
         stopwatch=segmenter.stopwatch,
     )

@@ -1,10 +1,14 @@
 """Cut an image into overlapping tiles, predict them in fixed-size batches, stitch the outputs.
 
-Every batch handed to the model has exactly ``batch_size`` tiles, so a compiled graph is
-reused: the last batch is padded with zero tiles whose outputs are dropped. Tiles of several
-images share batches: :func:`predict_tiled_many` for a sequence of images in one thread,
-:class:`cellwatch.batching.SharedBatches` for images that several threads segment at once (the network then
-runs while other images are read, labelled and written). Tiles are cut from the image as
+Every batch handed to the model has exactly ``batch_size`` tiles of one shape: the last
+batch is padded with zero tiles whose outputs are dropped. With ``fit`` (what the pipeline
+uses) tiles shrink to fit each image, so images of different sizes give tiles of
+different shapes and batches group tiles by shape; the network's ``tf.function``
+(``reduce_retracing``) is traced for the first shape and once more, shape-free, for all
+the others. Tiles of several images share batches: :func:`predict_tiled_many` for a
+sequence of images in one thread, :class:`cellwatch.batching.SharedBatches` for images
+that several threads segment at once (the network then runs while other images are read,
+labelled and written). Tiles are cut from the image as
 their batch is filled, so memory is the stitched output plus one batch.
 
 Stitching keeps, for every output pixel, the tile in which that pixel lies farthest from the
@@ -40,7 +44,7 @@ __all__ = [
     "tile_settings",
 ]
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -73,24 +77,43 @@ MakeStitcher = Callable[["TileGrid", int], "Stitcher"]  # (grid, channels) → s
 
 
 def _axis_spans(
-    length: int, tile: int, overlap: int, align: int = 1
+    length: int, tile: int, overlap: int, align: int = 1, fit: bool = False
 ) -> tuple[tuple[int, int, int], ...]:
     """Return ``(start, keep_from, keep_to)`` per tile along one axis, in image coordinates.
 
-    Origins step by ``tile - overlap`` rounded down to a multiple of ``align``; the last
-    tile ends flush with the canvas (the axis padded to a multiple of ``align`` and to at
-    least one tile), so every origin is a multiple of ``align``. Neighbours split their
-    overlap at its midpoint.
+    Origins step by ``side - overlap`` rounded down to a multiple of ``align``; the last
+    tile ends flush with the canvas (:func:`_canvas_length`), so every origin is a multiple
+    of ``align``. The tiles are ``tile`` long, or with ``fit`` :func:`_tile_side` long.
+    Neighbours split their overlap at its midpoint.
     """
-    canvas = _canvas_length(length, tile, align)
-    step = (tile - overlap) // align * align
-    starts = [*range(0, canvas - tile, step), canvas - tile]
-    cuts = [0, *((a + b + tile) // 2 for a, b in pairwise(starts)), length]
+    canvas = _canvas_length(length, tile, align, fit)
+    side = _tile_side(length, tile, overlap, align, fit)
+    step = side - (tile - (tile - overlap) // align * align)  # > 0 unless one tile
+    starts = [*range(0, canvas - side, max(step, 1)), canvas - side]
+    cuts = [0, *((a + b + side) // 2 for a, b in pairwise(starts)), length]
     return tuple(zip(starts, cuts[:-1], cuts[1:], strict=True))
 
 
-def _canvas_length(length: int, tile: int, align: int) -> int:
-    return max(-(-length // align) * align, tile)
+def _canvas_length(length: int, tile: int, align: int, fit: bool = False) -> int:
+    """The axis padded to a multiple of ``align``, and without ``fit`` to one tile."""
+    aligned = -(-length // align) * align
+    return aligned if fit else max(aligned, tile)
+
+
+def _tile_side(length: int, tile: int, overlap: int, align: int, fit: bool) -> int:
+    """The tiles' side along an axis of ``length`` px: ``tile``, or with ``fit`` the least
+    multiple of ``align`` that covers the canvas with as few tiles as ``tile`` would, at the
+    same overlap (a canvas no longer than a tile is one tile of its own length)."""
+    if not fit:
+        return tile
+    canvas = _canvas_length(length, tile, align, fit)
+    if canvas <= tile:
+        return canvas
+    step = (tile - overlap) // align * align
+    lap = tile - step  # the overlap, rounded up to the grid
+    count = 1 + -(-(canvas - tile) // step)
+    share = -(-(canvas + (count - 1) * lap) // count)
+    return min(tile, -(-share // align) * align)
 
 
 def _source_index(length: int, canvas: int) -> np.ndarray:
@@ -109,11 +132,13 @@ DEFAULT_OVERLAP = 48  # px; "auto" for a model whose receptive field is unknown
 
 @dataclass(frozen=True)
 class TileSettings:
-    """Tile side, overlap and origin alignment for one model (:func:`tile_settings`)."""
+    """Tile side, overlap and origin alignment for one model (:func:`tile_settings`), and
+    whether tiles shrink to fit an image (``fit``, see :class:`TileGrid`)."""
 
     tile: int
     overlap: int
     align: int
+    fit: bool = False
 
     @property
     def margin(self) -> int:
@@ -122,15 +147,23 @@ class TileSettings:
 
 
 def tile_settings(
-    tile: int, overlap: int | str, *, context_px: int | None, grid_px: int = 1
+    tile: int,
+    overlap: int | str,
+    *,
+    context_px: int | None,
+    grid_px: int = 1,
+    fixed_size: bool = False,
 ) -> TileSettings:
     """How to tile for a network with the given receptive field and pooling grid.
 
     Tile origins lie on the pooling grid (``align = grid_px``) unless the step
     ``tile - overlap`` is shorter than the grid (a network that pools down to one pixel),
     where they cannot. ``overlap="auto"`` is the least overlap that gives every kept pixel
-    ``context_px`` of context on each side, its step rounded down to the grid;
-    :data:`DEFAULT_OVERLAP` when the receptive field is unknown.
+    ``context_px`` of context on each side (at least 1 px, what resampling a zoomed
+    image's tiles needs), its step rounded down to the grid; :data:`DEFAULT_OVERLAP` when
+    the receptive field is unknown. ``tile`` is then the
+    largest tile: aligned tiles shrink to fit each image (``fit``), unless the network's
+    input size is fixed (``fixed_size``).
 
     Raises
     ------
@@ -141,7 +174,7 @@ def tile_settings(
     Examples
     --------
     >>> tile_settings(512, "auto", context_px=92, grid_px=16)
-    TileSettings(tile=512, overlap=192, align=16)
+    TileSettings(tile=512, overlap=192, align=16, fit=True)
     >>> tile_settings(256, 48, context_px=92, grid_px=16).margin
     24
     """
@@ -149,6 +182,9 @@ def tile_settings(
         if context_px is None:
             overlap = min(DEFAULT_OVERLAP, tile // 4)
         else:
+            # at least 1 px: a zoomed image's tile is resampled onto the image's own grid
+            # (preprocess.OwnGridStitcher), which reads one sample past the kept region
+            context_px = max(context_px, 1)
             step = (tile - 2 * context_px) // grid_px * grid_px
             if step < grid_px:
                 least = 2 * context_px + grid_px
@@ -162,18 +198,25 @@ def tile_settings(
         raise ValueError(f"overlap must be a number of pixels or 'auto', got {overlap!r}")
     align = grid_px if tile - overlap >= grid_px and tile % grid_px == 0 else 1
     TileGrid(1, 1, tile, overlap, align)  # raises on a bad tile or overlap
-    return TileSettings(tile, overlap, align)
+    return TileSettings(tile, overlap, align, fit=align == grid_px and not fixed_size)
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Square tiles covering a ``height`` × ``width`` image, row-major, with ``overlap`` px.
+    """Tiles covering a ``height`` × ``width`` image, row-major, with ``overlap`` px.
 
     The tiles cover the *canvas*: the image padded at its bottom and right, reflected, to a
-    multiple of ``align`` px and to at least one tile along each axis (a single pixel is
-    repeated). Tile origins step by ``tile - overlap`` rounded down to a multiple of
-    ``align`` (so the overlap may grow), and the last tile on each axis ends flush with the
-    canvas: every origin is a multiple of ``align``. With a network's pooling grid as
+    multiple of ``align`` px and, unless ``fit``, to at least one tile along each axis (a
+    single pixel is repeated). Tile origins step by the tile's side less ``overlap``,
+    rounded down to a multiple of ``align`` (so the overlap may grow), and the last tile on
+    each axis ends flush with the canvas: every origin is a multiple of ``align``.
+
+    Without ``fit`` the tiles are ``tile`` × ``tile``. With ``fit`` ``tile`` is the largest
+    side: along each axis the tiles take the fewest a side of ``tile`` needs and the least
+    side (a multiple of ``align``) that covers the canvas with that many at the same
+    overlap (:attr:`tile_shape`). An image no larger than a tile is then one tile, its
+    canvas, which is the whole-image prediction; a larger one wastes less than full tiles
+    would, whose last tile overlaps its neighbour by up to a whole step. With a network's pooling grid as
     ``align`` (16 for four 2× poolings), each tile meets the poolings at the phase the
     whole canvas does, so the stitched output equals the network's output on the canvas
     wherever a kept pixel lies at least the network's receptive-field radius inside every
@@ -185,6 +228,7 @@ class TileGrid:
     tile: int
     overlap: int
     align: int = 1
+    fit: bool = False
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -202,34 +246,51 @@ class TileGrid:
             )
 
     @classmethod
-    def for_shape(cls, shape: tuple[int, int], tile: int, overlap: int, align: int = 1) -> TileGrid:
+    def for_shape(
+        cls,
+        shape: tuple[int, int],
+        tile: int,
+        overlap: int,
+        align: int = 1,
+        *,
+        fit: bool = False,
+    ) -> TileGrid:
         """Build the grid for an image of the given ``(height, width)``."""
         if len(shape) != 2:
             raise ValueError(f"expected a 2-D image shape, got {tuple(shape)}")
-        return cls(int(shape[0]), int(shape[1]), int(tile), int(overlap), int(align))
+        return cls(int(shape[0]), int(shape[1]), int(tile), int(overlap), int(align), bool(fit))
 
     @property
     def step(self) -> int:
-        """Distance between neighbouring tile origins (the last step may be shorter)."""
+        """Distance between neighbouring origins of full-size tiles (the last step may be
+        shorter); fitted tiles step by their side less ``tile - step``."""
         return (self.tile - self.overlap) // self.align * self.align
 
     @property
     def canvas_shape(self) -> tuple[int, int]:
         """``(height, width)`` of the padded image the tiles cover."""
         return (
-            _canvas_length(self.height, self.tile, self.align),
-            _canvas_length(self.width, self.tile, self.align),
+            _canvas_length(self.height, self.tile, self.align, self.fit),
+            _canvas_length(self.width, self.tile, self.align, self.fit),
+        )
+
+    @cached_property
+    def tile_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of every tile: ``(tile, tile)``, or smaller with ``fit``."""
+        return (
+            _tile_side(self.height, self.tile, self.overlap, self.align, self.fit),
+            _tile_side(self.width, self.tile, self.overlap, self.align, self.fit),
         )
 
     @cached_property
     def rows(self) -> tuple[tuple[int, int, int], ...]:
         """``(y0, keep_from, keep_to)`` for each row of tiles."""
-        return _axis_spans(self.height, self.tile, self.overlap, self.align)
+        return _axis_spans(self.height, self.tile, self.overlap, self.align, self.fit)
 
     @cached_property
     def cols(self) -> tuple[tuple[int, int, int], ...]:
         """``(x0, keep_from, keep_to)`` for each column of tiles."""
-        return _axis_spans(self.width, self.tile, self.overlap, self.align)
+        return _axis_spans(self.width, self.tile, self.overlap, self.align, self.fit)
 
     @cached_property
     def origins(self) -> tuple[np.ndarray, np.ndarray]:
@@ -244,10 +305,10 @@ class TileGrid:
         ``(rows, tile)`` and ``(cols, tile)`` index arrays."""
         canvas_y, canvas_x = self.canvas_shape
         ys, xs = _source_index(self.height, canvas_y), _source_index(self.width, canvas_x)
-        offsets = np.arange(self.tile, dtype=np.intp)
+        side_y, side_x = self.tile_shape
         return (
-            ys[np.array([r[0] for r in self.rows])[:, None] + offsets],
-            xs[np.array([c[0] for c in self.cols])[:, None] + offsets],
+            ys[np.array([r[0] for r in self.rows])[:, None] + np.arange(side_y, dtype=np.intp)],
+            xs[np.array([c[0] for c in self.cols])[:, None] + np.arange(side_x, dtype=np.intp)],
         )
 
     def __len__(self) -> int:
@@ -280,7 +341,7 @@ class TileGrid:
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """The tiles at ``indices`` (an index array) of the canvas of ``image`` as ``(n,
-        tile, tile)``, in the image's dtype (float32 from a :class:`TileSource`) or written
+        *tile_shape)``, in the image's dtype (float32 from a :class:`TileSource`) or written
         into ``out``.
 
         No padded copy of the image is made: a tile inside the image is one slice (one
@@ -289,15 +350,15 @@ class TileGrid:
         """
         self._check(image)
         rows, cols = divmod(np.asarray(indices, dtype=np.intp).reshape(-1), len(self.cols))
-        t = self.tile
+        th, tw = self.tile_shape
         if out is None:
             dtype = image.dtype if isinstance(image, np.ndarray) else np.float32
-            out = np.empty((len(rows), t, t), dtype=dtype)
+            out = np.empty((len(rows), th, tw), dtype=dtype)
         source_y, source_x = self._sources
         for k, (row, col) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
             y0, x0 = self.rows[row][0], self.cols[col][0]
-            if y0 + t <= self.height and x0 + t <= self.width:
-                out[k] = _block(image, y0, x0, t, t)
+            if y0 + th <= self.height and x0 + tw <= self.width:
+                out[k] = _block(image, y0, x0, th, tw)
             else:
                 ys, xs = source_y[row], source_x[col]
                 y, x = int(ys.min()), int(xs.min())
@@ -306,7 +367,7 @@ class TileGrid:
         return out
 
     def extract(self, image: np.ndarray | TileSource, indices: Sequence[int]) -> np.ndarray:
-        """Return the tiles at ``indices`` as an ``(n, tile, tile)`` float32 array."""
+        """Return the tiles at ``indices`` as an ``(n, *tile_shape)`` float32 array."""
         index = np.asarray(indices, dtype=np.intp).reshape(-1)
         bad = index[(index < 0) | (index >= len(self))]
         if bad.size:
@@ -344,9 +405,9 @@ class Stitcher:
         self._added = np.zeros(len(grid), dtype=bool)
 
     def add(self, index: int, output: np.ndarray) -> None:
-        """Store the model output ``(tile, tile, C)`` of tile ``index``."""
+        """Store the model output ``(*tile_shape, C)`` of tile ``index``."""
         spans = self.grid.spans(index)
-        expected = (self.grid.tile, self.grid.tile, self._out.shape[2])
+        expected = (*self.grid.tile_shape, self._out.shape[2])
         if output.shape != expected:
             raise ValueError(f"tile output has shape {output.shape}, expected {expected}")
         self.place(*spans, output)
@@ -361,7 +422,7 @@ class Stitcher:
         self._out[y1:y2, x1:x2] = output[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
 
     def add_run(self, first: int, outputs: np.ndarray) -> None:
-        """Store the outputs ``(n, tile, tile, C)`` of tiles ``first … first + n - 1``.
+        """Store the outputs ``(n, *tile_shape, C)`` of tiles ``first … first + n - 1``.
 
         One slice copy per tile: each is a few hundred kB, so the loop costs microseconds
         against the milliseconds the network spends on the same tile (measured by
@@ -434,12 +495,16 @@ class TileJob:
 
 @dataclass(eq=False)
 class _Batch:
-    tiles: np.ndarray  # (batch_size, tile, tile, 1) float32, zero-padded
+    tiles: np.ndarray  # (batch_size, *tile_shape, 1) float32, zero-padded
     runs: list[tuple[TileJob, int, int, int]] = field(default_factory=list)  # job, first, n, slot
 
 
 class TileQueue:
     """Tiles of queued images, cut into fixed-size batches in arrival order.
+
+    A batch holds tiles of one shape (with ``fit``, an image's tiles have a shape of its
+    own): the oldest shape that fills a batch goes first, else the oldest image's shape
+    (:meth:`take`). A burst of images of one size shares full batches as before.
 
     Not thread-safe by itself: :class:`SharedBatches` guards it with a lock, and calls
     :meth:`take` and :meth:`put` around the network call so that other threads can queue
@@ -453,14 +518,32 @@ class TileQueue:
         overlap: int,
         batch_size: int,
         align: int = 1,
+        fit: bool = False,
         stopwatch: Stopwatch | None = None,
     ) -> None:
         _check_settings(tile, overlap, batch_size, align)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.align = align
+        self.align, self.fit = align, fit
         self._jobs: deque[TileJob] = deque()  # jobs with tiles left to take
         self.pending = 0  # tiles queued and not yet taken
+        self._by_shape: Counter[tuple[int, int]] = Counter()  # pending tiles per tile shape
         self._watch = stopwatch
+
+    @property
+    def full(self) -> bool:
+        """Whether the tiles of some shape fill a batch."""
+        return any(n >= self.batch_size for n in self._by_shape.values())
+
+    @property
+    def shapes(self) -> int:
+        """How many tile shapes have tiles waiting."""
+        return len(self._by_shape)
+
+    def _count(self, shape: tuple[int, int], n: int) -> None:
+        self.pending += n
+        self._by_shape[shape] += n
+        if not self._by_shape[shape]:
+            del self._by_shape[shape]
 
     def _time(self, stage: str) -> AbstractContextManager[None]:
         return self._watch(stage) if self._watch is not None else nullcontext()
@@ -477,21 +560,31 @@ class TileQueue:
         raises ``ValueError`` for a bad one. ``stitcher`` makes the job's stitcher
         (default :class:`Stitcher`) from the grid and the output's channel count."""
         _check_image(image, prepare)
-        grid = TileGrid.for_shape(image.shape, self.tile, self.overlap, self.align)
+        grid = TileGrid.for_shape(image.shape, self.tile, self.overlap, self.align, fit=self.fit)
         job = TileJob(grid, image, prepare)
         if stitcher is not None:
             job.make_stitcher = stitcher
         self._jobs.append(job)
-        self.pending += len(grid)
+        self._count(grid.tile_shape, len(grid))
         return job
 
+    def _next_shape(self) -> tuple[int, int]:
+        """The oldest tile shape that fills a batch, else the oldest job's."""
+        for job in self._jobs:
+            if self._by_shape[job.grid.tile_shape] >= self.batch_size:
+                return job.grid.tile_shape
+        return self._jobs[0].grid.tile_shape
+
     def take(self) -> _Batch:
-        """Cut the next batch: up to ``batch_size`` tiles from the front jobs, zero-padded."""
+        """Cut the next batch: up to ``batch_size`` tiles of one shape (:meth:`_next_shape`)
+        from the front jobs of that shape, zero-padded."""
         with self._time("tile"):
-            batch = _Batch(np.zeros((self.batch_size, self.tile, self.tile, 1), np.float32))
+            shape = self._next_shape() if self._jobs else (self.tile, self.tile)
+            batch = _Batch(np.zeros((self.batch_size, *shape, 1), np.float32))
             slot = 0
-            while slot < self.batch_size and self._jobs:
-                job = self._jobs[0]
+            for job in [j for j in self._jobs if j.grid.tile_shape == shape]:
+                if slot == self.batch_size:
+                    break
                 n = min(self.batch_size - slot, len(job.grid) - job.taken)
                 tiles = batch.tiles[slot : slot + n, ..., 0]
                 job.grid.cut(job.image, np.arange(job.taken, job.taken + n), out=tiles)
@@ -500,9 +593,9 @@ class TileQueue:
                 batch.runs.append((job, job.taken, n, slot))
                 job.taken += n
                 slot += n
-                self.pending -= n
+                self._count(shape, -n)
                 if job.taken == len(job.grid):
-                    self._jobs.popleft()
+                    self._jobs.remove(job)
         return batch
 
     def put(self, batch: _Batch, outputs: np.ndarray) -> list[TileJob]:
@@ -529,7 +622,7 @@ class TileQueue:
                 failed.append(job)
                 if job in self._jobs:
                     self._jobs.remove(job)
-                    self.pending -= len(job.grid) - job.taken
+                    self._count(job.grid.tile_shape, job.taken - len(job.grid))
         return failed
 
     def step(self, predict_batch: PredictBatch) -> list[TileJob]:
@@ -546,6 +639,7 @@ def predict_tiled_many(
     overlap: int = 48,
     batch_size: int = 8,
     align: int = 1,
+    fit: bool = False,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
     stitcher: MakeStitcher | None = None,
@@ -553,10 +647,18 @@ def predict_tiled_many(
     """Like :func:`predict_tiled` for several images whose tiles share batches.
 
     Images are read lazily; each ``(H, W, C)`` result is yielded, in input order, as soon
-    as its last tile is predicted. A bad image raises when it is reached.
+    as its last tile is predicted. A bad image raises when it is reached. With ``fit``,
+    images whose tiles differ in shape do not share a batch: the tiles of an older shape
+    run, in a partial batch if need be, when an image of another shape arrives, so no
+    more images wait for the network than with one shape.
     """
     queue = TileQueue(
-        tile=tile, overlap=overlap, batch_size=batch_size, align=align, stopwatch=stopwatch
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        align=align,
+        fit=fit,
+        stopwatch=stopwatch,
     )
     return _predict_many(images, predict_batch, queue, prepare, stitcher)
 
@@ -571,7 +673,7 @@ def _predict_many(
     jobs: deque[TileJob] = deque()  # in input order; the front one finishes first
     for image in images:
         jobs.append(queue.add(image, prepare, stitcher=stitcher))
-        while queue.pending >= queue.batch_size:
+        while queue.full or queue.shapes > 1:
             queue.step(predict_batch)
             while jobs and jobs[0].done:
                 yield jobs.popleft().result()
@@ -589,6 +691,7 @@ def predict_tiled(
     overlap: int = 48,
     batch_size: int = 8,
     align: int = 1,
+    fit: bool = False,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
     stitcher: MakeStitcher | None = None,
@@ -602,10 +705,12 @@ def predict_tiled(
         ``prepare``, any 2-D image (raw pixels). A :class:`TileSource` gives each tile's
         network input itself, so the image it stands for need not exist whole.
     predict_batch : callable
-        Takes ``(batch_size, tile, tile, 1)`` float32 on every call, the last batch padded
-        with zeros, and returns ``(batch_size, tile, tile, C)``.
+        Takes ``(batch_size, th, tw, 1)`` float32 on every call, the last batch padded
+        with zeros, and returns ``(batch_size, th, tw, C)``; ``(th, tw)`` is ``(tile,
+        tile)``, or with ``fit`` the grid's :attr:`TileGrid.tile_shape`.
     tile, overlap : int
-        Tile side and overlap in pixels, ``0 <= overlap <= tile - align``.
+        Tile side (the largest, with ``fit``) and overlap in pixels,
+        ``0 <= overlap <= tile - align``.
     batch_size : int
         Tiles per model call.
     align : int
@@ -613,6 +718,10 @@ def predict_tiled(
         pooling grid, so that tiled prediction equals the network's prediction on the whole
         padded image (:meth:`TileGrid.canvas`) where ``overlap // 2`` covers its receptive
         field radius (:func:`tile_settings` finds that overlap).
+    fit : bool
+        Tiles shrink to fit the image (:class:`TileGrid`): one tile of the image's own
+        canvas when it is no larger than a tile. For a network that takes any input whose
+        sides are multiples of ``align``.
     stopwatch : Stopwatch, optional
         Counts cutting tiles as ``tile`` and stitching as ``stitch``.
     prepare : callable, optional
@@ -653,6 +762,7 @@ def predict_tiled(
             overlap=overlap,
             batch_size=batch_size,
             align=align,
+            fit=fit,
             stopwatch=stopwatch,
             prepare=prepare,
             stitcher=stitcher,

@@ -659,7 +659,8 @@ def ledger_rows(paths: Paths) -> dict[str, dict[str, str]]:
 def test_worker_retries_a_transient_fault_without_holding_up_the_batch(worker_setup):
     s = worker_setup
     gone = TransientError("share went away")
-    worker, fake = s.make({"a.tif": [], "b.tif": [gone, gone], "c.tif": []})
+    three = override(Config(), **{"tiling.batch_size": 3})  # the three images in one group
+    worker, fake = s.make({"a.tif": [], "b.tif": [gone, gone], "c.tif": []}, config=three)
     assert worker.work(s.queue)
     assert fake.calls == [["a.tif", "b.tif", "c.tif"], ["a.tif"], ["b.tif"], ["c.tif"]]
     assert set(ledger_rows(s.paths)) == {"a.tif", "c.tif"}

@@ -278,7 +278,8 @@ def test_stitcher_accepts_tiles_in_any_order():
     [
         (512, "auto", 92, 16, (512, 192, 16)),  # margin 96 ≥ 92
         (256, "auto", 92, 16, (256, 192, 16)),  # a step of 64
-        (256, "auto", 0, 16, (256, 0, 16)),
+        (256, "auto", 0, 16, (256, 16, 16)),  # 1 px to resample a zoomed tile, on the grid
+        (256, "auto", 0, 1, (256, 2, 1)),
         (64, "auto", 2, 1, (64, 4, 1)),
         (256, 48, 92, 16, (256, 48, 16)),  # a fixed overlap is kept, origins still aligned
         (256, 48, None, 256, (256, 48, 1)),  # a step shorter than the grid: no alignment
@@ -565,3 +566,106 @@ def test_shared_batches_normalize_tiles_as_they_are_cut():
     shared.add_workers(1)
     got = shared.predict(raw, Normalization.of(raw).apply_in_place)
     np.testing.assert_array_equal(got[..., 0], normalize(raw))
+
+
+# --- tiles that fit the image: no whole tile for a small image, batches of one shape -----
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile", "expected"),
+    [((255, 257), 512, (256, 272)), ((520, 696), 768, (528, 704)), ((1, 40), 64, (16, 48))],
+)
+def test_an_image_smaller_than_a_tile_is_one_tile_of_its_own_canvas(shape, tile, expected):
+    image = _image(shape)
+    grid = TileGrid.for_shape(shape, tile, 192 if tile > 256 else 16, align=16, fit=True)
+    assert len(grid) == 1
+    assert grid.tile_shape == grid.canvas_shape == expected  # the grid, not a whole tile
+    np.testing.assert_array_equal(grid.extract(image, [0])[0], grid.canvas(image))
+    recorder = Recorder()
+    out = predict_tiled(image, recorder, tile=tile, overlap=16, align=16, fit=True)
+    assert [c[0] for c in recorder.calls] == [(8, *expected, 1)]
+    np.testing.assert_array_equal(out[..., 0], image)
+
+
+@pytest.mark.parametrize("length", [1, 15, 17, 255, 257, 520, 603, 1000, 1272, 2048, 4100])
+@pytest.mark.parametrize(
+    ("tile", "overlap", "align"),
+    [(512, 192, 16), (768, 192, 16), (1024, 192, 16), (256, 48, 16), (64, 20, 8), (32, 8, 1)],
+)
+def test_fitted_tiles_keep_the_grid_and_the_margin_with_no_more_tiles(length, tile, overlap, align):
+    grid = TileGrid.for_shape((length, 3), tile=tile, overlap=overlap, align=align, fit=True)
+    full = TileGrid.for_shape((length, 3), tile=tile, overlap=overlap, align=align)
+    side, canvas = grid.tile_shape[0], grid.canvas_shape[0]
+    assert canvas == -(-length // align) * align  # the grid alone, never a whole tile
+    assert side <= tile and side % align == 0 and len(grid.rows) == len(full.rows)
+    assert side <= canvas  # an axis shorter than a tile is one tile of its own length
+    margin = (tile - full.step) // 2
+    assert grid.rows[-1][0] + side == canvas
+    kept = []
+    for start, keep_from, keep_to in grid.rows:
+        assert start % align == 0 and start <= keep_from < keep_to <= start + side
+        if start > 0:
+            assert keep_from - start >= margin
+        if start + side < canvas:
+            assert start + side - keep_to >= margin
+        kept += range(keep_from, keep_to)
+    assert kept == list(range(length))
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (40, 41), (603, 1272)])
+def test_fitted_tiles_equal_the_whole_canvas_for_a_pooling_network(shape):
+    image = _image(shape)
+    grid = TileGrid.for_shape(shape, 96, 30, align=2, fit=True)
+    assert grid.canvas_shape == tuple(n + n % 2 for n in shape)
+    whole = pooling_model(grid.canvas(image)[None, ..., None])[0][: shape[0], : shape[1]]
+    tiled = predict_tiled(image, pooling_model, tile=96, overlap=30, align=2, fit=True)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+
+
+def test_fitted_batches_hold_one_shape_and_equal_sizes_share_them():
+    sizes = [(20, 20)] * 5 + [(100, 70), (20, 20), (5, 9), (20, 20)]
+    images = [_image(s, seed=i) for i, s in enumerate(sizes)]
+    model = conv_model(np.arange(9, dtype=np.float32).reshape(3, 3) / 9)
+    recorder = Recorder(model)
+    outs = list(predict_tiled_many(images, recorder, tile=32, overlap=8, batch_size=4, fit=True))
+    for image, out in zip(images, outs, strict=True):
+        alone = predict_tiled(image, model, tile=32, overlap=8, batch_size=4, fit=True)
+        np.testing.assert_array_equal(out, alone)
+    big = TileGrid.for_shape((100, 70), 32, 8, fit=True)
+    assert len(big) == 12 and big.tile_shape == (31, 29)
+    # four 20² images fill a batch; the fifth waits for the sixth 20² image, not for the
+    # 100 × 70 one's three full batches; a lone shape runs when another shape arrives
+    assert [c[0][1:3] for c in recorder.calls] == [
+        (20, 20), (31, 29), (31, 29), (31, 29), (20, 20), (5, 9), (20, 20)
+    ]  # fmt: skip
+
+
+def test_threads_with_images_of_two_sizes_share_batches_by_shape():
+    import threading
+
+    from cellwatch.batching import SharedBatches
+
+    sizes = [(20, 20)] * 8 + [(40, 24)] * 4
+    images = [_image(s, seed=i) for i, s in enumerate(sizes)]
+    recorder = Recorder()
+    shared = SharedBatches(recorder, tile=32, overlap=0, batch_size=4, fit=True, max_wait_s=5)
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(len(images))
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = shared.predict(images[i])
+        finally:
+            shared.remove_worker()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    shared.add_workers(len(threads))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(results[i][..., 0], image)
+    # 8 one-tile 20² images in 2 full batches; 4 images of 40 × 24 (two 20 × 24 tiles) in 2
+    assert sorted(c[0] for c in recorder.calls) == [(4, 20, 20, 1)] * 2 + [(4, 20, 24, 1)] * 2
