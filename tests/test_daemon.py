@@ -659,8 +659,7 @@ def ledger_rows(paths: Paths) -> dict[str, dict[str, str]]:
 def test_worker_retries_a_transient_fault_without_holding_up_the_batch(worker_setup):
     s = worker_setup
     gone = TransientError("share went away")
-    three = override(Config(), **{"tiling.batch_size": 3})  # the three images in one group
-    worker, fake = s.make({"a.tif": [], "b.tif": [gone, gone], "c.tif": []}, config=three)
+    worker, fake = s.make({"a.tif": [], "b.tif": [gone, gone], "c.tif": []})
     assert worker.work(s.queue)
     assert fake.calls == [["a.tif", "b.tif", "c.tif"], ["a.tif"], ["b.tif"], ["c.tif"]]
     assert set(ledger_rows(s.paths)) == {"a.tif", "c.tif"}
@@ -765,11 +764,11 @@ def test_worker_runs_again_only_the_scenes_without_a_row(worker_setup):
     assert s.queue.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 0}
 
 
-def test_worker_records_scenes_a_group_at_a_time(worker_setup):
-    """A long file's rows land as it goes: one group of tiling.batch_size scenes at a time."""
+def test_worker_records_scenes_a_group_at_a_time(worker_setup, monkeypatch):
+    """A long file's rows land as it goes: one group of GROUP_IMAGES scenes at a time."""
     s = worker_setup
-    config = override(Config(), **{"tiling.batch_size": 2})
-    worker, fake = s.make({}, scenes={"p.czi": [0, 1, 2], "q.tif": [None]}, config=config)
+    monkeypatch.setattr(daemon, "GROUP_IMAGES", 2)
+    worker, fake = s.make({}, scenes={"p.czi": [0, 1, 2], "q.tif": [None]})
     landed = []
     real = fake.__call__
 
