@@ -35,7 +35,9 @@ def run_once(image: Path, out: Path, model: Path | None) -> tuple[float, dict[st
     if model is not None:
         command += ["--model", str(model)]
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
+    # run from the output's folder: ``-m`` puts the working folder first on sys.path, and
+    # the cellwatch measured must be the one PYTHONPATH (or the environment) names
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=out.parent)
     wall = time.perf_counter() - started
     with (out / "ledger.csv").open(newline="") as handle:
         return wall, list(csv.DictReader(handle))[-1]
