@@ -540,14 +540,14 @@ def run_workload(
     model_path: Path, paths: Sequence[Path], out: Path, *, batch_size: int, shared: bool
 ) -> dict[str, Any]:
     """Process ``paths`` as the daemon does (``process_images`` on groups of
-    :data:`~cellwatch.pipeline.IMAGES_AT_ONCE`, ``batch_size`` tiles per inference call),
+    ``tiling.images_at_once``, ``batch_size`` tiles per inference call),
     or one image at a time with ``process_image``; time every stage."""
     from cellwatch import pipeline
     from cellwatch.service import driver
 
     segmenter, counter = _segmenter(model_path, batch_size)
     watch, config = segmenter.stopwatch, segmenter.config
-    groups = _groups(paths, pipeline.IMAGES_AT_ONCE if shared else 1)
+    groups = _groups(paths, config.tiling.images_at_once if shared else 1)
     rows = []
     start = time.perf_counter()
     for group in groups:

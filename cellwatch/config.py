@@ -129,6 +129,7 @@ class TilingConfig:
     tile_size: int = 768  # the largest tile: tiles shrink to fit each image
     overlap: int | Literal["auto"] = "auto"  # auto: from the model's receptive field
     batch_size: int = 1
+    images_at_once: int = 8  # images worked on together; their tiles share the batches
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class ReportConfig:
     outlier_k: float = 3.5  # flag counts this many robust SDs from the typical count
     saturated_max_fraction: float = 0.01  # flag images with more pixels at the maximum
     focus_min_ratio: float = 0.3  # flag focus scores below this share of the day's median
-    familiarity_min: float = 0.001  # flag images whose familiarity (0–1) is below this
+    familiarity_min: float = 0.0014  # flag images whose familiarity (0–1) is below this
 
 
 @dataclass(frozen=True)
@@ -227,13 +228,15 @@ class Config:
         """A short hash of the settings that change the counts, for the ledger.
 
         ``input.extensions`` is left out: it decides which files are read, not how they are
-        counted, and its default depends on which extras are installed.
+        counted, and its default depends on which extras are installed. So is
+        ``tiling.images_at_once``: each image's result is the same whatever it is.
         """
         relevant = {
             name: dataclasses.asdict(getattr(self, name))
             for name in ("input", "normalize", "scale", "tiling", "postprocess")
         }
         del relevant["input"]["extensions"]
+        del relevant["tiling"]["images_at_once"]  # how many at once, not how each is counted
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -299,6 +302,8 @@ def validate(cfg: Config) -> None:
         )
     if t.batch_size < 1:
         _fail(where, "tiling.batch_size", f"must be at least 1, got {t.batch_size}")
+    if t.images_at_once < 1:
+        _fail(where, "tiling.images_at_once", f"must be at least 1, got {t.images_at_once}")
     n = cfg.normalize
     if not 0 <= n.low_percentile < n.high_percentile <= 100:
         _fail(where, "normalize", "need 0 ≤ low_percentile < high_percentile ≤ 100")

@@ -20,7 +20,6 @@ from __future__ import annotations
 __all__ = [
     "ESTIMATE_WINDOW",
     "ESTIMATE_WINDOW_MAX",
-    "IMAGES_AT_ONCE",
     "IN_FLIGHT_BYTES",
     "PYRAMID_MIN_SIDE",
     "REFINE_PASSES",
@@ -96,7 +95,6 @@ ESTIMATE_WINDOW = 768  # side of the window the cell size is estimated on, in mo
 ESTIMATE_WINDOW_MAX = 2048  # ... and at most this many of the image's pixels
 PYRAMID_MIN_SIDE = 32  # a pyramid level that would show the network less than this is skipped
 REFINE_PASSES = 2  # network passes that refine the size the pyramid found
-IMAGES_AT_ONCE = 8  # process_images works on this many images at once, whatever the batch
 IN_FLIGHT_BYTES = 64 << 20  # process_images admits more images while their files total less
 WRITE_ASIDE_PIXELS = 1 << 22  # from 4 MP, an image's files are written while it is measured
 
@@ -675,7 +673,7 @@ def process_images(
     ``scenes`` (one per path, a path repeated for several of its scenes), exactly those
     are processed: the daemon passes the scenes whose rows have not landed yet.
 
-    Up to :data:`IMAGES_AT_ONCE` images are processed at once, each in a thread of its own,
+    Up to ``tiling.images_at_once`` images are processed at once, each in a thread of its own,
     while their files total less than :data:`IN_FLIGHT_BYTES` (one image is always
     admitted; the scenes of one file share its size). Their tiles share inference batches
     (:class:`~cellwatch.batching.SharedBatches`), so a burst of small images fills every
@@ -742,7 +740,7 @@ def process_images(
 
     threads = [
         threading.Thread(target=worker, name=f"cellwatch-image-{k}")
-        for k in range(min(len(paths), IMAGES_AT_ONCE))
+        for k in range(min(len(paths), t.images_at_once))
     ]
     shared.add_workers(len(threads))
     for thread in threads:

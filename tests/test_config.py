@@ -39,7 +39,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ("tilling:\n  overlap: 3\n", r"unknown key 'tilling'"),
         (
             "tiling:\n  overlapp: 3\n",
-            r"unknown key 'tiling.overlapp'.*known keys here: batch_size, overlap, tile_size",
+            r"unknown key 'tiling.overlapp'.*known keys here: batch_size, images_at_once, overlap, tile_size",
         ),
         ("tiling:\n  overlap: many\n", r"tiling.overlap must be int or auto, got 'many'"),
         ("tiling:\n  overlap: true\n", r"tiling.overlap must be int"),

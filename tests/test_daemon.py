@@ -764,11 +764,11 @@ def test_worker_runs_again_only_the_scenes_without_a_row(worker_setup):
     assert s.queue.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 0}
 
 
-def test_worker_records_scenes_a_group_at_a_time(worker_setup, monkeypatch):
-    """A long file's rows land as it goes: one group of GROUP_IMAGES scenes at a time."""
+def test_worker_records_scenes_a_group_at_a_time(worker_setup):
+    """A long file's rows land as it goes: tiling.images_at_once scenes at a time."""
     s = worker_setup
-    monkeypatch.setattr(daemon, "GROUP_IMAGES", 2)
-    worker, fake = s.make({}, scenes={"p.czi": [0, 1, 2], "q.tif": [None]})
+    config = override(Config(), **{"tiling.images_at_once": 2})
+    worker, fake = s.make({}, scenes={"p.czi": [0, 1, 2], "q.tif": [None]}, config=config)
     landed = []
     real = fake.__call__
 

@@ -282,7 +282,7 @@ def test_report_flags_unfamiliar_images(tmp_path):
             "job_id": str(i),
             "familiarity": f,
         }
-        for i, f in enumerate([0.9, 0.00099, 0.001, None, 0.0])
+        for i, f in enumerate([0.9, 0.00139, 0.0014, None, 0.0])
     ]
     rows.append({**rows[0], "processed_at": "2026-11-27T11:00:00+00:00", "image": "x.tif",
                  "job_id": "x", "status": "failed", "cell_count": None, "familiarity": 0.0})  # fmt: skip
@@ -292,7 +292,7 @@ def test_report_flags_unfamiliar_images(tmp_path):
     assert day["qc_flags"].tolist() == ["", UNFAMILIAR, "", "", UNFAMILIAR, "failed"]
     page = (tmp_path / "results/reports/2026-11-27.html").read_text(encoding="utf-8")
     assert page.count(f"{UNFAMILIAR_MESSAGE} (familiarity") == 2 * 2  # "check these" + table
-    assert "(familiarity 0.00099)" in page and "(familiarity 0)" in page
+    assert "(familiarity 0.00139)" in page and "(familiarity 0)" in page
     flags, _ = flag_images(
         ledger.read(path), pd.Series([""] * 6), QcThresholds(familiarity_min=0.5)
     )
@@ -340,5 +340,5 @@ def test_daemon_warns_once_per_local_day(tmp_path, caplog):
         str(paths.inbox / "b.tif"),  # the first of the 27th (Berlin)
         str(paths.inbox / "e.tif"),  # the first of the 28th: c.tif was the 27th's second
     ]
-    assert "(familiarity 0, below report.familiarity_min 0.001)" in warnings[0]
+    assert "(familiarity 0, below report.familiarity_min 0.0014)" in warnings[0]
     assert ledger.read(paths.ledger)["familiarity"].tolist() == [0.9, 0.0, 0.0005, 0.5, 0.0]

@@ -318,7 +318,8 @@ def test_daemon_counts_each_scene_once_through_a_kill_in_the_middle_of_a_file(
 ):
     config = write_config(tmp_path / "config.yaml", threshold_model, stable_time_s=0.3)
     settings = load_config(config)
-    text = config.read_text().replace("batch_size: 8", "batch_size: 1")  # a scene per group
+    # a scene per group, so the rows land one by one
+    text = config.read_text().replace("batch_size: 8", "batch_size: 1\n  images_at_once: 1")
     config.write_text(text + "input:\n  channel: DAPI\n")
     assert "*.czi" in settings.watch.include
     cw = cellwatch_daemon(config)

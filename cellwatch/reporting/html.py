@@ -325,7 +325,7 @@ def _flags_html(row: pd.Series | dict) -> str:
         html += f'<div class="err" title="{escape(error)}">{escape(short)}</div>'
     if UNFAMILIAR in row["flags"]:
         value = pd.to_numeric(row.get("familiarity"), errors="coerce")
-        shown = "—" if pd.isna(value) else f"{float(value):.2g}"
+        shown = "—" if pd.isna(value) else f"{float(value):.3g}"
         html += f'<div class="err">{escape(UNFAMILIAR_MESSAGE)} (familiarity {shown})</div>'
     return html
 

@@ -25,15 +25,12 @@ __all__ = [
 ]
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from cellwatch.config import ReportConfig
 from cellwatch.errors import ConfigError
-
-if TYPE_CHECKING:
-    from cellwatch.config import ReportConfig
 
 FAILED = "failed"
 EMPTY = "empty"
@@ -71,10 +68,10 @@ class QcThresholds:
         How many good images a group (or day) needs before counts are compared with it.
     """
 
-    outlier_k: float = 3.5
-    saturated_max_fraction: float = 0.01
-    focus_min_ratio: float = 0.3
-    familiarity_min: float = 0.001
+    outlier_k: float = ReportConfig.outlier_k  # the defaults are the config file's
+    saturated_max_fraction: float = ReportConfig.saturated_max_fraction
+    focus_min_ratio: float = ReportConfig.focus_min_ratio
+    familiarity_min: float = ReportConfig.familiarity_min
     min_reference_n: int = 5
 
     @classmethod

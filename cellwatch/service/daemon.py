@@ -28,7 +28,6 @@ from __future__ import annotations
 
 __all__ = [
     "BATCH_IMAGES",
-    "GROUP_IMAGES",
     "HEARTBEAT_S",
     "PROBLEM_EVERY_S",
     "RECONNECT_S",
@@ -79,7 +78,6 @@ from cellwatch.storage import ledger
 log = logging.getLogger("cellwatch.watch")
 
 BATCH_IMAGES = 8  # images claimed together, so their tiles can share inference batches
-GROUP_IMAGES = 8  # images handed to process_images together; their rows land after each group
 HEARTBEAT_S = 10.0  # how often the daemon tells `cellwatch status` it is alive
 RETRY_BASE_S = 30.0  # first delay before a transient failure is retried; doubles each time
 RECONNECT_S = 5.0  # how often a lost Dask scheduler is tried again
@@ -543,7 +541,7 @@ class Worker:
         """Process one batch of due jobs; False if there was none.
 
         Each job's images (its file's scenes, or the file itself) whose rows have not
-        landed yet are processed ``GROUP_IMAGES`` at a time, and recorded after each
+        landed yet are processed ``tiling.images_at_once`` at a time, and recorded after each
         group. A job finishes once every image of it has its row.
         """
         engine = self.engine
@@ -563,7 +561,7 @@ class Worker:
                 continue
             scenes[job.job_id], todo = planned
             units += [(job, scene) for scene in todo]
-        group = GROUP_IMAGES
+        group = engine.config.tiling.images_at_once
         for start in range(0, len(units), group):
             for (job, _), outcome in self._run(engine, units[start : start + group]):
                 if isinstance(outcome, Exception):
