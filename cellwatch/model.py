@@ -444,7 +444,7 @@ def _edge_effect(predict: Callable[[np.ndarray], np.ndarray], probe: np.ndarray)
 
 
 def _probe_nuclei(size: int, diameter: float, seed: int) -> np.ndarray:
-    """A normalised image of soft discs covering about half of it, brightness varying."""
+    """A normalized image of soft discs covering about half of it, brightness varying."""
     rng = np.random.default_rng(seed)
     image = rng.normal(0.05, 0.02, (size, size))
     count = int(0.5 * size * size / (np.pi * (diameter / 2) ** 2))

@@ -154,12 +154,11 @@ class Segmenter:
                         foreground_threshold=p.foreground_threshold,
                     )
                     return np.stack([seeded, interior], axis=-1)
-                else:
-                    plane = masked_interior(
-                        out,
-                        interior_threshold=p.interior_threshold,
-                        foreground_threshold=p.foreground_threshold,
-                    )
+                plane = masked_interior(
+                    out,
+                    interior_threshold=p.interior_threshold,
+                    foreground_threshold=p.foreground_threshold,
+                )
             return plane[..., None]
 
         self.predict_plane = predict_plane
@@ -215,7 +214,7 @@ class Segmenter:
 
         A model with a seed head labels cells from its seed map, or with ``seed_map``
         False from its three classes as a three-class model does (what the size estimate
-        uses: the seed map is normalised per cell, so at the wrong scale it breaks a large
+        uses: the seed map is normalized per cell, so at the wrong scale it breaks a large
         nucleus into pieces of the trained size, and the estimate would settle on them).
 
         ``image`` is raw pixels that ``normalization`` normalizes, or without it an image

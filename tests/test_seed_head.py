@@ -61,7 +61,7 @@ def test_inner_distance_is_one_at_each_centre_and_low_where_cells_touch():
     distance = inner_distance(truth)
     assert distance.dtype == np.float32
     assert distance[truth == 0].max() == 0.0
-    for cell in (1, 2):  # normalised per cell
+    for cell in (1, 2):  # normalized per cell
         assert distance[truth == cell].max() == 1.0
         assert distance[truth == cell].min() > 0.0
     assert distance[24, 24] > 0.9 and distance[24, 46] > 0.9
@@ -162,7 +162,7 @@ def save_seed_model(
     card: dict | None = None,
     seed_weights: tuple[float, float] = (20.0, -14.0),
 ) -> Path:
-    """Hand-set 1×1 weights: the classes call every pixel brighter than 0.2 (normalised)
+    """Hand-set 1×1 weights: the classes call every pixel brighter than 0.2 (normalized)
     interior, so two touching bright discs are one clump to them; the seed channel
     rises with the intensity (0.5 at 0.7), so a dimmer seam between the discs is a
     valley in the seed map. With ``seed_head=False``, the same classes alone."""
@@ -227,7 +227,7 @@ def test_pipeline_tiles_carry_the_seed_map(tmp_path):
 
 
 def test_the_size_estimate_reads_the_classes_not_the_seed_map(tmp_path):
-    """The seed map is normalised per cell, so at a wrong scale it breaks a large nucleus
+    """The seed map is normalized per cell, so at a wrong scale it breaks a large nucleus
     into pieces of the trained size; the estimate labels with the three classes. Here the
     seed map is empty: an estimate that read it would find nothing."""
     path = save_seed_model(
