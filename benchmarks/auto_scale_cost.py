@@ -29,11 +29,15 @@ import tifffile
 from cellwatch.bench import DATA, _crops, _mosaic
 
 
-def run_once(image: Path, out: Path, model: Path | None) -> tuple[float, dict[str, str]]:
+def run_once(
+    image: Path, out: Path, model: Path | None, config: Path | None = None
+) -> tuple[float, dict[str, str]]:
     """Wall seconds of one ``cellwatch predict`` process, and its ledger row."""
     command = [sys.executable, "-m", "cellwatch", "predict", str(image), "--out", str(out)]
     if model is not None:
         command += ["--model", str(model)]
+    if config is not None:
+        command += ["--config", str(config)]
     started = time.perf_counter()
     # run from the output's folder: ``-m`` puts the working folder first on sys.path, and
     # the cellwatch measured must be the one PYTHONPATH (or the environment) names

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 __all__ = [
     "CARD_KEY",
+    "CARD_SIGNALS",
     "CORE_PROBABILITY",
     "SIGNALS",
     "TAILS",
     "Familiarity",
     "Reference",
+    "card_references",
     "core_share",
     "measure",
     "reference_from_card",
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +72,11 @@ TAILS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 TAIL_FIT: tuple[float, float] = (0.05, 0.25)
 
 CARD_KEY = "familiarity_reference"  # where a model card keeps its references
+
+#: The signals a model card keeps references of: brightness and edge blur flagged every
+#: held-out inverted and blurred image, and the confidence added nothing to them
+#: (benchmarks/familiarity.py, docs/familiarity.md).
+CARD_SIGNALS: tuple[str, ...] = ("brightness", "edge_blur_px")
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,29 @@ class Familiarity:
     def signals(self) -> dict[str, float | None]:
         """The measured signals by name (None where there was nothing to measure)."""
         return {name: getattr(self, name) for name in SIGNALS}
+
+
+def card_references(
+    measured: Iterable[Familiarity], signals: Sequence[str] = CARD_SIGNALS
+) -> dict[str, list[float]]:
+    """A model card's :data:`CARD_KEY` entry, made from the signals measured on images the
+    model knows (its training images): each signal's :meth:`Reference.of` their values.
+    A signal measured on none of them (no cells found, say) is left out.
+
+    Examples
+    --------
+    >>> seen = [Familiarity(b, None, None, False, None) for b in (0.01, 0.02, 0.03, 0.04)]
+    >>> card_references(seen)
+    {'brightness': [0.03985, 0.0397, 0.0394, 0.0385, 0.037, 0.0325, 0.025]}
+    """
+    measured = list(measured)
+    entry = {}
+    for name in signals:
+        values = [value for f in measured if (value := f.signals()[name]) is not None]
+        values = [v for v in values if math.isfinite(v)]
+        if values:
+            entry[name] = list(Reference.of(name, np.array(values)).values)
+    return entry
 
 
 def score(

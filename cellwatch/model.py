@@ -5,8 +5,9 @@ normalized float32 and whose output is ``(batch, tile, tile, C)`` probabilities,
 C = 3 (background, interior, boundary), C = 4 (the same and a seed map, the inner
 distance: 1 at each cell's centre, falling to 0 at its outline; the card says
 ``"seed_map": "inner_distance"``) or C = 1 (foreground). Beside it, ``<name>.json``
-is the model card: how it was trained, the cell diameter (pixels) it expects, which
-prediction uses to rescale images, and the context (receptive field) the network needs,
+is the model card: how it was trained, the cell diameter (pixels) it was trained at and,
+where measured, the one it is run at (``working_diameter_px``), which prediction uses to
+rescale images, and the context (receptive field) the network needs,
 which tiling uses to choose the overlap (:func:`measure_receptive_field`; measured once,
 when the card lacks it).
 """
@@ -77,6 +78,23 @@ class LoadedModel:
             return int(recorded["radius_px"])
         measured = measure_receptive_field(self.network, diameter_px=self.diameter_px)
         return None if measured is None else int(measured["radius_px"])
+
+    @property
+    def working_diameter_px(self) -> float | None:
+        """The cell diameter images are zoomed to for the network: the card's
+        ``working_diameter_px`` when it records one (a size measured to count as well for
+        fewer pixels; within the ±40 % scale jitter the model was trained with), else the
+        ``diameter_px`` it was trained at."""
+        return _positive(self.card.get("working_diameter_px")) or self.diameter_px
+
+    @property
+    def working_pixel_size_um(self) -> float | None:
+        """The pixel size (µm) at which cells have :attr:`working_diameter_px`: the card's
+        ``pixel_size_um`` (at which they have ``diameter_px``), scaled alike."""
+        trained, working = self.diameter_px, self.working_diameter_px
+        if self.pixel_size_um is None or trained is None or working is None:
+            return self.pixel_size_um
+        return self.pixel_size_um * trained / working
 
     @property
     def seed_map(self) -> str | None:

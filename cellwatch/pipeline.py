@@ -172,8 +172,8 @@ class Segmenter:
         passes: dict[float, _Labelled] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
             self.config.scale,
-            model_diameter_px=self.model.diameter_px,
-            model_pixel_size_um=self.model.pixel_size_um,
+            model_diameter_px=self.model.working_diameter_px,
+            model_pixel_size_um=self.model.working_pixel_size_um,
             image_pixel_size_um=pixel_size_um,
             estimate_diameter=lambda: self.estimate_diameter(pixels, passes, normalization),
         )
@@ -345,7 +345,7 @@ class Segmenter:
         ``image`` and ``normalization`` are as for :meth:`labels_at`. Passes that covered
         the whole image on its own grid are stored in ``passes`` by scale for reuse.
         """
-        target, s = self.model.diameter_px, self.config.scale
+        target, s = self.model.working_diameter_px, self.config.scale
         if target is None:
             return None
         passes = {} if passes is None else passes

@@ -4,13 +4,15 @@ zoom that brings them to its training size."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
-from conftest import discs
+from conftest import discs, save_threshold_model
 from scipy import ndimage as ndi
 
 from cellwatch.config import Config
-from cellwatch.model import load_model
+from cellwatch.model import load_model, write_card
 from cellwatch.pipeline import Segmenter
 from cellwatch.scale import PYRAMID, Reading, choose_reading, is_close
 
@@ -37,8 +39,31 @@ def test_without_confirmation_the_largest_zoom_is_kept():
 
 def test_the_pyramid_reaches_nuclei_of_250_px_within_the_default_bounds():
     settings = Config().scale
-    assert min(PYRAMID) * 250 <= 20  # the smallest level shows them at a 20 px model's size
-    assert settings.min_scale <= 20 / 250
+    working = load_model().working_diameter_px  # the bundled model's
+    assert min(PYRAMID) * 250 <= working  # the smallest level shows them at the model's size
+    assert settings.min_scale <= working / 250
+
+
+@pytest.mark.parametrize(
+    ("settings", "image_pixel_size_um", "zoom"),
+    [
+        ({"diameter_px": 30.0}, None, 0.5),  # 30 px cells brought to 15
+        ({}, 0.5, 0.75),  # cells 20 px across at 0.5 µm (the card) are 15 at 0.667 µm
+        ({"scale": 2.0}, None, 2.0),  # a forced zoom is the zoom
+    ],
+)
+def test_cells_reach_the_network_at_the_working_diameter(
+    tmp_path, settings, image_pixel_size_um, zoom
+):
+    # trained at 20 px, measured to count as well at 15 (the card's working_diameter_px)
+    path = save_threshold_model(tmp_path / "working.keras")
+    write_card(path, {"diameter_px": 20.0, "working_diameter_px": 15.0, "pixel_size_um": 0.5})
+    model = load_model(path)
+    assert (model.diameter_px, model.working_diameter_px) == (20.0, 15.0)
+    config = Config(scale=dataclasses.replace(Config().scale, **settings))
+    image, _ = discs((96, 96), [(48, 48)], 15)
+    result = Segmenter(config, model).segment(image, pixel_size_um=image_pixel_size_um)
+    assert result.scale.scale == pytest.approx(zoom)
 
 
 def nuclei(diameter: float, per_side: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +108,7 @@ def test_nuclei_of_any_size_are_counted_at_the_right_scale(bundled, diameter, pe
     # the size found is the nuclei's, and the zoom the one it asks for, within the 15 % at
     # which the estimate stops refining (an image's edges shift a small one by ~10 %)
     assert result.scale.diameter_px == pytest.approx(diameter, rel=0.2), result.scale
-    wanted = bundled.model.diameter_px / result.scale.diameter_px
+    wanted = bundled.model.working_diameter_px / result.scale.diameter_px
     assert is_close(result.scale.scale, wanted), result.scale
     assert result.labels.max() == truth.max()
 

@@ -8,9 +8,12 @@ import pytest
 import tifffile
 from conftest import discs
 
+from cellwatch import familiarity
 from cellwatch.cli import main
+from cellwatch.config import Config
 from cellwatch.errors import ConfigError
 from cellwatch.model import load_model
+from cellwatch.pipeline import Segmenter
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.training.train import Sample, TrainSettings, crop_batches, random_crop
 
@@ -52,6 +55,12 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
     assert card["receptive_field"]["grid_px"] == 4  # depth 2
     assert 0 < card["receptive_field"]["radius_px"] < 64
     assert "--diameter 14" in card["command"]
+    # its own training images are what its familiarity compares with: each row gets one
+    brightness = card[familiarity.CARD_KEY]["brightness"]
+    assert len(brightness) == len(familiarity.TAILS) and brightness[0] >= brightness[-1]
+    image = tifffile.imread(images / "img0.tif")
+    seen = Segmenter(Config(), load_model(out)).segment(image).familiarity
+    assert seen.score is not None and 0 <= seen.score <= 1
     assert out.with_suffix(".loss.png").exists()
     assert out.stat().st_size < out.with_suffix(".last.keras").stat().st_size  # no optimizer state
     model = load_model(out)

@@ -18,6 +18,7 @@ __all__ = [
     "TrainSettings",
     "add_arguments",
     "crop_batches",
+    "familiarity_references",
     "fixed_crops",
     "load_sample",
     "make_losses",
@@ -42,10 +43,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from cellwatch import familiarity
 from cellwatch.errors import ConfigError
 from cellwatch.model import (
     build_seed_unet,
     build_unet,
+    load_model,
     measure_receptive_field,
     with_seed_head,
     write_card,
@@ -60,6 +63,8 @@ from cellwatch.training.targets import (
     median_diameter,
     three_class,
 )
+
+FAMILIARITY_IMAGES = 40  # training images a new model's familiarity references come from
 
 
 @dataclass(frozen=True)
@@ -493,8 +498,32 @@ def train(
         "parameters": int(network.count_params()),
     }
     write_card(out, card)
+    references = familiarity_references(out, [image for image, _ in pairs])
+    if references:  # what the ledger's familiarity compares this model's images with
+        card[familiarity.CARD_KEY] = references
+        write_card(out, card)
     _plot_history(history, out.with_suffix(".loss.png"))
     return card
+
+
+def familiarity_references(
+    model_path: Path, images: Sequence[Path], *, count: int = FAMILIARITY_IMAGES
+) -> dict[str, list[float]]:
+    """Where the familiarity signals (:mod:`cellwatch.familiarity`) lie on a model's own
+    training images, as its card records them: the pipeline (default settings, automatic
+    scale) segments up to ``count`` of ``images``, evenly spread, and each signal's
+    reference is made from what it measured. Without them the model's ledger rows have no
+    ``familiarity`` and the report cannot flag ``unfamiliar`` images."""
+    from cellwatch.config import Config
+    from cellwatch.pipeline import Segmenter, read
+
+    config = Config()
+    segmenter = Segmenter(config, load_model(model_path))
+    measured = []
+    for path in images[:: max(1, math.ceil(len(images) / count))]:
+        data = read(path, config)
+        measured.append(segmenter.segment(data.pixels, data.pixel_size_um).familiarity)
+    return familiarity.card_references(measured)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
