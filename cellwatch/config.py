@@ -118,7 +118,7 @@ class ScaleConfig:
     scale: float | None = None  # explicit zoom factor applied to the image
     diameter_px: float | None = None  # typical cell diameter in the image, in pixels
     pixel_size_um: float | None = None  # overrides the pixel size read from the file
-    min_scale: float = 0.06
+    min_scale: float = 0.08
     max_scale: float = 5.0
 
 
@@ -139,7 +139,7 @@ class PostprocessConfig:
     interior_threshold: float = 0.8
     foreground_threshold: float = 0.8
     split_threshold: float = 0.97
-    split_min_area_px: int = 36
+    split_min_area_px: int = 50
     distance_threshold: float = 0.7  # seed-head models: inner distance that seeds a cell
     distance_split_threshold: float = 1.0  # ... and splits a seed between its cores (1: off)
     min_cell_area_px: int = 12
