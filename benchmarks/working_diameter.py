@@ -13,7 +13,8 @@ segments every image pair with the default config (automatic scale), except
 the diameters). The pairs are scored as ``cellwatch evaluate`` scores them. With
 ``--cost-side``, a whole ``cellwatch predict`` process is timed on a mosaic of real nuclei
 of that side, as ``benchmarks/auto_scale_cost.py`` does (best of ``--repeats``): input
-megapixels per second, against the first diameter's. Prints one JSON object.
+megapixels per second, against the first diameter's. Each arm's counts are also compared
+with the first arm's image by image (mean change and paired t). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import tifffile
 import yaml
 from auto_scale_cost import run_once
@@ -46,15 +49,34 @@ def at_diameter(model: Path, diameter: float, folder: Path) -> Path:
     return copy
 
 
-def scores(summary: dict[str, Any]) -> dict[str, Any]:
+def scores(summary: dict[str, Any], table: pd.DataFrame) -> dict[str, Any]:
+    """An arm's figures; ``counted_minus_true`` is the net count error over all images
+    (negative: nuclei lost, most often neighbours merged)."""
     at_half = summary["thresholds"]["0.50"]
     return {
         "accuracy_0.5": round(at_half["accuracy"], 4),
         "f1_0.5": round(at_half["f1"], 4),
         "tp_fp_fn": [at_half["tp"], at_half["fp"], at_half["fn"]],
+        "count_mae": round(summary["count_mae"], 3),
         "count_mape_pct": round(summary["count_mape_percent"], 2),
+        "counted_minus_true": int((table["pred_count"] - table["true_count"]).sum()),
         "size_groups": {k: round(v["accuracy_0.5"], 3) for k, v in summary["size_groups"].items()},
     }
+
+
+def paired(first: pd.DataFrame, other: pd.DataFrame) -> dict[str, float]:
+    """How another arm's per-image counts differ from the first arm's on the same images:
+    the mean change of the count (and of its absolute error), with its paired t."""
+    out = {}
+    for name, of in (
+        ("count", lambda t: t["pred_count"]),
+        ("absolute_error", lambda t: (t["pred_count"] - t["true_count"]).abs()),
+    ):
+        change = (of(other) - of(first)).to_numpy(dtype=float)
+        spread = change.std(ddof=1) / np.sqrt(len(change)) if len(change) > 1 else float("nan")
+        out[f"{name}_change_per_image"] = round(float(change.mean()), 3)
+        out[f"{name}_change_t"] = round(float(change.mean() / spread), 2) if spread else None
+    return out
 
 
 def main() -> None:
@@ -75,7 +97,7 @@ def main() -> None:
     if len(areas) != len(args.diameters):
         raise SystemExit("give one --split-areas value per --diameters value")
     pairs = find_pairs(args.images, args.masks)[:: args.every]
-    arms = []
+    arms, tables = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         mosaic = folder / "mosaic.tif"
@@ -85,9 +107,12 @@ def main() -> None:
             copy = at_diameter(model, diameter, folder)
             settings = {"postprocess": {"split_min_area_px": area}}
             config = override(base, **{"postprocess.split_min_area_px": area})
-            summary, _ = evaluate(pairs, Segmenter(config, load_model(copy)), config)
+            summary, table = evaluate(pairs, Segmenter(config, load_model(copy)), config)
             arm: dict[str, Any] = {"diameter_px": diameter, "split_min_area_px": area}
-            arm |= scores(summary)
+            arm |= scores(summary, table)
+            tables.append(table)
+            if len(tables) > 1:
+                arm["vs_first"] = paired(tables[0], table)
             if args.cost_side:
                 config_file = folder / f"at-{diameter:g}.yaml"
                 config_file.write_text(yaml.safe_dump(settings))

@@ -183,7 +183,7 @@ class ReportConfig:
     outlier_k: float = 3.5  # flag counts this many robust SDs from the typical count
     saturated_max_fraction: float = 0.01  # flag images with more pixels at the maximum
     focus_min_ratio: float = 0.3  # flag focus scores below this share of the day's median
-    familiarity_min: float = 0.0014  # flag images whose familiarity (0–1) is below this
+    familiarity_min: float = 0.001  # flag images whose familiarity (0–1) is below this
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,11 @@ def test_reference_tails_follow_the_training_images():
     assert ref.values[0] == pytest.approx(0.995) and ref.values[-1] == pytest.approx(0.5)
     assert ref.tail(0.95) == pytest.approx(0.05, abs=1e-3)
     assert ref.tail(0.2) == 0.5
-    # beyond the training images: an exponential tail, falling as fast as from the 5 % to
-    # the 25 % quantile (0.95 to 0.75: 5× over 0.2)
-    assert ref.tail(1.0) == pytest.approx(0.005 * 5 ** (-0.005 / 0.2), rel=1e-3)
-    assert ref.tail(1.5) == pytest.approx(0.005 * 5 ** (-0.505 / 0.2), rel=1e-3)
+    # beyond the training images: an exponential tail, falling as fast as from the 0.5 % to
+    # the 2 % quantile (familiarity.TAIL_FIT; 0.995 to 0.98: 4× over 0.015)
+    assert familiarity.TAIL_FIT == (0.005, 0.02)
+    assert ref.tail(1.0) == pytest.approx(0.005 * 4 ** (-0.005 / 0.015), rel=1e-3)
+    assert ref.tail(1.5) == pytest.approx(0.005 * 4 ** (-0.505 / 0.015), rel=1e-3)
     low = Reference.of("confidence", samples)  # confidence: low values are unusual
     assert low.values[0] == pytest.approx(0.005)
     assert low.tail(0.01) == pytest.approx(0.01, abs=1e-3) and low.tail(0.9) == 0.5
@@ -282,7 +283,7 @@ def test_report_flags_unfamiliar_images(tmp_path):
             "job_id": str(i),
             "familiarity": f,
         }
-        for i, f in enumerate([0.9, 0.00139, 0.0014, None, 0.0])
+        for i, f in enumerate([0.9, 0.00099, 0.001, None, 0.0])
     ]
     rows.append({**rows[0], "processed_at": "2026-11-27T11:00:00+00:00", "image": "x.tif",
                  "job_id": "x", "status": "failed", "cell_count": None, "familiarity": 0.0})  # fmt: skip
@@ -292,7 +293,7 @@ def test_report_flags_unfamiliar_images(tmp_path):
     assert day["qc_flags"].tolist() == ["", UNFAMILIAR, "", "", UNFAMILIAR, "failed"]
     page = (tmp_path / "results/reports/2026-11-27.html").read_text(encoding="utf-8")
     assert page.count(f"{UNFAMILIAR_MESSAGE} (familiarity") == 2 * 2  # "check these" + table
-    assert "(familiarity 0.00139)" in page and "(familiarity 0)" in page
+    assert "(familiarity 0.00099)" in page and "(familiarity 0)" in page
     flags, _ = flag_images(
         ledger.read(path), pd.Series([""] * 6), QcThresholds(familiarity_min=0.5)
     )
@@ -340,5 +341,5 @@ def test_daemon_warns_once_per_local_day(tmp_path, caplog):
         str(paths.inbox / "b.tif"),  # the first of the 27th (Berlin)
         str(paths.inbox / "e.tif"),  # the first of the 28th: c.tif was the 27th's second
     ]
-    assert "(familiarity 0, below report.familiarity_min 0.0014)" in warnings[0]
+    assert "(familiarity 0, below report.familiarity_min 0.001)" in warnings[0]
     assert ledger.read(paths.ledger)["familiarity"].tolist() == [0.9, 0.0, 0.0005, 0.5, 0.0]
