@@ -290,7 +290,6 @@ class Segmenter:
         image's own grid (``image`` and ``normalization`` as for :meth:`labels_at`): the
         plane that labelling reads, or with ``raw`` the model's own output, every class.
         """
-        t = self.tiling
         source, prepare, stitcher = self._network_input(image, scale, normalization)
         shared: SharedBatches | None = getattr(self._local, "shared", None)
         if shared is not None and not raw:  # in process_images: batches shared with others
@@ -298,15 +297,21 @@ class Segmenter:
         return predict_tiled(
             source,
             self.predict_batch if raw else self.predict_plane,
-            tile=t.tile,
-            overlap=t.overlap,
-            align=t.align,
-            fit=t.fit,
-            batch_size=self.config.tiling.batch_size,
-            stopwatch=self.stopwatch,
+            **self.tiling_options(),
             prepare=prepare,
             stitcher=stitcher,
         )
+
+    def tiling_options(self) -> dict[str, Any]:
+        """How this segmenter's tiles are cut and batched, as the keywords of
+        :func:`~cellwatch.tiling.predict_tiled`, :class:`~cellwatch.tiling.TileQueue` and
+        :class:`~cellwatch.batching.SharedBatches`: the model's tile settings, the
+        configured batch size, and the stopwatch that times them."""
+        return {
+            **dataclasses.asdict(self.tiling),
+            "batch_size": self.config.tiling.batch_size,
+            "stopwatch": self.stopwatch,
+        }
 
     def _network_input(
         self,
@@ -394,15 +399,7 @@ class Segmenter:
         if shared is not None:
             outputs = [shared.predict(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
         else:
-            t = self.tiling
-            queue = TileQueue(
-                tile=t.tile,
-                overlap=t.overlap,
-                align=t.align,
-                fit=t.fit,
-                batch_size=self.config.tiling.batch_size,
-                stopwatch=self.stopwatch,
-            )
+            queue = TileQueue(**self.tiling_options())
             queued = [queue.add(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
             while queue.pending:
                 queue.step(self.predict_plane)
@@ -699,15 +696,8 @@ def process_images(
             for p, j, s in zip(paths, job_ids, scenes, strict=True)
         ]
     t = segmenter.config.tiling
-    shared = SharedBatches(  # tiled as labels_at tiles an image alone
-        segmenter.predict_plane,
-        tile=segmenter.tiling.tile,
-        overlap=segmenter.tiling.overlap,
-        align=segmenter.tiling.align,
-        fit=segmenter.tiling.fit,
-        batch_size=t.batch_size,
-        stopwatch=segmenter.stopwatch,
-    )
+    # tiled as labels_at tiles an image alone
+    shared = SharedBatches(segmenter.predict_plane, **segmenter.tiling_options())
     results: list[ImageResult | None] = [None] * len(paths)
     errors: list[BaseException | None] = [None] * len(paths)
     todo = iter(range(len(paths)))
