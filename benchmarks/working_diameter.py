@@ -34,7 +34,14 @@ from common import dataset_parser
 
 from cellwatch.bench import DATA, _crops, _mosaic
 from cellwatch.config import Config, load_config, override
-from cellwatch.model import BUNDLED_MODEL, card_path, load_model, read_card, write_card
+from cellwatch.model import (
+    BUNDLED_MODEL,
+    card_path,
+    load_model,
+    model_label,
+    read_card,
+    write_card,
+)
 from cellwatch.pipeline import Segmenter
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.training.evaluate import evaluate
@@ -128,7 +135,7 @@ def main() -> None:
         for arm in arms:
             arm["cost_vs_first"] = round(arms[0]["input_mp_per_s"] / arm["input_mp_per_s"], 3)
     out = {
-        "model": load_model(model).label,
+        "model": model_label(model),
         "images": str(args.images),
         "pairs": len(pairs),
         "every": args.every,
