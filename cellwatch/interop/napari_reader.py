@@ -155,7 +155,8 @@ def _read(
     cells = _cells_of(target.results / "cells.csv", set(chosen["job_id"]))
     layers: list[LayerData] = []
     for index, row in chosen.iterrows():
-        layers += _layers(row, target.results, cells.get(row["job_id"]), index == shown)
+        mine = cells.get((row["job_id"], ledger.scene_key(row["scene"])))
+        layers += _layers(row, target.results, mine, index == shown)
     return layers
 
 
@@ -179,20 +180,26 @@ def _last_day(rows: pd.DataFrame, limit: int) -> pd.DataFrame:
     return rows.tail(max(1, limit))
 
 
-def _cells_of(path: Path, job_ids: set[str]) -> dict[str, pd.DataFrame]:
-    """Each job's cells, read piece by piece so a large ``cells.csv`` is never held whole.
+def _cells_of(path: Path, job_ids: set[str]) -> dict[tuple[str, str], pd.DataFrame]:
+    """Each image's cells by ``(job_id, scene)`` (the scene as :func:`ledger.scene_key`
+    writes it: one job counts every scene of a file, each numbering its cells from 1),
+    read piece by piece so a large ``cells.csv`` is never held whole.
 
     A job run again after a crash may have written some cells twice; the last row of each
-    ``(job_id, label)`` is kept, as docs/daemon.md tells readers to.
+    ``(job_id, scene, label)`` is kept, as docs/daemon.md tells readers to.
     """
     if not path.is_file() or not job_ids:
         return {}
+    dtypes = {"job_id": str, "scene": str}
     parts = [
         chunk[chunk["job_id"].isin(job_ids)]
-        for chunk in pd.read_csv(path, dtype={"job_id": str}, chunksize=_CHUNK_ROWS)
+        for chunk in pd.read_csv(path, dtype=dtypes, chunksize=_CHUNK_ROWS)
     ]
-    cells = pd.concat(parts).drop_duplicates(["job_id", "label"], keep="last")
-    return {job: table for job, table in cells.groupby("job_id")}
+    cells = pd.concat(parts)
+    scene = cells["scene"] if "scene" in cells else pd.Series(None, index=cells.index)
+    cells = cells.assign(scene=scene.map(ledger.scene_key))
+    cells = cells.drop_duplicates(["job_id", "scene", "label"], keep="last")
+    return {(job, scene): table for (job, scene), table in cells.groupby(["job_id", "scene"])}
 
 
 def _layers(
@@ -214,7 +221,9 @@ def _layers(
         common["scale"] = (float(pixel_size), float(pixel_size))
     features = pd.DataFrame({"index": pd.Series(dtype=np.int64)})
     if cells is not None:
-        features = cells.drop(columns=["image", "job_id"]).rename(columns={"label": "index"})
+        features = cells.drop(columns=["image", "job_id", "scene"]).rename(
+            columns={"label": "index"}
+        )
     out: list[LayerData] = []
     pixels = _input_pixels(Path(str(row["image"])), results, labels.shape)
     if pixels is not None:
