@@ -15,8 +15,9 @@ What opens:
   as napari's own TIFF reader would show it), with its input image, and the
   :data:`NEIGHBOURS` images counted before and after it, hidden until ticked.
 
-Input images are read with cellwatch's own reader (one 2-D plane, the default ``input``
-settings); an input that has moved or cannot be read leaves its labels without a picture.
+Input images are read as cellwatch counted them: the row's scene, and its channel where
+the ledger records one (else the default ``input`` settings); an input that has moved or
+cannot be read leaves its labels without a picture.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import pandas as pd
 import tifffile
 
 from cellwatch.errors import CellwatchError
-from cellwatch.storage import imageio, ledger
+from cellwatch.interop import corrections
+from cellwatch.storage import ledger
 
 __all__ = [
     "MAX_IMAGES",
     "NEIGHBOURS",
+    "RESULTS_KEY",
     "LayerData",
     "Target",
     "find_target",
@@ -50,6 +53,9 @@ log = logging.getLogger("cellwatch.napari")
 
 MAX_IMAGES = 12  # images a results folder opens with: the newest of the last day
 NEIGHBOURS = 2  # images opened on each side of a label image in the ledger
+#: The layers' metadata key naming the results folder they came from (the ledger row is
+#: under ``"cellwatch"``); the corrections widget reads both.
+RESULTS_KEY = "cellwatch_results"
 DAY = pd.Timedelta(hours=24)
 _CHUNK_ROWS = 200_000  # cells.csv is read in pieces this long, keeping the images' cells
 
@@ -213,7 +219,7 @@ def _layers(
     labels = tifffile.imread(label_file)
     count = int(row["cell_count"])
     common: dict[str, Any] = {
-        "metadata": {"cellwatch": _plain(row)},
+        "metadata": {"cellwatch": _plain(row), RESULTS_KEY: str(results.absolute())},
         "visible": visible,
     }
     pixel_size = row.get("pixel_size_um")
@@ -225,7 +231,7 @@ def _layers(
             columns={"label": "index"}
         )
     out: list[LayerData] = []
-    pixels = _input_pixels(Path(str(row["image"])), results, labels.shape)
+    pixels = _input_pixels(row, results, labels.shape)
     if pixels is not None:
         out.append((pixels, {**common, "name": f"{name} ({count} cells)"}, "image"))
     kwargs = {**common, "name": f"{name} labels ({count} cells)", "features": features}
@@ -233,18 +239,15 @@ def _layers(
     return out
 
 
-def _input_pixels(image: Path, results: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The input image's plane, as cellwatch read it, or None (with a warning) when it
-    cannot be found or read, or no longer matches its labels."""
-    candidates = [image] if image.is_absolute() else [image, results.parent / image]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        log.warning("%s: the input image is not there any more; showing its labels only", image)
-        return None
+def _input_pixels(row: pd.Series, results: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The plane cellwatch counted (its scene and channel, see
+    :func:`~cellwatch.interop.corrections.counted_plane`), or None (with a warning) when
+    the image cannot be found or read, or no longer matches its labels."""
+    image = row["image"]
     try:
-        pixels = imageio.read_image(found).pixels
+        pixels = corrections.counted_plane(row.to_dict(), results)
     except CellwatchError as exc:
-        log.warning("%s: cannot read the input image (%s); showing its labels only", image, exc)
+        log.warning("%s: %s; showing its labels only", image, exc)
         return None
     if pixels.shape != shape:
         log.warning(
