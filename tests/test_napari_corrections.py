@@ -106,9 +106,7 @@ def test_a_correction_is_saved_beside_the_results_folder_which_is_left_as_it_was
     assert mask.dtype == np.uint16 and mask.shape == image.shape
     assert np.array_equal(mask, instance_mask(labels))
     assert set(np.unique(mask)) == {0, 1, 2} and (mask[50:58, 5:13] == 2).all()
-    assert imageio.find_pairs(folder / "images", folder / "masks") == [
-        (saved.image, saved.mask)
-    ]
+    assert imageio.find_pairs(folder / "images", folder / "masks") == [(saved.image, saved.mask)]
     # saved again after more edits: the pair is replaced; an empty mask is a correction
     again = save_correction(np.zeros_like(labels), row_of(results, "two.tif"), results)
     assert again == saved.__class__(saved.image, saved.mask, 0)
@@ -127,7 +125,9 @@ def test_results_folders_are_never_written(results: Path, tmp_path: Path):
     other = tmp_path / "other-results"
     other.mkdir()
     (other / "ledger.csv").write_text(",".join(ledger.COLUMNS) + "\n")
-    with pytest.raises(CorrectionError, match=f"lies in the results folder {re.escape(str(other))}"):
+    with pytest.raises(
+        CorrectionError, match=f"lies in the results folder {re.escape(str(other))}"
+    ):
         write_pair(np.zeros((4, 4)), np.zeros((4, 4), int), other / "fixes", "x")
     assert snapshot(results) == before
     chosen = save_correction(labels, row, results, tmp_path / "my corrections")
