@@ -224,9 +224,14 @@ def test_the_manifest_validates_and_the_entry_point_names_it():
     assert (REPO / module / resource) == MANIFEST
     (reader,) = manifest.contributions.readers
     assert reader.accepts_directories and "ledger.csv" in reader.filename_patterns
-    (command,) = manifest.contributions.commands
-    assert command.id == reader.command
-    assert command.python_name == f"{napari_reader.__name__}:napari_get_reader"
+    commands = {command.id: command for command in manifest.contributions.commands}
+    assert commands[reader.command].python_name == f"{napari_reader.__name__}:napari_get_reader"
+    (widget,) = manifest.contributions.widgets
+    assert widget.display_name == "cellwatch: corrections"
+    assert (
+        commands[widget.command].python_name == "cellwatch.interop.napari_widget:CorrectionsWidget"
+    )
+    assert len(commands) == 2
 
 
 #: Run under Xvfb in a process of its own: opens a results folder and a label image in a
