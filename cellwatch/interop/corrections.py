@@ -56,7 +56,7 @@ class Correction:
     cells: int
 
 
-def default_folder(results: Path) -> Path:
+def default_folder(results: str | Path) -> Path:
     """``corrections/`` beside (not inside) the results folder ``results``."""
     return Path(results).absolute().parent / FOLDER
 
@@ -77,7 +77,7 @@ def channel_of(row: Mapping[str, Any], config: Config | None = None) -> int | st
     return int(text) if text.isdigit() else text
 
 
-def input_file(row: Mapping[str, Any], results: Path) -> Path | None:
+def input_file(row: Mapping[str, Any], results: str | Path) -> Path | None:
     """The row's input image on disk (a relative path is tried from the working folder,
     then from the results folder's parent), or None when it is not there any more."""
     image = Path(str(row["image"]))
@@ -86,7 +86,7 @@ def input_file(row: Mapping[str, Any], results: Path) -> Path | None:
 
 
 def counted_plane(
-    row: Mapping[str, Any], results: Path, config: Config | None = None
+    row: Mapping[str, Any], results: str | Path, config: Config | None = None
 ) -> np.ndarray:
     """The 2-D plane cellwatch counted for a ledger row: its file, its scene, its channel
     (:func:`channel_of`), stacks reduced as ``config``'s ``input`` settings say.
@@ -141,7 +141,12 @@ def instance_mask(labels: np.ndarray) -> np.ndarray:
 
 
 def write_pair(
-    image: np.ndarray, labels: np.ndarray, folder: Path, stem: str, *, results: Path | None = None
+    image: np.ndarray,
+    labels: np.ndarray,
+    folder: str | Path,
+    stem: str,
+    *,
+    results: str | Path | None = None,
 ) -> Correction:
     """Write ``folder/images/<stem>.tif`` (``image`` as it is) and ``folder/masks/<stem>.tif``
     (:func:`instance_mask` of ``labels``), each atomically; an earlier pair is replaced.
@@ -169,8 +174,8 @@ def write_pair(
 def save_correction(
     labels: np.ndarray,
     row: Mapping[str, Any],
-    results: Path,
-    folder: Path | None = None,
+    results: str | Path,
+    folder: str | Path | None = None,
     *,
     config: Config | None = None,
 ) -> Correction:
@@ -217,7 +222,7 @@ def _blank(value: Any) -> bool:
     return value is None or bool(pd.isna(value))
 
 
-def _outside_results(folder: Path, results: Path | None) -> Path:
+def _outside_results(folder: Path, results: str | Path | None) -> Path:
     """``folder``, absolute, once it is known to lie in no results folder."""
     folder = folder.absolute()
     inside = [p for p in (folder, *folder.parents) if (p / "ledger.csv").is_file()]

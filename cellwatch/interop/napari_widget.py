@@ -74,10 +74,13 @@ class CorrectionsWidget(Container):
         self._propose_folder(self.labels.value)
 
     def _cellwatch_labels(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        """The Labels layers the cellwatch reader opened, as (name, layer) choices."""
+        from napari.layers import Labels
+
         return [
             (layer.name, layer)
             for layer in self._viewer.layers
-            if type(layer).__name__ == "Labels" and RESULTS_KEY in layer.metadata
+            if isinstance(layer, Labels) and RESULTS_KEY in layer.metadata
         ]
 
     def _follow_selection(self, *_: Any) -> None:
