@@ -206,11 +206,12 @@ if "cellwatch" not in plugins:  # the cellwatch installed here is another checko
 viewer = napari.Viewer(show=False)
 viewer.open(results, plugin="cellwatch")
 _, widget = viewer.window.add_plugin_dock_widget("cellwatch", "cellwatch: corrections")
-names = [name for name, _ in widget._cellwatch_labels()]
+names = [layer.name for layer in widget.labels.choices]
 shown = widget.labels.value.name  # the layer the reader shows: the newest image's
 two = viewer.layers["two.tif labels (2 cells)"]
 viewer.layers.selection.active = two
 chosen = widget.labels.value.name
+folder = str(widget.folder.value)
 two.fill((44, 44), 0)  # the fill tool, with the background label: the cell is erased
 two.selected_label = two.data.max() + 1  # "new label"
 two.brush_size = 7
@@ -221,8 +222,12 @@ one = viewer.layers["one.tif labels (1 cells)"]
 one.fill((20, 20), 0)
 widget.labels.value = one
 saved = widget.save()
+widget.folder.value = results + "/fixes"  # inside the results folder: refused, and said so
+refused = [widget.save(), widget.status.value]
+widget.folder.line_edit.value = ""  # the user empties the box
 print(json.dumps({
-    "names": names, "shown": shown, "chosen": chosen, "folder": str(widget.folder.value),
+    "refused": refused, "cleared": str(widget.save().mask),
+    "names": names, "shown": shown, "chosen": chosen, "folder": folder,
     "first": first, "second": [str(saved.mask), saved.cells], "status": widget.status.value,
     "painted": two.data[52, 12].item(),
 }))
@@ -262,6 +267,9 @@ def test_labels_edited_in_a_real_napari_viewer_are_saved_by_the_widget(
     assert found["first"] == "Saved 2 cell(s): two.tif"
     assert found["second"] == [str(folder / "masks" / "one.tif"), 0]
     assert found["status"] == "Saved 0 cell(s): one.tif"
+    refused, message = found["refused"]
+    assert refused is None and message.startswith(f"Not saved: {results}/fixes lies in the")
+    assert found["cleared"] == found["second"][0]  # an emptied box: the default folder again
 
     original = tifffile.imread(results / "labels" / "two.tif")
     image = tifffile.imread(folder / "images" / "two.tif")
