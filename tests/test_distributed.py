@@ -311,3 +311,42 @@ def test_watch_waits_for_an_unreachable_scheduler_and_resumes(
     assert f"cannot reach the Dask scheduler at {cluster.address}" in log
     assert "is back; resuming" in log
     assert cluster.procs[-1].poll() is None, "stopping the daemon stopped a worker not its own"
+
+
+# --- a worker process keeps its exit status ---------------------------------------------
+
+
+def _python(script: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_a_worker_that_loaded_the_model_exits_with_its_own_status(
+    tmp_path: Path, threshold_model: Path
+):
+    """Loading the model makes the process end without waiting for TensorFlow; that must
+    not turn a failure into exit 0 (systemd's Restart=on-failure and Dask's nanny read it)."""
+    done = _python(
+        "import sys\n"
+        "from cellwatch.config import load_config, override\n"
+        "from cellwatch.service import worker\n"
+        f"config = override(load_config(None), **{{'model.path': {str(threshold_model)!r}}})\n"
+        "worker._segmenter(config, '')\n"
+        "sys.exit(3)\n"
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("ending", "expected"),
+    [("raise RuntimeError('boom')", 1), ("sys.exit('a message')", 1), ("pass", 0)],
+)
+def test_exiting_without_waiting_keeps_the_status(ending: str, expected: int):
+    done = _python(
+        f"import sys\nfrom cellwatch.service import worker\nworker._exit_without_waiting()\n{ending}\n"
+    )
+    assert done.returncode == expected, done.stderr[-2000:]
+    if expected == 1:
+        assert "boom" in done.stderr or "a message" in done.stderr  # still shown

@@ -793,3 +793,35 @@ def test_content_errors_are_not_io_faults():
     wrapped = ValueError("decoder failed")
     wrapped.__cause__ = OSError(errno.EIO, "Input/output error")
     assert isinstance(io_fault("a.tif", wrapped), TransientError)
+
+
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """Without the folder's fsync, a power cut after the rename can lose the new name."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_labels(tmp_path / "l.tif", np.ones((3, 3), np.uint16))
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_a_folder_that_cannot_be_synced_is_no_error(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")  # what some SMB mounts answer
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_labels(tmp_path / "l.tif", np.ones((3, 3), np.uint16))
+    assert tifffile.imread(tmp_path / "l.tif").sum() == 9

@@ -704,7 +704,8 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    Readers never see a half-written file, and a failed write leaves ``path`` as it was.
+    Readers never see a half-written file, and a failed write leaves ``path`` as it was;
+    the file and then its folder are fsynced, so after a power cut it is there whole.
     ``write`` gets a buffered file, which writes all it is given or raises (it retries a
     short ``write`` itself). OS errors (a full disk, a file-size limit, a lost network
     share) become :class:`~cellwatch.errors.TransientError`, so the job is retried.
@@ -718,6 +719,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
         raise TransientError(
             f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
@@ -725,3 +727,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         ) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot
+    sync a folder (some network shares answer EINVAL) is left to its own guarantees."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
