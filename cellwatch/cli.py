@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(message)s",
     )
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # we report bad files ourselves
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if getattr(args, "quiet", False) else "2")
     try:
         return int(args.handler(args))
     except (ConfigError, ModelError, ClusterError) as exc:
@@ -66,6 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellwatch: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native libraries write to file descriptor 2 to /dev/null meanwhile.
+
+    TensorFlow's C++ start-up lines ("oneDNN custom operations are on", "All log messages
+    before absl::InitializeLog() …") ignore ``TF_CPP_MIN_LOG_LEVEL``; ``--quiet`` means
+    quiet. A Python error raised meanwhile is still shown: it is printed after this ends.
+    """
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -212,6 +232,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     choose_backend()
+    if args.quiet:
+        with _native_stderr_silenced():
+            import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
     if uses_dask(config.compute):
         return predict_over_dask(args, config, images)
     from cellwatch.model import load_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,8 @@ def test_predict_exit_status_and_ledger(threshold_model, tmp_path):
         "predict", str(inbox), "--out", str(out), "--model", str(threshold_model), "--quiet"
     )
     assert done.returncode == 0, done.stderr
+    assert "absl::InitializeLog" not in done.stderr, done.stderr  # --quiet: no C++ chatter
+    assert not re.search(r"^[IWEF]\d{4} ", done.stderr, re.MULTILINE), done.stderr
     ledger = pd.read_csv(out / "ledger.csv")
     assert list(ledger["cell_count"]) == [3, 2]
     assert set(ledger["status"]) == {"ok"}
