@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, config_from_args, override
+from cellwatch.config import Config, check_address, config_from_args, override
 from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -221,12 +221,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cellwatch.model import choose_backend
     from cellwatch.service.cluster import uses_dask
 
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler is not None:
+        check_address(scheduler, "--scheduler")  # blamed on the flag, not on the defaults
     config = override(
         config_from_args(args),
-        **{
-            "compute.workers": getattr(args, "workers", None),
-            "compute.scheduler": getattr(args, "scheduler", None),
-        },
+        **{"compute.workers": getattr(args, "workers", None), "compute.scheduler": scheduler},
     )
     images = list(find_images(args.inputs, config.input.extensions))
     if not images:
@@ -273,7 +273,7 @@ def _tell(result: ImageResult, *, quiet: bool) -> bool:
 
 def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Path]) -> int:
     """``cellwatch predict`` with Dask workers doing the images; this process records."""
-    from cellwatch.service.cluster import run_images
+    from cellwatch.service.cluster import Pool, run_images
     from cellwatch.service.driver import record_all
 
     out_dir = Path(config.output.dir)
@@ -287,7 +287,10 @@ def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Pat
         failed += sum(_tell(result, quiet=args.quiet) for result in results)
         bar.advance(len(results), Path(results[-1].row["image"]).name)
 
-    run_images(images, config, out_dir, on_results=on_results)
+    flag = getattr(args, "scheduler", None) is not None
+    origin = "--scheduler" if flag else f"{config.source}: compute.scheduler"
+    with Pool(config.compute, origin=origin) as pool:
+        run_images(images, config, out_dir, on_results=on_results, pool=pool)
     bar.close()
     print(
         f"{counted - failed} of {counted} images counted ({bar.rate():.1f} images/s); "
