@@ -208,7 +208,9 @@ class ComputeConfig:
     gpu_sharing: Literal["shared", "exclusive"] = "shared"  # several processes per GPU, or one
     in_flight_per_worker: int = 2  # jobs handed to Dask per worker thread: bounds the driver
     worker_timeout_s: float = 120.0  # how long a command waits for a first Dask worker
-    dashboard_address: str | None = "127.0.0.1:0"  # local cluster's dashboard: this machine only, any port
+    dashboard_address: str | None = (
+        "127.0.0.1:0"  # local cluster's dashboard: this machine only, any port
+    )
 
 
 @dataclass(frozen=True)
