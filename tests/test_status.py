@@ -11,8 +11,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from cellwatch.config import Config, OutputConfig
 from cellwatch.service import status
 from cellwatch.service.jobs import JobQueue
@@ -72,7 +70,8 @@ def test_nothing_is_in_flight_that_the_queue_does_not_hold(tmp_path: Path):
 def test_the_workers_are_the_ones_the_scheduler_has_now(tmp_path: Path):
     """The daemon's last word said no worker (it was idle, or had just started); the
     scheduler has two."""
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
         scheduler_kwargs={"dashboard": False},
