@@ -876,7 +876,7 @@ def test_status_reports_queue_today_rate_and_last_error(tmp_path: Path):
     with JobQueue(out / ".state" / "jobs.sqlite3") as queue:
         queue.add([FileVersion(f"{i}.tif", 1, 1, str(i)) for i in range(4)])
         queue.claim(1)
-        queue.set_meta(pid="42", heartbeat="2026-03-02T11:59:55+00:00", state="running",
+        queue.set_meta(pid=str(os.getpid()), heartbeat="2026-03-02T11:59:55+00:00", state="running",
                        model="unet@abc")  # fmt: skip
     stamps = ["2026-03-01T23:00:00+00:00", "2026-03-02T08:00:00+00:00",
               "2026-03-02T11:55:00+00:00", "2026-03-02T11:58:00+00:00"]  # fmt: skip
@@ -888,7 +888,7 @@ def test_status_reports_queue_today_rate_and_last_error(tmp_path: Path):
     ])  # fmt: skip
     config = Config(output=OutputConfig(dir=str(out)))
     report = status.collect(config, now=now)
-    assert report["daemon"] == {"running": True, "pid": 42, "heartbeat": "2026-03-02T11:59:55+00:00",
+    assert report["daemon"] == {"running": True, "pid": os.getpid(), "heartbeat": "2026-03-02T11:59:55+00:00",
                                 "heartbeat_age_s": 5.0}  # fmt: skip
     assert report["model"] == "unet@abc"
     assert report["queue"]["waiting"] == 3 and report["queue"]["in_progress"] == 1
@@ -896,7 +896,7 @@ def test_status_reports_queue_today_rate_and_last_error(tmp_path: Path):
     assert report["images_per_minute"] == 0.2  # two rows in the last ten minutes
     assert report["last_error"]["image"] == "/in/x.tif"
     text = status.format_text(report)
-    assert "running, pid 42" in text and "3 waiting, 1 in progress" in text
+    assert f"running, pid {os.getpid()}" in text and "3 waiting, 1 in progress" in text
     assert "/in/x.tif: empty" in text and "0.2 images/min" in text
     later = status.collect(config, now=now + pd.Timedelta(minutes=5).to_pytimedelta())
     assert not later["daemon"]["running"]

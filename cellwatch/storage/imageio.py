@@ -24,7 +24,9 @@ __all__ = [
     "write_labels",
 ]
 
+import errno
 import hashlib
+import io
 import math
 import os
 import stat
@@ -43,7 +45,7 @@ import tifffile
 from PIL import Image
 
 from cellwatch.config import installed_vendor_suffixes
-from cellwatch.errors import BadInputError, ConfigError, TransientError
+from cellwatch.errors import BadInputError, ConfigError, TransientError, io_fault
 from cellwatch.storage import vendor
 
 #: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
@@ -239,6 +241,8 @@ def _read_vendor(
     except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
+        if fault := io_fault(path, exc):
+            raise fault from exc
         raise BadInputError(
             f"{path}: scene {found.index} ({found.name}) could not be read; the file may be "
             f"truncated or corrupt ({' '.join(str(exc).split())})"
@@ -289,7 +293,48 @@ def _open_input(path: Path) -> BinaryIO:
     if fh is None:
         what = "is empty (0 bytes); was it saved completely?" if regular else "is not a file"
         raise BadInputError(f"{path} {what}")
-    return fh
+    return _WholeReads(fh, st.st_size)  # type: ignore[return-value]
+
+
+class _WholeReads(io.RawIOBase):
+    """A file that raises ``OSError(EIO)`` when a read comes back short of the end of a file
+    whose size has not changed: the disk or share failed, the file is not truncated."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        super().__init__()
+        self._fh, self._size, self.name = fh, size, fh.name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        start = self._fh.tell()
+        got = self._fh.readinto(buffer)  # type: ignore[attr-defined]
+        wanted = min(memoryview(buffer).nbytes, max(0, self._size - start))
+        if got < wanted and os.fstat(self._fh.fileno()).st_size == self._size:
+            raise OSError(
+                errno.EIO,
+                f"short read: {got:,} of {wanted:,} bytes at byte {start:,} of a "
+                f"{self._size:,}-byte file whose size has not changed",
+                str(self.name),
+            )
+        return int(got)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def _read_tiff(
@@ -318,9 +363,11 @@ def _read_tiff(
             except ET.ParseError:
                 names = None
             data = series.asarray()
-    except (BadInputError, MemoryError):
+    except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
+        if fault := io_fault(path, exc):
+            raise fault from exc
         raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
     n_alpha = sum(e in (1, 2) for e in keyframe.extrasamples) if "S" in axes else 0
     return data, axes, n_alpha, pixel_size, names
@@ -355,9 +402,11 @@ def _read_pillow(
             f"{path} is too large for Pillow to decode safely ({exc}); input.max_pixels is "
             f"{max_pixels:,}. Save very large images as TIFF instead."
         ) from None
-    except (BadInputError, MemoryError):
+    except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # UnidentifiedImageError, "image file is truncated", ...
+        if fault := io_fault(path, exc):
+            raise fault from exc
         raise BadInputError(f"{path} is truncated or corrupt or not a PNG/JPEG: {exc}") from exc
     axes = "YX" if data.ndim == 2 else "YXS"
     return data, axes, int(im.mode in ("LA", "RGBA")), None
@@ -597,7 +646,8 @@ def sha256_file(path: Path) -> str:
 
     The one content hash of cellwatch: the watcher's file identity and the ledger's
     ``sha256`` column. An empty file has one too. OS errors (a missing file, no permission)
-    are raised as they are, for the caller to judge.
+    are raised as they are, for the caller to judge; a read that ends before the end of a
+    file whose size has not changed is ``OSError(EIO)``.
 
     Examples
     --------
@@ -606,10 +656,14 @@ def sha256_file(path: Path) -> str:
     ...     sha256_file(Path(f.name))[:8]
     'e3b0c442'
     """
-    digest = hashlib.sha256()
+    digest, read = hashlib.sha256(), 0
     with Path(path).open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
         while block := fh.read(1 << 20):
             digest.update(block)
+            read += len(block)
+        if read < size and os.fstat(fh.fileno()).st_size == size:  # not a hash of a part
+            raise OSError(errno.EIO, f"short read: {read:,} of {size:,} bytes", str(path))
     return digest.hexdigest()
 
 
@@ -650,7 +704,8 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    Readers never see a half-written file, and a failed write leaves ``path`` as it was.
+    Readers never see a half-written file, and a failed write leaves ``path`` as it was;
+    the file and then its folder are fsynced, so after a power cut it is there whole.
     ``write`` gets a buffered file, which writes all it is given or raises (it retries a
     short ``write`` itself). OS errors (a full disk, a file-size limit, a lost network
     share) become :class:`~cellwatch.errors.TransientError`, so the job is retried.
@@ -664,6 +719,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
         raise TransientError(
             f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
@@ -671,3 +727,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         ) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot
+    sync a folder (some network shares answer EINVAL) is left to its own guarantees."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

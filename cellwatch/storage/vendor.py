@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.config import VENDOR_FORMATS
-from cellwatch.errors import BadInputError, TransientError
+from cellwatch.errors import BadInputError, TransientError, io_fault
 
 __all__ = [
     "VendorScene",
@@ -201,7 +201,10 @@ def _is_plugin_error(exc: OSError) -> bool:
     return exc.errno is None
 
 
-def _unreadable(path: Path, exc: BaseException) -> BadInputError:
+def _unreadable(path: Path, exc: BaseException) -> BadInputError | TransientError:
+    """Why a plugin failed: an I/O error behind it is retried, a content error is not."""
+    if fault := io_fault(path, exc):
+        return fault
     name, module, _ = VENDOR_FORMATS[path.suffix.lower()]
     reason = " ".join(str(exc).split()) or type(exc).__name__
     attempted = "Readers attempted: - "  # bioio's wrapping of the plugin's own message
