@@ -203,3 +203,22 @@ def test_without_workers_the_images_wait_and_status_says_why(setup):
     assert not runner.work(s.queue)
     assert s.pool.tasks == {} and s.queue.counts()["pending"] == 1
     assert "no Dask worker is connected" in (runner.compute_status()["problem"] or "")
+
+
+def test_a_new_engine_goes_with_the_next_task(setup):
+    """The seam a model switch on SIGHUP needs: tasks in flight keep their model, the next
+    one carries the new one (each worker keeps both loaded)."""
+    s = setup
+    s.pool.compute = ComputeConfig(in_flight_per_worker=1)
+    runner = s.make(["a.tif", "b.tif"])
+    runner.work(s.queue)
+    [first] = s.pool.tasks
+    runner.use(Engine(Config(), None, label="new@4567"))
+    s.pool.finish(first)
+    runner.work(s.queue)
+    [second] = s.pool.tasks
+    s.pool.finish(second)
+    runner.work(s.queue)
+    models = ledger.read(s.paths.ledger).set_index("image")["model"]
+    assert models.rename(lambda p: Path(p).name).to_dict() == {"a.tif": "fake@0123",
+                                                               "b.tif": "new@4567"}  # fmt: skip

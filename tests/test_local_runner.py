@@ -218,6 +218,26 @@ def test_worker_records_scenes_a_group_at_a_time(worker_setup):
     assert landed == [0, 2]  # the first group's rows were written before the second ran
 
 
+def test_a_new_engine_counts_from_the_next_group_of_images(worker_setup):
+    """The seam a model switch on SIGHUP needs: the runner reads its engine per group of
+    ``tiling.images_at_once`` images, not once per batch of jobs."""
+    s = worker_setup
+    config = override(Config(), **{"tiling.images_at_once": 1})
+    worker, fake = s.make({"a.tif": [], "b.tif": []}, config=config)
+    real = fake.__call__
+
+    def reload_during_the_first_image(paths, **kwargs):
+        results = real(paths, **kwargs)
+        worker.use(fake_engine(config, label="new@4567"))
+        return results
+
+    worker._process = reload_during_the_first_image
+    assert worker.work(s.queue)
+    rows = ledger_rows(s.paths)
+    assert (rows["a.tif"]["model"], rows["b.tif"]["model"]) == ("fake@0123", "new@4567")
+    assert s.queue.counts()["done"] == 2
+
+
 def test_worker_gives_up_on_a_file_of_scenes_with_a_row_for_each_missing_scene(worker_setup):
     s = worker_setup
     job_id = FileVersion("p.czi", 1, 1, "sha-p.czi").job_id

@@ -79,6 +79,8 @@ class Runner(Protocol):
 
     def run(self) -> None: ...
 
+    def use(self, engine: Engine) -> None: ...  # SIGHUP: count with this from the next image
+
     def compute_status(self) -> dict[str, Any]: ...
 
 
@@ -349,7 +351,7 @@ class Daemon:
                 log.warning("new metrics settings take effect only after a restart")
             self.config = config
             self.metrics.use_model(engine.model_label, stopwatch_of(engine))
-            worker.engine = engine
+            worker.use(engine)
             if self.watcher is not None:
                 self.watcher.update(config.watch)
             log.info("reloaded %s; model %s", config.source, engine.model_label)

@@ -54,7 +54,7 @@ class DaskRunner:
     paths : Paths
         Inbox, output and state folders.
     engine : Engine
-        Settings and the model's label; the main thread swaps it on SIGHUP.
+        Settings and the model's label; the main thread swaps it on SIGHUP (:meth:`use`).
     recorder : Recorder
         The exactly-once gate that plans each job's images and appends their rows.
     stop, wake : threading.Event
@@ -95,6 +95,12 @@ class DaskRunner:
     def failed(self) -> int:
         """Images given a failed row since start."""
         return self.recorder.failed
+
+    def use(self, engine: Engine) -> None:
+        """Hand Dask ``engine``'s settings and model from the next task on; the main thread
+        calls this on SIGHUP. Tasks in flight finish with the model they were sent with
+        (each worker keeps the old model and the new one loaded)."""
+        self.engine = engine
 
     def connect(self, *, at_start: bool = False) -> bool:
         """Connected to a scheduler (starting the local cluster, or joining

@@ -34,7 +34,8 @@ class LocalRunner:
     paths : Paths
         Inbox, output and state folders.
     engine : Engine
-        Settings and model; the main thread swaps it on SIGHUP (read once per batch).
+        Settings and model; the main thread swaps it on SIGHUP (:meth:`use`), and it is
+        read once per group of ``tiling.images_at_once`` images.
     recorder : Recorder
         The exactly-once gate that plans each job's images and appends their rows.
     stop, wake : threading.Event
@@ -67,6 +68,11 @@ class LocalRunner:
     def failed(self) -> int:
         """Images given a failed row since start."""
         return self.recorder.failed
+
+    def use(self, engine: Engine) -> None:
+        """Count with ``engine`` from the next group of images on; the main thread calls
+        this on SIGHUP, and the group in hand finishes with the engine it started with."""
+        self.engine = engine
 
     def run(self) -> None:
         """The worker thread. An error outside one image's processing (the ledger or the
@@ -107,13 +113,17 @@ class LocalRunner:
                 continue
             scenes[job.job_id], todo = planned
             units += [(job, scene) for scene in todo]
-        group = engine.config.tiling.images_at_once
-        for start in range(0, len(units), group):
-            for (job, _), outcome in self._run(engine, units[start : start + group]):
+        start = 0
+        while start < len(units):
+            engine = self.engine  # a reload (:meth:`use`) counts from the next group on
+            group = units[start : start + engine.config.tiling.images_at_once]
+            start += len(group)
+            for (job, _), outcome in self._run(engine, group):
                 if isinstance(outcome, Exception):
                     faults.setdefault(job.job_id, outcome)
                 else:
                     recorder.record(recorder.check_content(job, engine, outcome), engine)
+        engine = self.engine
         outcomes: dict[str, Any] = {}
         for job in jobs:
             job_scenes = scenes.get(job.job_id, [None])
