@@ -193,8 +193,8 @@ def single_cells(diameters: np.ndarray, solidity: np.ndarray) -> np.ndarray:
     --------
     >>> single_cells(np.array([3.0, 4, 4, 5, 20, 21, 22]), np.ones(7))  # specks and nuclei
     array([20., 21., 22.])
-    >>> single_cells(np.array([20.0, 21, 22, 23, 40]), np.array([0.95] * 4 + [0.8]))  # a clump
-    array([20., 21., 22., 23.])
+    >>> single_cells(np.array([4.0, 5, 5, 6]), np.ones(4))  # small nuclei keep their size
+    array([4., 5., 5., 6.])
     """
     if len(diameters) == 0:
         return diameters
