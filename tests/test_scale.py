@@ -11,7 +11,8 @@ import pytest
 from conftest import DATA, discs, save_threshold_model
 from scipy import ndimage as ndi
 
-from cellwatch.config import Config, override
+from cellwatch.config import Config, load_config, override
+from cellwatch.errors import ConfigError
 from cellwatch.model import load_model, write_card
 from cellwatch.pipeline import Segmenter, process_image, read
 from cellwatch.scale import (
@@ -205,3 +206,10 @@ def typical_diameter_of(diameters: np.ndarray) -> float | None:
 
 def bundled_with(config: Config) -> Segmenter:
     return Segmenter(config, load_model(config.model.path))
+
+
+def test_a_nucleus_size_must_be_positive(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("scale:\n  nucleus_diameter_um: 0\n")
+    with pytest.raises(ConfigError, match=r"scale\.nucleus_diameter_um.*must be positive"):
+        load_config(path)
