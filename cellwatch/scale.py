@@ -55,8 +55,11 @@ AGREEMENT = 1.5
 #: merges touching nuclei that are larger (benchmarks/scale_estimate.py chose it on
 #: ``train``).
 QUANTILE = 0.5
-#: Objects under this share of the area-weighted median diameter are specks.
+#: Objects under this share of the area-weighted median diameter are specks ...
 SPECK_RATIO = 0.5
+#: ... set aside when they are at least this share of the objects (fewer hardly move the
+#: median, and setting them aside would only shift the zoom by a hair).
+SPECK_SHARE = 0.25
 #: Objects of lower solidity are clumps of touching nuclei.
 SOLIDITY_MIN = 0.0
 #: Objects over this many times the median diameter of the rest are clumps.
@@ -183,7 +186,8 @@ def single_cells(diameters: np.ndarray, solidity: np.ndarray) -> np.ndarray:
 
     Specks: objects under :data:`SPECK_RATIO` of the area-weighted median diameter (the
     diameter of the object that holds the median pixel of all objects), so a few large
-    nuclei outweigh many specks. Clumps: objects whose solidity is under
+    nuclei outweigh many specks; set aside when they are at least :data:`SPECK_SHARE` of
+    the objects. Clumps: objects whose solidity is under
     :data:`SOLIDITY_MIN` (two touching round nuclei make a waisted shape), or whose
     diameter is over :data:`CLUMP_RATIO` times the median of the rest. Each step is skipped
     where it would leave fewer than half of the objects, so a field of one kind of object
@@ -202,7 +206,8 @@ def single_cells(diameters: np.ndarray, solidity: np.ndarray) -> np.ndarray:
     area = np.cumsum(diameters[order] ** 2)
     weighted_median = diameters[order][np.searchsorted(area, area[-1] / 2)]
     specks = diameters < SPECK_RATIO * weighted_median
-    if np.count_nonzero(~specks) >= 3:  # a few large nuclei among many specks: keep those
+    many = np.count_nonzero(specks) >= SPECK_SHARE * len(diameters)
+    if many and np.count_nonzero(~specks) >= 3:  # a few nuclei among many specks: those
         diameters, solidity = diameters[~specks], solidity[~specks]
     waisted = solidity < SOLIDITY_MIN
     if np.count_nonzero(~waisted) >= len(diameters) / 2:
