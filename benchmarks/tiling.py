@@ -49,7 +49,13 @@ from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.postprocess import labels_from_masked_interior
 from cellwatch.preprocess import Normalization
-from cellwatch.tiling import TileGrid, predict_tiled, predict_tiled_many, tile_settings
+from cellwatch.tiling import (
+    TileGrid,
+    TileSettings,
+    predict_tiled,
+    predict_tiled_many,
+    tile_settings,
+)
 from cellwatch.training import matching
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -143,8 +149,8 @@ def _median_seconds(
     return {s: statistics.median(t) for s, t in seconds.items()}
 
 
-def _kwargs(s: Setting) -> dict[str, int | bool]:
-    return {"tile": s[0], "overlap": s[1], "align": s[2], "fit": s[3], "batch_size": _batch(s[0])}
+def _kwargs(s: Setting) -> dict[str, TileSettings | int]:
+    return {"settings": TileSettings(*s), "batch_size": _batch(s[0])}
 
 
 def _batch(tile: int) -> int:

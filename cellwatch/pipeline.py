@@ -297,21 +297,12 @@ class Segmenter:
         return predict_tiled(
             source,
             self.predict_batch if raw else self.predict_plane,
-            **self.tiling_options(),
+            self.tiling,
+            batch_size=self.config.tiling.batch_size,
+            stopwatch=self.stopwatch,
             prepare=prepare,
             stitcher=stitcher,
         )
-
-    def tiling_options(self) -> dict[str, Any]:
-        """How this segmenter's tiles are cut and batched, as the keywords of
-        :func:`~cellwatch.tiling.predict_tiled`, :class:`~cellwatch.tiling.TileQueue` and
-        :class:`~cellwatch.batching.SharedBatches`: the model's tile settings, the
-        configured batch size, and the stopwatch that times them."""
-        return {
-            **dataclasses.asdict(self.tiling),
-            "batch_size": self.config.tiling.batch_size,
-            "stopwatch": self.stopwatch,
-        }
 
     def _network_input(
         self,
@@ -399,7 +390,9 @@ class Segmenter:
         if shared is not None:
             outputs = [shared.predict(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
         else:
-            queue = TileQueue(**self.tiling_options())
+            queue = TileQueue(
+                self.tiling, batch_size=self.config.tiling.batch_size, stopwatch=self.stopwatch
+            )
             queued = [queue.add(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
             while queue.pending:
                 queue.step(self.predict_plane)
@@ -697,7 +690,12 @@ def process_images(
         ]
     t = segmenter.config.tiling
     # tiled as labels_at tiles an image alone
-    shared = SharedBatches(segmenter.predict_plane, **segmenter.tiling_options())
+    shared = SharedBatches(
+        segmenter.predict_plane,
+        segmenter.tiling,
+        batch_size=t.batch_size,
+        stopwatch=segmenter.stopwatch,
+    )
     results: list[ImageResult | None] = [None] * len(paths)
     errors: list[BaseException | None] = [None] * len(paths)
     todo = iter(range(len(paths)))

@@ -137,8 +137,11 @@ class TileSettings:
 
     tile: int
     overlap: int
-    align: int
+    align: int = 1
     fit: bool = False
+
+    def __post_init__(self) -> None:
+        TileGrid(1, 1, self.tile, self.overlap, self.align)  # raises on a bad combination
 
     @property
     def margin(self) -> int:
@@ -455,8 +458,7 @@ def _check_image(image: np.ndarray | TileSource, prepare: Prepare | None = None)
         raise ValueError(f"expected a float image, got {image.dtype} — forgot to normalize?")
 
 
-def _check_settings(tile: int, overlap: int, batch_size: int, align: int = 1) -> None:
-    TileGrid(1, 1, tile, overlap, align)  # raises on a bad tile, overlap or alignment
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
@@ -513,17 +515,13 @@ class TileQueue:
 
     def __init__(
         self,
+        settings: TileSettings,
         *,
-        tile: int,
-        overlap: int,
         batch_size: int,
-        align: int = 1,
-        fit: bool = False,
         stopwatch: Stopwatch | None = None,
     ) -> None:
-        _check_settings(tile, overlap, batch_size, align)
-        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.align, self.fit = align, fit
+        _check_batch_size(batch_size)
+        self.settings, self.batch_size = settings, batch_size
         self._jobs: deque[TileJob] = deque()  # jobs with tiles left to take
         self.pending = 0  # tiles queued and not yet taken
         self._by_shape: Counter[tuple[int, int]] = Counter()  # pending tiles per tile shape
@@ -560,7 +558,8 @@ class TileQueue:
         raises ``ValueError`` for a bad one. ``stitcher`` makes the job's stitcher
         (default :class:`Stitcher`) from the grid and the output's channel count."""
         _check_image(image, prepare)
-        grid = TileGrid.for_shape(image.shape, self.tile, self.overlap, self.align, fit=self.fit)
+        t = self.settings
+        grid = TileGrid.for_shape(image.shape, t.tile, t.overlap, t.align, fit=t.fit)
         job = TileJob(grid, image, prepare)
         if stitcher is not None:
             job.make_stitcher = stitcher
@@ -579,7 +578,8 @@ class TileQueue:
         """Cut the next batch: up to ``batch_size`` tiles of one shape (:meth:`_next_shape`)
         from the front jobs of that shape, zero-padded."""
         with self._time("tile"):
-            shape = self._next_shape() if self._jobs else (self.tile, self.tile)
+            side = self.settings.tile
+            shape = self._next_shape() if self._jobs else (side, side)
             batch = _Batch(np.zeros((self.batch_size, *shape, 1), np.float32))
             slot = 0
             for job in [j for j in self._jobs if j.grid.tile_shape == shape]:
@@ -634,12 +634,9 @@ class TileQueue:
 def predict_tiled_many(
     images: Iterable[np.ndarray | TileSource],
     predict_batch: PredictBatch,
+    settings: TileSettings,
     *,
-    tile: int = 256,
-    overlap: int = 48,
     batch_size: int = 8,
-    align: int = 1,
-    fit: bool = False,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
     stitcher: MakeStitcher | None = None,
@@ -652,14 +649,7 @@ def predict_tiled_many(
     run, in a partial batch if need be, when an image of another shape arrives, so no
     more images wait for the network than with one shape.
     """
-    queue = TileQueue(
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        align=align,
-        fit=fit,
-        stopwatch=stopwatch,
-    )
+    queue = TileQueue(settings, batch_size=batch_size, stopwatch=stopwatch)
     return _predict_many(images, predict_batch, queue, prepare, stitcher)
 
 
@@ -686,12 +676,9 @@ def _predict_many(
 def predict_tiled(
     image: np.ndarray | TileSource,
     predict_batch: PredictBatch,
+    settings: TileSettings,
     *,
-    tile: int = 256,
-    overlap: int = 48,
     batch_size: int = 8,
-    align: int = 1,
-    fit: bool = False,
     stopwatch: Stopwatch | None = None,
     prepare: Prepare | None = None,
     stitcher: MakeStitcher | None = None,
@@ -708,20 +695,17 @@ def predict_tiled(
         Takes ``(batch_size, th, tw, 1)`` float32 on every call, the last batch padded
         with zeros, and returns ``(batch_size, th, tw, C)``; ``(th, tw)`` is ``(tile,
         tile)``, or with ``fit`` the grid's :attr:`TileGrid.tile_shape`.
-    tile, overlap : int
+    settings : TileSettings
         Tile side (the largest, with ``fit``) and overlap in pixels,
-        ``0 <= overlap <= tile - align``.
+        ``0 <= overlap <= tile - align``; tile origins are multiples of ``align`` (see
+        :class:`TileGrid`): the network's pooling grid, so that tiled prediction equals the
+        network's prediction on the whole padded image (:meth:`TileGrid.canvas`) where
+        ``overlap // 2`` covers its receptive field radius (:func:`tile_settings` finds
+        that overlap). With ``fit``, tiles shrink to fit the image: one tile of the image's
+        own canvas when it is no larger than a tile, for a network that takes any input
+        whose sides are multiples of ``align``.
     batch_size : int
         Tiles per model call.
-    align : int
-        Tile origins are multiples of ``align`` (see :class:`TileGrid`): the network's
-        pooling grid, so that tiled prediction equals the network's prediction on the whole
-        padded image (:meth:`TileGrid.canvas`) where ``overlap // 2`` covers its receptive
-        field radius (:func:`tile_settings` finds that overlap).
-    fit : bool
-        Tiles shrink to fit the image (:class:`TileGrid`): one tile of the image's own
-        canvas when it is no larger than a tile. For a network that takes any input whose
-        sides are multiples of ``align``.
     stopwatch : Stopwatch, optional
         Counts cutting tiles as ``tile`` and stitching as ``stitch``.
     prepare : callable, optional
@@ -749,7 +733,7 @@ def predict_tiled(
     Examples
     --------
     >>> image = np.random.default_rng(0).random((300, 500), dtype=np.float32)
-    >>> out = predict_tiled(image, lambda b: b, tile=64, overlap=16, batch_size=4)
+    >>> out = predict_tiled(image, lambda b: b, TileSettings(64, 16), batch_size=4)
     >>> bool(np.array_equal(out[..., 0], image))
     True
     """
@@ -758,11 +742,8 @@ def predict_tiled(
         predict_tiled_many(
             [image],
             predict_batch,
-            tile=tile,
-            overlap=overlap,
+            settings,
             batch_size=batch_size,
-            align=align,
-            fit=fit,
             stopwatch=stopwatch,
             prepare=prepare,
             stitcher=stitcher,

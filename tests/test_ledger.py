@@ -148,4 +148,4 @@ def test_read_parses_each_column_as_its_declared_type(tmp_path):
             assert value == "007", f"{name} read as {value!r}: a text column parsed as a number"
         else:
             assert value == 7.0 and back[name].dtype.kind in "if", f"{name} read as {value!r}"
-    assert ledger.TEXT_COLUMNS == {n for n, k in ledger.COLUMN_TYPES.items() if k is str}
+    assert {n for n, k in ledger.COLUMN_TYPES.items() if k is str} == ledger.TEXT_COLUMNS
