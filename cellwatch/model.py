@@ -301,7 +301,13 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         network = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises many types; all mean the same to the user
         raise ModelError(f"cannot load model {path}: {exc}") from exc
-    card = read_card(path)
+    return model_from_network(network, path, read_card(path))
+
+
+def model_from_network(network: Any, path: Path, card: dict[str, Any]) -> LoadedModel:
+    """A model ready to predict from a network in memory, saved at ``path`` with ``card``
+    (what :func:`load_model` gives once it has read both; training uses it to segment with
+    the network it has just trained, without loading it again)."""
     classes = _check_contract(network, path)
     seed_map = card.get("seed_map")
     if classes == 4 and seed_map not in (None, *SEED_MAPS):
