@@ -42,8 +42,10 @@ from collections.abc import Callable
 
 import numpy as np
 import tifffile
+from common import DATA
 
-from cellwatch.bench import DATA, _crops, _mosaic
+from cellwatch.bench.inputs import crops as nucleus_crops
+from cellwatch.bench.inputs import mosaic
 from cellwatch.config import Config
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
@@ -90,9 +92,9 @@ def main() -> None:
     images = (
         {"cb4df20a83b2": tifffile.imread(VAL_IMAGE)} if args.agreement or not args.mosaic else {}
     )
-    crops = _crops(256, DATA) if args.mosaic or args.burst else []
+    crops = nucleus_crops(256, DATA) if args.mosaic or args.burst else []
     if args.mosaic:
-        images[f"mosaic{args.mosaic}"] = _mosaic(crops, args.mosaic)
+        images[f"mosaic{args.mosaic}"] = mosaic(crops, args.mosaic)
     print(json.dumps({"context_px": model.context_px, "grid_px": model.grid_px}))
     if args.burst:
         burst = [Normalization.of(c).apply(c) for c in crops[: args.burst]]
