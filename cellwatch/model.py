@@ -291,9 +291,8 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
             f"install keras>={'.'.join(map(str, MIN_KERAS))}"
         )
     if not path.is_file():
-        hint = (
-            "" if path != BUNDLED_MODEL else " (the bundled model is missing: reinstall cellwatch)"
-        )
+        bundled = " (the bundled model is missing: reinstall cellwatch)"
+        hint = bundled if path == BUNDLED_MODEL else ""
         raise ModelError(f"no model file at {path}{hint}; pass --model PATH to a .keras file")
     if path.suffix != ".keras":
         raise ModelError(f"{path} is not a Keras 3 model: expected a .keras file")
@@ -305,9 +304,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
 
 
 def model_from_network(network: Any, path: Path, card: dict[str, Any]) -> LoadedModel:
-    """A model ready to predict from a network in memory, saved at ``path`` with ``card``
-    (what :func:`load_model` gives once it has read both; training uses it to segment with
-    the network it has just trained, without loading it again)."""
+    """A model ready to predict from a network in memory, saved at ``path`` with ``card``."""
     classes = _check_contract(network, path)
     seed_map = card.get("seed_map")
     if classes == 4 and seed_map not in (None, *SEED_MAPS):

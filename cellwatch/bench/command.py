@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cellwatch
 from cellwatch.bench.inputs import QUICK, Sizes, default_data, make_inputs
 from cellwatch.bench.memory import memory
 from cellwatch.bench.network import network_rates, plain_rates, prepare_models
@@ -116,7 +117,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, skip: set[str], work: Path) -> 
         "machine": machine(),
         "sizes": dataclasses.asdict(sizes),
         "data": data["source"],
-        "package": str(Path(__file__).resolve().parents[1]),  # a checkout or an installed wheel
+        "package": str(Path(cellwatch.__file__).resolve().parent),  # a checkout or a wheel
         "models": {name: m["about"] for name, m in models.items()},
     }
     say("plain TensorFlow rates")
