@@ -8,7 +8,7 @@ GPU runs out of memory and retries, so no tile is lost.
 
 from __future__ import annotations
 
-__all__ = ["SharedBatches", "is_out_of_memory", "split_on_out_of_memory"]
+__all__ = ["SharedBatches", "split_on_out_of_memory"]
 
 import logging
 import threading

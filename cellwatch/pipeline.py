@@ -18,11 +18,6 @@ and ``ledger.csv``.
 from __future__ import annotations
 
 __all__ = [
-    "ESTIMATE_WINDOW",
-    "ESTIMATE_WINDOW_MAX",
-    "IN_FLIGHT_BYTES",
-    "PYRAMID_MIN_SIDE",
-    "REFINE_PASSES",
     "WRITE_ASIDE_PIXELS",
     "Counted",
     "ImageResult",
@@ -35,8 +30,6 @@ __all__ = [
     "process_images",
     "read",
     "scenes_of",
-    "tiling_for",
-    "write_images",
 ]
 
 import dataclasses

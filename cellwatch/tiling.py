@@ -24,7 +24,6 @@ __all__ = [
     "Prepare",
     "Stitcher",
     "TileGrid",
-    "TileJob",
     "TileQueue",
     "TileSettings",
     "TileSource",

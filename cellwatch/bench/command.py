@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SKIPPABLE", "add_arguments", "run"]
+__all__ = ["add_arguments", "run"]
 
 import argparse
 import dataclasses

@@ -3,7 +3,7 @@ the comparison with an earlier run."""
 
 from __future__ import annotations
 
-__all__ = ["HEADLINES", "TARGETS", "format_comparison", "format_table", "machine", "targets"]
+__all__ = ["format_comparison", "format_table", "machine", "targets"]
 
 import os
 import platform

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 __all__ = [
     "STAGES",
-    "Counting",
     "add_network_alone",
     "bench_segmenter",
     "in_groups",

@@ -7,7 +7,7 @@ CSS-only checkbox hides the rows without QC flags.
 
 from __future__ import annotations
 
-__all__ = ["CHECK_MAX", "OPEN_TABLE_MAX", "PLOT_GROUPS_MAX", "render_day"]
+__all__ = ["render_day"]
 
 import base64
 import io

@@ -11,11 +11,9 @@ Each scene of a multi-scene file is an image of its own, listed under its file
 from __future__ import annotations
 
 __all__ = [
-    "NO_MATCH",
     "add_report_arguments",
     "build_reports",
     "check_settings",
-    "day_csv",
     "report_cli",
     "reports_for_config",
 ]

@@ -44,7 +44,6 @@ __all__ = [
     "LedgerError",
     "append_rows",
     "format_rows",
-    "job_statuses",
     "read",
     "recorded",
     "repair",
