@@ -85,6 +85,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--model {args.model}")
     if args.seed_model is not None:
         parts.append(f"--seed-model {args.seed_model}")
+    if args.data is not None:
+        parts.append(f"--data {args.data}")
     parts += ["--quick"] * args.quick
     parts += [
         f"--{name} {getattr(args, name)}" for name in ("sizes", "skip") if getattr(args, name)
