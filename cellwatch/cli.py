@@ -1,4 +1,4 @@
-"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report, export, bench.
+"""The ``cellwatch`` command: predict, train, finetune, models, evaluate, watch, status, report, export, bench.
 
 Exit status: 0 when everything succeeded, 1 when some images failed (their rows are still
 written), 2 for usage, configuration or model errors.
@@ -115,6 +115,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=train.run)
 
 
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.training import finetune
+
+    finetune.add_arguments(p)
+    p.set_defaults(handler=finetune.run)
+
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.training import registry
+
+    registry.add_arguments(p)
+    p.set_defaults(handler=registry.run)
+
+
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.training import evaluate
 
@@ -164,6 +178,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "predict": ("segment, count and measure cells in images", _predict_arguments),
     "train": ("train or fine-tune a U-Net on images and masks", _train_arguments),
+    "finetune": ("fine-tune a model on corrected images, in minutes", _finetune_arguments),
+    "models": ("list the models in models.dir with their cards", _models_arguments),
     "evaluate": ("score a model against ground-truth masks", _evaluate_arguments),
     "report": ("write the daily count report", _report_arguments),
     "watch": ("run the daemon: count every new image in the inbox", _watch_arguments),
