@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, config_from_args, override
+from cellwatch.config import Config, config_from_args, override, with_card_input
 from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def _workers(text: str) -> int | str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cellwatch predict``: count the cells in each image, in this process or on Dask workers."""
-    from cellwatch.model import choose_backend
+    from cellwatch.model import BUNDLED_MODEL, choose_backend, read_card
     from cellwatch.service.cluster import uses_dask
 
     config = override(
@@ -224,6 +224,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "compute.scheduler": getattr(args, "scheduler", None),
         },
     )
+    config = with_card_input(config, read_card(Path(config.model.path or BUNDLED_MODEL)))
     images = list(find_images(args.inputs, config.input.extensions))
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
