@@ -122,7 +122,7 @@ def main() -> None:
     }
     models = {"new": model} if args.skip_base else {"base": BUNDLED, "new": model}
     for label, path in models.items():
-        for folder in (val, other):
+        for folder in (val, other) if others else (val,):
             results["scores"][f"{label} {folder.name}"] = score(path, folder, config, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"# {results['command']}")

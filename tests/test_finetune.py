@@ -54,6 +54,14 @@ def scores(accuracy: float) -> dict[str, float]:
     }
 
 
+@pytest.fixture
+def quick_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the pipeline's scoring and familiarity where a test is about something else
+    (the first test scores for real)."""
+    monkeypatch.setattr(tuning, "_score", lambda model_path, pairs, channel: scores(0.5))
+    monkeypatch.setattr(tuning, "_familiarity", lambda model_path, images, channel: {})
+
+
 def test_holdout_keeps_one_image_from_four_on_and_none_below():
     pairs = [(Path(f"i{i}"), Path(f"m{i}")) for i in range(20)]
     assert [len(p) for p in holdout_split(pairs[:3], 0.25, 0)] == [3, 0]
@@ -62,7 +70,9 @@ def test_holdout_keeps_one_image_from_four_on_and_none_below():
     assert len(held) == 5 and not set(train) & set(held) and len(train) + len(held) == 20
 
 
-def test_finetune_writes_model_card_with_provenance_and_before_after(tmp_path, tiny_base, capsys):
+def test_finetune_writes_model_card_with_provenance_and_before_after(
+    tmp_path, tiny_base, capsys, monkeypatch
+):
     folder = corrections(tmp_path / "corrections")
     out = tmp_path / "models" / "mine.keras"
     code = main(
@@ -92,6 +102,7 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(tmp_path, t
 
     # a second fine-tune from that model keeps the input it names, without --channel
     again = tmp_path / "models" / "again.keras"
+    monkeypatch.setattr(tuning, "_score", lambda model_path, pairs, channel: scores(0.5))
     settings = FinetuneSettings(minutes=0.02, crop=32)
     card = tuning.finetune(
         tuning.find_pairs(folder / "images", folder / "masks"),
@@ -112,7 +123,7 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(tmp_path, t
     assert "mine.keras" in table and "tiny@" in table and "hematoxylin" in table
 
 
-def test_a_worse_model_is_refused_unless_forced(tmp_path, tiny_base, monkeypatch, capsys):
+def test_a_worse_model_is_refused_unless_forced(tmp_path, tiny_base, monkeypatch, quick_scores):
     folder = corrections(tmp_path / "corrections")
     pairs = tuning.find_pairs(folder / "images", folder / "masks")
     judged = {}
@@ -144,7 +155,7 @@ def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, ca
     assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
 
 
-def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch):
+def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores):
     import keras
 
     folder = corrections(tmp_path / "corrections")

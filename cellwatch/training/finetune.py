@@ -226,9 +226,9 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
         network = source
     else:
         config = source.get_config()
-        for layer in config["layers"]:
-            last = layer is config["layers"][-1]
-            layer["config"]["dtype"] = "float32" if last else policy
+        for layer in config["layers"][:-1]:  # the last (the probabilities) stays float32
+            if layer["class_name"] != "InputLayer":
+                layer["config"]["dtype"] = policy
         network = keras.Model.from_config(config)
         network.set_weights(source.get_weights())
     if settings.freeze_encoder:
