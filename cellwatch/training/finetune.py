@@ -51,6 +51,7 @@ class FinetuneSettings:
     """The recipe for a few corrected images on a few CPU cores (measured: docs/teach.md)."""
 
     minutes: float = 10.0  # wall-clock budget of the training itself
+    max_steps: int = 0  # stop after this many steps even with time left (0: time alone)
     crop: int = 128
     batch_size: int = 4
     steps_per_epoch: int = 10  # a checkpoint (held-out loss) every this many steps
@@ -256,13 +257,15 @@ def _budget(settings: FinetuneSettings, clock: Any) -> Any:
 
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
             done = min(1.0, self.elapsed() / (settings.minutes * 60))
+            if settings.max_steps:  # the schedule ends at whichever limit comes first
+                done = max(done, self.steps / settings.max_steps)
             low, high = settings.final_learning_rate, settings.learning_rate
             rate = low + (high - low) * 0.5 * (1 + math.cos(math.pi * done))
             self.model.optimizer.learning_rate.assign(rate)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self.steps += 1
-            if self.elapsed() >= settings.minutes * 60:
+            if self.elapsed() >= settings.minutes * 60 or self.steps == settings.max_steps:
                 self.model.stop_training = True
 
     return Budget()
@@ -383,6 +386,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the new model even when it scores worse than its base on the held-out images",
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=d.max_steps,
+        help="stop after this many training steps even with time left (0: the time alone); "
+        "for comparing recipes on a busy machine",
+    )
     parser.add_argument("--crop", type=int, default=d.crop)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -395,11 +405,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``cellwatch finetune``: 0 when the new model is saved, 1 when it is refused."""
-    from cellwatch.config import config_from_args
+    from cellwatch.config import load_config
 
     if not args.minutes > 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    config = config_from_args(args) if args.config else Config()
+    config = load_config(args.config)
     base = args.start_from or (Path(config.model.path) if config.model.path else BUNDLED_MODEL)
     configured = config.input.channel
     channel = args.channel or (configured if configured in STAINS else None)
@@ -407,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = find_pairs(corrections / "images", corrections / "masks")
     settings = FinetuneSettings(
         minutes=args.minutes,
+        max_steps=args.steps,
         crop=args.crop,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
