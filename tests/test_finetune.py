@@ -190,3 +190,25 @@ def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, qu
 def test_models_names_a_missing_folder(tmp_path, capsys):
     assert main(["models", "--dir", str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_frozen_encoder_and_bf16_copies_of_the_base(tiny_base):
+    import keras
+
+    frozen = tuning._trainable_copy(tiny_base, FinetuneSettings(freeze_encoder=True))
+    trainable = {layer.name for layer in frozen.layers if layer.trainable and layer.weights}
+    first_up = next(
+        i for i, la in enumerate(frozen.layers) if "transpose" in type(la).__name__.lower()
+    )
+    assert not any(la.trainable for la in frozen.layers[:first_up] if la.weights)
+    assert "probabilities" in trainable and len(frozen.trainable_weights) < len(frozen.weights)
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        half = tuning._trainable_copy(tiny_base, FinetuneSettings(bf16=True))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    full = keras.saving.load_model(tiny_base, compile=False)
+    assert half.layers[1].compute_dtype == "bfloat16" and half.output.dtype == "float32"
+    x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
+    np.testing.assert_allclose(half.predict(x, verbose=0), full.predict(x, verbose=0), atol=0.05)

@@ -234,8 +234,8 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
         network.set_weights(source.get_weights())
     if settings.freeze_encoder:
         for layer in network.layers:
-            # the contracting path: every layer before the first upsampling
-            if "transpose" in layer.name or "up" in layer.name:
+            # the contracting path and the bottleneck: every layer before the first upsampling
+            if isinstance(layer, keras.layers.Conv2DTranspose | keras.layers.UpSampling2D):
                 break
             layer.trainable = False
     return network
@@ -363,20 +363,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corrections",
         type=Path,
         required=True,
+        metavar="DIR",
         help="folder with images/ and masks/ of the same file names",
     )
-    parser.add_argument("--out", type=Path, required=True, help="where to save MODEL.keras")
     parser.add_argument(
-        "--minutes", type=float, default=d.minutes, help="training time (default: %(default)s)"
+        "--out", type=Path, required=True, metavar="MODEL.keras", help="where to save the model"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=d.minutes,
+        metavar="N",
+        help="training time in minutes (default: %(default)s)",
     )
     parser.add_argument(
         "--from",
         dest="start_from",
         type=Path,
+        metavar="MODEL",
         help="model to start from (default: model.path in the config, else the bundled model)",
     )
     parser.add_argument(
         "--channel",
+        choices=STAINS,
         help="what a colour image is turned into: hematoxylin, eosin, dab or gray (default: "
         "input.channel in the config, else what the base model's card names)",
     )
