@@ -210,5 +210,8 @@ def test_frozen_encoder_and_bf16_copies_of_the_base(tiny_base):
         keras.mixed_precision.set_global_policy("float32")
     full = keras.saving.load_model(tiny_base, compile=False)
     assert half.layers[1].compute_dtype == "bfloat16" and half.output.dtype == "float32"
+    assert tuning._with_dtype(full, "float32") is full  # nothing to rebuild
+    back = tuning._with_dtype(half, "float32")
+    assert {la.compute_dtype for la in back.layers[1:]} == {"float32"}
     x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(half.predict(x, verbose=0), full.predict(x, verbose=0), atol=0.05)

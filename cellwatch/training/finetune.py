@@ -35,13 +35,20 @@ from typing import Any
 
 import numpy as np
 
+from cellwatch import familiarity
 from cellwatch.config import Config, InputConfig
 from cellwatch.errors import BadInputError, CellwatchError, ConfigError
 from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.storage.pixels import STAINS
-from cellwatch.training.crops import TrainSettings, crop_batches, fixed_crops, load_sample
+from cellwatch.training.crops import (
+    Sample,
+    TrainSettings,
+    crop_batches,
+    fixed_crops,
+    load_sample,
+)
 
 CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
 
@@ -150,6 +157,55 @@ def finetune(
     network.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=[dice]
     )
+    budget, interrupted = _fit(network, samples, monitored, recipe, settings, out, say, verbose)
+    card = _card(base, base_card, out, settings, channel, command, pairs, held_pairs)
+    card[CARD_KEY].update(
+        started=started.isoformat(timespec="seconds"),
+        steps=budget.steps,
+        training_seconds=round(budget.elapsed(), 1),
+        interrupted=interrupted,
+    )
+    write_card(out, card)
+    scored = held_pairs or train_pairs
+    before, after = _score(base, scored, channel), _score(out, scored, channel)
+    card[CARD_KEY]["scores"] = {
+        "on": "held-out corrections" if held_pairs else "training corrections (none held out)",
+        "images": [p.name for p, _ in scored],
+        "base": before,
+        "new": after,
+    }
+    card[familiarity.CARD_KEY] = _familiarity(out, [p for p, _ in train_pairs], channel)
+    write_card(out, card)
+    say(before_after_table(before, after, card[CARD_KEY]["scores"]["on"]))
+    if held_pairs and after["accuracy_0.5"] < before["accuracy_0.5"] and not force:
+        refused = out.with_suffix(".refused.keras")
+        out.replace(refused)
+        write_card(refused, card)
+        out.with_suffix(".json").unlink()
+        raise Refused(
+            f"the new model finds fewer cells correctly than its base on the held-out "
+            f"corrections (accuracy@0.5 {after['accuracy_0.5']:.3f} < "
+            f"{before['accuracy_0.5']:.3f}), so it was not saved as {out}; it is kept as "
+            f"{refused} for a look. Add more or better corrections, or pass --force to keep it"
+        )
+    return card
+
+
+def _fit(
+    network: Any,
+    samples: Sequence[Sample],
+    monitored: Sequence[Sample],
+    recipe: TrainSettings,
+    settings: FinetuneSettings,
+    out: Path,
+    say: Any,
+    verbose: int,
+) -> tuple[Any, bool]:
+    """Train until the budget is spent or Ctrl-C; save the best model (held-out loss) at
+    ``out`` in float32. Returns (the budget callback, whether it was interrupted)."""
+    import keras
+
+    classes = network.output_shape[-1]
     val_x, val_y = fixed_crops(monitored, settings.crop, classes, settings.seed + 1, per_sample=4)
     budget = _budget(settings, time.monotonic)
     work = out.with_suffix(".training.keras")
@@ -173,39 +229,10 @@ def finetune(
     if not work.exists():
         raise CellwatchError("stopped before the first checkpoint: no model was written")
     trained = keras.saving.load_model(work, compile=False)
-    trained.save(out)  # weights only: the checkpoint also holds the optimizer's state
+    # float32 whatever it trained in, and weights only (the checkpoint holds the optimizer's)
+    _with_dtype(trained, "float32").save(out)
     work.unlink()
-    card = _card(base, base_card, out, settings, channel, command, pairs, held_pairs)
-    card[CARD_KEY].update(
-        started=started.isoformat(timespec="seconds"),
-        steps=budget.steps,
-        training_seconds=round(budget.elapsed(), 1),
-        interrupted=interrupted,
-    )
-    write_card(out, card)
-    scored = held_pairs or train_pairs
-    before, after = _score(base, scored, channel), _score(out, scored, channel)
-    card[CARD_KEY]["scores"] = {
-        "on": "held-out corrections" if held_pairs else "training corrections (none held out)",
-        "images": [p.name for p, _ in scored],
-        "base": before,
-        "new": after,
-    }
-    card["familiarity_reference"] = _familiarity(out, [p for p, _ in train_pairs], channel)
-    write_card(out, card)
-    say(before_after_table(before, after, card[CARD_KEY]["scores"]["on"]))
-    if held_pairs and after["accuracy_0.5"] < before["accuracy_0.5"] and not force:
-        refused = out.with_suffix(".refused.keras")
-        out.replace(refused)
-        write_card(refused, card)
-        out.with_suffix(".json").unlink()
-        raise Refused(
-            f"the new model finds fewer cells correctly than its base on the held-out "
-            f"corrections (accuracy@0.5 {after['accuracy_0.5']:.3f} < "
-            f"{before['accuracy_0.5']:.3f}), so it was not saved as {out}; it is kept as "
-            f"{refused} for a look. Add more or better corrections, or pass --force to keep it"
-        )
-    return card
+    return budget, interrupted
 
 
 def _normalize_of(card: dict[str, Any]) -> dict[str, float]:
@@ -222,16 +249,7 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
     import keras
 
     source = keras.saving.load_model(base, compile=False, safe_mode=True)
-    policy = keras.mixed_precision.global_policy().name
-    if policy == "float32":
-        network = source
-    else:
-        config = source.get_config()
-        for layer in config["layers"][:-1]:  # the last (the probabilities) stays float32
-            if layer["class_name"] != "InputLayer":
-                layer["config"]["dtype"] = policy
-        network = keras.Model.from_config(config)
-        network.set_weights(source.get_weights())
+    network = _with_dtype(source, keras.mixed_precision.global_policy().name)
     if settings.freeze_encoder:
         for layer in network.layers:
             # the contracting path and the bottleneck: every layer before the first upsampling
@@ -239,6 +257,26 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
                 break
             layer.trainable = False
     return network
+
+
+def _with_dtype(network: Any, policy: str) -> Any:
+    """``network`` rebuilt with every layer but the input and the last (the probabilities,
+    float32 always) in ``policy`` ("float32", "mixed_bfloat16"); the same weights."""
+    import keras
+
+    config = network.get_config()
+    layers = [la for la in config["layers"][:-1] if la["class_name"] != "InputLayer"]
+
+    def name(dtype: Any) -> Any:  # a layer's dtype: a policy name, or a serialized policy
+        return dtype["config"]["name"] if isinstance(dtype, dict) else dtype
+
+    if all(name(la["config"].get("dtype")) in (policy, None) for la in layers):
+        return network
+    for layer in layers:
+        layer["config"]["dtype"] = policy
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(network.get_weights())
+    return rebuilt
 
 
 def _budget(settings: FinetuneSettings, clock: Any) -> Any:
@@ -282,7 +320,7 @@ def _card(
     held: Sequence[tuple[Path, Path]],
 ) -> dict[str, Any]:
     held_names = {p.name for p, _ in held}
-    card = {k: v for k, v in base_card.items() if k not in ("familiarity_reference", CARD_KEY)}
+    card = {k: v for k, v in base_card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
     card["name"] = out.stem
     card["input"] = {"channel": channel}
     card[CARD_KEY] = {
@@ -325,7 +363,6 @@ def _score(
 
 def _familiarity(model_path: Path, images: Sequence[Path], channel: str | None) -> dict[str, Any]:
     """The new model's familiarity references, measured on its training corrections."""
-    from cellwatch import familiarity
     from cellwatch.pipeline import Segmenter, read
 
     if not images:
