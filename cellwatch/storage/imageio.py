@@ -47,6 +47,7 @@ from PIL import Image
 from cellwatch.config import installed_vendor_suffixes
 from cellwatch.errors import BadInputError, ConfigError, TransientError, io_fault
 from cellwatch.storage import vendor
+from cellwatch.storage.pixels import STAINS, stain_plane
 
 #: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
 #: whose bioio plugin (cellwatch extra) is installed.
@@ -174,8 +175,10 @@ def read_image(
         The image file.
     channel : int, str or None
         Channel to use, by number (from 0) or by the name the file gives it (``"DAPI"``,
-        any case; OME-TIFF and the microscope formats name their channels). None accepts
-        gray images, and colour images whose channels are equal.
+        any case; OME-TIFF and the microscope formats name their channels), or a stain of
+        an RGB brightfield image (``STAINS``: hematoxylin, eosin, dab by colour
+        deconvolution, gray by luminance). None accepts gray images, and colour images
+        whose channels are equal.
     stack : {"max", "plane"}
         "max" projects all Z/T/other planes; "plane" keeps plane number ``plane``.
     plane : int
@@ -219,7 +222,9 @@ def read_image(
                 )
     if data.size == 0:
         raise BadInputError(f"{path} contains an image with no pixels (shape {data.shape})")
-    if isinstance(channel, str):
+    if isinstance(channel, str) and channel.strip().lower() in STAINS:
+        channel = channel.strip().lower()  # a stain: made from the RGB channels
+    elif isinstance(channel, str):
         channel = _channel_by_name(path, channel, names, _channel_count(data.shape, axes))
         notes.append(f"channel {_name_of(names, channel)!r}")
     pixels, note = _reduce_to_plane(data, axes, n_alpha, path, channel, stack, plane, names)
@@ -572,7 +577,7 @@ def _reduce_to_plane(
     axes: str,
     n_alpha: int,
     path: Path,
-    channel: int | None,
+    channel: int | str | None,
     stack: str,
     plane: int,
     names: tuple[str, ...] | None = None,
@@ -594,12 +599,14 @@ def _reduce_to_plane(
 def _pick_channel(
     data: np.ndarray,
     path: Path,
-    channel: int | None,
+    channel: int | str | None,
     notes: list[str],
     names: tuple[str, ...] | None = None,
 ) -> np.ndarray:
-    """(planes, channels, H, W) -> (planes, H, W)."""
+    """(planes, channels, H, W) -> (planes, H, W); a str ``channel`` is one of ``STAINS``."""
     n_chan = data.shape[1]
+    if isinstance(channel, str):
+        return _pick_stain(data, path, channel, notes)
     if channel is None:
         if any(not np.array_equal(data[:, 0], data[:, k]) for k in range(1, n_chan)):
             named = f", or its name: {', '.join(names)}" if names and len(names) == n_chan else ""
@@ -618,6 +625,18 @@ def _pick_channel(
         )
     notes.append(f"channel {channel} of {n_chan}")
     return data[:, channel]
+
+
+def _pick_stain(data: np.ndarray, path: Path, stain: str, notes: list[str]) -> np.ndarray:
+    """(planes, 3, H, W) RGB -> (planes, H, W) of one stain (:func:`pixels.stain_plane`)."""
+    if data.shape[1] != 3:
+        raise BadInputError(
+            f"{path} has {data.shape[1]} channel(s), not the 3 of an RGB image, so "
+            f"input.channel = {stain!r} (a stain of a brightfield colour image) does not "
+            "apply; set input.channel to a channel number or name in config.yaml"
+        )
+    notes.append(f"{stain} from RGB")
+    return np.stack([stain_plane(np.moveaxis(rgb, 0, -1), stain) for rgb in data])
 
 
 def _pick_plane(
