@@ -58,3 +58,19 @@ def test_compute_settings_stay_those_the_daemon_started_with():
     new = override(Config(), **{"compute.workers": 4, "watch.max_attempts": 5})
     kept = override_compute(new, running)
     assert kept.compute == running.compute and kept.watch.max_attempts == 5
+
+
+def test_the_daemon_counts_the_channel_its_model_was_taught_on(tmp_path: Path):
+    """A fine-tuned model's card names its input (``hematoxylin``); the daemon's engine and
+    its Dask tasks count that plane unless the config names a channel."""
+    import json
+    import shutil
+
+    model = tmp_path / "he.keras"
+    shutil.copy(BUNDLED_MODEL, model)
+    card = json.loads(BUNDLED_MODEL.with_suffix(".json").read_text())
+    model.with_suffix(".json").write_text(json.dumps({**card, "input": {"channel": "hematoxylin"}}))
+    on_dask = override(Config(), **{"model.path": str(model), "compute.workers": 2})
+    assert load_engine(on_dask).config.input.channel == "hematoxylin"
+    named = override(on_dask, **{"input.channel": "gray"})
+    assert load_engine(named).config.input.channel == "gray"

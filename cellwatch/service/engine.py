@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellwatch.config import Config
+from cellwatch.config import Config, with_card_input
 from cellwatch.errors import ConfigError
 from cellwatch.service.jobs import DB_NAME, state_dir
 
@@ -77,10 +77,19 @@ def load_engine(config: Config) -> Engine:
     only notes its name and hash."""
     import numpy as np
 
-    from cellwatch.model import choose_backend, device_name, load_model, model_label
+    from cellwatch.model import (
+        BUNDLED_MODEL,
+        choose_backend,
+        device_name,
+        load_model,
+        model_label,
+        read_card,
+    )
     from cellwatch.pipeline import Segmenter
     from cellwatch.service.cluster import uses_dask
 
+    # A model taught on a stain counts that stain unless the config names a channel.
+    config = with_card_input(config, read_card(Path(config.model.path or BUNDLED_MODEL)))
     choose_backend()
     if uses_dask(config.compute):
         return Engine(config, None, label=model_label(config.model.path))
