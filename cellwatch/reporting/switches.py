@@ -74,7 +74,7 @@ def mark_switches(rows: pd.DataFrame) -> pd.Series:
     >>> mark_switches(rows).tolist()
     [Switch(model=('unet@aaaa', 'mine@bbbb'), settings=None), None]
     """
-    marks = pd.Series(None, index=rows.index, dtype=object)
+    marks = pd.Series([None] * len(rows), index=rows.index, dtype=object)
     if rows.empty:
         return marks
     stamp = pd.to_datetime(rows["processed_at"], utc=True, errors="coerce", format="ISO8601")
