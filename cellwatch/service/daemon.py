@@ -339,7 +339,13 @@ class Daemon:
                 config = override_compute(config, self.config)
             engine = load_engine(config)
         except Exception as exc:  # a bad new model or config must not stop a working daemon
-            log.error("reload failed, still using the previous settings and model: %s", exc)
+            log.error(
+                "reload failed: %s. Still counting with model %s and the previous settings; "
+                "fix %s and reload again (systemctl reload cellwatch)",
+                exc,
+                worker.engine.model_label,
+                self.config.source or "the configuration",
+            )
         else:
             if paths != self.paths:
                 log.warning(
@@ -350,11 +356,13 @@ class Daemon:
             if config.metrics != self.config.metrics:
                 log.warning("new metrics settings take effect only after a restart")
             self.config = config
+            before = worker.engine
             self.metrics.use_model(engine.model_label, stopwatch_of(engine))
             worker.use(engine)
             if self.watcher is not None:
                 self.watcher.update(config.watch)
             log.info("reloaded %s; model %s", config.source, engine.model_label)
+            _log_switch(before, engine)
         self._beat(queue, worker)
         self.notifier.send("READY=1")
 
@@ -390,6 +398,19 @@ class Daemon:
             self._reload_requested = True
         else:
             self._stop_requested = True
+
+
+def _log_switch(before: Engine, after: Engine) -> None:
+    """Say what a reload changed in how images are counted (the ledger shows it per row)."""
+    if after.model_label != before.model_label:
+        log.info(
+            "model switched from %s to %s: images from the next one on are counted with it",
+            before.model_label,
+            after.model_label,
+        )
+    old, new = before.config.settings_hash(), after.config.settings_hash()
+    if new != old:
+        log.info("settings changed (settings hash %s -> %s) from the next image on", old, new)
 
 
 def _lock(state: Path) -> IO[str]:
