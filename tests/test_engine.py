@@ -49,7 +49,7 @@ def test_with_dask_workers_the_engine_only_names_the_model(tmp_path: Path):
     gone.write_bytes(b"a model")
     missing = override(config, **{"model.path": str(gone)})
     gone.unlink()  # after the check at load time, before the daemon starts
-    with pytest.raises(ModelError, match="no model file at .*gone.keras"):
+    with pytest.raises(ModelError, match=r"no model file at .*gone\.keras"):
         load_engine(missing)
 
 
@@ -61,12 +61,12 @@ def test_with_dask_workers_a_file_that_is_no_keras_model_is_refused(tmp_path: Pa
     config = override(Config(), **{"compute.workers": 2})
     half = tmp_path / "half.keras"
     half.write_bytes(BUNDLED_MODEL.read_bytes()[:100_000])
-    with pytest.raises(ModelError, match="half.keras is not a Keras model file.*copied whole"):
+    with pytest.raises(ModelError, match=r"half\.keras is not a Keras model file.*copied whole"):
         load_engine(override(config, **{"model.path": str(half)}))
     other = tmp_path / "other.keras"
     with zipfile.ZipFile(other, "w") as archive:
         archive.writestr("notes.txt", "not a model")
-    with pytest.raises(ModelError, match="other.keras is a zip archive but not a Keras model"):
+    with pytest.raises(ModelError, match=r"other\.keras is a zip archive but not a Keras model"):
         load_engine(override(config, **{"model.path": str(other)}))
 
 

@@ -342,7 +342,7 @@ class Daemon:
             log.error(
                 "reload failed: %s. Still counting with model %s and the previous settings; "
                 "fix %s and reload again (systemctl reload cellwatch)",
-                exc,
+                str(exc).rstrip("."),
                 worker.engine.model_label,
                 self.config.source or "the configuration",
             )

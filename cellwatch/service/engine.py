@@ -82,8 +82,8 @@ def load_engine(config: Config) -> Engine:
     from cellwatch.service.cluster import uses_dask
 
     choose_backend()
+    _check_archive(config.model.path)  # a clearer message than Keras gives for a bad file
     if uses_dask(config.compute):
-        _check_archive(config.model.path)
         return Engine(config, None, label=model_label(config.model.path))
     segmenter = Segmenter(config, load_model(config.model.path))
     size, tile = config.tiling.batch_size, segmenter.tiling.tile
@@ -92,10 +92,10 @@ def load_engine(config: Config) -> Engine:
 
 
 def _check_archive(path: str | Path | None) -> None:
-    """Raise :class:`ModelError` unless ``path`` is a ``.keras`` archive: with Dask the
-    workers load the network, so this process checks at least that the file is one, and a
-    missing, truncated or wrong file on SIGHUP keeps the old model (rather than failing
-    every image on the workers)."""
+    """Raise :class:`ModelError` unless ``path`` is a ``.keras`` archive. With Dask the
+    workers load the network, so this is what this process checks: a missing, truncated or
+    wrong file on SIGHUP keeps the old model (rather than failing every image on the
+    workers)."""
     import zipfile
 
     from cellwatch.model import BUNDLED_MODEL
