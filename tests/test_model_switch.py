@@ -22,6 +22,8 @@ from conftest import discs, save_threshold_model
 from test_daemon import by_image, check_files_whole, status_json, write_config
 from test_daemon import run_cellwatch as run_cellwatch  # a fixture
 
+from cellwatch.service import status
+
 STREAM_MAX = 200  # images written one after another while the model switches, at most
 COUNTED_BEFORE = 3  # the SIGHUP comes once this many of them are counted...
 WRITTEN_AFTER = 5  # ...and the stream stops once this many are written after READY
@@ -79,6 +81,8 @@ def test_sighup_switches_the_model_at_the_next_image(run_cellwatch, tmp_path: Pa
         assert "Still counting with model alpha@" in line and f"fix {config} " in line, line
     report = status_json(["--config", str(config), "--out", str(cw.out)])
     assert report["model"].startswith("alpha@") and report["daemon"]["pid"] == pid
+    assert "failed (" in report["last_reload"] and "broken.keras" in report["last_reload"]
+    assert report["last_reload"].endswith(f"still counting with model {report['model']}")
 
     # a stream of images; the model switches (and a setting changes) in the middle of it
     written: list[tuple[str, float]] = []
@@ -132,6 +136,12 @@ def test_sighup_switches_the_model_at_the_next_image(run_cellwatch, tmp_path: Pa
     assert cw.proc.poll() is None
     report = status_json(["--config", str(config), "--out", str(cw.out)])
     assert report["daemon"]["pid"] == pid and report["model"] == after["model"]
+    assert (
+        f"ok; model switched from {before['model']} to {after['model']}; settings hash "
+        in (report["last_reload"])
+    )
+    text = status.format_text(report)
+    assert f"model       {after['model']}\n  last reload " in text
     assert f"model switched from {before['model']} to {after['model']}" in cw.log()
 
     # the daemon's own daily report marks the switch (the test config keeps UTC)

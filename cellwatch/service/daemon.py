@@ -214,7 +214,7 @@ class Daemon:
         ]
         for thread in threads:
             thread.start()
-        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running")
+        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running", last_reload="")
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
@@ -339,13 +339,15 @@ class Daemon:
                 config = override_compute(config, self.config)
             engine = load_engine(config)
         except Exception as exc:  # a bad new model or config must not stop a working daemon
+            why = str(exc).rstrip(".")
             log.error(
                 "reload failed: %s. Still counting with model %s and the previous settings; "
                 "fix %s and reload again (systemctl reload cellwatch)",
-                str(exc).rstrip("."),
+                why,
                 worker.engine.model_label,
                 self.config.source or "the configuration",
             )
+            what = f"failed ({why}); still counting with model {worker.engine.model_label}"
         else:
             if paths != self.paths:
                 log.warning(
@@ -362,7 +364,8 @@ class Daemon:
             if self.watcher is not None:
                 self.watcher.update(config.watch)
             log.info("reloaded %s; model %s", config.source, engine.model_label)
-            _log_switch(before, engine)
+            what = _log_switch(before, engine)
+        queue.set_meta(last_reload=f"{_now()} {what}")  # for `cellwatch status`
         self._beat(queue, worker)
         self.notifier.send("READY=1")
 
@@ -400,17 +403,22 @@ class Daemon:
             self._stop_requested = True
 
 
-def _log_switch(before: Engine, after: Engine) -> None:
-    """Say what a reload changed in how images are counted (the ledger shows it per row)."""
+def _log_switch(before: Engine, after: Engine) -> str:
+    """Say what a reload changed in how images are counted (the ledger shows it per row);
+    return it in a few words."""
+    what = f"ok; model {after.model_label}"
     if after.model_label != before.model_label:
         log.info(
             "model switched from %s to %s: images from the next one on are counted with it",
             before.model_label,
             after.model_label,
         )
+        what = f"ok; model switched from {before.model_label} to {after.model_label}"
     old, new = before.config.settings_hash(), after.config.settings_hash()
     if new != old:
         log.info("settings changed (settings hash %s -> %s) from the next image on", old, new)
+        what += f"; settings hash {old} -> {new}"
+    return what
 
 
 def _lock(state: Path) -> IO[str]:
