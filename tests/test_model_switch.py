@@ -19,10 +19,22 @@ import numpy as np
 import tifffile
 import yaml
 from conftest import discs, save_threshold_model
-from test_daemon import by_image, check_files_whole, status_json, write_config
+from test_daemon import (
+    NotifySocket,
+    by_image,
+    check_files_whole,
+    fake_engine,
+    status_json,
+    write_config,
+)
 from test_daemon import run_cellwatch as run_cellwatch  # a fixture
 
-from cellwatch.service import status
+from cellwatch.config import Config, load_config, override
+from cellwatch.service import daemon, status
+from cellwatch.service.daemon import Daemon
+from cellwatch.service.engine import Engine
+from cellwatch.service.local_runner import LocalRunner
+from cellwatch.service.sdnotify import Notifier
 
 STREAM_MAX = 200  # images written one after another while the model switches, at most
 COUNTED_BEFORE = 3  # the SIGHUP comes once this many of them are counted...
@@ -155,3 +167,58 @@ def test_sighup_switches_the_model_at_the_next_image(run_cellwatch, tmp_path: Pa
     assert cw.stop() == 0
     assert "Traceback" not in cw.log()
     check_files_whole(cw.out)
+
+
+def test_a_slow_reload_keeps_the_watchdog_fed_and_the_old_model_counting(
+    tmp_path: Path, monkeypatch
+):
+    """The new model loads in a thread of its own: systemd keeps hearing WATCHDOG=1 between
+    RELOADING=1 and READY=1, and the worker counts with the old model until the new one is
+    ready (in process, with a fake model that takes a second to load)."""
+    (tmp_path / "inbox").mkdir()
+    config = load_config(write_config(tmp_path / "c.yaml", None))
+    config = override(
+        config, **{"watch.inbox": str(tmp_path / "inbox"), "output.dir": str(tmp_path / "out")}
+    )
+    loads: list[str] = []
+
+    def slow_engine(config: Config) -> Engine:
+        loads.append("new" if loads else "old")
+        if loads[-1] == "new":
+            time.sleep(1.0)
+        return fake_engine(config, f"{loads[-1]}@0123")
+
+    seen: list[tuple[float, str]] = []  # what the worker would count with, over time
+
+    def work(runner: LocalRunner) -> None:
+        while not runner.stop.wait(0.02):
+            seen.append((time.monotonic(), runner.engine.model_label))
+
+    monkeypatch.setattr(daemon, "load_engine", slow_engine)
+    monkeypatch.setattr(LocalRunner, "run", work)
+    notify = NotifySocket()
+    server = Daemon(lambda: config, Notifier({"NOTIFY_SOCKET": notify.name,
+                                              "WATCHDOG_USEC": "100000"}))  # fmt: skip
+
+    def drive() -> None:
+        notify.wait_for("READY=1", timeout=30)
+        server._reload_requested = True  # as the SIGHUP handler does
+        notify.wait_for("READY=1", after=notify.wait_for("RELOADING=1", timeout=30), timeout=30)
+        server._stop_requested = True
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        assert server.serve() == 0
+    finally:
+        driver.join()
+        notify.close()
+    lines = [m.split("\n")[0] for m in notify.poll()]
+    reloading = lines.index("RELOADING=1")
+    ready = lines.index("READY=1", reloading)
+    assert lines[reloading + 1 : ready].count("WATCHDOG=1") >= 5, lines[reloading:ready]
+    assert loads == ["old", "new"]
+    labels = [label for _, label in seen]
+    switch = labels.index("new@0123")
+    assert switch > 0 and set(labels[:switch]) == {"old@0123"}
+    assert set(labels[switch:]) == {"new@0123"}

@@ -142,6 +142,8 @@ class Daemon:
         self.watcher_error: str | None = None
         self._stop_requested = False  # set by signal handlers: plain flags, no locks
         self._reload_requested = False
+        self._loading: threading.Thread | None = None  # loads the new model on SIGHUP
+        self._loaded: tuple[Config, Paths, Engine] | Exception | None = None
         self._next_ping = 0.0
         self.reports = ReportSchedule(
             self.config.report.timezone, self.config.report.refresh_interval_s
@@ -228,7 +230,7 @@ class Daemon:
         self.notifier.send("STOPPING=1", "STATUS=stopping: finishing the images in hand")
         self.stop.set()
         self.wake.set()
-        for thread in threads:
+        for thread in [*threads, *([self._loading] if self._loading else [])]:
             while thread.is_alive():
                 thread.join(timeout=self._tick)
                 if code == 0:  # alive and finishing; after a thread died, no more pings
@@ -265,8 +267,11 @@ class Daemon:
         next_beat = time.monotonic() + HEARTBEAT_S
         while not self._stop_requested:
             time.sleep(self._tick)  # a signal handler runs during the sleep and sets a flag
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._reload_requested and self._loading is None:
+                self._reload_requested = False  # a SIGHUP while loading: once this one is done
+                self._start_reload()
+            if self._loading is not None and not self._loading.is_alive():
+                self._loading = None
                 self._reload(queue, worker)
             dead = [t.name for t in threads if not t.is_alive()]
             if dead:
@@ -329,17 +334,37 @@ class Daemon:
             f"model {worker.engine.model_label}"
         )
 
-    def _reload(self, queue: JobQueue, worker: Runner) -> None:
+    def _start_reload(self) -> None:
+        """SIGHUP: read the configuration and load its model in a thread of its own, so
+        the main loop goes on telling systemd it is alive (a large model, or a first
+        compilation on a GPU, can take longer than the watchdog waits) while the old model
+        keeps counting; :meth:`_reload` then puts the new one to work."""
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            config = self.load_config()
-            paths = Paths.of(config)
-            if config.compute != self.config.compute:
-                log.warning("new compute settings take effect only after a restart")
-                config = override_compute(config, self.config)
-            engine = load_engine(config)
-        except Exception as exc:  # a bad new model or config must not stop a working daemon
-            why = str(exc).rstrip(".")
+        running = self.config
+
+        def load() -> None:
+            try:
+                config = self.load_config()
+                paths = Paths.of(config)
+                if config.compute != running.compute:
+                    log.warning("new compute settings take effect only after a restart")
+                    config = override_compute(config, running)
+                self._loaded = (config, paths, load_engine(config))
+            except Exception as exc:  # reported by _reload, on the main thread
+                self._loaded = exc
+
+        self._loaded = None
+        self._loading = threading.Thread(target=load, name="reload", daemon=True)
+        self._loading.start()
+
+    def _reload(self, queue: JobQueue, worker: Runner) -> None:
+        """Put the model and settings :meth:`_start_reload` loaded to work from the next
+        image on, or keep the old ones and say why the new ones cannot be used."""
+        loaded = self._loaded
+        if loaded is None:
+            loaded = RuntimeError("the new settings were not loaded (see the log above)")
+        if isinstance(loaded, Exception):  # a bad new model or config must not stop a daemon
+            why = str(loaded).rstrip(".")
             log.error(
                 "reload failed: %s. Still counting with model %s and the previous settings; "
                 "fix %s and reload again (systemctl reload cellwatch)",
@@ -349,6 +374,7 @@ class Daemon:
             )
             what = f"failed ({why}); still counting with model {worker.engine.model_label}"
         else:
+            config, paths, engine = loaded
             if paths != self.paths:
                 log.warning(
                     "a new inbox, output or state folder takes effect only after a restart; "
