@@ -36,7 +36,7 @@ from cellwatch.service.engine import Engine
 from cellwatch.service.local_runner import LocalRunner
 from cellwatch.service.sdnotify import Notifier
 
-STREAM_MAX = 200  # images written one after another while the model switches, at most
+STREAM_MAX = 600  # images written one after another while the model switches, at most
 COUNTED_BEFORE = 3  # the SIGHUP comes once this many of them are counted...
 WRITTEN_AFTER = 5  # ...and the stream stops once this many are written after READY
 
@@ -114,6 +114,7 @@ def test_sighup_switches_the_model_at_the_next_image(run_cellwatch, tmp_path: Pa
         reload(cw, config, beta, overlap=12)
         ready = time.monotonic()
         while len([at for _, at in written if at > ready]) < WRITTEN_AFTER:
+            assert writer.is_alive(), f"the reload took longer than {STREAM_MAX} images"
             time.sleep(0.05)
     finally:
         enough.set()
