@@ -23,6 +23,7 @@ IMAGE_PATH = {
     "postprocess",
     "preprocess",
     "quality",
+    "runtime",
     "scale",
     "tiling",
     "timing",

@@ -179,17 +179,19 @@ def load_engine(config: Config) -> Engine:
     only notes its name and hash."""
     import numpy as np
 
-    from cellwatch.model import choose_backend, device_name, load_model, model_label
+    from cellwatch.model import choose_backend, model_label
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import device_name, load, resolve
     from cellwatch.service.cluster import uses_dask
 
     choose_backend()
     if uses_dask(config.compute):
         return Engine(config, None, label=model_label(config.model.path))
-    segmenter = Segmenter(config, load_model(config.model.path))
+    config = resolve(config)  # the runtime and precision that run, in every row's hash
+    segmenter = Segmenter(config, load(config))
     size, tile = config.tiling.batch_size, segmenter.tiling.tile
     segmenter.predict_batch(np.zeros((size, tile, tile, 1), np.float32))
-    return Engine(config, segmenter, device=device_name())
+    return Engine(config, segmenter, device=device_name(segmenter.model))
 
 
 class Daemon:
