@@ -61,12 +61,14 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 # --- choosing -------------------------------------------------------------------------
 
 
-def choose_runtime(requested: str, environ: Mapping[str, str] | None = None) -> str:
+def choose_runtime(requested: str, *, gpus: int | None = None) -> str:
     """``openvino`` or ``keras`` for ``inference.runtime``: ``auto`` is Keras where a GPU is
-    visible (or OpenVINO is not installed), OpenVINO on a CPU."""
+    visible (``gpus``, counted by :func:`cellwatch.model.visible_gpus` when None) or
+    OpenVINO is not installed, OpenVINO on a CPU."""
     if requested != "auto":
         return requested
-    if visible_gpus(environ) or importlib.util.find_spec("openvino") is None:
+    gpus = visible_gpus() if gpus is None else gpus
+    if gpus or importlib.util.find_spec("openvino") is None:
         return "keras"
     return "openvino"
 
@@ -129,11 +131,11 @@ def _loss(card: Mapping[str, Any], precision: str) -> float:
         return float("inf")
 
 
-def resolve(config: Config, environ: Mapping[str, str] | None = None) -> Config:
+def resolve(config: Config, *, gpus: int | None = None) -> Config:
     """``config`` with ``inference.runtime`` and ``inference.precision`` as they will run
     (no ``auto``), so the settings hash says what produced a row."""
     inference = config.inference
-    runtime = choose_runtime(inference.runtime, environ)
+    runtime = choose_runtime(inference.runtime, gpus=gpus)
     card = read_card(Path(config.model.path) if config.model.path else BUNDLED_MODEL)
     precision = choose_precision(inference.precision, runtime, card)
     chosen = dataclasses.replace(inference, runtime=runtime, precision=precision)
@@ -150,6 +152,18 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
 def describe(model: LoadedModel) -> str:
     """The runtime and precision a model runs with, for logs and status: ``openvino bf16``."""
     return f"{model.runtime} {model.precision}"
+
+
+def _openvino() -> Any:
+    """The ``openvino`` module, imported without its usage reports: OpenVINO's converter
+    sends events to Intel (Google Analytics) on import unless the user opted out, and a
+    lab PC counting cells should not; without ``openvino_telemetry`` it uses its stub."""
+    import sys
+
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
 
 
 # --- loading --------------------------------------------------------------------------
@@ -191,7 +205,7 @@ def _positive(value: Any) -> float | None:
 
 
 def _compiled(folder: Path, entry: Mapping[str, Any], precision: str) -> Any:
-    import openvino as ov
+    ov = _openvino()
 
     core = ov.Core()
     network = core.read_model(folder / "model.xml")
@@ -209,7 +223,7 @@ def cached_ir(
     ``entry.json``: converted now when absent or damaged (files that do not match the
     hashes written with them), in a private folder renamed into place, so a reader never
     sees half an entry."""
-    import openvino as ov
+    ov = _openvino()
 
     if not model_path.is_file():
         raise ModelError(f"no model file at {model_path}; pass --model PATH to a .keras file")
@@ -270,7 +284,7 @@ def _valid_entry(folder: Path, digest: str) -> dict[str, Any] | None:
 def _convert(model_path: Path, folder: Path, precision: str) -> dict[str, Any]:
     """Convert a ``.keras`` model to OpenVINO IR in ``folder`` (this imports TensorFlow);
     returns what the cached path needs that only the Keras model can tell."""
-    import openvino as ov
+    ov = _openvino()
 
     from cellwatch.model import load_model, measure_receptive_field
 
