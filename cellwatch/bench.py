@@ -420,8 +420,8 @@ def network_rates(
     default under XLA."""
     import tensorflow as tf
 
-    from cellwatch.config import Config
-    from cellwatch.model import load_model
+    from cellwatch.config import Config, override
+    from cellwatch.runtime import load
 
     out = {}
     size = Config().tiling.batch_size
@@ -430,10 +430,11 @@ def network_rates(
             continue
         side = entry["tile"]
         batch = np.random.default_rng(0).random((size, side, side, 1), dtype=np.float32)
-        model = load_model(entry["path"])
+        model = load(override(Config(), **{"model.path": str(entry["path"])}))
         cases = {name: (model.predict_fn(), batch)}
         if name == "default":
             cases["default_one_tile"] = (model.predict_fn(), batch[:1])
+        if name == "default" and model.runtime == "keras":
             net = model.network
             xla = tf.function(lambda x, net=net: net(x, training=False), jit_compile=True)
             cases["default_xla"] = (lambda b, f=xla: f(b).numpy(), batch)
@@ -510,12 +511,13 @@ def _segmenter(
     model_path: Path, batch_size: int, *, intervals: bool = True, default_config: bool = False
 ) -> tuple[Any, _Counting]:
     from cellwatch.config import Config, override
-    from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import load, resolve
 
     fixed = None if default_config else 1.0  # None: the default, automatic scale
-    config = override(Config(), **{"scale.scale": fixed, "tiling.batch_size": batch_size})
-    model = load_model(model_path)
+    settings = {"scale.scale": fixed, "tiling.batch_size": batch_size}
+    config = resolve(override(Config(), **settings, **{"model.path": str(model_path)}))
+    model = load(config)
     counter = _Counting(model.predict_fn())
     segmenter = Segmenter(config, model, counter, stopwatch=_stopwatch(intervals))
     tile = segmenter.tiling.tile
@@ -752,6 +754,10 @@ def machine() -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
+    from cellwatch.config import Config
+    from cellwatch.runtime import resolve
+
+    chosen = resolve(Config()).inference
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
@@ -770,6 +776,7 @@ def machine() -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
+        "inference": f"{chosen.runtime} {chosen.precision}",  # what the default config runs
         "commit": _commit(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -825,7 +832,8 @@ def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"cellwatch bench — {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "
-        f"TF {m['tensorflow']}, commit {m['commit']}, {m['date']}",
+        f"TF {m['tensorflow']}, network on {m.get('inference', 'keras f32')}, "
+        f"commit {m['commit']}, {m['date']}",
         f"data: {report['data']}",
         "",
         "plain TensorFlow rates (GFLOP/s): "
