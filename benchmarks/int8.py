@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     print(f"# {len(tiles)} calibration tiles in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)  # fmt: skip
     pairs = find_pairs(args.images, args.masks)[:: args.every]
-    reference, ref_table = evaluate(pairs, segmenter, config)
+    reference, _ = evaluate(pairs, segmenter, config)
     f32_acc = reference["thresholds"]["0.50"]["accuracy"]
 
     folder, _ = cached_ir(BUNDLED_MODEL, "f32", default_cache_dir())
@@ -91,9 +91,7 @@ def main(argv: list[str]) -> int:
     }
     for name, options in variants.items():
         started = time.perf_counter()
-        quantized = nncf.quantize(
-            ir, nncf.Dataset(tiles), subset_size=len(tiles), **options
-        )
+        quantized = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), **options)
         compiled = core.compile_model(quantized, "CPU")
         request = compiled.create_infer_request()
 
@@ -101,7 +99,7 @@ def main(argv: list[str]) -> int:
             return np.array(request.infer({0: batch})[0], dtype=np.float32)
 
         took = time.perf_counter() - started
-        summary, table = evaluate(pairs, Segmenter(config, f32, predict_batch=predict), config)
+        summary, _ = evaluate(pairs, Segmenter(config, f32, predict_batch=predict), config)
         acc = summary["thresholds"]["0.50"]["accuracy"]
         print(json.dumps({
             "variant": name,

@@ -198,7 +198,7 @@ class MetricsConfig:
 class InferenceConfig:
     """``inference``: which engine runs the network, at which precision, with which cache."""
 
-    runtime: Literal["auto", "openvino", "keras"] = "auto"  # auto: OpenVINO on a CPU, Keras on a GPU
+    runtime: Literal["auto", "openvino", "keras"] = "auto"  # auto: OpenVINO on CPU, Keras on GPU
     precision: Literal["auto", "f32", "bf16", "int8"] = "auto"  # auto: see docs/speed.md
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/cellwatch or ~/.cache/cellwatch
     augment: bool = False  # average the 8 flips and rotations of each tile

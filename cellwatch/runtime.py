@@ -247,9 +247,7 @@ def cached_ir(
     try:
         entry = (convert or _convert)(model_path, staging, ir_precision)
         entry.update(format=ENTRY_FORMAT, model_sha256=digest, openvino=version)
-        entry["files"] = {
-            name: sha256_file(staging / name) for name in ("model.xml", "model.bin")
-        }
+        entry["files"] = {name: sha256_file(staging / name) for name in ("model.xml", "model.bin")}
         (staging / "entry.json").write_text(json.dumps(entry, indent=1), encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         try:

@@ -61,7 +61,7 @@ def test_int8_is_offered_only_within_its_measured_loss():
         choose_precision("int8", "openvino", measured(0.862, int8=0.85))
     with pytest.raises(ModelError, match="int8 is offered only"):
         choose_precision("int8", "openvino", {})
-    with pytest.raises(ModelError, match="needs inference.runtime openvino"):
+    with pytest.raises(ModelError, match=r"needs inference\.runtime openvino"):
         choose_precision("bf16", "keras", {})
 
 
@@ -84,7 +84,7 @@ def test_a_bad_runtime_in_the_config_is_named(tmp_path):
     path.write_text("inference:\n  runtime: tensorrt\n")
     from cellwatch.config import load_config
 
-    with pytest.raises(ConfigError, match="inference.runtime must be one of auto, openvino"):
+    with pytest.raises(ConfigError, match=r"inference\.runtime must be one of auto, openvino"):
         load_config(path)
 
 
