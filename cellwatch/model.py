@@ -69,6 +69,7 @@ class LoadedModel:
     input_px: int | None = None  # the side of the input, when the network fixes it
     runtime: str = "keras"  # what runs the network: "keras" or "openvino" (cellwatch.runtime)
     precision: str = "f32"  # "f32", "bf16" or "int8"
+    augment: bool = False  # average the network's answers over 8 flips and rotations
 
     @cached_property
     def context_px(self) -> int | None:

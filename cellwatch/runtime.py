@@ -178,7 +178,7 @@ def load(config: Config) -> LoadedModel:
     if inference.runtime == "keras":
         from cellwatch.model import load_model
 
-        return load_model(path)
+        return dataclasses.replace(load_model(path), augment=inference.augment)
     cache = Path(inference.cache_dir) if inference.cache_dir else default_cache_dir()
     folder, entry = cached_ir(path, inference.precision, cache)
     model = _compiled(folder, entry, inference.precision)
@@ -197,6 +197,7 @@ def load(config: Config) -> LoadedModel:
         input_px=entry["input_px"],
         runtime="openvino",
         precision=inference.precision,
+        augment=inference.augment,
     )
 
 
@@ -318,10 +319,32 @@ def _tf_graph(network: Any) -> Any:
 
 
 def predict_fn(model: LoadedModel) -> PredictFn:
-    """A function mapping a fixed-shape batch to float32 probabilities."""
+    """A function mapping a fixed-shape batch to float32 probabilities (averaged over the
+    8 flips and rotations of each tile when the model is to ``augment``)."""
     if model.runtime == "openvino":
-        return _openvino_predict_fn(model.network)
-    return keras_predict_fn(model.network)
+        fn = _openvino_predict_fn(model.network)
+    else:
+        fn = keras_predict_fn(model.network)
+    return augmented(fn) if model.augment else fn
+
+
+def augmented(fn: PredictFn) -> PredictFn:
+    """``fn`` averaged over the 8 symmetries of the square (test-time augmentation): each
+    rotated or flipped batch is predicted and turned back before it is added."""
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        total = np.zeros((*batch.shape[:3], 0), np.float32)
+        for turns in range(4):
+            for flip in (False, True):
+                view = np.rot90(batch, turns, axes=(1, 2))
+                view = view[:, :, ::-1] if flip else view
+                out = np.asarray(fn(np.ascontiguousarray(view)), dtype=np.float32)
+                out = out[:, :, ::-1] if flip else out
+                out = np.rot90(out, -turns, axes=(1, 2))
+                total = out.copy() if total.shape[-1] == 0 else total + out
+        return total / 8
+
+    return predict
 
 
 def _openvino_predict_fn(compiled: Any) -> PredictFn:

@@ -195,3 +195,35 @@ def test_the_bundled_card_records_the_precision_check():
     assert {"f32", "bf16"} <= set(check), "measure with benchmarks/precision.py"
     json.dumps(check)  # plain numbers, as the card is written
     assert np.isfinite(check["bf16"]["accuracy_0.5"])
+
+
+def test_augment_averages_the_eight_symmetries_turned_back():
+    """A pointwise network: each of the 8 views, turned back, answers as the plain pass
+    does, so the average equals it (a view not turned back would not)."""
+    from cellwatch.runtime import augmented
+
+    seen = []
+
+    def rows(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.copy())
+        return batch * 2.0
+
+    batch = np.random.default_rng(0).random((2, 32, 48, 1)).astype(np.float32)
+    out = augmented(rows)(batch)
+    np.testing.assert_allclose(out, batch * 2.0, rtol=1e-6)
+    assert len(seen) == 8 and len({v.tobytes() for v in seen}) == 8
+    assert {v.shape for v in seen} == {(2, 32, 48, 1), (2, 48, 32, 1)}
+
+
+def test_augment_is_on_the_model_when_configured(threshold_model):
+    on = load_with(threshold_model)
+    assert not on.augment
+    from cellwatch.runtime import load
+
+    config = override(Config(), **{"model.path": str(threshold_model), "inference.augment": True})
+    image, truth = discs((120, 120), [(40, 40), (80, 90)], radius=9)
+    assert truth.max() == 2
+    model = load(config)
+    assert model.augment
+    labels = Segmenter(config, model).segment(image).labels
+    assert labels.max() == 2
