@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
     parser = dataset_parser(__doc__ or "")
     parser.add_argument("--train", type=Path, required=True, help="train folder (images/)")
     parser.add_argument("--calibration", type=int, default=60, help="train images to calibrate on")
+    parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
     args = parser.parse_args(argv)
     import nncf
     import openvino as ov
@@ -89,7 +90,10 @@ def main(argv: list[str]) -> int:
             "ignored_scope": nncf.IgnoredScope(names=[convs[0], convs[-1]]),
         },
     }
+    chosen = set(filter(None, args.variants.split(","))) or set(variants)
     for name, options in variants.items():
+        if name not in chosen:
+            continue
         started = time.perf_counter()
         quantized = nncf.quantize(ir, nncf.Dataset(tiles), subset_size=len(tiles), **options)
         compiled = core.compile_model(quantized, "CPU")
