@@ -55,13 +55,21 @@ class Result:
         return int(self.row["cell_count"])
 
 
-def load_model(path: str | Path | None = None) -> LoadedModel:
-    """Load a cellwatch model (a ``.keras`` file and its card, ``NAME.json``).
+def load_model(
+    path: str | Path | None = None, config: Config | str | Path | None = None
+) -> LoadedModel:
+    """Load a cellwatch model (a ``.keras`` file and its card, ``NAME.json``), ready to run
+    on the runtime the settings choose (``inference.runtime``: OpenVINO on a CPU, Keras on a
+    GPU), as ``cellwatch predict`` and the service load it.
 
     Parameters
     ----------
     path : str or pathlib.Path, optional
-        The ``.keras`` file; the bundled nucleus model when omitted.
+        The ``.keras`` file; the config's ``model.path`` (the bundled nucleus model) when
+        omitted.
+    config : Config, str or pathlib.Path, optional
+        Settings, or the path of a ``config.yaml``: the ``inference`` section chooses the
+        runtime and precision.
 
     Returns
     -------
@@ -81,9 +89,13 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     >>> model.classes  # background, interior, boundary
     3
     """
-    from cellwatch.model import load_model as load
+    from cellwatch.config import override
+    from cellwatch.runtime import load
 
-    return load(path)
+    settings = _config(config)
+    if path is not None:
+        settings = override(settings, **{"model.path": str(path)})
+    return load(settings)
 
 
 def count(
@@ -223,8 +235,10 @@ _SEGMENTERS: dict[tuple[int, str], Segmenter] = {}  # by model and settings
 
 def _config(config: Config | str | Path | None) -> Config:
     from cellwatch.config import Config, load_config
+    from cellwatch.runtime import resolve
 
-    return config if isinstance(config, Config) else load_config(config)
+    # the runtime and precision that will run, as the command records them in the hash
+    return resolve(config if isinstance(config, Config) else load_config(config))
 
 
 def _segmenter(model: LoadedModel | str | Path | None, config: Config) -> Segmenter:
@@ -236,8 +250,9 @@ def _segmenter(model: LoadedModel | str | Path | None, config: Config) -> Segmen
         if model is None or isinstance(model, str | Path):
             path = model if model is not None else config.model.path
             key = str(Path(path).resolve()) if path else "<bundled>"
+            key += f" on {config.inference.runtime} {config.inference.precision}"
             if key not in _MODELS:
-                _MODELS[key] = load_model(path)
+                _MODELS[key] = load_model(path, config)
             model = _MODELS[key]
         cached = _SEGMENTERS.get((id(model), config.settings_hash()))
         if cached is None or cached.model is not model or cached.config != config:

@@ -241,11 +241,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
     if uses_dask(config.compute):
         return predict_over_dask(args, config, images)
-    from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import describe, load, resolve
     from cellwatch.service.driver import record
 
-    segmenter = Segmenter(config, load_model(config.model.path))
+    config = resolve(config)  # the runtime and precision that run, in every row's hash
+    segmenter = Segmenter(config, load(config))
+    if not args.quiet:
+        print(f"network: {describe(segmenter.model)}", file=sys.stderr)
     out_dir = Path(config.output.dir)
     failed = counted = 0  # images: each scene of a file of several counts as one
     size = config.tiling.batch_size  # images per group: their tiles share inference batches

@@ -209,6 +209,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """``inference``: which engine runs the network, at which precision, with which cache."""
+
+    runtime: Literal["auto", "openvino", "keras"] = "auto"  # auto: OpenVINO on CPU, Keras on GPU
+    precision: Literal["auto", "f32", "bf16", "int8"] = "auto"  # auto: see docs/speed.md
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/cellwatch or ~/.cache/cellwatch
+    augment: bool = False  # average the 8 flips and rotations of each tile
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Where images are processed: in this process, or in Dask worker processes."""
 
@@ -239,6 +249,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def settings_hash(self) -> str:
@@ -246,14 +257,17 @@ class Config:
 
         ``input.extensions`` is left out: it decides which files are read, not how they are
         counted, and its default depends on which extras are installed. So is
-        ``tiling.images_at_once``: each image's result is the same whatever it is.
+        ``tiling.images_at_once``: each image's result is the same whatever it is, and
+        ``inference.cache_dir``. The runtime and precision count (once resolved from
+        ``auto`` by :func:`cellwatch.runtime.resolve`, the values that ran).
         """
         relevant = {
             name: dataclasses.asdict(getattr(self, name))
-            for name in ("input", "normalize", "scale", "tiling", "postprocess")
+            for name in ("input", "normalize", "scale", "tiling", "postprocess", "inference")
         }
         del relevant["input"]["extensions"]
         del relevant["tiling"]["images_at_once"]  # how many at once, not how each is counted
+        del relevant["inference"]["cache_dir"]  # where the converted model is kept
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

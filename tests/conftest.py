@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -112,3 +112,28 @@ def no_leaked_threads():
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     assert not leaked, f"test leaked threads: {leaked}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted models (``inference.cache_dir``'s default) go to a folder of this test
+    session, shared by its tests and the commands they start, not the user's cache."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder / "cellwatch"
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
+def load_with(model_path: Path | None, runtime: str = "openvino", precision: str = "f32") -> Any:
+    """A model loaded as ``predict`` loads it, with this runtime and precision."""
+    from cellwatch.config import Config, override
+    from cellwatch.runtime import load
+
+    settings = {"inference.runtime": runtime, "inference.precision": precision}
+    if model_path is not None:
+        settings["model.path"] = str(model_path)
+    return load(override(Config(), **settings))

@@ -30,6 +30,7 @@ IMAGE_PATH = {
     "postprocess",
     "preprocess",
     "quality",
+    "runtime",
     "scale",
     "tile_grid",
     "tiling",
@@ -400,3 +401,40 @@ def test_status_and_report_help_do_not_import_keras(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY=\n" in run.stdout, run.stdout[-500:] + run.stderr[-2000:]
+
+
+#: Where a deep-learning framework may be imported: the inference runtime runs networks;
+#: model builds and loads the Keras file; training, export and bench use Keras directly.
+FRAMEWORK_IMPORTERS = {
+    "openvino": {"cellwatch.runtime"},
+    "tensorflow": {
+        "cellwatch.runtime",
+        "cellwatch.model",
+        "cellwatch.bench",
+        "cellwatch.training.train",
+        "cellwatch.interop.bioimageio_export",
+    },
+}
+
+
+def framework_imports(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """For each framework, the modules that import it (anywhere in the file)."""
+    found: dict[str, set[str]] = {name: set() for name in FRAMEWORK_IMPORTERS}
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in found:
+                    found[top].add(module_name(path, package))
+    return found
+
+
+def test_only_the_runtime_imports_openvino_and_few_import_tensorflow():
+    found = framework_imports()
+    assert found["openvino"] == FRAMEWORK_IMPORTERS["openvino"]
+    assert found["tensorflow"] <= FRAMEWORK_IMPORTERS["tensorflow"], found["tensorflow"]

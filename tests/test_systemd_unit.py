@@ -54,7 +54,8 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path, source: Path):
     assert result.returncode == 0, result.stderr
     assert source.name not in result.stderr, result.stderr  # unknown keys are only warnings
     for needed in ("Restart=", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                   "StateDirectory=", "MemoryMax=", "DeviceAllow=char-nvidia", "UMask=0027"):  # fmt: skip
+                   "StateDirectory=", "MemoryMax=", "DeviceAllow=char-nvidia", "UMask=0027",
+                   "CacheDirectory=cellwatch", "XDG_CACHE_HOME=/var/cache"):  # fmt: skip
         assert needed in text
     if source == UNIT:
         assert all(needed in text for needed in ("Type=notify", "WatchdogSec=", "ExecReload="))

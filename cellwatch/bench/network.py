@@ -126,8 +126,8 @@ def network_rates(
     default under XLA."""
     import tensorflow as tf
 
-    from cellwatch.config import Config
-    from cellwatch.model import load_model
+    from cellwatch.config import Config, override
+    from cellwatch.runtime import load
 
     out = {}
     size = Config().tiling.batch_size
@@ -136,10 +136,11 @@ def network_rates(
             continue
         side = entry["tile"]
         batch = np.random.default_rng(0).random((size, side, side, 1), dtype=np.float32)
-        model = load_model(entry["path"])
+        model = load(override(Config(), **{"model.path": str(entry["path"])}))
         cases = {name: (model.predict_fn(), batch)}
         if name == "default":
             cases["default_one_tile"] = (model.predict_fn(), batch[:1])
+        if name == "default" and model.runtime == "keras":
             net = model.network
             xla = tf.function(lambda x, net=net: net(x, training=False), jit_compile=True)
             cases["default_xla"] = (lambda b, f=xla: f(b).numpy(), batch)

@@ -32,6 +32,10 @@ def machine() -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
+    from cellwatch.config import Config
+    from cellwatch.runtime import resolve
+
+    chosen = resolve(Config()).inference
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
@@ -50,6 +54,7 @@ def machine() -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
+        "inference": f"{chosen.runtime} {chosen.precision}",  # what the default config runs
         "commit": _commit(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -105,7 +110,8 @@ def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"cellwatch bench — {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "
-        f"TF {m['tensorflow']}, commit {m['commit']}, {m['date']}",
+        f"TF {m['tensorflow']}, network on {m.get('inference', 'keras f32')}, "
+        f"commit {m['commit']}, {m['date']}",
         f"data: {report['data']}",
         "",
         "plain TensorFlow rates (GFLOP/s): "

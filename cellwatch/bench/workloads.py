@@ -86,12 +86,13 @@ def bench_segmenter(
     model_path: Path, batch_size: int, *, intervals: bool = True, default_config: bool = False
 ) -> tuple[Any, Counting]:
     from cellwatch.config import Config, override
-    from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import load, resolve
 
     fixed = None if default_config else 1.0  # None: the default, automatic scale
-    config = override(Config(), **{"scale.scale": fixed, "tiling.batch_size": batch_size})
-    model = load_model(model_path)
+    settings = {"scale.scale": fixed, "tiling.batch_size": batch_size}
+    config = resolve(override(Config(), **settings, **{"model.path": str(model_path)}))
+    model = load(config)
     counter = Counting(model.predict_fn())
     segmenter = Segmenter(config, model, counter, stopwatch=_stopwatch(intervals))
     tile = segmenter.tiling.tile

@@ -77,15 +77,9 @@ def load_engine(config: Config) -> Engine:
     only notes its name and hash."""
     import numpy as np
 
-    from cellwatch.model import (
-        BUNDLED_MODEL,
-        choose_backend,
-        device_name,
-        load_model,
-        model_label,
-        read_card,
-    )
+    from cellwatch.model import BUNDLED_MODEL, choose_backend, model_label, read_card
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import device_name, load, resolve
     from cellwatch.service.cluster import uses_dask
 
     # A model taught on a stain counts that stain unless the config names a channel.
@@ -94,10 +88,11 @@ def load_engine(config: Config) -> Engine:
     _check_archive(config.model.path)  # a clearer message than Keras gives for a bad file
     if uses_dask(config.compute):
         return Engine(config, None, label=model_label(config.model.path))
-    segmenter = Segmenter(config, load_model(config.model.path))
+    config = resolve(config)  # the runtime and precision that run, in every row's hash
+    segmenter = Segmenter(config, load(config))
     size, tile = config.tiling.batch_size, segmenter.tiling.tile
     segmenter.predict_batch(np.zeros((size, tile, tile, 1), np.float32))
-    return Engine(config, segmenter, device=device_name())
+    return Engine(config, segmenter, device=device_name(segmenter.model))
 
 
 def _check_archive(path: str | Path | None) -> None:
