@@ -81,6 +81,7 @@ COLUMNS: tuple[str, ...] = (
     "job_id",
     "scene",
     "familiarity",
+    "channel",
 )
 
 CELL_COLUMNS: tuple[str, ...] = (
@@ -102,7 +103,7 @@ CELL_COLUMNS: tuple[str, ...] = (
 
 
 #: Columns added after ledgers were in use; :func:`read` gives older ledgers them, empty.
-_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity")
+_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity", "channel")
 
 
 class LedgerError(CellwatchError):
@@ -321,8 +322,8 @@ def repair(path: Path) -> bool:
 def read(path: Path) -> pd.DataFrame:
     """The ledger as a DataFrame (empty, with the right columns, if there is no file).
 
-    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene`` and
-    ``familiarity``), empty. ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
+    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene``,
+    ``familiarity`` and ``channel``), empty. ``channel`` is text (a name, or a number). ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
     """
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(COLUMNS))
@@ -339,6 +340,7 @@ def read(path: Path) -> pd.DataFrame:
         "job_id",
         "processed_at",
         "scene",
+        "channel",
     )
     rows = pd.read_csv(path, dtype={name: "string" for name in text}, low_memory=False)
     for name in _LATER_COLUMNS:
