@@ -34,7 +34,7 @@ def is_nuclear(name: str, stains: Sequence[str]) -> bool:
 
 def _pattern(stain: str) -> re.Pattern[str]:
     parts = [re.escape(p) for p in re.split(r"[-_\s]+", stain.strip()) if p]
-    body = r"[-_\s]?".join(parts)
+    body = r"[-_\s]?\d*[-_\s]?".join(parts)  # SPY650-DNA, SiR700-DNA
     after = r"(?![A-Za-z0-9])" if len(stain.strip()) <= 2 else r"(?![A-Za-z])"
     return re.compile(rf"(?<![A-Za-z0-9]){body}{after}", re.IGNORECASE)
 

@@ -11,18 +11,17 @@ corrupt.
 
 from __future__ import annotations
 
-__all__ = ["NativeFile", "damage", "open_native", "unsupported_dims"]
+__all__ = ["damage", "open_native", "unsupported_dims"]
 
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cellwatch.storage.vendor import VendorScene
+from cellwatch.storage.vendor import OpenFile, VendorScene
 
 _CZI_MAGIC = b"ZISRAWFILE"
 _ND2_MAGIC = bytes.fromhex("dacebe0a")
@@ -35,17 +34,7 @@ _LIF_AXES = {"λ": "a λ-scan (emission wavelengths)", "Λ": "a λ-scan (excitat
              "H": "a FLIM histogram", "A": "a rotation series"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class NativeFile:
-    """A file opened by its vendor's library: its library's name, scene names and a way to
-    get each scene."""
-
-    library: str
-    names: tuple[str, ...]
-    scene: Callable[[int], VendorScene]
-
-
-def open_native(path: Path) -> NativeFile | None:
+def open_native(path: Path) -> OpenFile | None:
     """The file through its vendor's library, or None if that library is not installed.
 
     Raises whatever the library raises on a file it cannot read.
@@ -68,7 +57,7 @@ def _lazy(read: Callable[[], np.ndarray], shape: tuple[int, ...], dtype: Any) ->
 # --- Zeiss CZI: pylibCZIrw ------------------------------------------------------------------
 
 
-def _open_czi(path: Path) -> NativeFile:
+def _open_czi(path: Path) -> OpenFile:
     from pylibCZIrw import czi as pyczi
 
     with pyczi.open_czi(str(path)) as doc:
@@ -105,7 +94,7 @@ def _open_czi(path: Path) -> NativeFile:
         return VendorScene(_lazy(read, shape, dtype), "TCZYXS", pixel_size, channel_names,
                            index, len(scenes), names[index], "pylibCZIrw")  # fmt: skip
 
-    return NativeFile("pylibCZIrw", names, scene)
+    return OpenFile("pylibCZIrw", names, scene)
 
 
 def _czi_channel_names(root: ET.Element, n: int) -> tuple[str, ...] | None:
@@ -127,7 +116,7 @@ def _czi_pixel_size(root: ET.Element) -> float | None:
 # --- Nikon ND2: nd2 -------------------------------------------------------------------------
 
 
-def _open_nd2(path: Path) -> NativeFile:
+def _open_nd2(path: Path) -> OpenFile:
     import nd2
 
     with nd2.ND2File(str(path)) as f:
@@ -152,13 +141,13 @@ def _open_nd2(path: Path) -> NativeFile:
         return VendorScene(_lazy(read, shape, dtype), axes, pixel_size, channel_names,
                            index, count, f"P{index}", "nd2")  # fmt: skip
 
-    return NativeFile("nd2", tuple(f"P{k}" for k in range(count)), scene)
+    return OpenFile("nd2", tuple(f"P{k}" for k in range(count)), scene)
 
 
 # --- Leica LIF: liffile ---------------------------------------------------------------------
 
 
-def _open_lif(path: Path) -> NativeFile:
+def _open_lif(path: Path) -> OpenFile:
     import liffile
 
     with liffile.LifFile(str(path)) as lif:
@@ -180,7 +169,7 @@ def _open_lif(path: Path) -> NativeFile:
         return VendorScene(_lazy(read, shape, dtype), "".join(sizes), pixel_size, None,
                            index, len(images), name, "liffile")  # fmt: skip
 
-    return NativeFile("liffile", tuple(n for n, *_ in images), scene)
+    return OpenFile("liffile", tuple(n for n, *_ in images), scene)
 
 
 def _lif_pixel_size(image: Any) -> float | None:
