@@ -240,9 +240,8 @@ def read_image(
         samples=raw.is_colour,
         stains=nuclear_channels,
     )
-    named = raw.names is not None and len(raw.names) == raw.n_channels
-    used = "" if index is None else (raw.names[index] if named else str(index))  # type: ignore[index]
-    notes = [raw.note, f"channel {used!r}" if named and index is not None else ""]
+    used = raw.label(index)
+    notes = [raw.note, f"channel {used!r}" if index is not None and used != str(index) else ""]
     pixels, note = _reduce_to_plane(
         raw.data, raw.axes, raw.n_alpha, path, index, stack, plane, raw.names
     )
@@ -269,6 +268,13 @@ class _Raw:
         sizes = dict(zip(self.axes, self.data.shape, strict=True))
         merged = math.prod(sizes.get(a, 1) for a in _CHANNEL_AXES)
         return merged - (self.n_alpha if "S" in sizes and "C" not in sizes else 0)
+
+    def label(self, index: int | None) -> str:
+        """How the ledger names channel ``index``: its name, else its number ("" for None)."""
+        if index is None:
+            return ""
+        named = self.names is not None and len(self.names) == self.n_channels
+        return self.names[index] if self.names is not None and named else str(index)
 
     @property
     def is_colour(self) -> bool:
