@@ -248,14 +248,29 @@ def _native_opens(path: Path) -> bool:
 
 
 def _open_any(path: Path) -> OpenFile:
-    """The file through its bioio plugin; through the vendor's library when the plugin
-    cannot work out its scenes' metadata (the plugin's error when neither opens it)."""
+    """The file through its bioio plugin; a scene the plugin cannot follow (or the whole
+    file, when it cannot open it) through the vendor's library instead."""
+    try:
+        plugin = _open_bioio(path)
+    except _PluginError as exc:
+        return _native(path, exc.__cause__ or exc)
+
+    def scene(index: int) -> VendorScene:
+        try:
+            return plugin.scene(index)
+        except _PluginError as exc:
+            opened = _native(path, exc.__cause__ or exc)
+            if len(opened.names) != len(plugin.names):
+                raise _unreadable(path, exc.__cause__ or exc) from exc
+            return opened.scene(index)
+
+    return OpenFile(plugin.reader, plugin.names, scene)
+
+
+def _native(path: Path, first: BaseException) -> OpenFile:
+    """The file through the vendor's library, after the plugin failed with ``first``."""
     from cellwatch.storage import native
 
-    try:
-        return _open_bioio(path)
-    except _PluginError as exc:
-        first = exc.__cause__ or exc
     try:
         opened = native.open_native(path)
     except (MemoryError, TransientError):
@@ -276,24 +291,23 @@ def _open_bioio(path: Path) -> OpenFile:
     image = _open(path)
     try:
         names = tuple(str(s) for s in image.scenes)
-        for index in range(len(names)):  # metadata only: the plugin must follow every scene
-            image.set_scene(index)
-            _ = (image.dims, image.physical_pixel_sizes, image.channel_names)
+        image.set_scene(0)  # a file-wide fault (the calibration, say) shows here
+        _ = (image.dims, image.physical_pixel_sizes, image.channel_names)
     except (MemoryError, TransientError):
         raise
     except Exception as exc:  # a plugin may fail in any way on a file it does not follow
         raise _PluginError() from exc
 
     def scene(index: int) -> VendorScene:
-        try:
+        try:  # metadata only: the pixels are read later (read_pixels)
             image.set_scene(index)
             axes, data = image.dims.order, image.dask_data
             sizes, channels = image.physical_pixel_sizes, image.channel_names
             leica = _leica_sizes(image.metadata, names[index]) if _is_lif(path) else None
         except (MemoryError, TransientError):
             raise
-        except Exception as exc:  # a plugin may fail in any way on a corrupt file
-            raise _unreadable(path, exc) from exc
+        except Exception as exc:  # a plugin may fail in any way on a file it does not follow
+            raise _PluginError() from exc
         _refuse_without_plane(
             path, index, names[index], leica or dict(zip(axes, data.shape, strict=True))
         )
