@@ -9,6 +9,7 @@ for which no writer exists, come through bioio's reader interface (a stand-in re
 from __future__ import annotations
 
 import importlib.machinery
+import struct
 import sys
 import threading
 import types
@@ -409,3 +410,92 @@ def test_leica_scans_without_a_yx_plane_are_named_not_called_corrupt(
         imageio.read_image(path)
     assert "corrupt" not in str(caught.value) and "truncated" not in str(caught.value)
     assert vendor.scene_count(path) == 1
+
+
+# --- Leica LIF files written byte by byte, as LAS X lays them out -------------------------
+
+
+def write_lif(path: Path, images: list[tuple[str, np.ndarray, dict[int, int]]]) -> Path:
+    """A LIF file: the XML header, then one memory block per image. ``images`` holds
+    (name, 8-bit pixels, {Leica DimID: size}) with the DimIDs from slowest to fastest
+    axis (1 X, 2 Y, 3 Z, 5 λ); pixels 0.5 µm apart."""
+    elements, blocks = [], []
+    for k, (name, array, dims) in enumerate(images):
+        step, described = 1, []
+        for dim_id, n in reversed(dims.items()):
+            described.append(
+                f'<DimensionDescription DimID="{dim_id}" NumberOfElements="{n}" Origin="0" '
+                f'Length="{0.5e-6 * (n - 1)}" Unit="m" BytesInc="{step}" BitInc="0"/>'
+            )
+            step *= n
+        channel = (
+            '<ChannelDescription DataType="0" ChannelTag="0" Resolution="8" '
+            'NameOfMeasuredQuantity="" Min="0" Max="255" Unit="" LUTName="Gray" '
+            'IsLUTInverted="0" BytesInc="0" BitInc="0"/>'
+        )
+        data = np.ascontiguousarray(array, np.uint8).tobytes()
+        elements.append(
+            f'<Element Name="{name}"><Data><Image><ImageDescription><Channels>{channel}'
+            f"</Channels><Dimensions>{''.join(described)}</Dimensions></ImageDescription>"
+            f'</Image></Data><Memory Size="{len(data)}" MemoryBlockID="MemBlock_{k}"/>'
+            "<Children/></Element>"
+        )
+        blocks.append((f"MemBlock_{k}", data))
+    xml = (
+        '<LMSDataContainerHeader Version="2"><Element Name="project"><Data><Experiment/>'
+        f'</Data><Memory Size="0" MemoryBlockID="MemBlock_root"/><Children>{"".join(elements)}'
+        "</Children></Element></LMSDataContainerHeader>"
+    )
+    out = struct.pack("<IIBI", 0x70, 2 * len(xml) + 5, 0x2A, len(xml)) + xml.encode("utf-16-le")
+    for ident, data in [("MemBlock_root", b""), *blocks]:
+        out += struct.pack("<IIBQBI", 0x70, 0, 0x2A, len(data), 0x2A, len(ident))
+        out += ident.encode("utf-16-le") + data
+    path.write_bytes(out)
+    return path
+
+
+def leica_series(path: Path) -> Path:
+    """A field of discs, an XZ line scan and a λ-scan, in that order."""
+    field = discs((64, 80), [(20, 20), (44, 56), (20, 60)], 7)[0]
+    return write_lif(path, [("Field", field, {2: 64, 1: 80}),
+                            ("XZ", np.zeros((8, 80)), {3: 8, 1: 80}),
+                            ("Lambda", np.zeros((5, 64, 80)), {5: 5, 2: 64, 1: 80})])  # fmt: skip
+
+
+def test_a_lif_field_is_counted_and_its_scans_without_a_yx_plane_are_named(
+    threshold_model, tmp_path: Path
+):
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    lif = leica_series(inbox / "run.lif")
+    assert looks_complete(lif) and imageio.scene_count(lif) == 3
+    with pytest.raises(BadInputError, match=r"series 1 \(XZ\) is an XZ line scan: no YX plane"):
+        imageio.read_image(lif, scene=1)
+    with pytest.raises(BadInputError, match=r"series 2 \(Lambda\) is a λ-scan"):
+        imageio.read_image(lif, scene=2)
+    rows = predict(inbox, tmp_path / "out", threshold_model)
+    assert list(rows["status"]) == ["ok", "failed", "failed"]
+    assert rows["cell_count"].iloc[0] == 3 and rows["pixel_size_um"].iloc[0] == 0.5
+    assert not rows["error"].str.contains("corrupt|truncated|damaged").any()
+
+
+def test_a_lif_the_plugin_fails_on_is_read_with_liffile(tmp_path: Path, monkeypatch):
+    lif = leica_series(tmp_path / "run.lif")
+    plugin_read = imageio.read_image(lif, scene=0)
+    monkeypatch.setitem(sys.modules, "bioio_lif", failing_plugin("bioio_lif"))
+    assert imageio.scene_count(lif) == 3
+    data = imageio.read_image(lif, scene=0)
+    assert "read with liffile" in data.note and data.pixel_size_um == pytest.approx(0.5)
+    assert np.array_equal(data.pixels, plugin_read.pixels)
+    with pytest.raises(BadInputError, match=r"series 1 \(XZ\) is an XZ line scan"):
+        imageio.read_image(lif, scene=1)
+
+
+def test_a_cut_lif_is_called_cut_short(tmp_path: Path):
+    field = discs((64, 80), [(20, 20), (44, 56)], 7)[0]
+    whole = write_lif(tmp_path / "whole.lif", [("Field", field, {2: 64, 1: 80})])
+    cut = tmp_path / "cut.lif"
+    cut.write_bytes(whole.read_bytes()[:-2000])  # inside the image's memory block
+    assert not looks_complete(cut)
+    with pytest.raises(BadInputError, match=r"cut short.*bioio-lif says: \S.*liffile says: \S"):
+        imageio.read_image(cut)

@@ -11,7 +11,7 @@ corrupt.
 
 from __future__ import annotations
 
-__all__ = ["damage", "open_native", "unsupported_dims"]
+__all__ = ["check_plane", "damage", "open_native", "unsupported_dims"]
 
 import struct
 import xml.etree.ElementTree as ET
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cellwatch.errors import BadInputError
 from cellwatch.storage.vendor import OpenFile, VendorScene
 
 _CZI_MAGIC = b"ZISRAWFILE"
@@ -155,11 +156,7 @@ def _open_lif(path: Path) -> OpenFile:
 
     def scene(index: int) -> VendorScene:
         name, sizes, dtype, pixel_size = images[index]
-        why = unsupported_dims(sizes)
-        if why:
-            from cellwatch.errors import BadInputError
-
-            raise BadInputError(f"{path}: series {index} ({name}) is {why}")
+        check_plane(path, index, name, sizes)
 
         def read() -> np.ndarray:
             with liffile.LifFile(str(path)) as lif:
@@ -185,11 +182,27 @@ def unsupported_dims(sizes: dict[str, int]) -> str:
     cellwatch can count, in words; empty when it has one."""
     for axis, what in _LIF_AXES.items():
         if sizes.get(axis, 1) > 1:
-            return f"{what}: cellwatch counts YX images, not spectra"
+            return what
     if sizes.get("Y", 1) <= 1 and sizes.get("X", 1) > 1:
         along = "Z" if sizes.get("Z", 1) > 1 else "T" if sizes.get("T", 1) > 1 else ""
         return f"an X{along} line scan: no YX plane"
     return ""
+
+
+def check_plane(path: Path, index: int, name: str, sizes: dict[str, int]) -> None:
+    """Refuse a scene of these axes with no YX plane (:func:`unsupported_dims`), naming it.
+
+    Raises
+    ------
+    BadInputError
+        It is a line scan, a λ-scan, a FLIM histogram or a rotation series.
+    """
+    why = unsupported_dims(sizes)
+    if why:
+        raise BadInputError(
+            f"{path}: series {index} ({name}) is {why}; cellwatch counts nuclei in YX images, "
+            "so it is left out (the file's other series are counted)"
+        )
 
 
 # --- what the bytes show --------------------------------------------------------------------

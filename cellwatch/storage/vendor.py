@@ -215,8 +215,9 @@ def pixels_unreadable(
 
 
 def opens_whole(path: Path) -> bool:
-    """The plugin's own check that a file is complete: it opens, and every scene's
-    dimensions can be read from its metadata (no pixels are read).
+    """The plugin's own check that a file is complete: it opens, every scene's dimensions
+    can be read from its metadata (no pixels are read), and its bytes show no damage; or,
+    when the plugin fails, the vendor's library opens it.
 
     A file whose plugin is missing counts as whole: reading it then records the install
     hint, rather than waiting for a file that will never open.
@@ -232,7 +233,9 @@ def opens_whole(path: Path) -> bool:
     except Exception as exc:  # a half-written file fails in the plugin's own ways
         log.debug("%s does not open whole in its plugin: %s", path, exc)
         return _native_opens(path)
-    return True
+    from cellwatch.storage import native
+
+    return native.damage(path) is None  # a plugin may skip what is missing (LIF blocks)
 
 
 def _native_opens(path: Path) -> bool:
@@ -308,26 +311,16 @@ def _open_bioio(path: Path) -> OpenFile:
             raise
         except Exception as exc:  # a plugin may fail in any way on a file it does not follow
             raise _PluginError() from exc
-        _refuse_without_plane(
-            path, index, names[index], leica or dict(zip(axes, data.shape, strict=True))
-        )
+        from cellwatch.storage import native
+
+        sizes_found = leica or dict(zip(axes, data.shape, strict=True))
+        native.check_plane(path, index, names[index], sizes_found)
         x = sizes.X if sizes is not None else None
         pixel_size = float(x) if x is not None and x > 0 else None
         channel_names = tuple(str(n) for n in channels) if channels else None
         return VendorScene(data, axes, pixel_size, channel_names, index, len(names), names[index])
 
     return OpenFile(_plugin(path), names, scene)
-
-
-def _refuse_without_plane(path: Path, index: int, name: str, sizes: dict[str, int]) -> None:
-    from cellwatch.storage import native
-
-    why = native.unsupported_dims(sizes)
-    if why:
-        raise BadInputError(
-            f"{path}: series {index} ({name}) is {why}; cellwatch counts nuclei in YX images. "
-            "Its other series are counted."
-        )
 
 
 def _is_lif(path: Path) -> bool:
