@@ -179,6 +179,41 @@ def test_a_folder_of_10000_images_opens_only_the_last_days_newest(results: Path,
     assert [k["metadata"]["cellwatch"]["job_id"] for k in labels] == list(quiet["job_id"][-5:])
 
 
+def test_each_scene_of_a_file_gets_its_own_cells(threshold_model: Path, tmp_path: Path):
+    """One job counts every scene of a CZI, and each scene numbers its cells from 1: the
+    reader gives each scene's labels its own cells, not those of every scene."""
+    pytest.importorskip("pylibCZIrw.czi", reason="pylibczirw writes the CZI test files")
+    from test_formats import SCENE_DISCS, write_czi
+
+    czi = write_czi(tmp_path / "in" / "plate.czi")
+    config = tmp_path / "c.yaml"
+    config.write_text("input:\n  channel: DAPI\ntiling:\n  tile_size: 64\n  overlap: 8\n")
+    out = tmp_path / "out"
+    argv = ["predict", str(czi.parent), "--out", str(out), "--model", str(threshold_model)]
+    assert main([*argv, "--config", str(config), "--quiet"]) == 0
+    named = layers_by_name(read_results(out))
+    cells = pd.read_csv(out / "cells.csv", dtype={"scene": str})
+    for scene, centres in enumerate(SCENE_DISCS):
+        n = len(centres)
+        labels, kwargs, _ = named[f"plate.czi labels ({n} cells)"]
+        assert np.array_equal(labels, tifffile.imread(out / "labels" / f"plate_s{scene}.tif"))
+        features = kwargs["features"].sort_values("index")
+        mine = cells[cells["scene"] == str(scene)].sort_values("label")
+        assert list(features["index"]) == list(mine["label"]) == [*range(1, n + 1)]
+        assert list(features["area_px"]) == list(mine["area_px"])
+        assert list(features["centroid_y"]) == list(mine["centroid_y"])
+    # no channel in the ledger, and the default settings cannot pick one of DAPI and GFP
+    assert f"plate.czi ({len(SCENE_DISCS[0])} cells)" not in named
+    # a ledger that records the channel counted: each scene shows its own DAPI plane
+    rows = ledger.read(out / "ledger.csv")
+    rows.assign(channel="DAPI").to_csv(out / "ledger.csv", index=False)
+    named = layers_by_name(read_results(out))
+    for centres in SCENE_DISCS:
+        image, kwargs, kind = named[f"plate.czi ({len(centres)} cells)"]
+        _, truth = discs((96, 112), centres, 6)
+        assert kind == "image" and np.array_equal(image, np.where(truth > 0, 4000, 100))
+
+
 def test_the_manifest_validates_and_the_entry_point_names_it():
     npe2 = pytest.importorskip("npe2", reason="npe2 is installed with cellwatch[napari]")
     manifest = npe2.PluginManifest.from_file(MANIFEST)
@@ -189,9 +224,14 @@ def test_the_manifest_validates_and_the_entry_point_names_it():
     assert (REPO / module / resource) == MANIFEST
     (reader,) = manifest.contributions.readers
     assert reader.accepts_directories and "ledger.csv" in reader.filename_patterns
-    (command,) = manifest.contributions.commands
-    assert command.id == reader.command
-    assert command.python_name == f"{napari_reader.__name__}:napari_get_reader"
+    commands = {command.id: command for command in manifest.contributions.commands}
+    assert commands[reader.command].python_name == f"{napari_reader.__name__}:napari_get_reader"
+    (widget,) = manifest.contributions.widgets
+    assert widget.display_name == "cellwatch: corrections"
+    assert (
+        commands[widget.command].python_name == "cellwatch.interop.napari_widget:CorrectionsWidget"
+    )
+    assert len(commands) == 2
 
 
 #: Run under Xvfb in a process of its own: opens a results folder and a label image in a

@@ -15,8 +15,9 @@ What opens:
   as napari's own TIFF reader would show it), with its input image, and the
   :data:`NEIGHBOURS` images counted before and after it, hidden until ticked.
 
-Input images are read with cellwatch's own reader (one 2-D plane, the default ``input``
-settings); an input that has moved or cannot be read leaves its labels without a picture.
+Input images are read as cellwatch counted them: the row's scene, and its channel where
+the ledger records one (else the default ``input`` settings); an input that has moved or
+cannot be read leaves its labels without a picture.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import pandas as pd
 import tifffile
 
 from cellwatch.errors import CellwatchError
-from cellwatch.storage import imageio, ledger
+from cellwatch.interop import corrections
+from cellwatch.storage import ledger
 
 __all__ = [
     "MAX_IMAGES",
     "NEIGHBOURS",
+    "RESULTS_KEY",
     "LayerData",
     "Target",
     "find_target",
@@ -50,6 +53,9 @@ log = logging.getLogger("cellwatch.napari")
 
 MAX_IMAGES = 12  # images a results folder opens with: the newest of the last day
 NEIGHBOURS = 2  # images opened on each side of a label image in the ledger
+#: The layers' metadata key naming the results folder they came from (the ledger row is
+#: under ``"cellwatch"``); the corrections widget reads both.
+RESULTS_KEY = "cellwatch_results"
 DAY = pd.Timedelta(hours=24)
 _CHUNK_ROWS = 200_000  # cells.csv is read in pieces this long, keeping the images' cells
 
@@ -155,7 +161,8 @@ def _read(
     cells = _cells_of(target.results / "cells.csv", set(chosen["job_id"]))
     layers: list[LayerData] = []
     for index, row in chosen.iterrows():
-        layers += _layers(row, target.results, cells.get(row["job_id"]), index == shown)
+        mine = cells.get((row["job_id"], ledger.scene_key(row["scene"])))
+        layers += _layers(row, target.results, mine, index == shown)
     return layers
 
 
@@ -179,20 +186,26 @@ def _last_day(rows: pd.DataFrame, limit: int) -> pd.DataFrame:
     return rows.tail(max(1, limit))
 
 
-def _cells_of(path: Path, job_ids: set[str]) -> dict[str, pd.DataFrame]:
-    """Each job's cells, read piece by piece so a large ``cells.csv`` is never held whole.
+def _cells_of(path: Path, job_ids: set[str]) -> dict[tuple[str, str], pd.DataFrame]:
+    """Each image's cells by ``(job_id, scene)`` (the scene as :func:`ledger.scene_key`
+    writes it: one job counts every scene of a file, each numbering its cells from 1),
+    read piece by piece so a large ``cells.csv`` is never held whole.
 
     A job run again after a crash may have written some cells twice; the last row of each
-    ``(job_id, label)`` is kept, as docs/daemon.md tells readers to.
+    ``(job_id, scene, label)`` is kept, as docs/daemon.md tells readers to.
     """
     if not path.is_file() or not job_ids:
         return {}
+    dtypes = {"job_id": str, "scene": str}
     parts = [
         chunk[chunk["job_id"].isin(job_ids)]
-        for chunk in pd.read_csv(path, dtype={"job_id": str}, chunksize=_CHUNK_ROWS)
+        for chunk in pd.read_csv(path, dtype=dtypes, chunksize=_CHUNK_ROWS)
     ]
-    cells = pd.concat(parts).drop_duplicates(["job_id", "label"], keep="last")
-    return {job: table for job, table in cells.groupby("job_id")}
+    cells = pd.concat(parts)
+    scene = cells["scene"] if "scene" in cells else pd.Series(None, index=cells.index)
+    cells = cells.assign(scene=scene.map(ledger.scene_key))
+    cells = cells.drop_duplicates(["job_id", "scene", "label"], keep="last")
+    return {(job, scene): table for (job, scene), table in cells.groupby(["job_id", "scene"])}
 
 
 def _layers(
@@ -206,7 +219,7 @@ def _layers(
     labels = tifffile.imread(label_file)
     count = int(row["cell_count"])
     common: dict[str, Any] = {
-        "metadata": {"cellwatch": _plain(row)},
+        "metadata": {"cellwatch": _plain(row), RESULTS_KEY: str(results.absolute())},
         "visible": visible,
     }
     pixel_size = row.get("pixel_size_um")
@@ -214,9 +227,11 @@ def _layers(
         common["scale"] = (float(pixel_size), float(pixel_size))
     features = pd.DataFrame({"index": pd.Series(dtype=np.int64)})
     if cells is not None:
-        features = cells.drop(columns=["image", "job_id"]).rename(columns={"label": "index"})
+        features = cells.drop(columns=["image", "job_id", "scene"]).rename(
+            columns={"label": "index"}
+        )
     out: list[LayerData] = []
-    pixels = _input_pixels(Path(str(row["image"])), results, labels.shape)
+    pixels = _input_pixels(row, results, labels.shape)
     if pixels is not None:
         out.append((pixels, {**common, "name": f"{name} ({count} cells)"}, "image"))
     kwargs = {**common, "name": f"{name} labels ({count} cells)", "features": features}
@@ -224,18 +239,15 @@ def _layers(
     return out
 
 
-def _input_pixels(image: Path, results: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The input image's plane, as cellwatch read it, or None (with a warning) when it
-    cannot be found or read, or no longer matches its labels."""
-    candidates = [image] if image.is_absolute() else [image, results.parent / image]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        log.warning("%s: the input image is not there any more; showing its labels only", image)
-        return None
+def _input_pixels(row: pd.Series, results: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The plane cellwatch counted (its scene and channel, see
+    :func:`~cellwatch.interop.corrections.counted_plane`), or None (with a warning) when
+    the image cannot be found or read, or no longer matches its labels."""
+    image = row["image"]
     try:
-        pixels = imageio.read_image(found).pixels
+        pixels = corrections.counted_plane(row.to_dict(), results)
     except CellwatchError as exc:
-        log.warning("%s: cannot read the input image (%s); showing its labels only", image, exc)
+        log.warning("%s: %s; showing its labels only", image, exc)
         return None
     if pixels.shape != shape:
         log.warning(
