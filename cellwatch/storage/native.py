@@ -208,9 +208,10 @@ def check_plane(path: Path, index: int, name: str, sizes: dict[str, int]) -> Non
 # --- what the bytes show --------------------------------------------------------------------
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, *, opened: bool = False) -> str | None:
     """How the file's bytes show it is damaged, cut short or not of its format, in words;
-    None when its structure looks whole (or cellwatch cannot tell)."""
+    None when its structure looks whole (or cellwatch cannot tell). ``opened``: a reader
+    opened it, so only whether it is cut short is asked."""
     try:
         with path.open("rb") as fh:
             head = fh.read(128)
@@ -220,18 +221,27 @@ def damage(path: Path) -> str | None:
     except OSError:
         return None  # the OS error is the reader's to report
     suffix = path.suffix.lower()
+    signature = {".czi": head.startswith(_CZI_MAGIC), ".nd2": head.startswith(_ND2_MAGIC),
+                 ".lif": _is_lif_header(head)}.get(suffix, True)  # fmt: skip
+    if not signature:
+        if opened:
+            return None  # the reader knows this variant; cellwatch cannot judge its bytes
+        name = {".czi": "a Zeiss CZI", ".nd2": "a Nikon ND2", ".lif": "a Leica LIF"}[suffix]
+        return f"it does not begin as {name} file does: it is not {name} file"
     if suffix == ".czi":
         return _czi_damage(head, size)
     if suffix == ".nd2":
-        return _nd2_damage(head, tail)
+        return _nd2_damage(tail)
     if suffix == ".lif":
-        return _lif_damage(path, head)
+        return _lif_damage(path)
     return None
 
 
+def _is_lif_header(head: bytes) -> bool:
+    return len(head) >= 9 and struct.unpack_from("<i", head)[0] == _LIF_MAGIC and head[8] == 0x2A
+
+
 def _czi_damage(head: bytes, size: int) -> str | None:
-    if not head.startswith(_CZI_MAGIC):
-        return "it does not begin with a CZI file header (ZISRAWFILE): it is not a Zeiss CZI file"
     if len(head) < 100:
         return f"it ends after {size} bytes, inside its file header: it is cut short"
     directory, metadata = struct.unpack_from("<qq", head, 84)
@@ -244,17 +254,13 @@ def _czi_damage(head: bytes, size: int) -> str | None:
     return None
 
 
-def _nd2_damage(head: bytes, tail: bytes) -> str | None:
-    if not head.startswith(_ND2_MAGIC):
-        return "it does not begin with the ND2 file signature: it is not a Nikon ND2 file"
+def _nd2_damage(tail: bytes) -> str | None:
     if not tail.startswith(_ND2_MAP_SIGNATURE):
         return "it does not end in the ND2 chunk map: it is cut short"
     return None
 
 
-def _lif_damage(path: Path, head: bytes) -> str | None:
-    if len(head) < 9 or struct.unpack_from("<i", head)[0] != _LIF_MAGIC or head[8] != 0x2A:
-        return "it does not begin with a LIF header: it is not a Leica LIF file"
+def _lif_damage(path: Path) -> str | None:
     try:
         import liffile
 

@@ -235,7 +235,7 @@ def opens_whole(path: Path) -> bool:
         return _native_opens(path)
     from cellwatch.storage import native
 
-    return native.damage(path) is None  # a plugin may skip what is missing (LIF blocks)
+    return native.damage(path, opened=True) is None  # a plugin may skip a missing LIF block
 
 
 def _native_opens(path: Path) -> bool:
