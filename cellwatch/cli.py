@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, config_from_args, override
+from cellwatch.config import Config, check_address, config_from_args, override
 from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(message)s",
     )
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # we report bad files ourselves
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if getattr(args, "quiet", False) else "2")
     try:
         return int(args.handler(args))
     except (ConfigError, ModelError, ClusterError) as exc:
@@ -66,6 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellwatch: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native libraries write to file descriptor 2 to /dev/null meanwhile.
+
+    TensorFlow's C++ start-up lines ("oneDNN custom operations are on", "All log messages
+    before absl::InitializeLog() …") ignore ``TF_CPP_MIN_LOG_LEVEL``; ``--quiet`` means
+    quiet. A Python error raised meanwhile is still shown: it is printed after this ends.
+    """
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -201,17 +221,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cellwatch.model import choose_backend
     from cellwatch.service.cluster import uses_dask
 
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler is not None:
+        check_address(scheduler, "--scheduler")  # blamed on the flag, not on the defaults
     config = override(
         config_from_args(args),
-        **{
-            "compute.workers": getattr(args, "workers", None),
-            "compute.scheduler": getattr(args, "scheduler", None),
-        },
+        **{"compute.workers": getattr(args, "workers", None), "compute.scheduler": scheduler},
     )
     images = list(find_images(args.inputs, config.input.extensions))
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     choose_backend()
+    if args.quiet:
+        with _native_stderr_silenced():
+            import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
     if uses_dask(config.compute):
         return predict_over_dask(args, config, images)
     from cellwatch.model import load_model
@@ -250,7 +273,7 @@ def _tell(result: ImageResult, *, quiet: bool) -> bool:
 
 def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Path]) -> int:
     """``cellwatch predict`` with Dask workers doing the images; this process records."""
-    from cellwatch.service.cluster import run_images
+    from cellwatch.service.cluster import Pool, run_images
     from cellwatch.service.driver import record_all
 
     out_dir = Path(config.output.dir)
@@ -264,7 +287,10 @@ def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Pat
         failed += sum(_tell(result, quiet=args.quiet) for result in results)
         bar.advance(len(results), Path(results[-1].row["image"]).name)
 
-    run_images(images, config, out_dir, on_results=on_results)
+    flag = getattr(args, "scheduler", None) is not None
+    origin = "--scheduler" if flag else f"{config.source}: compute.scheduler"
+    with Pool(config.compute, origin=origin) as pool:
+        run_images(images, config, out_dir, on_results=on_results, pool=pool)
     bar.close()
     print(
         f"{counted - failed} of {counted} images counted ({bar.rate():.1f} images/s); "

@@ -23,11 +23,13 @@ __all__ = [
     "ScaleConfig",
     "TilingConfig",
     "WatchConfig",
+    "check_address",
     "config_from_args",
     "installed_vendor_suffixes",
     "load_config",
     "local_today",
     "override",
+    "tcp_host_port",
     "time_zone",
     "validate",
 ]
@@ -57,6 +59,8 @@ VENDOR_FORMATS: dict[str, tuple[str, str, str]] = {
     ".nd2": ("Nikon ND2", "bioio_nd2", "nd2"),
     ".lif": ("Leica LIF", "bioio_lif", "lif"),
 }
+_ADDRESS = re.compile(r"(?P<scheme>tcp|tls|ws|wss|inproc)://(?P<rest>\S+)")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(?P<port>\d{1,5})/?")
 _BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 #: Nuclear stains that ``input.channel: auto`` finds by channel name (any case, as a word:
@@ -214,7 +218,9 @@ class ComputeConfig:
     gpu_sharing: Literal["shared", "exclusive"] = "shared"  # several processes per GPU, or one
     in_flight_per_worker: int = 2  # jobs handed to Dask per worker thread: bounds the driver
     worker_timeout_s: float = 120.0  # how long a command waits for a first Dask worker
-    dashboard_address: str | None = ":0"  # Dask's dashboard for a local cluster; ":0": any port
+    dashboard_address: str | None = (
+        "127.0.0.1:0"  # local cluster's dashboard: this machine only, any port
+    )
 
 
 @dataclass(frozen=True)
@@ -436,12 +442,51 @@ def _check_compute(c: ComputeConfig, where: str) -> None:
         )
     if c.worker_timeout_s <= 0:
         _fail(where, "compute.worker_timeout_s", f"must be positive, got {c.worker_timeout_s}")
-    if c.scheduler is not None and not re.fullmatch(r"(tcp|tls|ws|wss|inproc)://\S+", c.scheduler):
-        _fail(
-            where,
-            "compute.scheduler",
-            f"must be a Dask scheduler address such as tcp://10.0.0.5:8786, got {c.scheduler!r}",
+    if c.scheduler is not None:
+        check_address(c.scheduler, f"{where}: compute.scheduler")
+
+
+def check_address(address: str, origin: str) -> str:
+    """``address`` if it is a whole Dask scheduler address; a :class:`ConfigError` naming
+    ``origin`` (the flag or the config key it came from) and the fix when it is not.
+
+    Examples
+    --------
+    >>> check_address("tcp://10.0.0.5:8786", "--scheduler")
+    'tcp://10.0.0.5:8786'
+    >>> check_address("10.0.0.5:8786", "--scheduler")
+    Traceback (most recent call last):
+    ...
+    cellwatch.errors.ConfigError: --scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786 (the scheme tcp:// in front), got '10.0.0.5:8786'
+    """
+    found = _ADDRESS.fullmatch(address)
+    if found is None:
+        raise ConfigError(
+            f"{origin} must be a Dask scheduler address such as tcp://10.0.0.5:8786 (the "
+            f"scheme tcp:// in front), got {address!r}"
         )
+    if found["scheme"] != "inproc":
+        where = _HOST_PORT.fullmatch(found["rest"])
+        if where is None or not 0 < int(where["port"]) < 65536:
+            raise ConfigError(
+                f"{origin} {address!r} names no port; give the port the scheduler listens on, "
+                f"e.g. {found['scheme']}://{found['rest'].split(':')[0].rstrip('/')}:8786 "
+                "(`dask scheduler` prints its address when it starts)"
+            )
+    return address
+
+
+def tcp_host_port(address: str) -> tuple[str, int] | None:
+    """The host and port of a ``tcp://host:port`` address; None for any other.
+
+    Examples
+    --------
+    >>> tcp_host_port("tcp://[::1]:8786")
+    ('::1', 8786)
+    """
+    found = _ADDRESS.fullmatch(address)
+    where = _HOST_PORT.fullmatch(found["rest"]) if found and found["scheme"] == "tcp" else None
+    return (where["host"].strip("[]"), int(where["port"])) if where else None
 
 
 def time_zone(name: str, where: str = "") -> ZoneInfo:

@@ -7,7 +7,16 @@ person who reads the ledger: which file, what is wrong, what to do.
 
 from __future__ import annotations
 
-__all__ = ["BadInputError", "CellwatchError", "ConfigError", "ModelError", "TransientError"]
+import errno
+
+__all__ = [
+    "BadInputError",
+    "CellwatchError",
+    "ConfigError",
+    "ModelError",
+    "TransientError",
+    "io_fault",
+]
 
 
 class CellwatchError(Exception):
@@ -33,6 +42,42 @@ class TransientError(CellwatchError):
 class ClusterError(CellwatchError):
     """The Dask scheduler or its workers cannot be reached or cannot see the files
     (exit status 2 for a command; the daemon waits and retries)."""
+
+
+#: OS errors that say something about the file itself (it is gone, or not ours to read):
+#: retrying will not help. Every other OS error (EIO, ESTALE, ETIMEDOUT, ...) may pass.
+_LASTING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM})
+
+
+def io_fault(path: object, exc: BaseException) -> TransientError | None:
+    """A :class:`TransientError` when ``exc`` (or an error it was raised from) is an I/O
+    error of the operating system, None when it is about the content.
+
+    The one rule for reading inputs: I/O errors (a network share that hiccupped, a disk
+    that timed out, a read that came back short) are retried; a decoder's complaint about
+    the bytes it got fails the image at once. An ``OSError`` without an errno is a
+    library's complaint about the content (Pillow's "image file is truncated").
+
+    Examples
+    --------
+    >>> io_fault("a.tif", OSError(errno.EIO, "Input/output error")) is not None
+    True
+    >>> io_fault("a.tif", OSError("image file is truncated")) is None
+    True
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TransientError):
+            return cause
+        if isinstance(cause, OSError) and cause.errno and cause.errno not in _LASTING_ERRNOS:
+            return TransientError(
+                f"{path} could not be read ({cause.strerror or cause}); the disk or network "
+                "share may have failed for a moment; will try again"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 WORKER_DIED = (

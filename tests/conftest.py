@@ -14,6 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 import tifffile
+from allowed_skips import (  # noqa: F401  (hooks: under CI, only the allowed skips)
+    pytest_collectreport,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+)
 
 from cellwatch.model import write_card
 

@@ -141,6 +141,74 @@ def ledger_writers(package: Path = PACKAGE) -> set[str]:
     return writers
 
 
+#: The daemon's rooms, one job each, and the service modules each may import. The runners
+#: compose the recorder and never import each other; only the recorder hands rows to the
+#: driver; the engine and the recorder know nothing of the threads that use them.
+SERVICE_ROOMS: dict[str, set[str]] = {
+    "daemon": {  # the daemon's life: start-up, signals, reload, heartbeat, reports
+        "dask_runner", "engine", "jobs", "local_runner", "metrics", "recorder", "schedule",
+        "sdnotify", "watcher", "cluster",
+    },
+    "engine": {"jobs", "cluster"},  # the folders, the settings and the loaded model
+    "recorder": {"driver", "engine", "jobs", "metrics", "watcher"},  # the exactly-once gate
+    "local_runner": {"crash", "engine", "jobs", "recorder"},  # the network in this process
+    "dask_runner": {"cluster", "crash", "engine", "jobs", "recorder", "worker"},  # on Dask
+}  # fmt: skip
+
+#: Modules over MAX_LINES today, each to be split by its own change; the list may only shrink.
+TOO_LONG_TODAY = {"bench.py", "pipeline.py", "storage/imageio.py", "tiling.py", "training/train.py"}
+MAX_LINES = 600
+
+
+def service_imports(room: str, package: Path = PACKAGE) -> set[str]:
+    """The service modules that ``cellwatch/service/<room>.py`` imports."""
+    found = {target for _, target in imports_of(package / "service" / f"{room}.py", package)}
+    prefix = "cellwatch.service."
+    return {t.removeprefix(prefix).split(".")[0] for t in found if t.startswith(prefix)}
+
+
+def too_long(package: Path = PACKAGE) -> set[str]:
+    """Modules of the package over :data:`MAX_LINES` lines."""
+    return {
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if len(path.read_text().splitlines()) > MAX_LINES
+    }
+
+
+@pytest.mark.parametrize("room", sorted(SERVICE_ROOMS))
+def test_each_room_of_the_service_imports_only_what_its_job_needs(room):
+    assert service_imports(room) <= SERVICE_ROOMS[room]
+
+
+def test_the_runners_compose_the_recorder_rather_than_inherit_a_worker():
+    import ast
+
+    for room in ("local_runner", "dask_runner"):
+        tree = ast.parse((PACKAGE / "service" / f"{room}.py").read_text())
+        bases = [b for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for b in node.bases]
+        assert bases == [], f"service/{room}.py: a class with a base class"
+
+
+def test_a_room_reaching_into_another_is_caught(tmp_path):
+    """The check itself: a Dask runner that borrows the local runner breaks its room."""
+    import shutil
+
+    copy = tmp_path / "cellwatch"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    target = copy / "service" / "dask_runner.py"
+    target.write_text(
+        target.read_text() + "\n\nfrom cellwatch.service.local_runner import LocalRunner\n"
+    )
+    assert "local_runner" in service_imports("dask_runner", copy)
+    assert not service_imports("dask_runner", copy) <= SERVICE_ROOMS["dask_runner"]
+
+
+def test_no_module_is_over_600_lines():
+    assert too_long() <= TOO_LONG_TODAY, "split the module into rooms of one job each"
+    assert too_long() >= TOO_LONG_TODAY, "a module is short enough now: take it off the list"
+
+
 def test_every_import_keeps_the_rules():
     assert violations() == []
 
@@ -158,6 +226,9 @@ def test_every_module_belongs_to_a_part():
     ("module", "line", "part"),
     [
         ("service/daemon.py", "from cellwatch.cli import config_from_args", "face"),
+        ("service/recorder.py", "from cellwatch.cli import main", "face"),
+        ("service/local_runner.py", "from cellwatch.training import train", "training"),
+        ("service/dask_runner.py", "from cellwatch.interop import napari_reader", "interop"),
         ("config.py", "from cellwatch.reporting.report import check_settings", "reporting"),
         ("storage/imageio.py", "from cellwatch.preprocess import normalize", "image path"),
         ("measure.py", "from cellwatch.training.targets import three_class", "training"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,8 @@ def test_predict_exit_status_and_ledger(threshold_model, tmp_path):
         "predict", str(inbox), "--out", str(out), "--model", str(threshold_model), "--quiet"
     )
     assert done.returncode == 0, done.stderr
+    assert "absl::InitializeLog" not in done.stderr, done.stderr  # --quiet: no C++ chatter
+    assert not re.search(r"^[IWEF]\d{4} ", done.stderr, re.MULTILINE), done.stderr
     ledger = pd.read_csv(out / "ledger.csv")
     assert list(ledger["cell_count"]) == [3, 2]
     assert set(ledger["status"]) == {"ok"}
@@ -156,5 +159,13 @@ def test_evaluate_reports_metrics(threshold_model, tmp_path):
     assert "accuracy" in done.stdout and "MAPE" in done.stdout
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["images"] == 3
-    assert 0 <= summary["thresholds"]["0.50"]["accuracy"] <= 1
-    assert len(pd.read_csv(tmp_path / "e.csv")) == 3
+    per_image = pd.read_csv(tmp_path / "e.csv")
+    assert len(per_image) == 3
+    # the totals are the images' sums, and each true cell is matched or missed, each
+    # predicted cell matched or extra: all of it has to agree with the masks and labels
+    half = summary["thresholds"]["0.50"]
+    tp, fp, fn = (int(per_image[f"{k}_0.5"].sum()) for k in ("tp", "fp", "fn"))
+    assert (half["tp"], half["fp"], half["fn"]) == (tp, fp, fn)
+    assert tp + fn == per_image["true_count"].sum() and tp + fp == per_image["pred_count"].sum()
+    assert half["accuracy"] == pytest.approx(tp / (tp + fp + fn))
+    assert tp > 0, "the threshold model finds none of the bright nuclei"

@@ -10,7 +10,6 @@ sd_notify and status have fast in-process tests too.
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import os
 import random
@@ -36,11 +35,11 @@ from conftest import discs, imagej_header, ome_header, write_pages
 
 from cellwatch import cli
 from cellwatch.config import Config, OutputConfig, load_config, override
-from cellwatch.errors import TransientError
-from cellwatch.pipeline import ImageResult
 from cellwatch.service import daemon, status
-from cellwatch.service.daemon import Daemon, Engine, Paths, Worker
+from cellwatch.service.daemon import Daemon
+from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import FileVersion, JobQueue, QueueError
+from cellwatch.service.local_runner import LocalRunner
 from cellwatch.service.sdnotify import Notifier, watchdog_interval
 from cellwatch.storage import ledger
 
@@ -572,7 +571,7 @@ def test_main_loop_stops_watchdog_and_exits_1_when_a_thread_dies(tmp_path: Path,
     config = override(config, **{"watch.inbox": str(tmp_path / "inbox"),
                                  "output.dir": str(tmp_path / "out")})  # fmt: skip
     monkeypatch.setattr(daemon, "load_engine", fake_engine)
-    monkeypatch.setattr(Worker, "run", lambda self: time.sleep(0.5))  # the worker dies
+    monkeypatch.setattr(LocalRunner, "run", lambda self: time.sleep(0.5))  # the worker dies
     notify = NotifySocket()
     try:
         environ = {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "100000"}
@@ -586,215 +585,6 @@ def test_main_loop_stops_watchdog_and_exits_1_when_a_thread_dies(tmp_path: Path,
     assert lines.index("READY=1") < lines.index("WATCHDOG=1")
     assert lines[-1] == "STOPPING=1" and "WATCHDOG=1" not in lines[lines.index("STOPPING=1") :]
     assert 2 <= lines.count("WATCHDOG=1") <= 12  # every 50 ms for about half a second
-
-
-# --- the worker, with a fake pipeline ---------------------------------------------------
-
-
-class FakePipeline:
-    """Stands in for process_images: ``plan[name]`` lists what each call does to that
-    image — "ok", an exception to raise, or "changed" (a different sha256)."""
-
-    def __init__(self, plan: dict[str, list]) -> None:
-        self.plan = plan
-        self.calls: list[list[str]] = []
-
-    def __call__(self, paths, *, config, segmenter, out_dir, job_ids, scenes):
-        self.calls.append(
-            [
-                p.name + (f"#{s}" if s is not None else "")
-                for p, s in zip(paths, scenes, strict=True)
-            ]
-        )
-        results = []
-        for path, job_id, scene in zip(paths, job_ids, scenes, strict=True):
-            name = path.name + (f"#{scene}" if scene is not None else "")
-            todo = self.plan[name].pop(0) if self.plan.get(name) else "ok"
-            if isinstance(todo, Exception):
-                raise todo
-            sha = "changed" if todo == "changed" else f"sha-{path.name}"
-            row = {"image": str(path), "job_id": job_id, "status": "ok", "cell_count": 1,
-                   "sha256": sha, "model": segmenter.model.label, "scene": scene}  # fmt: skip
-            cells = pd.DataFrame({"image": [str(path)], "job_id": [job_id], "label": [1],
-                                  "scene": [scene]})  # fmt: skip
-            results.append(ImageResult(row, cells))
-        return results
-
-
-@pytest.fixture
-def worker_setup(tmp_path: Path):
-    paths = Paths(tmp_path / "inbox", tmp_path / "out", tmp_path / "state")
-    paths.inbox.mkdir()
-    clock = SimpleNamespace(now=1000.0)
-    queue = JobQueue(paths.db, clock=lambda: clock.now)
-
-    def make(plan: dict[str, list], recorded: dict | None = None, scenes: dict | None = None,
-             config: Config | None = None):  # fmt: skip
-        """``scenes[name]``: the file's scenes (default: one image); plan keys of a
-        multi-scene file are ``name#scene``."""
-        scenes = scenes or {}
-        names = sorted({name.split("#")[0] for name in plan} | set(scenes))
-        for name in names:
-            (paths.inbox / name).write_bytes(b"x")
-        queue.add([FileVersion(name, 1, 1, f"sha-{name}") for name in names])
-        fake = FakePipeline(plan)
-        worker = Worker(paths, fake_engine(config or Config()), recorded if recorded is not None else {},
-                        stop=threading.Event(), wake=threading.Event(), process=fake,
-                        scenes=lambda path: scenes.get(path.name, [None]))  # fmt: skip
-        return worker, fake
-
-    yield SimpleNamespace(paths=paths, clock=clock, queue=queue, make=make)
-    queue.close()
-
-
-def ledger_rows(paths: Paths) -> dict[str, dict[str, str]]:
-    """Rows by image name (``name#scene`` for a scene of a file of several)."""
-    rows = ledger.read(paths.ledger)
-    rows["scene"] = rows["scene"].fillna("")
-    assert not rows[["job_id", "scene"]].duplicated().any()
-    return {Path(r["image"]).name + (f"#{r['scene']}" if r["scene"] else ""): r
-            for _, r in rows.iterrows()}  # fmt: skip
-
-
-def test_worker_retries_a_transient_fault_without_holding_up_the_batch(worker_setup):
-    s = worker_setup
-    gone = TransientError("share went away")
-    worker, fake = s.make({"a.tif": [], "b.tif": [gone, gone], "c.tif": []})
-    assert worker.work(s.queue)
-    assert fake.calls == [["a.tif", "b.tif", "c.tif"], ["a.tif"], ["b.tif"], ["c.tif"]]
-    assert set(ledger_rows(s.paths)) == {"a.tif", "c.tif"}
-    [b] = s.queue.jobs(("pending",))
-    assert (b.rel_path, b.last_error) == ("b.tif", "share went away")
-    assert not worker.work(s.queue)  # not due before the retry delay
-    s.clock.now += daemon.RETRY_BASE_S + 1
-    assert worker.work(s.queue)
-    assert ledger_rows(s.paths)["b.tif"]["status"] == "ok"
-    assert s.queue.counts() == {"pending": 0, "running": 0, "done": 3, "failed": 0}
-
-
-def test_worker_gives_up_after_max_attempts_with_the_last_error(worker_setup):
-    s = worker_setup
-    full = OSError(errno.ENOSPC, "No space left on device", "/out/labels/a.tif")
-    worker, fake = s.make({"a.tif": [full, full, ValueError("boom")]})
-    for _ in range(3):
-        assert worker.work(s.queue)
-        s.clock.now += 1000
-    row = ledger_rows(s.paths)["a.tif"]
-    assert row["status"] == "failed"
-    assert "gave up after 3 attempts" in row["error"] and "unexpected error" in row["error"]
-    assert not worker.work(s.queue)  # failed is final
-    assert len(fake.calls) == 3
-
-
-def test_worker_records_a_job_already_in_the_ledger_only_once(worker_setup):
-    s = worker_setup
-    job_id = FileVersion("a.tif", 1, 1, "sha-a.tif").job_id
-    worker, fake = s.make({"a.tif": [], "b.tif": []}, recorded={(job_id, ""): "ok"})
-    worker.work(s.queue)
-    assert fake.calls == [["b.tif"]]  # a's row landed before a crash: not run again
-    assert s.queue.counts()["done"] == 2
-
-
-def test_worker_fails_an_image_that_keeps_killing_the_daemon(worker_setup):
-    s = worker_setup
-    worker, fake = s.make({"a.tif": []})
-    for _ in range(3):
-        s.queue.claim(1)
-        s.queue.recover({})
-    worker.work(s.queue)
-    assert fake.calls == []
-    assert "cellwatch stopped while processing" in ledger_rows(s.paths)["a.tif"]["error"]
-
-
-def test_worker_does_not_count_content_it_was_not_asked_for(worker_setup):
-    s = worker_setup
-    worker, _ = s.make({"a.tif": ["changed"]})
-    worker.work(s.queue)
-    row = ledger_rows(s.paths)["a.tif"]
-    assert row["status"] == "failed" and "changed after it was queued" in row["error"]
-    assert not (s.paths.cells).exists()
-
-
-def test_worker_reads_no_file_swapped_for_a_link_out_or_a_fifo_after_it_was_queued(
-    worker_setup, tmp_path: Path
-):
-    s = worker_setup
-    secret = write_tiff(tmp_path / "elsewhere" / "private.tif", [(20, 20)])
-    worker, fake = s.make({"a.tif": [], "b.tif": [], "c.tif": []})
-    (s.paths.inbox / "a.tif").unlink()
-    (s.paths.inbox / "a.tif").symlink_to(secret)
-    (s.paths.inbox / "b.tif").unlink()
-    os.mkfifo(s.paths.inbox / "b.tif")
-    worker.work(s.queue)
-    assert fake.calls == [["c.tif"]]  # neither a.tif nor b.tif reached the image reader
-    rows = ledger_rows(s.paths)
-    assert rows["a.tif"]["status"] == "failed"
-    assert f"a symbolic link to {secret}, outside the inbox" in rows["a.tif"]["error"]
-    assert "did not read it" in rows["a.tif"]["error"]
-    assert rows["b.tif"]["status"] == "failed"
-    assert "is a FIFO (named pipe), not a regular file" in rows["b.tif"]["error"]
-    assert rows["c.tif"]["status"] == "ok"
-
-
-def test_worker_records_each_scene_once_and_skips_scenes_already_in_the_ledger(worker_setup):
-    s = worker_setup
-    job_id = FileVersion("p.czi", 1, 1, "sha-p.czi").job_id
-    worker, fake = s.make({}, recorded={(job_id, "0"): "ok"}, scenes={"p.czi": [0, 1, 2]})
-    assert worker.work(s.queue)
-    assert fake.calls == [["p.czi#1", "p.czi#2"]]  # scene 0's row landed before a crash
-    rows = ledger_rows(s.paths)
-    assert set(rows) == {"p.czi#1", "p.czi#2"} and rows["p.czi#1"]["job_id"] == job_id
-    assert s.queue.counts()["done"] == 1
-    cells = pd.read_csv(s.paths.cells, dtype=str)
-    assert list(cells["scene"]) == ["1", "2"] and tuple(cells.columns) == ledger.CELL_COLUMNS
-
-
-def test_worker_runs_again_only_the_scenes_without_a_row(worker_setup):
-    s = worker_setup
-    gone = TransientError("share went away")
-    worker, fake = s.make({"p.czi#1": [gone, gone]}, scenes={"p.czi": [0, 1, 2]})
-    assert worker.work(s.queue)
-    assert set(ledger_rows(s.paths)) == {"p.czi#0", "p.czi#2"}
-    [job] = s.queue.jobs(("pending",))  # the file waits for its retry, two scenes counted
-    assert job.last_error == "share went away"
-    s.clock.now += daemon.RETRY_BASE_S + 1
-    assert worker.work(s.queue)
-    assert fake.calls[-1] == ["p.czi#1"]
-    assert set(ledger_rows(s.paths)) == {"p.czi#0", "p.czi#1", "p.czi#2"}
-    assert s.queue.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 0}
-
-
-def test_worker_records_scenes_a_group_at_a_time(worker_setup):
-    """A long file's rows land as it goes: tiling.images_at_once scenes at a time."""
-    s = worker_setup
-    config = override(Config(), **{"tiling.images_at_once": 2})
-    worker, fake = s.make({}, scenes={"p.czi": [0, 1, 2], "q.tif": [None]}, config=config)
-    landed = []
-    real = fake.__call__
-
-    def spy(paths, **kwargs):
-        landed.append(len(ledger.read(s.paths.ledger)))
-        return real(paths, **kwargs)
-
-    worker._process = spy
-    assert worker.work(s.queue)
-    assert fake.calls == [["p.czi#0", "p.czi#1"], ["p.czi#2", "q.tif"]]
-    assert landed == [0, 2]  # the first group's rows were written before the second ran
-
-
-def test_worker_gives_up_on_a_file_of_scenes_with_a_row_for_each_missing_scene(worker_setup):
-    s = worker_setup
-    job_id = FileVersion("p.czi", 1, 1, "sha-p.czi").job_id
-    worker, fake = s.make({}, recorded={(job_id, "0"): "ok"}, scenes={"p.czi": [0, 1, 2]})
-    for _ in range(3):
-        s.queue.claim(1)
-        s.queue.recover({})
-    worker.work(s.queue)
-    assert fake.calls == []
-    rows = ledger_rows(s.paths)
-    assert set(rows) == {"p.czi#1", "p.czi#2"}
-    assert all("cellwatch stopped while processing" in r["error"] for r in rows.values())
-    assert s.queue.counts()["failed"] == 1
 
 
 def test_recovery_leaves_a_file_of_scenes_to_the_worker(tmp_path: Path):
@@ -815,17 +605,6 @@ def test_recovery_leaves_a_file_of_scenes_to_the_worker(tmp_path: Path):
         assert recorded == {(one.job_id, ""): "ok", (many.job_id, "0"): "ok"}
         [job] = queue.jobs(("pending",))
         assert job.rel_path == "p.czi" and queue.counts()["done"] == 1
-
-
-def test_worker_thread_reports_why_it_stopped(worker_setup):
-    s = worker_setup
-    worker, _ = s.make({"a.tif": []})
-    s.paths.out.write_text("a file where the output folder should be")
-    worker.wake.set()
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive() and "cannot write to" in (worker.error or "")
 
 
 # --- sd_notify ----------------------------------------------------------------------------
@@ -876,7 +655,7 @@ def test_status_reports_queue_today_rate_and_last_error(tmp_path: Path):
     with JobQueue(out / ".state" / "jobs.sqlite3") as queue:
         queue.add([FileVersion(f"{i}.tif", 1, 1, str(i)) for i in range(4)])
         queue.claim(1)
-        queue.set_meta(pid="42", heartbeat="2026-03-02T11:59:55+00:00", state="running",
+        queue.set_meta(pid=str(os.getpid()), heartbeat="2026-03-02T11:59:55+00:00", state="running",
                        model="unet@abc")  # fmt: skip
     stamps = ["2026-03-01T23:00:00+00:00", "2026-03-02T08:00:00+00:00",
               "2026-03-02T11:55:00+00:00", "2026-03-02T11:58:00+00:00"]  # fmt: skip
@@ -888,7 +667,7 @@ def test_status_reports_queue_today_rate_and_last_error(tmp_path: Path):
     ])  # fmt: skip
     config = Config(output=OutputConfig(dir=str(out)))
     report = status.collect(config, now=now)
-    assert report["daemon"] == {"running": True, "pid": 42, "heartbeat": "2026-03-02T11:59:55+00:00",
+    assert report["daemon"] == {"running": True, "pid": os.getpid(), "heartbeat": "2026-03-02T11:59:55+00:00",
                                 "heartbeat_age_s": 5.0}  # fmt: skip
     assert report["model"] == "unet@abc"
     assert report["queue"]["waiting"] == 3 and report["queue"]["in_progress"] == 1
@@ -896,7 +675,7 @@ def test_status_reports_queue_today_rate_and_last_error(tmp_path: Path):
     assert report["images_per_minute"] == 0.2  # two rows in the last ten minutes
     assert report["last_error"]["image"] == "/in/x.tif"
     text = status.format_text(report)
-    assert "running, pid 42" in text and "3 waiting, 1 in progress" in text
+    assert f"running, pid {os.getpid()}" in text and "3 waiting, 1 in progress" in text
     assert "/in/x.tif: empty" in text and "0.2 images/min" in text
     later = status.collect(config, now=now + pd.Timedelta(minutes=5).to_pytimedelta())
     assert not later["daemon"]["running"]

@@ -11,6 +11,7 @@ few as it can.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -311,3 +312,120 @@ def test_watch_waits_for_an_unreachable_scheduler_and_resumes(
     assert f"cannot reach the Dask scheduler at {cluster.address}" in log
     assert "is back; resuming" in log
     assert cluster.procs[-1].poll() is None, "stopping the daemon stopped a worker not its own"
+
+
+# --- scheduler addresses: every wrong form fails within 30 s, exit 2, naming its origin ---
+
+
+@pytest.fixture
+def dashboard_port(dask_cluster) -> tuple[str, int]:
+    """A real `dask scheduler` with its dashboard on 127.0.0.1: (its address, the
+    dashboard's port, the one users give by mistake)."""
+    cluster, dashboard = dask_cluster(), free_port()
+    cluster._start(
+        "scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(cluster.port),
+        "--dashboard-address", f"127.0.0.1:{dashboard}",
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    for port in (cluster.port, dashboard):
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, f"the scheduler did not start on {port}"
+            time.sleep(0.2)
+    return cluster.address, dashboard
+
+
+def _predict_with(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, np.zeros((32, 32), np.uint8))
+    started = time.monotonic()
+    done = cellwatch("predict", str(image), "--out", str(tmp_path / "o"), *flags, timeout=60)
+    return done, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ("127.0.0.1:{port}", "--scheduler must be a Dask scheduler address .*tcp://"),
+        ("tcp://127.0.0.1", "--scheduler 'tcp://127.0.0.1' names no port"),
+        ("tcp://127.0.0.1:{dashboard}", r"\(--scheduler\) is a web server \(HTTP\).*dashboard"),
+    ],
+)
+def test_a_wrong_scheduler_address_fails_fast_naming_the_flag(
+    tmp_path: Path, dashboard_port, form: str, message: str
+):
+    address, dashboard = dashboard_port
+    port = address.rsplit(":", 1)[1]
+    done, took = _predict_with(tmp_path, "--scheduler", form.format(port=port, dashboard=dashboard))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(message, done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "<defaults>" not in done.stderr
+    assert took < 30, took
+
+
+def test_a_wrong_scheduler_address_in_the_config_names_the_file_and_key(
+    tmp_path: Path, dashboard_port
+):
+    _, dashboard = dashboard_port
+    config = tmp_path / "config.yaml"
+    for address, message in [
+        ("127.0.0.1:8786", "must be a Dask scheduler address"),
+        (f"tcp://127.0.0.1:{dashboard}", "is a web server"),
+    ]:
+        config.write_text(yaml.safe_dump({"compute": {"scheduler": address}}))
+        done, took = _predict_with(tmp_path, "--config", str(config))
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert f"{config}: compute.scheduler" in done.stderr, done.stderr[-3000:]
+        assert message in done.stderr and took < 30, (took, done.stderr[-3000:])
+
+
+def test_the_local_clusters_dashboard_listens_on_this_machine_only():
+    from cellwatch.service.cluster import Pool
+
+    cluster = Pool(ComputeConfig(workers=0), workers=0)._start_local()
+    try:
+        bound = [s.getsockname()[0] for s in cluster.scheduler.http_server._sockets.values()]
+    finally:
+        cluster.close()
+    assert bound and set(bound) == {"127.0.0.1"}, bound
+
+
+# --- a worker process keeps its exit status ---------------------------------------------
+
+
+def _python(script: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_a_worker_that_loaded_the_model_exits_with_its_own_status(
+    tmp_path: Path, threshold_model: Path
+):
+    """Loading the model makes the process end without waiting for TensorFlow; that must
+    not turn a failure into exit 0 (systemd's Restart=on-failure and Dask's nanny read it)."""
+    done = _python(
+        "import sys\n"
+        "from cellwatch.config import load_config, override\n"
+        "from cellwatch.service import worker\n"
+        f"config = override(load_config(None), **{{'model.path': {str(threshold_model)!r}}})\n"
+        "worker._segmenter(config, '')\n"
+        "sys.exit(3)\n"
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("ending", "expected"),
+    [("raise RuntimeError('boom')", 1), ("sys.exit('a message')", 1), ("pass", 0)],
+)
+def test_exiting_without_waiting_keeps_the_status(ending: str, expected: int):
+    done = _python(
+        f"import sys\nfrom cellwatch.service import worker\nworker._exit_without_waiting()\n{ending}\n"
+    )
+    assert done.returncode == expected, done.stderr[-2000:]
+    if expected == 1:
+        assert "boom" in done.stderr or "a message" in done.stderr  # still shown

@@ -25,8 +25,10 @@ from cellwatch.pipeline import ImageResult, Segmenter, process_image
 from cellwatch.preprocess import Normalization
 from cellwatch.reporting.qc import UNFAMILIAR, UNFAMILIAR_MESSAGE, QcThresholds, flag_images
 from cellwatch.reporting.report import build_reports
-from cellwatch.service.daemon import Engine, Paths, Worker
+from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import FileVersion, JobQueue
+from cellwatch.service.local_runner import LocalRunner
+from cellwatch.service.recorder import Recorder
 from cellwatch.storage import imageio, ledger
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -328,9 +330,9 @@ def test_daemon_warns_once_per_local_day(tmp_path, caplog):
     engine = Engine(config, SimpleNamespace(model=SimpleNamespace(label="m@1"), stopwatch=None))
     caplog.set_level(logging.WARNING, logger="cellwatch")
     with JobQueue(paths.db) as queue:
-        worker = Worker(paths, engine, {}, stop=threading.Event(), wake=threading.Event(),
-                        process=pipeline, scenes=lambda path: [None],
-                        clock=lambda: now["t"])  # fmt: skip
+        recorder = Recorder(paths, {}, scenes=lambda path: [None], clock=lambda: now["t"])
+        worker = LocalRunner(paths, engine, recorder, stop=threading.Event(),
+                             wake=threading.Event(), process=pipeline)  # fmt: skip
         for name, at in [("a.tif", 12), ("b.tif", 13), ("c.tif", 14), ("d.tif", 22), ("e.tif", 23)]:
             now["t"] = now["t"].replace(hour=at, minute=30)
             (paths.inbox / name).write_bytes(name.encode())

@@ -34,9 +34,11 @@ from cellwatch.model import load_model
 from cellwatch.pipeline import ImageResult, Segmenter
 from cellwatch.reporting.report import build_reports
 from cellwatch.service import status
-from cellwatch.service.daemon import Engine, Paths, Worker
 from cellwatch.service.driver import record
+from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import FileVersion, JobQueue
+from cellwatch.service.local_runner import LocalRunner
+from cellwatch.service.recorder import Recorder
 from cellwatch.service.watcher import looks_complete
 from cellwatch.storage import imageio, ledger, vendor
 
@@ -290,7 +292,8 @@ def test_a_format_whose_extra_is_missing_gets_a_failed_row_with_the_install_hint
     names = ("run.nd2", "good.tif")
     with JobQueue(paths.db) as queue:
         queue.add([FileVersion(n, 1, 1, imageio.sha256_file(paths.inbox / n)) for n in names])
-        worker = Worker(paths, engine, {}, stop=threading.Event(), wake=threading.Event())
+        worker = LocalRunner(paths, engine, Recorder(paths, {}), stop=threading.Event(),
+                             wake=threading.Event())  # fmt: skip
         assert worker.work(queue)
         assert queue.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 1}
     rows = ledger.read(paths.ledger).set_index("image")

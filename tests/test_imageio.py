@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -687,3 +688,140 @@ def test_label_tiff_written_strip_by_strip_reads_back(tmp_path, monkeypatch, str
     back = read_image(tmp_path / "l.tif")
     assert back.pixels.dtype == np.uint32
     np.testing.assert_array_equal(back.pixels, labels)
+
+
+# --- one rule for I/O errors: retried while opening, hashing and decoding alike ---------
+
+
+class _FlakyRaw(io.RawIOBase):
+    """A file that fails once a read reaches byte ``fail_at``: with ``error`` raised, or
+    (``error`` None) coming back short, as a network share does when it hiccups."""
+
+    def __init__(self, path: Path, fail_at: int, error: OSError | None) -> None:
+        super().__init__()
+        self._fh = io.FileIO(path, "r")
+        self.name, self._fail_at, self._error = str(path), fail_at, error
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def readinto(self, buffer) -> int:
+        start, n = self._fh.tell(), memoryview(buffer).nbytes
+        if start + n > self._fail_at:
+            if self._error is not None:
+                raise self._error
+            return self._fh.readinto(memoryview(buffer).cast("B")[: self._fail_at - start])
+        return self._fh.readinto(buffer)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _flaky_open(monkeypatch, fail_at: int, error: OSError | None) -> None:
+    def open_flaky(self, mode="r", *args, **kwargs):
+        return io.BufferedReader(_FlakyRaw(Path(self), fail_at, error), buffer_size=4096)
+
+    monkeypatch.setattr(Path, "open", open_flaky)
+
+
+_IO_ERRORS = [
+    OSError(errno.EIO, "Input/output error"),
+    OSError(errno.ESTALE, "Stale file handle"),
+    OSError(errno.ETIMEDOUT, "Connection timed out"),
+    None,  # a short read of a file whose size has not changed
+]
+
+
+@pytest.mark.parametrize("error", _IO_ERRORS, ids=["EIO", "ESTALE", "ETIMEDOUT", "short"])
+@pytest.mark.parametrize("name", ["a.tif", "a.png"])
+def test_io_error_while_decoding_is_retried_not_failed(tmp_path, monkeypatch, name, error):
+    path = tmp_path / name
+    pixels = np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)
+    if name.endswith(".tif"):
+        tifffile.imwrite(path, pixels)
+    else:
+        Image.fromarray(pixels).save(path)
+    size = path.stat().st_size
+    _flaky_open(monkeypatch, size // 2, error)  # the header reads fine, the pixels do not
+    with pytest.raises(TransientError, match=r"a\.(tif|png) could not be read.*will try again"):
+        read_image(path)
+    monkeypatch.undo()
+    assert np.array_equal(read_image(path).pixels, pixels)  # once the share is back
+
+
+def test_a_truncated_file_is_still_bad_input(tmp_path):
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, _ramp((256, 256)))
+    path.write_bytes(path.read_bytes()[:-1000])  # short because it is short: no retry helps
+    with pytest.raises(BadInputError, match="truncated or corrupt"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("error", _IO_ERRORS, ids=["EIO", "ESTALE", "ETIMEDOUT", "short"])
+def test_io_error_while_hashing_is_retried(tmp_path, monkeypatch, error):
+    from cellwatch import pipeline
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(bytes(3 << 20))
+    _flaky_open(monkeypatch, 2 << 20, error)
+    with pytest.raises(OSError, match="short read" if error is None else ".") as caught:
+        sha256_file(path)
+    assert caught.value.errno == (error.errno if error else errno.EIO)
+    with pytest.raises(TransientError, match=r"x\.bin could not be read.*will try again"):
+        pipeline._hash(path)
+
+
+def test_content_errors_are_not_io_faults():
+    from cellwatch.errors import io_fault
+
+    assert io_fault("a.png", OSError("image file is truncated")) is None  # Pillow's words
+    assert io_fault("a.tif", ValueError("failed to read 100 bytes, got 10")) is None
+    assert io_fault("a.tif", FileNotFoundError(errno.ENOENT, "gone")) is None
+    wrapped = ValueError("decoder failed")
+    wrapped.__cause__ = OSError(errno.EIO, "Input/output error")
+    assert isinstance(io_fault("a.tif", wrapped), TransientError)
+
+
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """Without the folder's fsync, a power cut after the rename can lose the new name."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_labels(tmp_path / "l.tif", np.ones((3, 3), np.uint16))
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_a_folder_that_cannot_be_synced_is_no_error(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")  # what some SMB mounts answer
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_labels(tmp_path / "l.tif", np.ones((3, 3), np.uint16))
+    assert tifffile.imread(tmp_path / "l.tif").sum() == 9

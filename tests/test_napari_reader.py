@@ -36,6 +36,7 @@ CENTRES = {
     "b.tif": [(20, 20), (44, 44)],
     "c.tif": [(15, 15), (30, 45), (50, 20)],
 }
+RADII = {"c.tif": [4, 5, 6]}  # cells of different areas, so a cell's row is told from another's
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,10 @@ def results(tmp_path_factory: pytest.TempPathFactory, threshold_model: Path) -> 
     inbox = root / "inbox"
     inbox.mkdir()
     for name, centres in CENTRES.items():
-        image, _ = discs((64, 64), centres, 5)
+        radii = RADII.get(name, [5] * len(centres))
+        image = np.maximum.reduce(
+            [discs((64, 64), [centre], r)[0] for centre, r in zip(centres, radii, strict=True)]
+        )
         tifffile.imwrite(inbox / name, image)
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({"tiling": {"tile_size": 64, "overlap": 8}}))
@@ -292,4 +296,8 @@ def test_a_real_napari_viewer_opens_a_results_folder(results: Path):
     assert [visible for _, _, visible in found["label_image"]] == [True, True] + [False] * 4
     assert found["c_features"] == 3 and found["c_value_at_cell"] > 0
     cells = pd.read_csv(results / "cells.csv")
-    assert found["c_area_of_that_cell"] in set(cells["area_px"])
+    c_cells = cells[cells["image"].str.endswith("c.tif")].set_index("label")["area_px"]
+    assert c_cells.nunique() == 3  # so the next line can tell the cells apart
+    assert found["c_area_of_that_cell"] == c_cells[found["c_value_at_cell"]]
+    labels = tifffile.imread(results / "labels" / "c.tif")
+    assert found["c_area_of_that_cell"] == (labels == found["c_value_at_cell"]).sum()

@@ -53,13 +53,34 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path, source: Path):
     result = subprocess.run([analyze, "verify", unit], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert source.name not in result.stderr, result.stderr  # unknown keys are only warnings
-    for needed in ("Restart=on-failure", "ProtectSystem=strict", "NoNewPrivileges=yes",
+    for needed in ("Restart=", "ProtectSystem=strict", "NoNewPrivileges=yes",
                    "StateDirectory=", "MemoryMax=", "DeviceAllow=char-nvidia", "UMask=0027"):  # fmt: skip
         assert needed in text
     if source == UNIT:
         assert all(needed in text for needed in ("Type=notify", "WatchdogSec=", "ExecReload="))
     # the JIT compilers of oneDNN and XLA need writable, executable memory: a comment says so
     assert "\nMemoryDenyWriteExecute=" not in text and "JIT" in text
+
+
+def _setting(text: str, key: str) -> str:
+    found = re.findall(rf"^{key}=(.*)$", text, re.MULTILINE)
+    return found[-1].strip() if found else ""
+
+
+@pytest.mark.parametrize(
+    ("source", "clean_exit_restarts"),
+    [(UNIT, False), (WORKER_UNIT, True)],
+    ids=["daemon", "worker"],
+)
+def test_which_exits_systemd_restarts(source: Path, clean_exit_restarts: bool):
+    """Both restart after a crash. The worker also after exit status 0: `dask worker` ends
+    with 0 when its scheduler goes away, and must be there when the scheduler is back; the
+    daemon's 0 is a requested stop."""
+    text = source.read_text()
+    restart, forced = _setting(text, "Restart"), _setting(text, "RestartForceExitStatus").split()
+    assert restart in ("on-failure", "always"), restart
+    assert (restart == "always" or "0" in forced) is clean_exit_restarts, (restart, forced)
+    assert _setting(text, "RestartSec"), "a restart needs a pause: no busy loop"
 
 
 @UNITS

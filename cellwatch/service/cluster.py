@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import deque
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cellwatch.config import ComputeConfig, Config
+from cellwatch.config import ComputeConfig, Config, tcp_host_port
 from cellwatch.errors import ClusterError, ModelError
 from cellwatch.model import visible_gpus
 from cellwatch.storage.ledger import scene_key
@@ -44,6 +45,7 @@ __all__ = [
     "Finished",
     "Pool",
     "describe_start",
+    "greets_like_dask",
     "resolve_workers",
     "run_images",
     "uses_dask",
@@ -53,11 +55,55 @@ __all__ = [
 log = logging.getLogger("cellwatch.cluster")
 
 CONNECT_TIMEOUT_S = 15.0  # a scheduler that does not answer in this time is unreachable
+GREETING_S = 5.0  # a Dask scheduler greets a new connection at once; a web server waits
 GPU_PROCESSES = 8  # worker processes per GPU for workers: auto (see docs/benchmarks.md)
 MAX_CHECKED_FOLDERS = 1000  # images whose folders the workers check at start
 WARM_RESULT_S = 5.0  # how long a finished warm-up's answer is waited for
 _UNLISTED = object()  # a file whose scenes are not listed yet
 GPU_MEMORY_SHARE = 0.9  # of a GPU's memory, divided among the processes that share it
+
+
+def greets_like_dask(address: str, origin: str) -> None:
+    """Raise a :class:`ClusterError` within about 25 s when ``tcp://host:port`` is no Dask
+    scheduler: nothing listens, or a web server does (the dashboard's port, 8787, given
+    for the scheduler's, 8786), where Dask's client would wait for ever. Other schemes
+    (tls://, ws://) are left to Dask."""
+    where = tcp_host_port(address)
+    if where is None:
+        return
+    host, port = where
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT_S:.0f} s "
+            f"({exc.strerror or exc}); is `dask scheduler` running there, and is the address "
+            f"({origin}) right?"
+        ) from exc
+    with sock:
+        sock.settimeout(GREETING_S)
+        try:
+            if sock.recv(1):
+                return  # it spoke first, as a Dask scheduler does
+            heard = b""
+        except TimeoutError:
+            sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            try:
+                heard = sock.recv(5)
+            except (TimeoutError, OSError):
+                heard = b""
+        except OSError:
+            heard = b""
+    what = (
+        "a web server (HTTP), not a Dask scheduler"
+        if heard == b"HTTP/"
+        else (f"not a Dask scheduler: it said nothing within {GREETING_S:.0f} s")
+    )
+    raise ClusterError(
+        f"{address} ({origin}) is {what}. Is it the dashboard's port? The scheduler "
+        "listens on another port, 8786 unless it was started with --port; `dask scheduler` "
+        "prints both addresses when it starts."
+    )
 
 
 def resolve_workers(
@@ -164,8 +210,15 @@ class Pool:
         ``compute.scheduler`` is set.
     """
 
-    def __init__(self, compute: ComputeConfig, *, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        compute: ComputeConfig,
+        *,
+        workers: int | None = None,
+        origin: str = "compute.scheduler",
+    ) -> None:
         self.compute = compute
+        self.origin = origin  # where compute.scheduler came from, for messages
         self.workers = resolve_workers(compute) if workers is None else workers
         self.cluster: Any = None
         self.client: Any = None
@@ -195,15 +248,16 @@ class Pool:
             self.cluster = self._start_local()
             self.client = Client(self.cluster, set_as_default=False)
             return self
+        greets_like_dask(self.compute.scheduler, self.origin)
         try:
             self.client = Client(
                 self.compute.scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {self.compute.scheduler} "
                 f"within {CONNECT_TIMEOUT_S:.0f} s ({exc}); is `dask scheduler` running there, "
-                "and is the address (compute.scheduler / --scheduler) right?"
+                f"and is the address ({self.origin}) right?"
             ) from exc
         return self
 

@@ -12,6 +12,8 @@ __all__ = ["ALIVE_WITHIN_S", "RATE_WINDOW", "add_arguments", "collect", "format_
 
 import argparse
 import json
+import os
+import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from cellwatch.storage import ledger
 
 RATE_WINDOW = timedelta(minutes=10)
 ALIVE_WITHIN_S = 60.0  # a heartbeat older than this means the daemon is not running
+ASK_SCHEDULER_S = 3.0  # how long status waits for the Dask scheduler's own answer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +81,9 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
             "image": str(last["image"]),
             "error": str(last["error"]),
         }
+    daemon = _daemon(meta, now)
     return {
-        "daemon": _daemon(meta, now),
+        "daemon": daemon,
         "model": meta.get("model") or (str(rows["model"].iloc[-1]) if len(rows) else None),
         "queue": {
             "waiting": counts["pending"],
@@ -92,7 +96,7 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
             "failed": int(today["status"].eq("failed").sum()),
             "since": midnight.isoformat(),
         },
-        "compute": json.loads(meta["compute"]) if meta.get("compute") else None,
+        "compute": _compute(meta, daemon["running"], counts["running"]),
         "images_per_minute": round(len(recent) / (RATE_WINDOW.total_seconds() / 60), 2),
         "last_error": last_error,
         "state_dir": str(state),
@@ -123,13 +127,13 @@ def format_text(report: dict[str, Any]) -> str:
         ("today", f"{t['counted']} counted, {t['failed']} failed (since {t['since']})"),
         ("rate", f"{report['images_per_minute']:g} images/min over the last 10 min"),
         ("last error", error),
-        *_compute_lines(report.get("compute")),
+        *_compute_lines(report.get("compute"), running=d["running"]),
     ]
     head = f"cellwatch status — output {report['output_dir']}, state {report['state_dir']}"
     return "\n".join([head, *(f"  {key:<11} {value}" for key, value in lines)])
 
 
-def _compute_lines(compute: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _compute_lines(compute: dict[str, Any] | None, *, running: bool) -> list[tuple[str, str]]:
     """Where the images are processed: this process's device, or the Dask workers, their
     device and jobs in flight, and a problem (no scheduler, no workers) if there is one."""
     if not compute:
@@ -137,14 +141,19 @@ def _compute_lines(compute: dict[str, Any] | None) -> list[tuple[str, str]]:
     if compute.get("mode") != "dask":
         return [("compute", f"in the daemon's process, on {compute.get('device') or 'unknown'}")]
     workers = compute.get("workers") or []
-    lines = [
-        (
-            "compute",
-            f"Dask scheduler {compute.get('scheduler')}, {len(workers)} worker(s), "
-            f"{compute.get('in_flight', 0)} job(s) in flight; dashboard "
-            f"{compute.get('dashboard') or 'off'}",
-        )
-    ]
+    if not compute.get("scheduler"):
+        what = "connecting" if running else "the daemon is not running"
+        lines = [("compute", f"Dask, {what}: scheduler and workers not known yet")]
+    else:
+        seen = "" if compute.get("live") else " (as the daemon last saw it)"
+        lines = [
+            (
+                "compute",
+                f"Dask scheduler {compute['scheduler']}, {len(workers)} worker(s), "
+                f"{compute.get('in_flight', 0)} job(s) in flight; dashboard "
+                f"{compute.get('dashboard') or 'off'}{seen}",
+            )
+        ]
     for w in workers:
         lines.append(("worker", f"{w['name']} on {w['device']}: {w['in_flight']} in flight"))
     if compute.get("problem"):
@@ -157,10 +166,86 @@ def _daemon(meta: dict[str, str], now: datetime) -> dict[str, Any]:
     age = None
     if heartbeat:
         age = (now - datetime.fromisoformat(heartbeat)).total_seconds()
+    pid = int(meta["pid"]) if meta.get("pid") else None
     running = meta.get("state") == "running" and age is not None and age < ALIVE_WITHIN_S
+    if (
+        running
+        and pid is not None
+        and meta.get("host", socket.gethostname()) == socket.gethostname()
+    ):
+        running = _alive(pid)  # killed (kill -9, a power cut) within the last minute?
     return {
         "running": running,
-        "pid": int(meta["pid"]) if meta.get("pid") else None,
+        "pid": pid,
         "heartbeat": heartbeat,
         "heartbeat_age_s": round(age, 1) if age is not None else None,
     }
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _compute(meta: dict[str, str], running: bool, in_progress: int) -> dict[str, Any] | None:
+    """The daemon's last word on its compute, corrected by what is known now: nothing is
+    in flight that the queue does not hold as in progress, and the Dask scheduler itself
+    is asked for its workers (the daemon's word can be up to a heartbeat old)."""
+    if not meta.get("compute"):
+        return None
+    compute: dict[str, Any] = json.loads(meta["compute"])
+    if compute.get("mode") != "dask":
+        return compute
+    compute["in_flight"] = min(int(compute.get("in_flight") or 0), in_progress)
+    compute["live"] = False
+    if not running:
+        compute["in_flight"] = 0
+        return compute
+    address = compute.get("scheduler")
+    workers = _ask_scheduler(address) if address else None
+    if workers is not None:
+        devices = {w.get("address"): w.get("device") for w in compute.get("workers") or []}
+        for w in workers:
+            w["device"] = devices.get(w["address"]) or "not known yet"
+        compute["workers"], compute["live"] = workers, True
+    return compute
+
+
+def _ask_scheduler(address: str) -> list[dict[str, Any]] | None:
+    """The workers the scheduler at ``address`` has now, or None when it does not answer
+    within :data:`ASK_SCHEDULER_S`."""
+    from cellwatch.config import tcp_host_port
+
+    where = tcp_host_port(address)
+    if where is None:
+        return None
+    try:  # a port nobody listens on answers at once; no Dask import for that
+        socket.create_connection(where, timeout=ASK_SCHEDULER_S).close()
+    except OSError:
+        return None
+    import logging
+
+    from distributed import Client
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    try:
+        with Client(address, timeout=ASK_SCHEDULER_S, set_as_default=False) as client:
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            processing = client.processing()
+    except Exception:  # gone between the two looks, or not a scheduler: keep the daemon's word
+        return None
+    return [
+        {
+            "address": address,
+            "name": str(w.get("name", address)),
+            "threads": int(w.get("nthreads", 0)),
+            "in_flight": len(processing.get(address, ())),
+        }
+        for address, w in sorted(info.items())
+    ]

@@ -14,15 +14,17 @@ the model and runs one batch, and names the device the network runs on.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cellwatch.config import Config
 from cellwatch.errors import ClusterError
@@ -158,13 +160,51 @@ def _segmenter(config: Config, model: str) -> Segmenter:
         segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
         if _device is None:
             _device = device_name()
-            # TensorFlow can keep a finished worker process from exiting for seconds (until
-            # the nanny kills it); everything it had to give has been returned by then.
-            atexit.register(os._exit, 0)
+            _exit_without_waiting()
         _segmenters[key] = segmenter
         while len(_segmenters) > KEEP_MODELS:
             _segmenters.popitem(last=False)
         return segmenter
+
+
+_exit_status = 0  # what this process is exiting with, once it is
+
+
+def _exit_without_waiting() -> None:
+    """End the process as soon as Python is done, with the exit status it was ending with.
+
+    TensorFlow can keep a finished worker process from exiting for seconds (until the
+    nanny kills it); everything it had to give has been returned by then. Python does not
+    tell an exit handler the status, so ``sys.exit`` and the hook of uncaught exceptions
+    note it on the way out: a worker that failed must not look like one that finished.
+    """
+    real_exit, real_hook = sys.exit, sys.excepthook
+
+    def noting_exit(status: object = None) -> NoReturn:
+        global _exit_status
+        _exit_status = _status_of(status)
+        real_exit(status)
+
+    def noting_hook(*args: Any) -> None:
+        global _exit_status
+        _exit_status = 1
+        real_hook(*args)
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()  # closed or gone: nothing to flush
+        os._exit(_exit_status)
+
+    sys.exit, sys.excepthook = noting_exit, noting_hook  # type: ignore[assignment]
+    atexit.register(end)
+
+
+def _status_of(status: object) -> int:
+    """The exit status ``sys.exit(status)`` gives: None is 0, a number itself, else 1."""
+    if status is None:
+        return 0
+    return status if isinstance(status, int) else 1
 
 
 def _worker_address() -> str:

@@ -26,7 +26,9 @@ __all__ = [
     "write_labels",
 ]
 
+import errno
 import hashlib
+import io
 import math
 import os
 import stat
@@ -44,9 +46,10 @@ import tifffile
 from PIL import Image
 
 from cellwatch.config import NUCLEAR_CHANNELS, installed_vendor_suffixes
-from cellwatch.errors import BadInputError, ConfigError, TransientError
+from cellwatch.errors import BadInputError, TransientError, io_fault
 from cellwatch.storage import tiff, vendor
 from cellwatch.storage.channels import AUTO, choose_channel
+from cellwatch.storage.pairs import find_pairs
 from cellwatch.storage.tiff import tiff_incomplete
 
 #: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
@@ -143,30 +146,9 @@ def scene_count(path: Path) -> int:
             with tifffile.TiffFile(fh) as tif:
                 return len(tiff.scene_series(tif))
         except Exception as exc:  # a decoder may fail in any way on a corrupt file
+            if fault := io_fault(path, exc):
+                raise fault from exc
             raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
-
-
-def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
-    """Pair images and masks by file stem; name every image or mask without a partner."""
-
-    def by_stem(folder: Path) -> dict[str, Path]:
-        if not folder.is_dir():
-            raise ConfigError(f"{folder} is not a folder")
-        return {stem(p): p for p in sorted(folder.iterdir()) if is_supported(p)}
-
-    image_files, mask_files = by_stem(images), by_stem(masks)
-    lonely_images = sorted(set(image_files) - set(mask_files))
-    lonely_masks = sorted(set(mask_files) - set(image_files))
-    if lonely_images or lonely_masks:
-        lines = [f"images and masks must pair up by file name ({images} / {masks}):"]
-        if lonely_images:
-            lines.append("  images without a mask: " + ", ".join(lonely_images[:20]))
-        if lonely_masks:
-            lines.append("  masks without an image: " + ", ".join(lonely_masks[:20]))
-        raise ConfigError("\n".join(lines))
-    if not image_files:
-        raise ConfigError(f"no supported images found in {images}")
-    return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
 
 
 def read_image(
@@ -292,6 +274,8 @@ def _read_vendor(path: Path, scene: int | None, max_pixels: int) -> _Raw:
     except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
+        if fault := io_fault(path, exc):
+            raise fault from exc
         raise vendor.pixels_unreadable(path, found, exc) from exc
     note = f"scene {found.index} ({found.name}) of {found.count}" if found.count > 1 else ""
     if found.reader:
@@ -313,13 +297,54 @@ def _open_input(path: Path) -> BinaryIO:
     if fh is None:
         what = "is empty (0 bytes); was it saved completely?" if regular else "is not a file"
         raise BadInputError(f"{path} {what}")
-    return fh
+    return _WholeReads(fh, st.st_size)  # type: ignore[return-value]
+
+
+class _WholeReads(io.RawIOBase):
+    """A file that raises ``OSError(EIO)`` when a read comes back short of the end of a file
+    whose size has not changed: the disk or share failed, the file is not truncated."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        super().__init__()
+        self._fh, self._size, self.name = fh, size, fh.name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        start = self._fh.tell()
+        got = self._fh.readinto(buffer)  # type: ignore[attr-defined]
+        wanted = min(memoryview(buffer).nbytes, max(0, self._size - start))
+        if got < wanted and os.fstat(self._fh.fileno()).st_size == self._size:
+            raise OSError(
+                errno.EIO,
+                f"short read: {got:,} of {wanted:,} bytes at byte {start:,} of a "
+                f"{self._size:,}-byte file whose size has not changed",
+                str(self.name),
+            )
+        return int(got)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int, scene: int | None) -> _Raw:
     try:
         with tifffile.TiffFile(fh) as tif:
-            series, note = _tiff_scene(tif, path, scene)
+            series, note = tiff.pick_scene(tif, path, scene)
             axes, keyframe = series.axes, series.keyframe
             _check_declared_size(path, series.shape, axes, series.dtype, max_pixels)
             file_size = os.fstat(fh.fileno()).st_size
@@ -340,30 +365,14 @@ def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int, scene: int | None) -> 
             except ET.ParseError:
                 names = None
             data = series.asarray()  # level 0 of a pyramid: the full resolution
-    except (BadInputError, MemoryError):
+    except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
+        if fault := io_fault(path, exc):
+            raise fault from exc
         raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
     n_alpha = sum(e in (1, 2) for e in keyframe.extrasamples) if "S" in axes else 0
     return _Raw(data, axes, pixel_size, names, n_alpha, note)
-
-
-def _tiff_scene(
-    tif: tifffile.TiffFile, path: Path, scene: int | None
-) -> tuple[tifffile.TiffPageSeries, str]:
-    """The series that is scene ``scene`` (None: the only one), and a note naming it."""
-    scenes = tiff.scene_series(tif)
-    if scene is None and len(scenes) > 1:
-        raise BadInputError(
-            f"{path} holds {len(scenes)} series (positions); each is counted as its own image, "
-            "so one scene must be named"
-        )
-    index = scene or 0
-    if not 0 <= index < len(scenes):
-        raise BadInputError(f"{path} has {len(scenes)} scene(s), so scene {index} does not exist")
-    series = scenes[index]
-    name = f" ({series.name})" if series.name else ""
-    return series, (f"series {index}{name} of {len(scenes)}" if len(scenes) > 1 else "")
 
 
 def _read_pillow(fh: BinaryIO, path: Path, max_pixels: int) -> _Raw:
@@ -382,9 +391,11 @@ def _read_pillow(fh: BinaryIO, path: Path, max_pixels: int) -> _Raw:
             f"{path} is too large for Pillow to decode safely ({exc}); input.max_pixels is "
             f"{max_pixels:,}. Save very large images as TIFF instead."
         ) from None
-    except (BadInputError, MemoryError):
+    except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # UnidentifiedImageError, "image file is truncated", ...
+        if fault := io_fault(path, exc):
+            raise fault from exc
         raise BadInputError(f"{path} is truncated or corrupt or not a PNG/JPEG: {exc}") from exc
     axes = "YX" if data.ndim == 2 else "YXS"
     return _Raw(data, axes, None, n_alpha=int(im.mode in ("LA", "RGBA")))
@@ -483,7 +494,8 @@ def sha256_file(path: Path) -> str:
 
     The one content hash of cellwatch: the watcher's file identity and the ledger's
     ``sha256`` column. An empty file has one too. OS errors (a missing file, no permission)
-    are raised as they are, for the caller to judge.
+    are raised as they are, for the caller to judge; a read that ends before the end of a
+    file whose size has not changed is ``OSError(EIO)``.
 
     Examples
     --------
@@ -492,10 +504,14 @@ def sha256_file(path: Path) -> str:
     ...     sha256_file(Path(f.name))[:8]
     'e3b0c442'
     """
-    digest = hashlib.sha256()
+    digest, read = hashlib.sha256(), 0
     with Path(path).open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
         while block := fh.read(1 << 20):
             digest.update(block)
+            read += len(block)
+        if read < size and os.fstat(fh.fileno()).st_size == size:  # not a hash of a part
+            raise OSError(errno.EIO, f"short read: {read:,} of {size:,} bytes", str(path))
     return digest.hexdigest()
 
 
@@ -536,7 +552,8 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then rename it into place.
 
-    Readers never see a half-written file, and a failed write leaves ``path`` as it was.
+    Readers never see a half-written file, and a failed write leaves ``path`` as it was;
+    the file and then its folder are fsynced, so after a power cut it is there whole.
     ``write`` gets a buffered file, which writes all it is given or raises (it retries a
     short ``write`` itself). OS errors (a full disk, a file-size limit, a lost network
     share) become :class:`~cellwatch.errors.TransientError`, so the job is retried.
@@ -550,6 +567,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
         raise TransientError(
             f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
@@ -557,3 +575,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         ) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot
+    sync a folder (some network shares answer EINVAL) is left to its own guarantees."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "channel_names",
     "check_not_truncated",
+    "pick_scene",
     "pixel_size_um",
     "scene_series",
     "tiff_incomplete",
@@ -50,6 +51,24 @@ def scene_series(tif: tifffile.TiffFile) -> list[tifffile.TiffPageSeries]:
         and not s.keyframe.subfiletype & _REDUCED
     ]
     return scenes or every[:1]
+
+
+def pick_scene(
+    tif: tifffile.TiffFile, path: Path, scene: int | None
+) -> tuple[tifffile.TiffPageSeries, str]:
+    """The series that is scene ``scene`` (None: the only one), and a note naming it."""
+    scenes = scene_series(tif)
+    if scene is None and len(scenes) > 1:
+        raise BadInputError(
+            f"{path} holds {len(scenes)} series (positions); each is counted as its own image, "
+            "so one scene must be named"
+        )
+    index = scene or 0
+    if not 0 <= index < len(scenes):
+        raise BadInputError(f"{path} has {len(scenes)} scene(s), so scene {index} does not exist")
+    series = scenes[index]
+    name = f" ({series.name})" if series.name else ""
+    return series, (f"series {index}{name} of {len(scenes)}" if len(scenes) > 1 else "")
 
 
 def _ome_image(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> ET.Element | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.config import VENDOR_FORMATS
-from cellwatch.errors import BadInputError, TransientError
+from cellwatch.errors import BadInputError, TransientError, io_fault
 
 __all__ = [
     "OpenFile",
@@ -170,6 +170,8 @@ def read_pixels(path: Path, found: VendorScene) -> Any:
     except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a plugin may fail in any way on a file it does not follow
+        if fault := io_fault(path, exc):
+            raise fault from exc
         if found.reader:
             raise
         first = exc
@@ -192,10 +194,15 @@ def read_pixels(path: Path, found: VendorScene) -> Any:
 
 def pixels_unreadable(
     path: Path, found: VendorScene, exc: BaseException, also: BaseException | None = None
-) -> BadInputError:
-    """The error for a scene whose pixels no reader reads: damaged when the bytes show it,
-    else an acquisition cellwatch cannot read, with each reader's own words."""
+) -> BadInputError | TransientError:
+    """The error for a scene whose pixels no reader reads: an I/O error is retried; damaged
+    when the bytes show it, else an acquisition cellwatch cannot read, with each reader's
+    own words."""
     from cellwatch.storage import native
+
+    for cause in (exc, also):
+        if cause is not None and (fault := io_fault(path, cause)):
+            return fault
 
     said = f"{found.reader or _plugin(path)} says: {_quote(exc)}"
     if also is not None and also is not exc:
@@ -273,6 +280,9 @@ def _open_any(path: Path) -> OpenFile:
 def _native(path: Path, first: BaseException) -> OpenFile:
     """The file through the vendor's library, after the plugin failed with ``first``."""
     from cellwatch.storage import native
+
+    if fault := io_fault(path, first):
+        raise fault from first
 
     try:
         opened = native.open_native(path)
@@ -401,10 +411,16 @@ def _is_plugin_error(exc: OSError) -> bool:
     return exc.errno is None
 
 
-def _unreadable(path: Path, exc: BaseException, also: BaseException | None = None) -> BadInputError:
-    """The error for a file no reader opens: damaged only when its bytes show it."""
+def _unreadable(
+    path: Path, exc: BaseException, also: BaseException | None = None
+) -> BadInputError | TransientError:
+    """The error for a file no reader opens: an I/O error behind it is retried; a content
+    error is called damaged only when the file's bytes show it."""
     from cellwatch.storage import native
 
+    for cause in (exc, also):
+        if cause is not None and (fault := io_fault(path, cause)):
+            return fault
     name = VENDOR_FORMATS[path.suffix.lower()][0]
     said = f"{_plugin(path)} says: {_quote(exc)}"
     if also is not None:

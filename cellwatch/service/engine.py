@@ -1,0 +1,101 @@
+"""The daemon's folders and the engine it counts with: the settings and the loaded model.
+
+The engine is one frozen object, replaced whole on SIGHUP; the runners read it once per
+group of images, so a group is always counted with one model and one set of settings.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Engine", "Paths", "load_engine", "override_compute", "stopwatch_of"]
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellwatch.config import Config
+from cellwatch.errors import ConfigError
+from cellwatch.service.jobs import DB_NAME, state_dir
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The folders the daemon works with, made absolute once at start."""
+
+    inbox: Path
+    out: Path
+    state: Path
+
+    @classmethod
+    def of(cls, config: Config) -> Paths:
+        """The folders ``config`` names; the inbox must exist."""
+        inbox = Path(os.path.abspath(config.watch.inbox))
+        if not inbox.is_dir():
+            raise ConfigError(
+                f"the inbox folder {inbox} does not exist (or is not a folder); create it, "
+                "or set --inbox / watch.inbox"
+            )
+        out = Path(os.path.abspath(config.output.dir))
+        return cls(inbox, out, Path(os.path.abspath(state_dir(config))))
+
+    @property
+    def ledger(self) -> Path:
+        """The ledger, ``OUT/ledger.csv``."""
+        return self.out / "ledger.csv"
+
+    @property
+    def cells(self) -> Path:
+        """The cell table, ``OUT/cells.csv``."""
+        return self.out / "cells.csv"
+
+    @property
+    def db(self) -> Path:
+        """The job database in the state folder."""
+        return self.state / DB_NAME
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The settings and the loaded model the runners use; replaced whole on SIGHUP."""
+
+    config: Config
+    segmenter: Any  # cellwatch.pipeline.Segmenter; None when Dask workers hold the model
+    label: str = ""  # the model's name@hash, when there is no segmenter here
+    device: str = ""  # what the network runs on in this process
+
+    @property
+    def model_label(self) -> str:
+        """The model's ``name@hash``, as the ledger's ``model`` column writes it."""
+        return self.label or str(self.segmenter.model.label)
+
+
+def load_engine(config: Config) -> Engine:
+    """Load the model and run one dummy batch, so the first image does not pay for graph
+    compilation and a broken model fails before the daemon reports READY. With Dask
+    workers (``compute``), they load it (:mod:`cellwatch.service.worker`) and this process
+    only notes its name and hash."""
+    import numpy as np
+
+    from cellwatch.model import choose_backend, device_name, load_model, model_label
+    from cellwatch.pipeline import Segmenter
+    from cellwatch.service.cluster import uses_dask
+
+    choose_backend()
+    if uses_dask(config.compute):
+        return Engine(config, None, label=model_label(config.model.path))
+    segmenter = Segmenter(config, load_model(config.model.path))
+    size, tile = config.tiling.batch_size, segmenter.tiling.tile
+    segmenter.predict_batch(np.zeros((size, tile, tile, 1), np.float32))
+    return Engine(config, segmenter, device=device_name())
+
+
+def stopwatch_of(engine: Engine) -> Any:
+    """The stopwatch of the pipeline in this process; None when Dask workers run it (their
+    stage times come back with each result)."""
+    return engine.segmenter.stopwatch if engine.segmenter is not None else None
+
+
+def override_compute(config: Config, running: Config) -> Config:
+    """``config`` with the ``compute`` section of the settings the daemon started with."""
+    return dataclasses.replace(config, compute=running.compute)

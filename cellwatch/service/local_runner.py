@@ -1,0 +1,165 @@
+"""The daemon's worker thread when the network runs in this process.
+
+It claims up to :data:`BATCH_IMAGES` due jobs, runs the pipeline on their images
+``tiling.images_at_once`` at a time (so their tiles share inference batches), hands each
+group's results to the :class:`~cellwatch.service.recorder.Recorder` and finishes the jobs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BATCH_IMAGES", "LocalRunner"]
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cellwatch.service.crash import crash_point
+from cellwatch.service.engine import Engine, Paths
+from cellwatch.service.jobs import Job, JobQueue
+from cellwatch.service.recorder import Recorder
+
+log = logging.getLogger("cellwatch.watch")
+
+BATCH_IMAGES = 8  # images claimed together, so their tiles can share inference batches
+
+Unit = tuple[Job, int | None]  # one image: a job and a scene of its file (None: the file)
+
+
+class LocalRunner:
+    """Claims jobs, runs the pipeline on them, has their rows recorded and finishes them.
+
+    Parameters
+    ----------
+    paths : Paths
+        Inbox, output and state folders.
+    engine : Engine
+        Settings and model; the main thread swaps it on SIGHUP (:meth:`use`), and it is
+        read once per group of ``tiling.images_at_once`` images.
+    recorder : Recorder
+        The exactly-once gate that plans each job's images and appends their rows.
+    stop, wake : threading.Event
+        Set to finish; set when new jobs are queued.
+    process : callable, optional
+        :func:`cellwatch.pipeline.process_images` (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        engine: Engine,
+        recorder: Recorder,
+        *,
+        stop: threading.Event,
+        wake: threading.Event,
+        process: Callable[..., list[Any]] | None = None,
+    ) -> None:
+        self.paths, self.engine, self.recorder = paths, engine, recorder
+        self.stop, self.wake = stop, wake
+        self._process = process
+        self.error: str | None = None
+
+    @property
+    def done(self) -> int:
+        """Images counted since start."""
+        return self.recorder.done
+
+    @property
+    def failed(self) -> int:
+        """Images given a failed row since start."""
+        return self.recorder.failed
+
+    def use(self, engine: Engine) -> None:
+        """Count with ``engine`` from the next group of images on; the main thread calls
+        this on SIGHUP, and the group in hand finishes with the engine it started with."""
+        self.engine = engine
+
+    def run(self) -> None:
+        """The worker thread. An error outside one image's processing (the ledger or the
+        database cannot be written) ends it; the daemon then exits for systemd to restart
+        it, and start-up recovery picks up where it stopped."""
+        try:
+            with JobQueue(self.paths.db) as queue:
+                while not self.stop.is_set():
+                    if not self.work(queue):
+                        self.wake.wait(1.0)
+                        self.wake.clear()
+        except OSError as exc:
+            self.error = f"cannot write to {exc.filename or self.paths.out}: {exc.strerror or exc}"
+            log.error("%s", self.error)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the worker failed")
+
+    def work(self, queue: JobQueue) -> bool:
+        """Process one batch of due jobs; False if there was none.
+
+        Each job's images (its file's scenes, or the file itself) whose rows have not
+        landed yet are processed ``tiling.images_at_once`` at a time, and recorded after each
+        group. A job finishes once every image of it has its row.
+        """
+        engine, recorder = self.engine, self.recorder
+        jobs = recorder.claim(queue, BATCH_IMAGES)
+        if not jobs:
+            return False
+        recorder.metrics.queue(queue.counts())
+        scenes: dict[str, list[int | None]] = {}
+        faults: dict[str, Exception] = {}  # the first fault of each job this time
+        units: list[Unit] = []
+        for job in jobs:
+            planned = recorder.plan(job, engine)
+            if isinstance(planned, Exception):
+                faults[job.job_id] = planned
+                continue
+            scenes[job.job_id], todo = planned
+            units += [(job, scene) for scene in todo]
+        start = 0
+        while start < len(units):
+            engine = self.engine  # a reload (:meth:`use`) counts from the next group on
+            group = units[start : start + engine.config.tiling.images_at_once]
+            start += len(group)
+            for (job, _), outcome in self._run(engine, group):
+                if isinstance(outcome, Exception):
+                    faults.setdefault(job.job_id, outcome)
+                else:
+                    recorder.record(recorder.check_content(job, engine, outcome), engine)
+        engine = self.engine
+        outcomes: dict[str, Any] = {}
+        for job in jobs:
+            job_scenes = scenes.get(job.job_id, [None])
+            fault = faults.get(job.job_id)
+            if fault is None:
+                outcomes[job.job_id] = recorder.outcome(job, job_scenes)
+            elif final := recorder.retry_or_give_up(queue, job, engine, fault, job_scenes):
+                outcomes[job.job_id] = final  # gave up: its images have failed rows
+        queue.finish(outcomes)
+        recorder.metrics.queue(queue.counts())
+        crash_point("after-commit")
+        return True
+
+    def compute_status(self) -> dict[str, Any]:
+        """Where the images are processed, for ``cellwatch status``."""
+        return {"mode": "in-process", "device": self.engine.device or None, "workers": []}
+
+    def _run(self, engine: Engine, units: list[Unit]) -> list[tuple[Unit, Any]]:
+        """((job, scene), ImageResult or the exception it raised) for each, in order."""
+        if not units:
+            return []
+        process = self._process
+        if process is None:
+            from cellwatch.pipeline import process_images as process
+        try:
+            results = process(
+                [self.paths.inbox / job.rel_path for job, _ in units],
+                config=engine.config,
+                segmenter=engine.segmenter,
+                out_dir=self.paths.out,
+                job_ids=[job.job_id for job, _ in units],
+                scenes=[scene for _, scene in units],
+            )
+            crash_point("after-labels", " ".join(job.rel_path for job, _ in units))
+            return list(zip(units, results, strict=True))
+        except Exception as exc:  # one image's fault must not cost the others their work
+            if len(units) == 1:
+                return [(units[0], exc)]
+            return [pair for unit in units for pair in self._run(engine, [unit])]
