@@ -27,8 +27,10 @@ from cellwatch.config import Config, load_config
 from cellwatch.errors import BadInputError
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter, scenes_of
-from cellwatch.service.daemon import Engine, Paths, Worker
+from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import FileVersion, JobQueue
+from cellwatch.service.local_runner import LocalRunner
+from cellwatch.service.recorder import Recorder
 from cellwatch.service.watcher import looks_complete
 from cellwatch.storage import imageio, ledger, vendor
 from cellwatch.storage.channels import choose_channel, is_nuclear
@@ -108,7 +110,10 @@ def test_the_daemon_counts_each_position_once(threshold_model, tmp_path: Path):
     version = FileVersion("plate.ome.tif", 1, 1, imageio.sha256_file(paths.inbox / "plate.ome.tif"))
     with JobQueue(paths.db) as queue:
         queue.add([version])
-        worker = Worker(paths, engine, {}, stop=threading.Event(), wake=threading.Event())
+        recorder = Recorder(paths, {})
+        worker = LocalRunner(
+            paths, engine, recorder, stop=threading.Event(), wake=threading.Event()
+        )
         assert worker.work(queue)
         assert queue.counts()["done"] == 1
         assert not worker.work(queue)  # nothing left to do
