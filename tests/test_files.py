@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import tifffile
 from conftest import discs
+from pylibCZIrw import czi as pyczi  # the test extra installs it; so does cellwatch[czi]
 
 from cellwatch import cli
 from cellwatch.config import Config, load_config
@@ -263,9 +264,6 @@ def test_the_settings_hash_follows_the_channel_settings(tmp_path: Path):
 
 
 # --- a good file is never called corrupt ----------------------------------------------------
-
-
-pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibczirw writes the CZI test files")
 
 
 def write_uncalibrated_czi(path: Path, scenes: list[list[tuple[int, int]]] = POSITIONS) -> Path:
