@@ -6,20 +6,7 @@ written), 2 for usage, configuration or model errors.
 
 from __future__ import annotations
 
-__all__ = [
-    "COMMANDS",
-    "EXIT_OK",
-    "EXIT_SOME_FAILED",
-    "EXIT_USAGE",
-    "Progress",
-    "build_parser",
-    "cmd_predict",
-    "find_images",
-    "main",
-    "predict_over_dask",
-    "process_group",
-    "progress",
-]
+__all__ = ["main", "progress"]
 
 import argparse
 import contextlib

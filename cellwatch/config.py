@@ -132,6 +132,7 @@ class ScaleConfig:
     scale: float | None = None  # explicit zoom factor applied to the image
     diameter_px: float | None = None  # typical cell diameter in the image, in pixels
     pixel_size_um: float | None = None  # overrides the pixel size read from the file
+    nucleus_diameter_um: float | None = None  # with a pixel size: the scale, not the estimate
     min_scale: float = 0.08
     max_scale: float = 5.0
 
@@ -324,7 +325,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= n.low_percentile < n.high_percentile <= 100:
         _fail(where, "normalize", "need 0 ≤ low_percentile < high_percentile ≤ 100")
     s = cfg.scale
-    for key in ("scale", "diameter_px", "pixel_size_um"):
+    for key in ("scale", "diameter_px", "pixel_size_um", "nucleus_diameter_um"):
         value = getattr(s, key)
         if value is not None and value <= 0:
             _fail(where, f"scale.{key}", f"must be positive, got {value}")

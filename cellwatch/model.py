@@ -291,9 +291,8 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
             f"install keras>={'.'.join(map(str, MIN_KERAS))}"
         )
     if not path.is_file():
-        hint = (
-            "" if path != BUNDLED_MODEL else " (the bundled model is missing: reinstall cellwatch)"
-        )
+        bundled = " (the bundled model is missing: reinstall cellwatch)"
+        hint = bundled if path == BUNDLED_MODEL else ""
         raise ModelError(f"no model file at {path}{hint}; pass --model PATH to a .keras file")
     if path.suffix != ".keras":
         raise ModelError(f"{path} is not a Keras 3 model: expected a .keras file")
@@ -301,7 +300,11 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         network = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises many types; all mean the same to the user
         raise ModelError(f"cannot load model {path}: {exc}") from exc
-    card = read_card(path)
+    return model_from_network(network, path, read_card(path))
+
+
+def model_from_network(network: Any, path: Path, card: dict[str, Any]) -> LoadedModel:
+    """A model ready to predict from a network in memory, saved at ``path`` with ``card``."""
     classes = _check_contract(network, path)
     seed_map = card.get("seed_map")
     if classes == 4 and seed_map not in (None, *SEED_MAPS):

@@ -18,22 +18,18 @@ and ``ledger.csv``.
 from __future__ import annotations
 
 __all__ = [
-    "ESTIMATE_WINDOW",
-    "ESTIMATE_WINDOW_MAX",
-    "IN_FLIGHT_BYTES",
-    "PYRAMID_MIN_SIDE",
-    "REFINE_PASSES",
     "WRITE_ASIDE_PIXELS",
+    "Counted",
     "ImageResult",
     "Segmentation",
     "Segmenter",
+    "count_pixels",
     "failed_result",
+    "files_writer",
     "process_image",
     "process_images",
     "read",
     "scenes_of",
-    "tiling_for",
-    "write_images",
 ]
 
 import dataclasses
@@ -44,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -297,21 +293,12 @@ class Segmenter:
         return predict_tiled(
             source,
             self.predict_batch if raw else self.predict_plane,
-            **self.tiling_options(),
+            self.tiling,
+            batch_size=self.config.tiling.batch_size,
+            stopwatch=self.stopwatch,
             prepare=prepare,
             stitcher=stitcher,
         )
-
-    def tiling_options(self) -> dict[str, Any]:
-        """How this segmenter's tiles are cut and batched, as the keywords of
-        :func:`~cellwatch.tiling.predict_tiled`, :class:`~cellwatch.tiling.TileQueue` and
-        :class:`~cellwatch.batching.SharedBatches`: the model's tile settings, the
-        configured batch size, and the stopwatch that times them."""
-        return {
-            **dataclasses.asdict(self.tiling),
-            "batch_size": self.config.tiling.batch_size,
-            "stopwatch": self.stopwatch,
-        }
 
     def _network_input(
         self,
@@ -399,7 +386,9 @@ class Segmenter:
         if shared is not None:
             outputs = [shared.predict(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
         else:
-            queue = TileQueue(**self.tiling_options())
+            queue = TileQueue(
+                self.tiling, batch_size=self.config.tiling.batch_size, stopwatch=self.stopwatch
+            )
             queued = [queue.add(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
             while queue.pending:
                 queue.step(self.predict_plane)
@@ -499,22 +488,10 @@ def process_image(
         pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
         row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
         row["channel"] = data.channel
-        result = segmenter.segment(pixels, pixel_size)
-        labels, overlays = result.labels, config.output.overlays
-        name = imageio.stem(path, scene)
-        with _writing(name, pixels, labels, out_dir, overlays, watch) as written:
-            with watch("measure"):
-                cells = measure_cells(labels, pixels, pixel_size)
-                row.update(summarize(cells, labels.shape, pixel_size))
-                row.update(
-                    scale=result.scale.scale,
-                    diameter_px=result.scale.diameter_px,
-                    scale_source=result.scale.source,
-                    familiarity=result.familiarity.score,
-                    saturated_fraction=quality.saturated_fraction(pixels),
-                    focus_score=quality.focus_score(pixels),
-                )
-            row.update(written())
+        writing = files_writer(imageio.stem(path, scene), pixels, out_dir, config, watch)
+        counted = count_pixels(pixels, pixel_size, segmenter, writing=writing)
+        cells = counted.cells
+        row.update(counted.fields)
     except TransientError:
         raise
     except (CellwatchError, MemoryError) as exc:
@@ -537,6 +514,75 @@ def process_image(
         processed_at=datetime.now(UTC).isoformat(),
     )
     return ImageResult(row, cells)
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One image counted: its labels, its per-cell table, and the ledger row's numbers."""
+
+    labels: np.ndarray  # int32, the image's shape, cells 1..n
+    cells: pd.DataFrame  # one row per cell (:func:`cellwatch.measure.measure_cells`)
+    fields: dict[str, Any]  # size, pixel size, count and areas, scale, familiarity, quality
+
+
+#: Given an image's labels, a context that writes its files (or starts writing them) and
+#: yields a function that waits for them and returns their ledger columns.
+Writing = Callable[[np.ndarray], AbstractContextManager[Callable[[], dict[str, str]]]]
+
+
+def count_pixels(
+    pixels: np.ndarray,
+    pixel_size_um: float | None,
+    segmenter: Segmenter,
+    *,
+    writing: Writing | None = None,
+) -> Counted:
+    """Segment and measure one 2-D image: the one way every entry point counts (the CLI,
+    the daemon and the Dask workers through :func:`process_image`, the Python API
+    :func:`cellwatch.count` on arrays).
+
+    ``writing`` writes the image's files once its labels exist (a large image's while its
+    cells are measured); their paths join the fields.
+    """
+    if pixels.ndim != 2:
+        raise BadInputError(
+            f"expected one 2-D image (height, width), got an array of shape {pixels.shape}; "
+            "pick one channel and one plane first"
+        )
+    result = segmenter.segment(pixels, pixel_size_um)
+    labels = result.labels
+    fields: dict[str, Any] = {
+        "height": pixels.shape[0],
+        "width": pixels.shape[1],
+        "pixel_size_um": pixel_size_um,
+    }
+    with (writing or _no_files)(labels) as written:
+        with segmenter.stopwatch("measure"):
+            cells = measure_cells(labels, pixels, pixel_size_um)
+            fields.update(summarize(cells, labels.shape, pixel_size_um))
+            fields.update(
+                scale=result.scale.scale,
+                diameter_px=result.scale.diameter_px,
+                scale_source=result.scale.source,
+                familiarity=result.familiarity.score,
+                saturated_fraction=quality.saturated_fraction(pixels),
+                focus_score=quality.focus_score(pixels),
+            )
+        fields.update(written())
+    return Counted(labels, cells, fields)
+
+
+def files_writer(
+    name: str, pixels: np.ndarray, out_dir: Path, config: Config, stopwatch: Stopwatch
+) -> Writing:
+    """What writes the label image (and overlay, as ``output.overlays`` says) of the image
+    called ``name`` into ``out_dir``, for :func:`count_pixels`."""
+    return partial(_writing, name, pixels, out_dir, config.output.overlays, stopwatch)
+
+
+@contextmanager
+def _no_files(labels: np.ndarray) -> Iterator[Callable[[], dict[str, str]]]:
+    yield dict
 
 
 def _hash(path: Path) -> str:
@@ -585,10 +631,10 @@ def _output_files(
 def _writing(
     name: str,
     pixels: np.ndarray,
-    labels: np.ndarray,
     out_dir: Path,
     overlays: bool,
     watch: Stopwatch,
+    labels: np.ndarray,
 ) -> Iterator[Callable[[], dict[str, str]]]:
     """Yield a function that writes the image's files (:func:`write_images`), or waits for
     them, and returns their paths.
@@ -699,7 +745,12 @@ def process_images(
         ]
     t = segmenter.config.tiling
     # tiled as labels_at tiles an image alone
-    shared = SharedBatches(segmenter.predict_plane, **segmenter.tiling_options())
+    shared = SharedBatches(
+        segmenter.predict_plane,
+        segmenter.tiling,
+        batch_size=t.batch_size,
+        stopwatch=segmenter.stopwatch,
+    )
     results: list[ImageResult | None] = [None] * len(paths)
     errors: list[BaseException | None] = [None] * len(paths)
     todo = iter(range(len(paths)))

@@ -54,10 +54,10 @@ def test_tiled_and_untiled_agree(threshold_model, tmp_path):
     image = rng.random((300, 400)).astype(np.float32)
     tiled = Segmenter(override(Config(), **{"tiling.tile_size": 64, "tiling.overlap": 16}), model)
     whole = Segmenter(override(Config(), **{"tiling.tile_size": 512, "tiling.overlap": 0}), model)
-    from cellwatch.tiling import predict_tiled
+    from cellwatch.tiling import TileSettings, predict_tiled
 
-    a = predict_tiled(image, tiled.predict_batch, tile=64, overlap=16, batch_size=8)
-    b = predict_tiled(image, whole.predict_batch, tile=512, overlap=0, batch_size=1)
+    a = predict_tiled(image, tiled.predict_batch, TileSettings(64, 16), batch_size=8)
+    b = predict_tiled(image, whole.predict_batch, TileSettings(512, 0), batch_size=1)
     # away from the image border (padding differs there) the two agree to float precision
     np.testing.assert_allclose(a[4:-4, 4:-4], b[4:-4, 4:-4], atol=1e-5)
 

@@ -681,3 +681,64 @@ def test_page_renders_in_headless_chromium(tmp_path):
     for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):  # ok, flagged, histogram
         close = np.abs(pixels - np.array(colour)).sum(axis=2) < 30
         assert close.sum() > 50, f"no pixels of colour {colour}: a plot did not render"
+
+
+def long_names_lab(tmp_path: Path) -> Path:
+    """A day whose two flagged images have 60-character names (after the shared folders)."""
+    results = tmp_path / "results"
+    names = [f"plate_{k}/2026-10-25_DAPI_high_content_screen_field_{k:04d}_z00.tif" for k in (1, 2)]
+    rows = [
+        ledger_row(f"2026-10-25T1{k}:00:00+00:00", name, None, error="file is truncated")
+        for k, name in enumerate(names)
+    ]
+    ledger.append_rows(results / "ledger.csv", rows)
+    build_reports(
+        results / "ledger.csv", results, start=date(2026, 10, 25), end=date(2026, 10, 25), now=NOW
+    )
+    return results / "reports/2026-10-25.html"
+
+
+def test_long_image_names_are_elided_on_check_cards_with_the_full_path_on_hover(tmp_path):
+    page = long_names_lab(tmp_path).read_text(encoding="utf-8")
+    checks = page.split('id="checks">', 1)[1].split("</div></div>", 1)[0]
+    names = re.findall(r'<b title="([^"]*)">([^<]*)</b>', page.split('id="checks">', 1)[1])
+    assert len(names) == 2, checks
+    for k, (title, shown) in enumerate(names, start=1):
+        full = f"{INBOX}/plate_{k}/2026-10-25_DAPI_high_content_screen_field_{k:04d}_z00.tif"
+        assert htmllib.unescape(title) == full
+        shown = htmllib.unescape(shown)
+        assert len(shown) <= 26 and "…" in shown, shown
+        assert shown.startswith(f"plate_{k}/") and shown.endswith(f"{k:04d}_z00.tif"), shown
+
+
+def test_check_cards_hold_their_names_in_headless_chromium(tmp_path):
+    """Measured by the browser: no name on a "check these" card runs past the card."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (CI installs it with apt-get install chromium)")
+    page = long_names_lab(tmp_path)
+    probe = (
+        "<script>const bad=[...document.querySelectorAll('.check')].filter(c=>"
+        "[...c.querySelectorAll('*')].some(e=>e.getBoundingClientRect().right>"
+        "c.getBoundingClientRect().right+0.5));"
+        "document.body.setAttribute('data-overflowing',String(bad.length));</script></body>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", probe))
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,1000",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
+    run = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-overflowing="(\d+)"', run.stdout)
+    assert found is not None, run.stdout[-2000:]
+    assert found.group(1) == "0", "a card's name runs over the next card"

@@ -8,13 +8,22 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import discs, save_threshold_model
+from conftest import DATA, discs, save_threshold_model
 from scipy import ndimage as ndi
 
-from cellwatch.config import Config
+from cellwatch.config import Config, load_config, override
+from cellwatch.errors import ConfigError
 from cellwatch.model import load_model, write_card
-from cellwatch.pipeline import Segmenter
-from cellwatch.scale import PYRAMID, Reading, choose_reading, is_close
+from cellwatch.pipeline import Segmenter, process_image, read
+from cellwatch.scale import (
+    PYRAMID,
+    Reading,
+    choose_reading,
+    choose_scale,
+    is_close,
+    single_cells,
+    typical_diameter,
+)
 
 
 def test_pieces_of_large_nuclei_lose_to_the_level_that_sees_them_whole():
@@ -124,3 +133,83 @@ def test_debris_is_dropped_at_any_magnification(sized_threshold_model, zoom):
     result = Segmenter(Config(), load_model(sized_threshold_model)).segment(image)
     assert result.scale.scale == pytest.approx(1 / zoom, rel=0.15)
     assert result.labels.max() == truth.max() == 4
+
+
+ND2 = DATA.parent / "vendor" / "example-multichannel.nd2"  # PBMC, DAPI nuclei ~20 px
+
+
+def never_estimate() -> float | None:
+    raise AssertionError("the estimate ran although the scale was known")
+
+
+@pytest.mark.parametrize(
+    ("settings", "image_pixel_size_um", "source", "diameter_px"),
+    [
+        ({"nucleus_diameter_um": 6.5}, 0.325, "pixel_size", 20.0),  # the file's pixel size
+        ({"nucleus_diameter_um": 6.5, "pixel_size_um": 0.65}, 0.325, "pixel_size", 10.0),
+        ({"nucleus_diameter_um": 6.5, "diameter_px": 30.0}, 0.325, "config", 30.0),
+        ({}, 0.325, "estimated", 16.0),  # no nucleus size: the pixel size alone says nothing
+        ({"nucleus_diameter_um": 6.5}, None, "estimated", 16.0),  # no pixel size: estimated
+    ],
+)
+def test_a_known_nucleus_size_and_pixel_size_set_the_scale(
+    settings, image_pixel_size_um, source, diameter_px
+):
+    choice = choose_scale(
+        dataclasses.replace(Config().scale, **settings),
+        model_diameter_px=20.0,
+        model_pixel_size_um=None,
+        image_pixel_size_um=image_pixel_size_um,
+        estimate_diameter=(lambda: 16.0) if source == "estimated" else never_estimate,
+    )
+    assert (choice.source, choice.diameter_px) == (source, pytest.approx(diameter_px))
+    assert choice.scale == pytest.approx(20.0 / diameter_px)
+
+
+def test_the_real_nd2_scale_from_its_pixel_size_and_the_nucleus_size(tmp_path):
+    config = override(Config(), **{"input.channel": "DAPI", "scale.nucleus_diameter_um": 6.5})
+    row = process_image(
+        ND2, config=config, segmenter=bundled_with(config), out_dir=tmp_path, job_id="nd2"
+    ).row
+    assert row["status"] == "ok" and row["scale_source"] == "pixel_size"
+    assert row["pixel_size_um"] == pytest.approx(0.3234, abs=1e-4)
+    assert row["diameter_px"] == pytest.approx(6.5 / 0.3234, rel=1e-3)
+
+
+def test_the_estimate_on_few_dim_sparse_nuclei_does_not_settle_on_specks():
+    # the real ND2's DAPI channel: 8 dim nuclei ~20 px across among bright specks of 2-5 px
+    config = override(Config(), **{"input.channel": "DAPI"})
+    image = read(ND2, config)
+    assert image.pixel_size_um is not None  # known, but no nucleus size is configured
+    choice = bundled_with(config).segment(image.pixels, image.pixel_size_um).scale
+    assert choice.source == "estimated" and 15.0 <= choice.diameter_px <= 26.0
+
+
+def test_specks_and_clumps_are_not_single_cells():
+    specks_and_nuclei = np.array([2.0, 3, 4, 4, 5, 5, 6, 7, 18, 20, 21, 22, 25])
+    assert typical_diameter_of(specks_and_nuclei) == pytest.approx(21.0)
+    assert single_cells(np.array([6.0, 7, 8]), np.ones(3)).tolist() == [6.0, 7.0, 8.0]
+
+
+def typical_diameter_of(diameters: np.ndarray) -> float | None:
+    """:func:`typical_diameter` of separate discs of these diameters."""
+    side = int(sum(diameters) + 4 * len(diameters) + 8)
+    labels = np.zeros((64, side), np.int32)
+    yy, xx = np.mgrid[:64, :side]
+    x = 4.0
+    for i, d in enumerate(diameters, start=1):
+        labels[(yy - 32) ** 2 + (xx - x - d / 2) ** 2 <= (d / 2) ** 2] = i
+        x += d + 4
+    found = typical_diameter(labels)
+    return None if found is None else round(found)
+
+
+def bundled_with(config: Config) -> Segmenter:
+    return Segmenter(config, load_model(config.model.path))
+
+
+def test_a_nucleus_size_must_be_positive(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("scale:\n  nucleus_diameter_um: 0\n")
+    with pytest.raises(ConfigError, match=r"scale\.nucleus_diameter_um.*must be positive"):
+        load_config(path)

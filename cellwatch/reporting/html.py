@@ -7,14 +7,13 @@ CSS-only checkbox hides the rows without QC flags.
 
 from __future__ import annotations
 
-__all__ = ["CHECK_MAX", "OPEN_TABLE_MAX", "PLOT_GROUPS_MAX", "render_day"]
+__all__ = ["render_day"]
 
 import base64
 import io
 import warnings
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -23,12 +22,11 @@ from matplotlib.dates import DateFormatter
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cellwatch.reporting.day import DayReport
 from cellwatch.reporting.qc import FAILED, FLAG_ORDER, UNFAMILIAR, UNFAMILIAR_MESSAGE
 
-if TYPE_CHECKING:
-    from cellwatch.reporting.report import DayReport
-
 CHECK_MAX = 12  # thumbnails in the "check these" list
+CHECK_NAME_MAX = 26  # characters of an image name that fit on one "check these" card
 OPEN_TABLE_MAX = 300  # longer image tables start collapsed
 PLOT_GROUPS_MAX = 40
 
@@ -50,6 +48,7 @@ th{background:#f4f4f4;position:sticky;top:0}td.n,th.n{text-align:right}
 #only:checked~.scroll tr.clean{display:none}
 .checks{display:flex;flex-wrap:wrap;gap:12px}
 .check{border:1px solid #ddd;border-radius:6px;padding:6px;width:210px;font-size:13px}
+.check b{display:block;overflow:hidden;white-space:nowrap;text-overflow:ellipsis}
 .check img{display:block;max-width:200px;max-height:200px;margin-bottom:4px}
 .plots img{max-width:100%;display:block;margin:6px 0}
 summary{cursor:pointer;font-weight:600;margin:6px 0}
@@ -138,9 +137,32 @@ def _check_card(row: pd.Series, report: DayReport) -> str:
     detail = _flags_html(row)
     count = "" if FAILED in row["flags"] else f" · {_num(row['cell_count'], 0)} cells"
     return (
-        f'<div class="check">{picture}<b>{escape(str(row["display"]))}</b><br>'
+        f'<div class="check">{picture}{_card_name(row)}<br>'
         f"{row['local_time'].strftime(_clock(report))}{count}<br>{detail}</div>"
     )
+
+
+def _card_name(row: pd.Series) -> str:
+    """The image's name, elided in the middle to fit its card; the full path on hover."""
+    scene = f" · scene {row['scene']}" if row.get("scene") else ""
+    full = escape(f"{row['image']}{scene}", quote=True)
+    return f'<b title="{full}">{escape(elide_middle(str(row["display"]), CHECK_NAME_MAX))}</b>'
+
+
+def elide_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters by replacing its middle with an ellipsis, so
+    both the folder it starts with and the file name it ends with stay readable.
+
+    >>> elide_middle("plate1/well_A01/2026-11-27_DAPI_field_0042.tif", 26)
+    'plate1/well_…ield_0042.tif'
+    >>> elide_middle("A01.tif", 26)
+    'A01.tif'
+    """
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    tail = (keep + 1) // 2
+    return text[: keep - tail] + "…" + text[len(text) - tail :]
 
 
 def _thumbnail(path: Path | None) -> str | None:

@@ -11,12 +11,9 @@ Each scene of a multi-scene file is an image of its own, listed under its file
 from __future__ import annotations
 
 __all__ = [
-    "NO_MATCH",
-    "DayReport",
     "add_report_arguments",
     "build_reports",
     "check_settings",
-    "day_csv",
     "report_cli",
     "reports_for_config",
 ]
@@ -26,7 +23,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +34,7 @@ import pandas as pd
 
 from cellwatch.config import local_today, time_zone
 from cellwatch.errors import CellwatchError, ConfigError
+from cellwatch.reporting.day import DayReport
 from cellwatch.reporting.html import render_day
 from cellwatch.reporting.qc import QcThresholds, flag_images
 from cellwatch.storage import ledger
@@ -53,28 +50,6 @@ _OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence", "scene"
 # A group name must not take a ledger column's name, nor one the report adds.
 _ADDED = ("date", "time", "qc_flags", "typical_count", "acquired_at")
 _INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href")
-
-
-@dataclass(frozen=True)
-class DayReport:
-    """Everything the page and the CSV of one local day show.
-
-    ``images`` is in acquisition order and carries, besides the ledger columns, ``local_time``
-    (tz-aware), one column per group key, ``group`` (a readable label), ``flags`` (a list),
-    ``typical_count``, ``display`` (short image name), ``overlay_file`` and ``overlay_href``.
-    """
-
-    day: date
-    timezone: str
-    images: pd.DataFrame
-    group_names: tuple[str, ...]
-    ledger_columns: tuple[str, ...]
-    cell_areas: np.ndarray | None
-    area_unit: str
-    clock_change: str | None
-    generated_at: datetime
-    ledger_path: Path
-    thresholds: QcThresholds
 
 
 def build_reports(

@@ -39,10 +39,11 @@ from cellwatch.errors import CellwatchError, TransientError
 __all__ = [
     "CELL_COLUMNS",
     "COLUMNS",
+    "COLUMN_TYPES",
+    "TEXT_COLUMNS",
     "LedgerError",
     "append_rows",
     "format_rows",
-    "job_statuses",
     "read",
     "recorded",
     "repair",
@@ -54,35 +55,40 @@ _TAIL_CHUNK = 1 << 16  # bytes read at a time when looking back for the last new
 
 log = logging.getLogger("cellwatch.ledger")
 
-COLUMNS: tuple[str, ...] = (
-    "processed_at",
-    "image",
-    "sha256",
-    "height",
-    "width",
-    "pixel_size_um",
-    "cell_count",
-    "mean_area_px",
-    "median_area_px",
-    "mean_area_um2",
-    "confluence",
-    "status",
-    "error",
-    "labels",
-    "overlay",
-    "model",
-    "settings_hash",
-    "scale",
-    "diameter_px",
-    "scale_source",
-    "duration_s",
-    "saturated_fraction",
-    "focus_score",
-    "job_id",
-    "scene",
-    "familiarity",
-    "channel",
-)
+#: Every ledger column, in file order, and the type :func:`read` parses it as (``str``:
+#: text, kept as written; ``float``: a number, empty as NaN). New columns go at the end.
+COLUMN_TYPES: dict[str, type] = {
+    "processed_at": str,
+    "image": str,
+    "sha256": str,
+    "height": float,
+    "width": float,
+    "pixel_size_um": float,
+    "cell_count": float,
+    "mean_area_px": float,
+    "median_area_px": float,
+    "mean_area_um2": float,
+    "confluence": float,
+    "status": str,
+    "error": str,
+    "labels": str,
+    "overlay": str,
+    "model": str,
+    "settings_hash": str,
+    "scale": float,
+    "diameter_px": float,
+    "scale_source": str,
+    "duration_s": float,
+    "saturated_fraction": float,
+    "focus_score": float,
+    "job_id": str,
+    "scene": str,
+    "familiarity": float,
+    "channel": str,
+}
+
+COLUMNS: tuple[str, ...] = tuple(COLUMN_TYPES)
+TEXT_COLUMNS: frozenset[str] = frozenset(c for c, kind in COLUMN_TYPES.items() if kind is str)
 
 CELL_COLUMNS: tuple[str, ...] = (
     "image",
@@ -327,27 +333,12 @@ def read(path: Path) -> pd.DataFrame:
     """
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(COLUMNS))
-    text = (
-        "image",
-        "sha256",
-        "status",
-        "error",
-        "labels",
-        "overlay",
-        "model",
-        "settings_hash",
-        "scale_source",
-        "job_id",
-        "processed_at",
-        "scene",
-        "channel",
-    )
-    rows = pd.read_csv(path, dtype={name: "string" for name in text}, low_memory=False)
+    rows = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, "string"), low_memory=False)
     for name in _LATER_COLUMNS:
         if name not in rows:
             rows[name] = (
                 pd.Series(pd.NA, index=rows.index, dtype="string")
-                if name in text
+                if name in TEXT_COLUMNS
                 else pd.Series(np.nan, index=rows.index, dtype="float64")
             )
     return rows

@@ -8,7 +8,7 @@ to find.
 
 from __future__ import annotations
 
-__all__ = ["SIZE_GROUPS", "add_arguments", "evaluate", "format_summary", "run", "summarize"]
+__all__ = ["add_arguments", "evaluate", "run", "summarize"]
 
 import argparse
 import json

@@ -46,10 +46,12 @@ from scipy import ndimage as ndi
 from cellwatch import familiarity
 from cellwatch.errors import ConfigError
 from cellwatch.model import (
+    LoadedModel,
     build_seed_unet,
     build_unet,
     load_model,
     measure_receptive_field,
+    model_from_network,
     with_seed_head,
     write_card,
 )
@@ -497,28 +499,30 @@ def train(
         "metrics": {"val_loss": best.get("val_loss"), "val_dice": best.get("val_dice")},
         "parameters": int(network.count_params()),
     }
-    write_card(out, card)
-    references = familiarity_references(out, [image for image, _ in pairs])
+    trained = model_from_network(best_network, out, card)
+    references = familiarity_references(trained, [image for image, _ in pairs])
     if references:  # what the ledger's familiarity compares this model's images with
         card[familiarity.CARD_KEY] = references
-        write_card(out, card)
+    write_card(out, card)
     _plot_history(history, out.with_suffix(".loss.png"))
     return card
 
 
 def familiarity_references(
-    model_path: Path, images: Sequence[Path], *, count: int = FAMILIARITY_IMAGES
+    model: LoadedModel | Path, images: Sequence[Path], *, count: int = FAMILIARITY_IMAGES
 ) -> dict[str, list[float]]:
     """Where the familiarity signals (:mod:`cellwatch.familiarity`) lie on a model's own
     training images, as its card records them: the pipeline (default settings, automatic
     scale) segments up to ``count`` of ``images``, evenly spread, and each signal's
     reference is made from what it measured. Without them the model's ledger rows have no
-    ``familiarity`` and the report cannot flag ``unfamiliar`` images."""
+    ``familiarity`` and the report cannot flag ``unfamiliar`` images. ``model`` is the
+    model in memory, or the path of one to load."""
     from cellwatch.config import Config
     from cellwatch.pipeline import Segmenter, read
 
     config = Config()
-    segmenter = Segmenter(config, load_model(model_path))
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    segmenter = Segmenter(config, loaded)
     measured = []
     for path in images[:: max(1, math.ceil(len(images) / count))]:
         data = read(path, config)
