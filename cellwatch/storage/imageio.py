@@ -45,25 +45,12 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from cellwatch.config import NUCLEAR_CHANNELS, installed_vendor_suffixes
+from cellwatch.config import NUCLEAR_CHANNELS
 from cellwatch.errors import BadInputError, TransientError, io_fault
 from cellwatch.storage import tiff, vendor
 from cellwatch.storage.channels import AUTO, choose_channel
-from cellwatch.storage.pairs import find_pairs
+from cellwatch.storage.names import SUPPORTED_EXTENSIONS, find_pairs, is_supported, stem
 from cellwatch.storage.tiff import tiff_incomplete
-
-#: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
-#: whose bioio plugin (cellwatch extra) is installed.
-SUPPORTED_EXTENSIONS = (
-    ".tif",
-    ".tiff",
-    ".ome.tif",
-    ".ome.tiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    *installed_vendor_suffixes(),
-)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CHANNEL_AXES = "CS"
@@ -97,31 +84,6 @@ class ImageData:
     note: str = ""
     scene: int | None = None
     channel: str = ""
-
-
-def is_supported(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -> bool:
-    """Return True if the file name ends in one of ``extensions`` (case-insensitive).
-
-    Hidden files (name starting with ".") never count: they are temporary files or the
-    "._name.tif" resource forks macOS leaves on network shares, not images.
-    """
-    name = Path(path).name.lower()
-    suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    return not name.startswith(".") and name.endswith(suffixes)
-
-
-def stem(path: Path, scene: int | None = None) -> str:
-    """The file name without its image suffix (``a.ome.tif`` → ``a``), used to pair images
-    with masks and to name label images and overlays; ``a_s2`` for scene 2 of a file of
-    several scenes."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    else:
-        name = path.stem
-    return name if scene is None else f"{name}_s{scene}"
 
 
 def scene_count(path: Path) -> int:

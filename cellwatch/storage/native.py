@@ -11,18 +11,18 @@ corrupt.
 
 from __future__ import annotations
 
-__all__ = ["check_plane", "damage", "open_native", "unsupported_dims"]
+__all__ = ["OpenFile", "VendorScene", "check_plane", "damage", "open_native", "unsupported_dims"]
 
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cellwatch.errors import BadInputError
-from cellwatch.storage.vendor import OpenFile, VendorScene
 
 _CZI_MAGIC = b"ZISRAWFILE"
 _ND2_MAGIC = bytes.fromhex("dacebe0a")
@@ -33,6 +33,49 @@ _CZI_DTYPES = {"Gray8": ("u1", 1), "Gray16": ("<u2", 1), "Gray32Float": ("<f4", 
 # Axes of a LIF image cellwatch cannot make one YX plane of, in words
 _LIF_AXES = {"λ": "a λ-scan (emission wavelengths)", "Λ": "a λ-scan (excitation wavelengths)",
              "H": "a FLIM histogram", "A": "a rotation series"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VendorScene:
+    """One scene of a vendor file, not yet read.
+
+    Attributes
+    ----------
+    data : dask.array.Array
+        The scene's pixels, lazily, in the order of ``axes``.
+    axes : str
+        One letter per axis of ``data``: ``T``, ``C``, ``Z``, ``Y``, ``X`` and ``S``.
+    pixel_size_um : float or None
+        The X pixel size from the file's metadata, in µm; None if it records none.
+    channel_names : tuple of str, or None
+        The channels' names as the file gives them, None if it names none.
+    index, count : int
+        Which scene this is (from 0) and how many the file holds.
+    name : str
+        The scene's name in the file (bioio's scene id, e.g. a well or position).
+    reader : str
+        The vendor's library that read it when the bioio plugin could not; empty for the
+        plugin.
+    """
+
+    data: Any
+    axes: str
+    pixel_size_um: float | None
+    channel_names: tuple[str, ...] | None
+    index: int
+    count: int
+    name: str
+    reader: str = ""
+
+
+@dataclass(frozen=True)
+class OpenFile:
+    """A file opened by one reader: the reader's name, the scenes' names, and a way to get
+    each scene (:class:`VendorScene`)."""
+
+    reader: str
+    names: tuple[str, ...]
+    scene: Callable[[int], VendorScene]
 
 
 def open_native(path: Path) -> OpenFile | None:

@@ -20,13 +20,13 @@ import importlib
 import importlib.util
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cellwatch.config import VENDOR_FORMATS
 from cellwatch.errors import BadInputError, TransientError, io_fault
+from cellwatch.storage import native
+from cellwatch.storage.native import OpenFile, VendorScene
 
 __all__ = [
     "OpenFile",
@@ -45,49 +45,6 @@ __all__ = [
 _LEICA_DIMS = {1: "X", 2: "Y", 3: "Z", 4: "T", 5: "λ", 6: "A", 7: "N", 8: "Q", 9: "Λ", 10: "M"}
 
 log = logging.getLogger("cellwatch.vendor")
-
-
-@dataclass(frozen=True)
-class VendorScene:
-    """One scene of a vendor file, not yet read.
-
-    Attributes
-    ----------
-    data : dask.array.Array
-        The scene's pixels, lazily, in the order of ``axes``.
-    axes : str
-        One letter per axis of ``data``: ``T``, ``C``, ``Z``, ``Y``, ``X`` and ``S``.
-    pixel_size_um : float or None
-        The X pixel size from the file's metadata, in µm; None if it records none.
-    channel_names : tuple of str, or None
-        The channels' names as the file gives them, None if it names none.
-    index, count : int
-        Which scene this is (from 0) and how many the file holds.
-    name : str
-        The scene's name in the file (bioio's scene id, e.g. a well or position).
-    reader : str
-        The vendor's library that read it when the bioio plugin could not; empty for the
-        plugin.
-    """
-
-    data: Any
-    axes: str
-    pixel_size_um: float | None
-    channel_names: tuple[str, ...] | None
-    index: int
-    count: int
-    name: str
-    reader: str = ""
-
-
-@dataclass(frozen=True)
-class OpenFile:
-    """A file opened by one reader: the reader's name, the scenes' names, and a way to get
-    each scene (:class:`VendorScene`)."""
-
-    reader: str
-    names: tuple[str, ...]
-    scene: Callable[[int], VendorScene]
 
 
 def is_vendor(path: Path) -> bool:
@@ -175,8 +132,6 @@ def read_pixels(path: Path, found: VendorScene) -> Any:
         if found.reader:
             raise
         first = exc
-    from cellwatch.storage import native
-
     try:
         opened = native.open_native(path)
         if opened is None or len(opened.names) != found.count:
@@ -198,8 +153,6 @@ def pixels_unreadable(
     """The error for a scene whose pixels no reader reads: an I/O error is retried; damaged
     when the bytes show it, else an acquisition cellwatch cannot read, with each reader's
     own words."""
-    from cellwatch.storage import native
-
     for cause in (exc, also):
         if cause is not None and (fault := io_fault(path, cause)):
             return fault
@@ -240,15 +193,11 @@ def opens_whole(path: Path) -> bool:
     except Exception as exc:  # a half-written file fails in the plugin's own ways
         log.debug("%s does not open whole in its plugin: %s", path, exc)
         return _native_opens(path)
-    from cellwatch.storage import native
-
     return native.damage(path, opened=True) is None  # a plugin may skip a missing LIF block
 
 
 def _native_opens(path: Path) -> bool:
     """The vendor's library opens the file and its bytes show no damage."""
-    from cellwatch.storage import native
-
     try:
         opened = native.open_native(path)
     except Exception as exc:  # a half-written file fails in the library's own ways
@@ -279,8 +228,6 @@ def _open_any(path: Path) -> OpenFile:
 
 def _native(path: Path, first: BaseException) -> OpenFile:
     """The file through the vendor's library, after the plugin failed with ``first``."""
-    from cellwatch.storage import native
-
     if fault := io_fault(path, first):
         raise fault from first
 
@@ -321,8 +268,6 @@ def _open_bioio(path: Path) -> OpenFile:
             raise
         except Exception as exc:  # a plugin may fail in any way on a file it does not follow
             raise _PluginError() from exc
-        from cellwatch.storage import native
-
         sizes_found = leica or dict(zip(axes, data.shape, strict=True))
         native.check_plane(path, index, names[index], sizes_found)
         x = sizes.X if sizes is not None else None
@@ -416,8 +361,6 @@ def _unreadable(
 ) -> BadInputError | TransientError:
     """The error for a file no reader opens: an I/O error behind it is retried; a content
     error is called damaged only when the file's bytes show it."""
-    from cellwatch.storage import native
-
     for cause in (exc, also):
         if cause is not None and (fault := io_fault(path, cause)):
             return fault
