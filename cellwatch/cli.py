@@ -1,4 +1,4 @@
-"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report, export, bench.
+"""The ``cellwatch`` command: predict, train, finetune, models, evaluate, watch, status, report, export, bench.
 
 Exit status: 0 when everything succeeded, 1 when some images failed (their rows are still
 written), 2 for usage, configuration or model errors.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, check_address, config_from_args, override
+from cellwatch.config import Config, check_address, config_from_args, override, with_card_input
 from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -122,6 +122,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=train.run)
 
 
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.training import finetune
+
+    finetune.add_arguments(p)
+    p.set_defaults(handler=finetune.run)
+
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.training import registry
+
+    registry.add_arguments(p)
+    p.set_defaults(handler=registry.run)
+
+
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.training import evaluate
 
@@ -171,6 +185,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "predict": ("segment, count and measure cells in images", _predict_arguments),
     "train": ("train or fine-tune a U-Net on images and masks", _train_arguments),
+    "finetune": ("fine-tune a model on corrected images, in minutes", _finetune_arguments),
+    "models": ("list the models in models.dir with their cards", _models_arguments),
     "evaluate": ("score a model against ground-truth masks", _evaluate_arguments),
     "report": ("write the daily count report", _report_arguments),
     "watch": ("run the daemon: count every new image in the inbox", _watch_arguments),
@@ -205,7 +221,7 @@ def _workers(text: str) -> int | str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cellwatch predict``: count the cells in each image, in this process or on Dask workers."""
-    from cellwatch.model import choose_backend
+    from cellwatch.model import BUNDLED_MODEL, choose_backend, read_card
     from cellwatch.service.cluster import uses_dask
 
     scheduler = getattr(args, "scheduler", None)
@@ -215,6 +231,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         config_from_args(args),
         **{"compute.workers": getattr(args, "workers", None), "compute.scheduler": scheduler},
     )
+    config = with_card_input(config, read_card(Path(config.model.path or BUNDLED_MODEL)))
     images = list(find_images(args.inputs, config.input.extensions))
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))

@@ -16,6 +16,7 @@ __all__ = [
     "InputConfig",
     "MetricsConfig",
     "ModelConfig",
+    "ModelsConfig",
     "NormalizeConfig",
     "OutputConfig",
     "PostprocessConfig",
@@ -32,6 +33,7 @@ __all__ = [
     "tcp_host_port",
     "time_zone",
     "validate",
+    "with_card_input",
 ]
 
 import argparse
@@ -99,6 +101,13 @@ class ModelConfig:
     """``model``: which model file (empty: the bundled one)."""
 
     path: str | None = None  # None: the model bundled with cellwatch
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """``models``: where ``cellwatch finetune`` puts models and ``cellwatch models`` lists them."""
+
+    dir: str | None = None  # None: <output.dir>/models
 
 
 @dataclass(frozen=True)
@@ -229,6 +238,7 @@ class Config:
     """Every setting, one frozen object: loaded with :func:`load_config`, laid over with :func:`override`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     input: InputConfig = field(default_factory=InputConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -403,6 +413,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "model.path": str(args.model) if getattr(args, "model", None) else None,
         },
     )
+
+
+def with_card_input(cfg: Config, card: dict[str, Any]) -> Config:
+    """``cfg`` with the input channel a model card names (``{"input": {"channel": ...}}``,
+    what ``cellwatch finetune`` writes) when ``input.channel`` is left at its default: a
+    model taught on hematoxylin counts hematoxylin unless the config says otherwise.
+
+    >>> with_card_input(Config(), {"input": {"channel": "hematoxylin"}}).input.channel
+    'hematoxylin'
+    >>> gray = dataclasses.replace(Config(), input=InputConfig(channel=0))
+    >>> with_card_input(gray, {"input": {"channel": "hematoxylin"}}).input.channel
+    0
+    """
+    wanted = (card.get("input") or {}).get("channel")
+    if wanted is None or cfg.input.channel != InputConfig().channel:
+        return cfg
+    return dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, channel=wanted))
 
 
 def _check_report(r: ReportConfig, where: str) -> None:

@@ -25,9 +25,12 @@ from cellwatch.model import write_card
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-fluo"
 
 
-def save_threshold_model(path: Path, *, diameter_px: float | None = None, classes: int = 3) -> Path:
+def save_threshold_model(
+    path: Path, *, diameter_px: float | None = None, classes: int = 3, threshold: float = 0.5
+) -> Path:
     """A Keras model with hand-set weights that calls a pixel "interior" when its normalized
-    intensity is above 0.5: a pointwise rule, so its answers are known exactly."""
+    intensity is above ``threshold`` (0.5): a pointwise rule, so its answers are known
+    exactly; two thresholds make two models that count dim cells differently."""
     import keras
     from keras import layers
 
@@ -35,11 +38,12 @@ def save_threshold_model(path: Path, *, diameter_px: float | None = None, classe
     if classes == 3:
         conv = layers.Conv2D(3, 1, activation="softmax", name="probabilities")
         outputs = conv(inputs)
-        conv.set_weights([np.array([[[[-40.0, 40.0, 0.0]]]]), np.array([20.0, -20.0, -50.0])])
+        bias = 40.0 * threshold
+        conv.set_weights([np.array([[[[-40.0, 40.0, 0.0]]]]), np.array([bias, -bias, -50.0])])
     else:
         conv = layers.Conv2D(1, 1, activation="sigmoid", name="probabilities")
         outputs = conv(inputs)
-        conv.set_weights([np.array([[[[40.0]]]]), np.array([-20.0])])
+        conv.set_weights([np.array([[[[40.0]]]]), np.array([-40.0 * threshold])])
     keras.Model(inputs, outputs).save(path)
     write_card(path, {"name": path.stem, "diameter_px": diameter_px})
     return path

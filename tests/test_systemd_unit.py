@@ -83,6 +83,15 @@ def test_which_exits_systemd_restarts(source: Path, clean_exit_restarts: bool):
     assert _setting(text, "RestartSec"), "a restart needs a pause: no busy loop"
 
 
+def test_reload_sends_sighup_to_the_daemon():
+    """`systemctl reload cellwatch` must reach the daemon as SIGHUP (it re-reads the
+    configuration and switches the model at the next image); a unit without ExecReload
+    would refuse the reload, and one that restarted instead would drop the images in hand."""
+    text = UNIT.read_text()
+    assert _setting(text, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert _setting(text, "Type") == "notify"  # RELOADING=1 … READY=1 tell systemd when done
+
+
 @UNITS
 def test_unit_exposure_is_at_most_3(source: Path):
     analyze = systemd_analyze()

@@ -37,6 +37,7 @@ from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.reporting.day import DayReport
 from cellwatch.reporting.html import render_day
 from cellwatch.reporting.qc import QcThresholds, flag_images
+from cellwatch.reporting.switches import SWITCHED, mark_switches
 from cellwatch.storage import ledger
 from cellwatch.storage.imageio import atomic_write
 
@@ -49,7 +50,7 @@ _REQUIRED = ("processed_at", "image", "status", "cell_count")
 _OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence", "scene", "familiarity")
 # A group name must not take a ledger column's name, nor one the report adds.
 _ADDED = ("date", "time", "qc_flags", "typical_count", "acquired_at")
-_INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href")
+_INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href", SWITCHED)
 
 
 def build_reports(
@@ -96,6 +97,7 @@ def build_reports(
     now = now or datetime.now(UTC)
     rows = _load_ledger(ledger_path, zone)
     columns = tuple(c for c in rows.columns if c not in ("_order", "local_time"))
+    rows[SWITCHED] = mark_switches(rows)  # over the whole ledger: a switch at midnight shows
     reports_dir = out_dir / "reports"
     reports_dir.mkdir(parents=True, exist_ok=True)
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]

@@ -142,6 +142,8 @@ class Daemon:
         self.watcher_error: str | None = None
         self._stop_requested = False  # set by signal handlers: plain flags, no locks
         self._reload_requested = False
+        self._loading: threading.Thread | None = None  # loads the new model on SIGHUP
+        self._loaded: tuple[Config, Paths, Engine] | Exception | None = None
         self._next_ping = 0.0
         self.reports = ReportSchedule(
             self.config.report.timezone, self.config.report.refresh_interval_s
@@ -214,7 +216,7 @@ class Daemon:
         ]
         for thread in threads:
             thread.start()
-        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running")
+        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running", last_reload="")
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
@@ -228,7 +230,7 @@ class Daemon:
         self.notifier.send("STOPPING=1", "STATUS=stopping: finishing the images in hand")
         self.stop.set()
         self.wake.set()
-        for thread in threads:
+        for thread in [*threads, *([self._loading] if self._loading else [])]:
             while thread.is_alive():
                 thread.join(timeout=self._tick)
                 if code == 0:  # alive and finishing; after a thread died, no more pings
@@ -265,8 +267,11 @@ class Daemon:
         next_beat = time.monotonic() + HEARTBEAT_S
         while not self._stop_requested:
             time.sleep(self._tick)  # a signal handler runs during the sleep and sets a flag
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._reload_requested and self._loading is None:
+                self._reload_requested = False  # a SIGHUP while loading: once this one is done
+                self._start_reload()
+            if self._loading is not None and not self._loading.is_alive():
+                self._loading = None
                 self._reload(queue, worker)
             dead = [t.name for t in threads if not t.is_alive()]
             if dead:
@@ -329,18 +334,47 @@ class Daemon:
             f"model {worker.engine.model_label}"
         )
 
-    def _reload(self, queue: JobQueue, worker: Runner) -> None:
+    def _start_reload(self) -> None:
+        """SIGHUP: read the configuration and load its model in a thread of its own, so
+        the main loop goes on telling systemd it is alive (a large model, or a first
+        compilation on a GPU, can take longer than the watchdog waits) while the old model
+        keeps counting; :meth:`_reload` then puts the new one to work."""
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            config = self.load_config()
-            paths = Paths.of(config)
-            if config.compute != self.config.compute:
-                log.warning("new compute settings take effect only after a restart")
-                config = override_compute(config, self.config)
-            engine = load_engine(config)
-        except Exception as exc:  # a bad new model or config must not stop a working daemon
-            log.error("reload failed, still using the previous settings and model: %s", exc)
+        running = self.config
+
+        def load() -> None:
+            try:
+                config = self.load_config()
+                paths = Paths.of(config)
+                if config.compute != running.compute:
+                    log.warning("new compute settings take effect only after a restart")
+                    config = override_compute(config, running)
+                self._loaded = (config, paths, load_engine(config))
+            except Exception as exc:  # reported by _reload, on the main thread
+                self._loaded = exc
+
+        self._loaded = None
+        self._loading = threading.Thread(target=load, name="reload", daemon=True)
+        self._loading.start()
+
+    def _reload(self, queue: JobQueue, worker: Runner) -> None:
+        """Put the model and settings :meth:`_start_reload` loaded to work from the next
+        image on, or keep the old ones and say why the new ones cannot be used."""
+        loaded = self._loaded
+        if loaded is None:
+            loaded = RuntimeError("the new settings were not loaded (see the log above)")
+        if isinstance(loaded, Exception):  # a bad new model or config must not stop a daemon
+            why = str(loaded).rstrip(".")
+            log.error(
+                "reload failed: %s. Still counting with model %s and the previous settings; "
+                "fix %s and reload again (systemctl reload cellwatch)",
+                why,
+                worker.engine.model_label,
+                self.config.source or "the configuration",
+            )
+            what = f"failed ({why}); still counting with model {worker.engine.model_label}"
         else:
+            config, paths, engine = loaded
             if paths != self.paths:
                 log.warning(
                     "a new inbox, output or state folder takes effect only after a restart; "
@@ -350,11 +384,14 @@ class Daemon:
             if config.metrics != self.config.metrics:
                 log.warning("new metrics settings take effect only after a restart")
             self.config = config
+            before = worker.engine
             self.metrics.use_model(engine.model_label, stopwatch_of(engine))
             worker.use(engine)
             if self.watcher is not None:
                 self.watcher.update(config.watch)
             log.info("reloaded %s; model %s", config.source, engine.model_label)
+            what = _log_switch(before, engine)
+        queue.set_meta(last_reload=f"{_now()} {what}")  # for `cellwatch status`
         self._beat(queue, worker)
         self.notifier.send("READY=1")
 
@@ -390,6 +427,24 @@ class Daemon:
             self._reload_requested = True
         else:
             self._stop_requested = True
+
+
+def _log_switch(before: Engine, after: Engine) -> str:
+    """Say what a reload changed in how images are counted (the ledger shows it per row);
+    return it in a few words."""
+    what = f"ok; model {after.model_label}"
+    if after.model_label != before.model_label:
+        log.info(
+            "model switched from %s to %s: images from the next one on are counted with it",
+            before.model_label,
+            after.model_label,
+        )
+        what = f"ok; model switched from {before.model_label} to {after.model_label}"
+    old, new = before.config.settings_hash(), after.config.settings_hash()
+    if new != old:
+        log.info("settings changed (settings hash %s -> %s) from the next image on", old, new)
+        what += f"; settings hash {old} -> {new}"
+    return what
 
 
 def _lock(state: Path) -> IO[str]:

@@ -85,6 +85,8 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
     return {
         "daemon": daemon,
         "model": meta.get("model") or (str(rows["model"].iloc[-1]) if len(rows) else None),
+        "last_reload": meta.get("last_reload")
+        or None,  # when, and what it changed or why it failed
         "queue": {
             "waiting": counts["pending"],
             "in_progress": counts["running"],
@@ -123,6 +125,7 @@ def format_text(report: dict[str, Any]) -> str:
     lines = [
         ("daemon", daemon),
         ("model", report["model"] or "unknown (nothing processed yet)"),
+        *([("last reload", report["last_reload"])] if report.get("last_reload") else []),
         ("queue", queue),
         ("today", f"{t['counted']} counted, {t['failed']} failed (since {t['since']})"),
         ("rate", f"{report['images_per_minute']:g} images/min over the last 10 min"),

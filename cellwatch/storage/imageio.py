@@ -50,6 +50,7 @@ from cellwatch.errors import BadInputError, TransientError, io_fault
 from cellwatch.storage import tiff, vendor
 from cellwatch.storage.channels import AUTO, choose_channel
 from cellwatch.storage.names import SUPPORTED_EXTENSIONS, find_pairs, is_supported, stem
+from cellwatch.storage.pixels import STAINS, stain_plane
 from cellwatch.storage.tiff import tiff_incomplete
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -134,7 +135,9 @@ def read_image(
         any case; OME-TIFF and the microscope formats name their channels). ``"auto"``:
         the only channel, else the one named after a stain of ``nuclear_channels``; RGB
         and unnamed channels as None. None accepts gray images, and colour images whose
-        channels are equal (:func:`~cellwatch.storage.channels.choose_channel`).
+        channels are equal (:func:`~cellwatch.storage.channels.choose_channel`);
+        or a stain of an RGB brightfield image (``STAINS``: hematoxylin, eosin, dab by
+        colour deconvolution, gray by luminance).
     stack : {"max", "plane"}
         "max" projects all Z/T/other planes; "plane" keeps plane number ``plane``.
     plane : int
@@ -176,16 +179,16 @@ def read_image(
                 )
     if raw.data.size == 0:
         raise BadInputError(f"{path} contains an image with no pixels (shape {raw.data.shape})")
-    index = choose_channel(
-        path,
-        channel,
-        raw.names,
-        raw.n_channels,
-        samples=raw.is_colour,
-        stains=nuclear_channels,
-    )
-    used = raw.label(index)
-    notes = [raw.note, f"channel {used!r}" if index is not None and used != str(index) else ""]
+    index: int | str | None
+    if isinstance(channel, str) and channel.strip().lower() in STAINS:
+        index = used = channel.strip().lower()  # a stain: made from the RGB channels
+    else:
+        index = choose_channel(
+            path, channel, raw.names, raw.n_channels, samples=raw.is_colour, stains=nuclear_channels
+        )
+        used = raw.label(index)
+    named = isinstance(index, int) and used != str(index)
+    notes = [raw.note, f"channel {used!r}" if named else ""]
     pixels, note = _reduce_to_plane(
         raw.data, raw.axes, raw.n_alpha, path, index, stack, plane, raw.names
     )
@@ -386,7 +389,7 @@ def _reduce_to_plane(
     axes: str,
     n_alpha: int,
     path: Path,
-    channel: int | None,
+    channel: int | str | None,
     stack: str,
     plane: int,
     names: tuple[str, ...] | None = None,
@@ -408,12 +411,14 @@ def _reduce_to_plane(
 def _pick_channel(
     data: np.ndarray,
     path: Path,
-    channel: int | None,
+    channel: int | str | None,
     notes: list[str],
     names: tuple[str, ...] | None = None,
 ) -> np.ndarray:
-    """(planes, channels, H, W) -> (planes, H, W)."""
+    """(planes, channels, H, W) -> (planes, H, W); a str ``channel`` is one of ``STAINS``."""
     n_chan = data.shape[1]
+    if isinstance(channel, str):
+        return _pick_stain(data, path, channel, notes)
     if channel is None:
         if any(not np.array_equal(data[:, 0], data[:, k]) for k in range(1, n_chan)):
             named = f", or its name: {', '.join(names)}" if names and len(names) == n_chan else ""
@@ -428,6 +433,18 @@ def _pick_channel(
     if n_chan > 1:
         notes.append(f"channel {channel} of {n_chan}")
     return data[:, channel]
+
+
+def _pick_stain(data: np.ndarray, path: Path, stain: str, notes: list[str]) -> np.ndarray:
+    """(planes, 3, H, W) RGB -> (planes, H, W) of one stain (:func:`pixels.stain_plane`)."""
+    if data.shape[1] != 3:
+        raise BadInputError(
+            f"{path} has {data.shape[1]} channel(s), not the 3 of an RGB image, so "
+            f"input.channel = {stain!r} (a stain of a brightfield colour image) does not "
+            "apply; set input.channel to a channel number or name in config.yaml"
+        )
+    notes.append(f"{stain} from RGB")
+    return np.stack([stain_plane(np.moveaxis(rgb, 0, -1), stain) for rgb in data])
 
 
 def _pick_plane(

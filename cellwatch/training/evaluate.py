@@ -149,12 +149,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``cellwatch evaluate``: score the model on images with masks; exit status 0."""
-    from cellwatch.config import config_from_args
+    from cellwatch.config import config_from_args, with_card_input
     from cellwatch.model import load_model
 
     config = config_from_args(args)
     pairs = find_pairs(args.images, args.masks)
     model = load_model(config.model.path)
+    config = with_card_input(config, model.card)
     summary, table = evaluate(pairs, Segmenter(config, model), config, progress=sys.stderr.isatty())
     summary["model"] = model.label
     summary["settings_hash"] = config.settings_hash()
