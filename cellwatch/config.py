@@ -9,6 +9,7 @@ silently falls back to a default. Command-line flags override values with
 from __future__ import annotations
 
 __all__ = [
+    "NUCLEAR_CHANNELS",
     "VENDOR_FORMATS",
     "ComputeConfig",
     "Config",
@@ -64,6 +65,13 @@ _ADDRESS = re.compile(r"(?P<scheme>tcp|tls|ws|wss|inproc)://(?P<rest>\S+)")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(?P<port>\d{1,5})/?")
 _BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
+#: Nuclear stains that ``input.channel: auto`` finds by channel name (any case, as a word:
+#: "DAPI 405" and "Hoechst 33342" match; PI only on its own).
+NUCLEAR_CHANNELS: tuple[str, ...] = (
+    "DAPI", "Hoechst", "DRAQ5", "DRAQ7", "NucBlue", "NucSpot", "NucRed", "SiR-DNA",
+    "SPY-DNA", "SYTO", "RedDot", "TO-PRO", "propidium", "PI", "H2B",
+)  # fmt: skip
+
 
 def installed_vendor_suffixes() -> tuple[str, ...]:
     """The suffixes of :data:`VENDOR_FORMATS` whose bioio plugin is installed.
@@ -106,8 +114,10 @@ class ModelsConfig:
 class InputConfig:
     """``input``: how a file becomes one 2-D plane (channel, stack, size limit, suffixes)."""
 
+    # auto: the only channel, or the one named after a nuclear stain (RGB as None);
     # None: gray, or RGB whose channels are equal; a str: the channel's name in the file
-    channel: int | str | None = None
+    channel: int | str | None = "auto"
+    nuclear_channels: tuple[str, ...] = NUCLEAR_CHANNELS
     stack: Literal["max", "plane"] = "max"
     plane: int = 0
     max_pixels: int = 400_000_000
@@ -373,7 +383,13 @@ def validate(cfg: Config) -> None:
     if isinstance(channel, int) and channel < 0:
         _fail(where, "input.channel", f"must be ≥ 0, got {channel}")
     if isinstance(channel, str) and not channel.strip():
-        _fail(where, "input.channel", "must be a channel number or a channel name, got ''")
+        _fail(where, "input.channel", "must be auto, a channel number or a channel name, got ''")
+    if channel == "auto" and not any(s.strip() for s in cfg.input.nuclear_channels):
+        _fail(
+            where,
+            "input.nuclear_channels",
+            "must name at least one stain when input.channel is auto",
+        )
     w = cfg.watch
     if w.stable_time_s < 0 or w.rescan_interval_s <= 0 or w.max_attempts < 1:
         _fail(where, "watch", "stable_time_s ≥ 0, rescan_interval_s > 0 and max_attempts ≥ 1")

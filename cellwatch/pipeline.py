@@ -9,7 +9,7 @@ cells are labelled. Memory then grows with the image's own size, whatever the zo
 :class:`Segmenter` holds the model and settings and is pure computation (arrays in,
 labels out). :func:`process_image` adds the file I/O around it and never raises for a bad
 image: it returns a ``failed`` row instead, so a batch or the daemon keeps going.
-A microscope file of several scenes (positions) is several images: :func:`scenes_of` lists
+A file of several scenes (a microscope file's positions, an OME-TIFF's series) is several images: :func:`scenes_of` lists
 them, and each scene gets its own result, row, label image and overlay (``<stem>_s<k>``).
 The driver (:func:`cellwatch.service.driver.record`) appends the results to ``cells.csv``
 and ``ledger.csv``.
@@ -444,8 +444,8 @@ class ImageResult:
 
 
 def scenes_of(path: Path) -> list[int | None]:
-    """The images one file holds: ``[0, 1, …]`` for a microscope file of several scenes,
-    ``[None]`` for any other file.
+    """The images one file holds: ``[0, 1, …]`` for a file of several scenes (a microscope
+    file's scenes, an OME-TIFF's positions), ``[None]`` for any other file.
 
     A file that does not open is ``[None]`` too: processing it then gives its one
     ``failed`` row with the reader's error. A :class:`TransientError` is raised.
@@ -487,6 +487,7 @@ def process_image(
             row["sha256"] = _hash(path)
         pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
         row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
+        row["channel"] = data.channel
         writing = files_writer(imageio.stem(path, scene), pixels, out_dir, config, watch)
         counted = count_pixels(pixels, pixel_size, segmenter, writing=writing)
         cells = counted.cells
@@ -600,6 +601,7 @@ def read(path: Path, config: Config, scene: int | None = None) -> imageio.ImageD
         plane=config.input.plane,
         max_pixels=config.input.max_pixels,
         scene=scene,
+        nuclear_channels=config.input.nuclear_channels,
     )
 
 

@@ -84,6 +84,7 @@ COLUMN_TYPES: dict[str, type] = {
     "job_id": str,
     "scene": str,
     "familiarity": float,
+    "channel": str,
 }
 
 COLUMNS: tuple[str, ...] = tuple(COLUMN_TYPES)
@@ -108,7 +109,7 @@ CELL_COLUMNS: tuple[str, ...] = (
 
 
 #: Columns added after ledgers were in use; :func:`read` gives older ledgers them, empty.
-_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity")
+_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity", "channel")
 
 
 class LedgerError(CellwatchError):
@@ -327,8 +328,8 @@ def repair(path: Path) -> bool:
 def read(path: Path) -> pd.DataFrame:
     """The ledger as a DataFrame (empty, with the right columns, if there is no file).
 
-    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene`` and
-    ``familiarity``), empty. ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
+    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene``,
+    ``familiarity`` and ``channel``), empty. ``channel`` is text (a name, or a number). ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
     """
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(COLUMNS))
