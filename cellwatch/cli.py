@@ -236,9 +236,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     choose_backend()
-    if args.quiet:
-        with _native_stderr_silenced():
-            import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
     if uses_dask(config.compute):
         return predict_over_dask(args, config, images)
     from cellwatch.pipeline import Segmenter
@@ -246,6 +243,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cellwatch.service.driver import record
 
     config = resolve(config)  # the runtime and precision that run, in every row's hash
+    if args.quiet and config.inference.runtime == "keras":
+        with _native_stderr_silenced():
+            import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
     segmenter = Segmenter(config, load(config))
     if not args.quiet:
         print(f"network: {describe(segmenter.model)}", file=sys.stderr)
