@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -214,7 +215,9 @@ class Daemon:
         ]
         for thread in threads:
             thread.start()
-        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running")
+        queue.set_meta(
+            pid=str(os.getpid()), host=socket.gethostname(), started_at=_now(), state="running"
+        )
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
