@@ -21,9 +21,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cellwatch.errors import disk_full
 from cellwatch.service.crash import crash_point
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import Job, JobQueue
+from cellwatch.service.pause import Pause, Stopped
 from cellwatch.service.recorder import Recorder
 from cellwatch.storage import ledger
 
@@ -61,6 +63,10 @@ class DaskRunner:
         Set to finish; set when new jobs are queued.
     pool : cellwatch.service.cluster.Pool
         The Dask client (and local cluster) to use; tests pass a fake.
+    pause : Pause, optional
+        The daemon's pause (:mod:`cellwatch.service.pause`): an image whose files found
+        the results disk full goes back to the queue, its attempt not spent, and the
+        runner waits before it hands Dask more work.
     """
 
     def __init__(
@@ -72,10 +78,12 @@ class DaskRunner:
         stop: threading.Event,
         wake: threading.Event,
         pool: Any,
+        pause: Pause | None = None,
     ) -> None:
         self.paths, self.engine, self.recorder = paths, engine, recorder
         self.stop, self.wake = stop, wake
         self.pool = pool
+        self.pause = pause
         self.error: str | None = None
         self._queue: JobQueue | None = None  # the worker thread's connection, while it runs
         self.held: dict[str, tuple[Job, int | None]] = {}  # Dask key -> (job, scene) it runs
@@ -148,7 +156,10 @@ class DaskRunner:
             with JobQueue(self.paths.db) as queue:
                 self._queue = queue
                 while not self.stop.is_set():
-                    self.work(queue)
+                    try:
+                        self.work(queue)
+                    except Stopped:  # stopping while the disk is full
+                        break
                 self._drain(queue)
         except OSError as exc:
             self.error = f"cannot write to {exc.filename or self.paths.out}: {exc.strerror or exc}"
@@ -248,6 +259,7 @@ class DaskRunner:
         engine, recorder = self.engine, self.recorder
         results: list[Any] = []
         settled: list[_InFlight] = []
+        full: Exception | None = None  # an image's files found the results disk full
         for fin in finished:
             entry = self.held.pop(fin.key, None)
             if entry is None:
@@ -264,11 +276,18 @@ class DaskRunner:
                 killed = type(error).__name__ == "KilledWorker"
                 if fin.lost or (killed and self.stop.is_set()):  # not the image's fault
                     state.lost = True
+                elif self.pause is not None and disk_full(error):  # nor is a full disk
+                    state.lost, full = True, error
                 elif state.fault is None:
                     state.fault = error
             if state.waiting == 0:
                 settled.append(self._jobs.pop(job.job_id))
-        recorder.record_all(results, engine)
+        try:
+            recorder.record_all(results, engine)
+        except Stopped:  # their rows did not land: the jobs go back, attempt unspent
+            for job_id in {s.job.job_id for s in settled} | {r.row["job_id"] for r in results}:
+                queue.release(job_id)
+            raise
         outcomes: dict[str, Any] = {}
         for state in settled:
             job = state.job
@@ -282,6 +301,8 @@ class DaskRunner:
             queue.finish(outcomes)
             crash_point("after-commit", " ".join(s.job.rel_path for s in settled))
         recorder.metrics.queue(queue.counts())
+        if full is not None and self.pause is not None:
+            self.pause.hold(full)  # before more work goes out; Stopped when stopping
         return True
 
     def _retry_or_give_up(

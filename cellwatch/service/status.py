@@ -84,6 +84,8 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
     daemon = _daemon(meta, now)
     return {
         "daemon": daemon,
+        # the daemon waits for room on a full results disk (it says so at once)
+        "paused": (meta.get("paused") or None) if daemon["running"] else None,
         "model": meta.get("model") or (str(rows["model"].iloc[-1]) if len(rows) else None),
         "queue": {
             "waiting": counts["pending"],
@@ -122,6 +124,7 @@ def format_text(report: dict[str, Any]) -> str:
         error = f"{e['time']}  {e['image']}: {e['error']}"
     lines = [
         ("daemon", daemon),
+        *([("paused", report["paused"])] if report.get("paused") else []),
         ("model", report["model"] or "unknown (nothing processed yet)"),
         ("queue", queue),
         ("today", f"{t['counted']} counted, {t['failed']} failed (since {t['since']})"),

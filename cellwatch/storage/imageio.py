@@ -45,7 +45,14 @@ import tifffile
 from PIL import Image
 
 from cellwatch.config import installed_vendor_suffixes
-from cellwatch.errors import BadInputError, ConfigError, TransientError, io_fault
+from cellwatch.errors import (
+    BadInputError,
+    ConfigError,
+    DiskFullError,
+    TransientError,
+    disk_full,
+    io_fault,
+)
 from cellwatch.storage import vendor
 
 #: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
@@ -721,7 +728,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
         _fsync_folder(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
-        raise TransientError(
+        raise (DiskFullError if disk_full(exc) else TransientError)(
             f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
             "changed there. Free some space on that disk and try again."
         ) from exc
