@@ -102,7 +102,7 @@ class Pause:
                 self.metrics.paused(DISK_FULL, True)
             log.error(
                 "pausing: the results disk is full (%s). No image is given up; cellwatch "
-                "tries the write again, every %.0f s at most, and resumes by itself once "
+                "tries the write again, every %g s at most, and resumes by itself once "
                 "space is freed",
                 error,
                 self.most_s,
