@@ -83,9 +83,10 @@ class LocalRunner:
         self.engine = engine
 
     def run(self) -> None:
-        """The worker thread. An error outside one image's processing (the ledger or the
-        database cannot be written) ends it; the daemon then exits for systemd to restart
-        it, and start-up recovery picks up where it stopped."""
+        """The worker thread. A full results disk pauses it (:attr:`pause`); any other
+        error outside one image's processing (the ledger or the database cannot be
+        written) ends it; the daemon then exits for systemd to restart it, and start-up
+        recovery picks up where it stopped."""
         try:
             with JobQueue(self.paths.db) as queue:
                 while not self.stop.is_set():
