@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from cellwatch.service.engine import Engine, Paths, load_engine, override_comput
 from cellwatch.service.jobs import FileVersion, JobQueue
 from cellwatch.service.local_runner import LocalRunner
 from cellwatch.service.metrics import Metrics, MetricsServer, serve
+from cellwatch.service.pause import Pause
 from cellwatch.service.recorder import Key, Recorder
 from cellwatch.service.schedule import ReportSchedule
 from cellwatch.service.sdnotify import Notifier
@@ -151,6 +153,7 @@ class Daemon:
         self._report_thread: threading.Thread | None = None
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.pause = Pause(self.stop, self.metrics)  # while the results disk is full
 
     def serve(self) -> int:
         """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 if a thread died."""
@@ -216,7 +219,13 @@ class Daemon:
         ]
         for thread in threads:
             thread.start()
-        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running", last_reload="")
+        queue.set_meta(
+            pid=str(os.getpid()),
+            host=socket.gethostname(),
+            started_at=_now(),
+            state="running",
+            last_reload="",
+        )
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
@@ -244,13 +253,18 @@ class Daemon:
     def _worker(self, engine: Engine, recorded: dict[Key, str]) -> Runner:
         """The worker thread's object: images in threads of this process, or on Dask; the
         one recorder is composed into either."""
-        recorder = Recorder(self.paths, recorded, metrics=self.metrics)
+        recorder = Recorder(self.paths, recorded, metrics=self.metrics, pause=self.pause)
         if engine.segmenter is not None:
-            return LocalRunner(self.paths, engine, recorder, stop=self.stop, wake=self.wake)
+            return LocalRunner(
+                self.paths, engine, recorder, stop=self.stop, wake=self.wake, pause=self.pause
+            )
         from cellwatch.service.cluster import Pool
 
         pool = Pool(engine.config.compute)
-        runner = DaskRunner(self.paths, engine, recorder, stop=self.stop, wake=self.wake, pool=pool)
+        runner = DaskRunner(
+            self.paths, engine, recorder, stop=self.stop, wake=self.wake, pool=pool,
+            pause=self.pause,
+        )  # fmt: skip
         try:
             runner.connect(at_start=True)
         except BaseException:
@@ -265,6 +279,7 @@ class Daemon:
 
     def _loop(self, queue: JobQueue, worker: Runner, threads: list[threading.Thread]) -> int:
         next_beat = time.monotonic() + HEARTBEAT_S
+        pauses = self.pause.changes
         while not self._stop_requested:
             time.sleep(self._tick)  # a signal handler runs during the sleep and sets a flag
             if self._reload_requested and self._loading is None:
@@ -284,8 +299,9 @@ class Daemon:
                 return 1
             self._ping()
             self._refresh_reports()
-            if time.monotonic() >= next_beat:
+            if time.monotonic() >= next_beat or self.pause.changes != pauses:
                 next_beat = time.monotonic() + HEARTBEAT_S
+                pauses = self.pause.changes  # paused or resumed: say so at once
                 self._beat(queue, worker)
         return 0
 
@@ -321,6 +337,7 @@ class Daemon:
             heartbeat=_now(),
             model=worker.engine.model_label,
             compute=json.dumps(worker.compute_status()),
+            paused=self.pause.describe() or "",
         )
         self.metrics.queue(queue.counts())
         self.notifier.status(self._summary(queue, worker))
@@ -328,8 +345,10 @@ class Daemon:
     def _summary(self, queue: JobQueue, worker: Runner) -> str:
         counts = queue.counts()
         writing = self.watcher.pending() if self.watcher is not None else 0
+        paused = self.pause.describe()
         return (
-            f"{counts['pending'] + counts['running']} queued, {writing} being written, "
+            (f"{paused}; " if paused else "")
+            + f"{counts['pending'] + counts['running']} queued, {writing} being written, "
             f"{worker.done} counted, {worker.failed} failed since start; "
             f"model {worker.engine.model_label}"
         )

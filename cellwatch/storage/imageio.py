@@ -46,7 +46,7 @@ import tifffile
 from PIL import Image
 
 from cellwatch.config import NUCLEAR_CHANNELS
-from cellwatch.errors import BadInputError, TransientError, io_fault
+from cellwatch.errors import BadInputError, DiskFullError, TransientError, disk_full, io_fault
 from cellwatch.storage import tiff, vendor
 from cellwatch.storage.channels import AUTO, choose_channel
 from cellwatch.storage.names import SUPPORTED_EXTENSIONS, find_pairs, is_supported, stem
@@ -548,7 +548,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
         _fsync_folder(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
-        raise TransientError(
+        raise (DiskFullError if disk_full(exc) else TransientError)(
             f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
             "changed there. Free some space on that disk and try again."
         ) from exc

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellwatch.errors import CellwatchError, TransientError
+from cellwatch.errors import CellwatchError, DiskFullError, TransientError, disk_full
 
 __all__ = [
     "CELL_COLUMNS",
@@ -276,12 +276,13 @@ def _give_back(path: Path, fd: int, start: int, size: int, exc: OSError) -> None
     try:
         _cut(fd, start)
     except OSError as cut_exc:
-        raise TransientError(
+        raise (DiskFullError if disk_full(exc) else TransientError)(
             f"could not append {size} bytes to {path} ({reason}; disk full?), and could not "
             f"cut it back to {start} bytes either ({cut_exc.strerror or cut_exc}); the next "
             "start-up removes the half-written line. Free some space on that disk."
         ) from exc
-    raise TransientError(
+    kind = DiskFullError if disk_full(exc) else TransientError
+    raise kind(
         f"could not append {size} bytes to {path} ({reason}; disk full?); the file is "
         f"unchanged ({start} bytes). Free some space on that disk and try again."
     ) from exc
