@@ -26,7 +26,7 @@ import tifffile
 
 from cellwatch.config import Config, override
 from cellwatch.preprocess import Normalization
-from cellwatch.runtime import load
+from cellwatch.runtime import load, predict_fn
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "images" / "a65bbfc5673e.tif"
 CASES = (("keras", "f32"), ("openvino", "f32"), ("openvino", "bf16"))
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
         config = override(
             Config(), **{"inference.runtime": runtime, "inference.precision": precision}
         )
-        fn = load(config).predict_fn()
+        fn = predict_fn(load(config))
         fn(batch)  # compile, trace
         fns[f"{runtime} {precision}"] = fn
     walls: dict[str, list[float]] = {name: [] for name in fns}

@@ -51,6 +51,7 @@ from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.postprocess import labels_from_masked_interior
 from cellwatch.preprocess import Normalization
+from cellwatch.runtime import predict_fn
 from cellwatch.tiling import (
     TileGrid,
     TileSettings,
@@ -84,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model()
     segmenter = Segmenter(Config(), model)
-    predict = model.predict_fn()
+    predict = predict_fn(model)
     settings = [_setting(s, model.context_px, model.grid_px) for s in args.settings]
     for tile, *_ in settings:  # trace before timing (two traces cover every shape)
         predict(np.zeros((_batch(tile), tile, tile, 1), np.float32))

@@ -112,13 +112,6 @@ class LoadedModel:
         """``name@hash`` as written in the ledger's ``model`` column."""
         return f"{self.name}@{self.sha256[:12]}"
 
-    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """A function mapping a fixed-shape batch to probabilities, compiled once, on this
-        model's runtime (:func:`cellwatch.runtime.predict_fn`)."""
-        from cellwatch.runtime import predict_fn
-
-        return predict_fn(self)
-
 
 def model_label(path: str | Path | None = None) -> str:
     """``name@hash`` of a model file as :attr:`LoadedModel.label` gives it, without loading

@@ -120,7 +120,9 @@ class Segmenter:
         self.model = model
         self.tiling = tiling_for(config, model)
         self.stopwatch = stopwatch or Stopwatch()
-        self.predict_batch = self.stopwatch.timed("inference", predict_batch or model.predict_fn())
+        from cellwatch.runtime import predict_fn  # the runtime that loaded the model runs it
+
+        self.predict_batch = self.stopwatch.timed("inference", predict_batch or predict_fn(model))
         self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
         try:
             self._familiar_reference = familiarity.reference_from_card(model.card)

@@ -237,12 +237,13 @@ def ledger_writers(package: Path = PACKAGE) -> set[str]:
 SERVICE_ROOMS: dict[str, set[str]] = {
     "daemon": {  # the daemon's life: start-up, signals, reload, heartbeat, reports
         "dask_runner", "engine", "jobs", "local_runner", "metrics", "recorder", "schedule",
-        "sdnotify", "watcher", "cluster",
+        "sdnotify", "watcher", "cluster", "pause",
     },
     "engine": {"jobs", "cluster"},  # the folders, the settings and the loaded model
-    "recorder": {"driver", "engine", "jobs", "metrics", "watcher"},  # the exactly-once gate
-    "local_runner": {"crash", "engine", "jobs", "recorder"},  # the network in this process
-    "dask_runner": {"cluster", "crash", "engine", "jobs", "recorder", "worker"},  # on Dask
+    "recorder": {"driver", "engine", "jobs", "metrics", "watcher", "pause"},  # exactly once
+    "local_runner": {"crash", "engine", "jobs", "recorder", "pause"},  # in this process
+    "dask_runner": {"cluster", "crash", "engine", "jobs", "recorder", "worker", "pause"},
+    "pause": {"metrics"},  # a full disk: pause, retry, resume
 }  # fmt: skip
 
 
@@ -263,8 +264,14 @@ def test_the_runners_compose_the_recorder_rather_than_inherit_a_worker():
 
     for room in ("local_runner", "dask_runner"):
         tree = ast.parse((PACKAGE / "service" / f"{room}.py").read_text())
-        bases = [b for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for b in node.bases]
-        assert bases == [], f"service/{room}.py: a class with a base class"
+        bases = [
+            ast.unparse(b)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef)
+            for b in node.bases
+        ]
+        # a library's hook (a logging filter) is fine; a class of cellwatch's is not
+        assert all(b.startswith("logging.") for b in bases), f"service/{room}.py: {bases}"
 
 
 def test_a_room_reaching_into_another_is_caught(tmp_path):
@@ -410,7 +417,9 @@ FRAMEWORK_IMPORTERS = {
     "tensorflow": {
         "cellwatch.runtime",
         "cellwatch.model",
-        "cellwatch.bench",
+        "cellwatch.bench.command",  # the plain TensorFlow rates cellwatch bench reports
+        "cellwatch.bench.network",
+        "cellwatch.bench.report",
         "cellwatch.training.train",
         "cellwatch.interop.bioimageio_export",
     },

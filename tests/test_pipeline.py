@@ -11,6 +11,7 @@ from cellwatch.config import Config, override
 from cellwatch.errors import TransientError
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter, process_image
+from cellwatch.runtime import predict_fn
 from cellwatch.service.driver import record
 from cellwatch.training import matching
 
@@ -124,7 +125,7 @@ def test_an_image_smaller_than_a_tile_is_predicted_whole_with_the_bundled_model(
 
     raw = tifffile.imread(SAMPLES / "a65bbfc5673e.tif")
     calls: list[tuple[int, ...]] = []
-    predict = bundled.predict_fn()
+    predict = predict_fn(bundled)
 
     def recorded(batch: np.ndarray) -> np.ndarray:
         calls.append(batch.shape)

@@ -14,6 +14,7 @@ from cellwatch.config import Config
 from cellwatch.errors import ConfigError
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
+from cellwatch.runtime import predict_fn
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.training.train import Sample, TrainSettings, crop_batches, random_crop
 
@@ -64,7 +65,7 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
     assert out.with_suffix(".loss.png").exists()
     assert out.stat().st_size < out.with_suffix(".last.keras").stat().st_size  # no optimizer state
     model = load_model(out)
-    probs = model.predict_fn()(np.zeros((2, 64, 64, 1), np.float32))
+    probs = predict_fn(model)(np.zeros((2, 64, 64, 1), np.float32))
     assert probs.shape == (2, 64, 64, 3)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-4)
 

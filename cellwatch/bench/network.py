@@ -127,7 +127,7 @@ def network_rates(
     import tensorflow as tf
 
     from cellwatch.config import Config, override
-    from cellwatch.runtime import load
+    from cellwatch.runtime import load, predict_fn
 
     out = {}
     size = Config().tiling.batch_size
@@ -137,9 +137,9 @@ def network_rates(
         side = entry["tile"]
         batch = np.random.default_rng(0).random((size, side, side, 1), dtype=np.float32)
         model = load(override(Config(), **{"model.path": str(entry["path"])}))
-        cases = {name: (model.predict_fn(), batch)}
+        cases = {name: (predict_fn(model), batch)}
         if name == "default":
-            cases["default_one_tile"] = (model.predict_fn(), batch[:1])
+            cases["default_one_tile"] = (predict_fn(model), batch[:1])
         if name == "default" and model.runtime == "keras":
             net = model.network
             xla = tf.function(lambda x, net=net: net(x, training=False), jit_compile=True)

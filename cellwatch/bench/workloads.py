@@ -87,13 +87,13 @@ def bench_segmenter(
 ) -> tuple[Any, Counting]:
     from cellwatch.config import Config, override
     from cellwatch.pipeline import Segmenter
-    from cellwatch.runtime import load, resolve
+    from cellwatch.runtime import load, predict_fn, resolve
 
     fixed = None if default_config else 1.0  # None: the default, automatic scale
     settings = {"scale.scale": fixed, "tiling.batch_size": batch_size}
     config = resolve(override(Config(), **settings, **{"model.path": str(model_path)}))
     model = load(config)
-    counter = Counting(model.predict_fn())
+    counter = Counting(predict_fn(model))
     segmenter = Segmenter(config, model, counter, stopwatch=_stopwatch(intervals))
     tile = segmenter.tiling.tile
     segmenter.predict_batch(np.zeros((batch_size, tile, tile, 1), np.float32))
