@@ -291,9 +291,9 @@ def test_a_field_of_touching_large_nuclei_counts_better_zoomed_down_less():
     truth = as_instances(imageio.read_image(DATA / "val" / "masks" / name).pixels)
     pixels = imageio.read_image(DATA / "val" / "images" / name).pixels
     model = load_model()
-    assert large_nuclei_growth(Config().scale, model.card) > 0  # the bundled model's default
+    assert large_nuclei_growth(Config().scale, model.card) == 0.0  # the default: as before
     found = {}
-    for growth in (0.0, None):  # as before; the default
+    for growth in (None, 0.5):  # the default; the growth cross-validation chose on train
         config = override(Config(), **{"scale.large_nuclei_growth": growth})
         result = Segmenter(config, model).segment(pixels)
         at_half = matching.match(truth, result.labels, thresholds=(0.5,))[0]
