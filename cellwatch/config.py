@@ -142,6 +142,7 @@ class ScaleConfig:
     diameter_px: float | None = None  # typical cell diameter in the image, in pixels
     pixel_size_um: float | None = None  # overrides the pixel size read from the file
     nucleus_diameter_um: float | None = None  # with a pixel size: the scale, not the estimate
+    large_nuclei_growth: float | None = None  # 0..1; None: the model card's (docs/scale.md)
     min_scale: float = 0.08
     max_scale: float = 5.0
 
@@ -353,6 +354,12 @@ def validate(cfg: Config) -> None:
         value = getattr(s, key)
         if value is not None and value <= 0:
             _fail(where, f"scale.{key}", f"must be positive, got {value}")
+    if s.large_nuclei_growth is not None and not 0 <= s.large_nuclei_growth <= 1:
+        _fail(
+            where,
+            "scale.large_nuclei_growth",
+            f"must be between 0 and 1 (or null for the model's), got {s.large_nuclei_growth}",
+        )
     if not 0 < s.min_scale <= 1 <= s.max_scale:
         _fail(where, "scale.min_scale/max_scale", "need 0 < min_scale ≤ 1 ≤ max_scale")
     p = cfg.postprocess

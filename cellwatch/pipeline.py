@@ -71,6 +71,7 @@ from cellwatch.scale import (
     choose_reading,
     choose_scale,
     is_close,
+    large_nuclei_growth,
     typical_diameter,
 )
 from cellwatch.storage import imageio, overlay
@@ -174,6 +175,7 @@ class Segmenter:
             model_pixel_size_um=self.model.working_pixel_size_um,
             image_pixel_size_um=pixel_size_um,
             estimate_diameter=lambda: self.estimate_diameter(pixels, passes, normalization),
+            growth=large_nuclei_growth(self.config.scale, self.model.card),
         )
         at_bound = _at_bound(choice, self.config.scale)
         # The model was trained with ±40 % scale jitter, so a pass already made within 15 %

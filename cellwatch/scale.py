@@ -25,14 +25,17 @@ __all__ = [
     "choose_reading",
     "choose_scale",
     "is_close",
+    "large_nuclei_growth",
     "single_cells",
     "typical_diameter",
+    "working_diameter",
 ]
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 from skimage.measure import regionprops_table
@@ -55,6 +58,11 @@ AGREEMENT = 1.5
 #: merges touching nuclei that are larger (benchmarks/scale_estimate.py chose it on
 #: ``train``).
 QUANTILE = 0.5
+#: The largest working diameter :func:`working_diameter` grows to, as a multiple of the
+#: model's: a network shown nuclei much larger than it was trained on breaks them into
+#: pieces (see :func:`choose_reading`).
+LARGEST_WORKING = 2.0
+
 #: Objects under this share of the area-weighted median diameter are specks ...
 SPECK_RATIO = 0.5
 #: ... set aside when they are at least this share of the objects (fewer hardly move the
@@ -126,32 +134,74 @@ def choose_scale(
     model_pixel_size_um: float | None,
     image_pixel_size_um: float | None,
     estimate_diameter: Callable[[], float | None],
+    growth: float = 0.0,
 ) -> ScaleChoice:
     """Decide the zoom for one image (``estimate_diameter`` is only called when needed).
 
     A known pixel size (``settings.pixel_size_um``, else ``image_pixel_size_um``) sets the
     zoom when the nuclei's size in µm is known too: from ``settings.nucleus_diameter_um``,
     or from the model's own pixel size. Otherwise the size is estimated from the image.
+    Wherever the zoom comes from a nucleus diameter (``diameter_px``,
+    ``nucleus_diameter_um`` or the estimate), nuclei larger than the model's diameter are
+    brought to :func:`working_diameter` with ``growth`` (see :func:`large_nuclei_growth`).
     """
     if settings.scale is not None:
         return ScaleChoice(settings.scale, _diameter(model_diameter_px, settings.scale), "config")
     if settings.mode == "none" or model_diameter_px is None:
         return ScaleChoice(1.0, None, "none")
     if settings.diameter_px is not None:
-        return _clamped(
-            settings, model_diameter_px / settings.diameter_px, settings.diameter_px, "config"
-        )
+        return _towards(settings, model_diameter_px, growth, settings.diameter_px, "config")
     pixel_size = settings.pixel_size_um or image_pixel_size_um
     if pixel_size and settings.nucleus_diameter_um is not None:
         diameter = settings.nucleus_diameter_um / pixel_size
-        return _clamped(settings, model_diameter_px / diameter, diameter, "pixel_size")
+        return _towards(settings, model_diameter_px, growth, diameter, "pixel_size")
     if pixel_size and model_pixel_size_um:
         scale = pixel_size / model_pixel_size_um
         return _clamped(settings, scale, model_diameter_px / scale, "pixel_size")
     diameter = estimate_diameter()
     if diameter is None:  # nothing found: an empty image; keep its own scale
         return ScaleChoice(1.0, None, "estimated")
-    return _clamped(settings, model_diameter_px / diameter, diameter, "estimated")
+    return _towards(settings, model_diameter_px, growth, diameter, "estimated")
+
+
+def working_diameter(diameter: float, target: float, growth: float) -> float:
+    """The size (px) that nuclei of ``diameter`` px are zoomed to for a model that works
+    at ``target`` px.
+
+    Nuclei up to ``target`` are brought to ``target``. Larger ones are brought to
+    ``target · (diameter / target) ** growth``, at most :data:`LARGEST_WORKING` times
+    ``target``: with ``growth`` 0 every nucleus reaches the network at ``target``; with 1,
+    nuclei up to twice ``target`` are not zoomed down at all. Zooming a field of touching
+    large nuclei all the way down to ``target`` shrinks their smaller neighbours to
+    specks and merges touching pairs; a network trained with size jitter still parts
+    nuclei somewhat larger than ``target``.
+
+    Examples
+    --------
+    >>> working_diameter(10.0, 20.0, 0.5)  # small nuclei: zoomed up to the target
+    20.0
+    >>> working_diameter(45.0, 20.0, 0.5)  # 45 px nuclei reach the network at 30 px
+    30.0
+    >>> working_diameter(45.0, 20.0, 0.0)  # growth 0: every nucleus at the target
+    20.0
+    >>> working_diameter(200.0, 20.0, 1.0)  # never more than twice the target
+    40.0
+    """
+    if not 0 <= growth <= 1:
+        raise ValueError(f"growth must be between 0 and 1, got {growth}")
+    if diameter <= target:
+        return target
+    return min(target * (diameter / target) ** growth, LARGEST_WORKING * target)
+
+
+def large_nuclei_growth(settings: ScaleConfig, card: Mapping[str, Any]) -> float:
+    """The ``growth`` of :func:`working_diameter`: ``scale.large_nuclei_growth`` when set,
+    else the model card's ``large_nuclei_growth``, else 0 (every nucleus at the model's
+    working diameter)."""
+    if settings.large_nuclei_growth is not None:
+        return settings.large_nuclei_growth
+    recorded = card.get("large_nuclei_growth")
+    return float(recorded) if isinstance(recorded, int | float) and 0 <= recorded <= 1 else 0.0
 
 
 def typical_diameter(
@@ -216,6 +266,15 @@ def single_cells(diameters: np.ndarray, solidity: np.ndarray) -> np.ndarray:
     if np.count_nonzero(~large) >= len(diameters) / 2:
         diameters = diameters[~large]
     return diameters
+
+
+def _towards(
+    settings: ScaleConfig, target: float, growth: float, diameter: float, source: str
+) -> ScaleChoice:
+    """The zoom that brings nuclei of ``diameter`` px to their working diameter."""
+    return _clamped(
+        settings, working_diameter(diameter, target, growth) / diameter, diameter, source
+    )
 
 
 def _clamped(
