@@ -45,14 +45,13 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from cellwatch.errors import ConfigError
+from cellwatch.values import check_address, local_today, tcp_host_port, time_zone
 
 #: Microscope formats read through bioio: suffix → (format, bioio plugin module, the
 #: cellwatch extra that installs the plugin). The one table of them; storage reads it too.
@@ -61,8 +60,6 @@ VENDOR_FORMATS: dict[str, tuple[str, str, str]] = {
     ".nd2": ("Nikon ND2", "bioio_nd2", "nd2"),
     ".lif": ("Leica LIF", "bioio_lif", "lif"),
 }
-_ADDRESS = re.compile(r"(?P<scheme>tcp|tls|ws|wss|inproc)://(?P<rest>\S+)")
-_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(?P<port>\d{1,5})/?")
 _BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 #: Nuclear stains that ``input.channel: auto`` finds by channel name (any case, as a word:
@@ -493,77 +490,6 @@ def _check_compute(c: ComputeConfig, where: str) -> None:
         _fail(where, "compute.worker_timeout_s", f"must be positive, got {c.worker_timeout_s}")
     if c.scheduler is not None:
         check_address(c.scheduler, f"{where}: compute.scheduler")
-
-
-def check_address(address: str, origin: str) -> str:
-    """``address`` if it is a whole Dask scheduler address; a :class:`ConfigError` naming
-    ``origin`` (the flag or the config key it came from) and the fix when it is not.
-
-    Examples
-    --------
-    >>> check_address("tcp://10.0.0.5:8786", "--scheduler")
-    'tcp://10.0.0.5:8786'
-    >>> check_address("10.0.0.5:8786", "--scheduler")
-    Traceback (most recent call last):
-    ...
-    cellwatch.errors.ConfigError: --scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786 (the scheme tcp:// in front), got '10.0.0.5:8786'
-    """
-    found = _ADDRESS.fullmatch(address)
-    if found is None:
-        raise ConfigError(
-            f"{origin} must be a Dask scheduler address such as tcp://10.0.0.5:8786 (the "
-            f"scheme tcp:// in front), got {address!r}"
-        )
-    if found["scheme"] != "inproc":
-        where = _HOST_PORT.fullmatch(found["rest"])
-        if where is None or not 0 < int(where["port"]) < 65536:
-            raise ConfigError(
-                f"{origin} {address!r} names no port; give the port the scheduler listens on, "
-                f"e.g. {found['scheme']}://{found['rest'].split(':')[0].rstrip('/')}:8786 "
-                "(`dask scheduler` prints its address when it starts)"
-            )
-    return address
-
-
-def tcp_host_port(address: str) -> tuple[str, int] | None:
-    """The host and port of a ``tcp://host:port`` address; None for any other.
-
-    Examples
-    --------
-    >>> tcp_host_port("tcp://[::1]:8786")
-    ('::1', 8786)
-    """
-    found = _ADDRESS.fullmatch(address)
-    where = _HOST_PORT.fullmatch(found["rest"]) if found and found["scheme"] == "tcp" else None
-    return (where["host"].strip("[]"), int(where["port"])) if where else None
-
-
-def time_zone(name: str, where: str = "") -> ZoneInfo:
-    """The IANA time zone ``report.timezone`` names, in which cellwatch's days begin.
-
-    Examples
-    --------
-    >>> time_zone("Europe/Berlin").key
-    'Europe/Berlin'
-    """
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(
-            f"{where + ': ' if where else ''}report.timezone: unknown time zone {name!r}; "
-            "use an IANA name such as 'Europe/Berlin' or 'America/New_York'"
-        ) from exc
-
-
-def local_today(timezone: str, now: datetime | None = None) -> date:
-    """Today's date in ``timezone`` (the default day of ``cellwatch report``).
-
-    Examples
-    --------
-    >>> local_today("Pacific/Auckland", datetime(2026, 3, 28, 12, tzinfo=UTC))
-    datetime.date(2026, 3, 29)
-    """
-    return (now or datetime.now(UTC)).astimezone(time_zone(timezone)).date()
 
 
 def _fail(where: str, key: str, message: str) -> typing.NoReturn:
