@@ -380,20 +380,13 @@ class Segmenter:
         network together (or through the batches ``process_images`` shares), then the
         rest's, so the small levels fill the batches a larger one leaves part empty instead
         of each running a padded batch of its own, and the rest are never run when the
-        caller stops after the first two (they confirm each other: :func:`_confirmed`).
-        In ``process_images`` (batches shared with other images) every level runs."""
+        caller stops after the first two (they confirm each other: :func:`_confirmed`)."""
         jobs = []
         for level in PYRAMID:
             window = _window(image, _estimate_window(level))
             if level < 1.0 and min(window.shape) * level < PYRAMID_MIN_SIDE:
                 break
             jobs.append((level, self._network_input(window, level, normalization, own_grid=False)))
-        if getattr(self._local, "shared", None) is not None:
-            # In process_images the levels' tiles share batches with other images', and at
-            # bf16 a tile's output moves by a rounding step with the batch it runs in: run
-            # every level, so that predict's batches and counts stay as they were.
-            yield from self._levels_labelled(jobs)
-            return
         for group in (jobs[:2], jobs[2:]):
             if group:
                 yield from self._levels_labelled(group)
