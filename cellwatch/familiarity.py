@@ -393,9 +393,10 @@ def periodicity(image: np.ndarray) -> float | None:
     image = image - image.mean()
     h, w = image.shape
     power = np.abs(np.fft.rfft2(image, s=(2 * h, 2 * w))) ** 2
-    overlap = np.abs(np.fft.rfft2(np.ones_like(image), s=(2 * h, 2 * w))) ** 2
     correlation = np.fft.fftshift(np.fft.irfft2(power, s=(2 * h, 2 * w)))
-    pairs = np.fft.fftshift(np.fft.irfft2(overlap, s=(2 * h, 2 * w)))
+    # pixel pairs that overlap at each shift (dy, dx): (h - |dy|)(w - |dx|), on the same
+    # shifted grid (counted, not transformed: half the Fourier transforms)
+    pairs = np.outer(h - np.abs(np.arange(-h, h)), w - np.abs(np.arange(-w, w))).astype(float)
     correlation = correlation / np.maximum(pairs, 1.0)  # per overlapping pixel pair
     if correlation[h, w] <= 0:
         return None

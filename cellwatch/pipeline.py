@@ -65,6 +65,7 @@ from cellwatch.postprocess import (
 )
 from cellwatch.preprocess import Normalization, ZoomedSource, own_grid_stitcher
 from cellwatch.scale import (
+    AGREEMENT,
     PYRAMID,
     Reading,
     ScaleChoice,
@@ -353,6 +354,8 @@ class Segmenter:
             found = typical_diameter(labels, min_diameter=target / 4)  # network pixels
             if found is not None:
                 readings.append(Reading(level, found / level))
+            if _confirmed(readings):  # choose_reading stops here: no smaller level counts
+                break
         best = choose_reading(readings)
         if best is None:
             return None
@@ -375,17 +378,29 @@ class Segmenter:
 
     def _pyramid_labels(
         self, image: np.ndarray, normalization: Normalization | None
-    ) -> list[tuple[float, _Labelled]]:
+    ) -> Iterator[tuple[float, _Labelled]]:
         """``(level, labels)`` of the estimate's first passes, each labelled on its own
-        network grid. All levels' tiles go through the network together (or through the
-        batches ``process_images`` shares), so the small levels fill the batches the
-        first one leaves part empty instead of each running a padded batch of its own."""
+        network grid, largest zoom first. The first two levels' tiles go through the
+        network together (or through the batches ``process_images`` shares), then the
+        rest's, so the small levels fill the batches a larger one leaves part empty instead
+        of each running a padded batch of its own, and the rest are never run when the
+        caller stops after the first two (they confirm each other: :func:`_confirmed`)."""
         jobs = []
         for level in PYRAMID:
             window = _window(image, _estimate_window(level))
             if level < 1.0 and min(window.shape) * level < PYRAMID_MIN_SIDE:
                 break
             jobs.append((level, self._network_input(window, level, normalization, own_grid=False)))
+        for group in (jobs[:2], jobs[2:]):
+            if group:
+                yield from self._levels_labelled(group)
+
+    def _levels_labelled(
+        self,
+        jobs: list[
+            tuple[float, tuple[np.ndarray | TileSource, Prepare | None, MakeStitcher | None]]
+        ],
+    ) -> list[tuple[float, _Labelled]]:
         shared: SharedBatches | None = getattr(self._local, "shared", None)
         if shared is not None:
             outputs = [shared.predict(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
@@ -837,6 +852,17 @@ def _min_area(config: Config, scale: float) -> int:
     """The smallest cell kept, in the image's pixels: ``min_cell_area_px`` at the network's
     scale, so that what counts as debris does not depend on the image's magnification."""
     return max(1, math.ceil(config.postprocess.min_cell_area_px / scale**2))
+
+
+def _confirmed(readings: list[Reading]) -> bool:
+    """Whether the last two readings are of neighbouring levels and agree: the pair
+    :func:`~cellwatch.scale.choose_reading` takes when it is the first such pair from the
+    largest zoom down, as it is while the readings are made largest zoom first."""
+    if len(readings) < 2:
+        return False
+    high, low = readings[-2:]
+    neighbours = math.isclose(high.level, 2 * low.level, rel_tol=1e-6)
+    return neighbours and abs(math.log(high.diameter_px / low.diameter_px)) < math.log(AGREEMENT)
 
 
 def _estimate_window(scale: float) -> int:
