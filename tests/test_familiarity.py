@@ -258,9 +258,10 @@ def test_real_images_are_familiar_and_inverted_or_blurred_ones_are_not(bundled, 
 # --- the ledger, the report and the daemon --------------------------------------------------
 
 
-def test_familiarity_is_the_last_ledger_column_and_old_ledgers_get_it(tmp_path):
-    assert ledger.COLUMNS[-2:] == ("scene", "familiarity")
-    old_columns = ledger.COLUMNS[:-1]  # as the cellwatch of the scene column wrote it
+def test_familiarity_follows_scene_in_the_ledger_and_old_ledgers_get_it(tmp_path):
+    at = ledger.COLUMNS.index("familiarity")
+    assert ledger.COLUMNS[at - 1 : at + 1] == ("scene", "familiarity")
+    old_columns = ledger.COLUMNS[:at]  # as the cellwatch of the scene column wrote it
     path = tmp_path / "results" / "ledger.csv"
     row = {"processed_at": "2026-11-27T10:00:00+00:00", "image": "a.tif", "status": "ok",
            "cell_count": 12, "job_id": "a"}  # fmt: skip
