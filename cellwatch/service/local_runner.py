@@ -17,6 +17,7 @@ from typing import Any
 from cellwatch.service.crash import crash_point
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import Job, JobQueue
+from cellwatch.service.memory import Trimmer
 from cellwatch.service.recorder import Recorder
 
 log = logging.getLogger("cellwatch.watch")
@@ -58,6 +59,7 @@ class LocalRunner:
         self.stop, self.wake = stop, wake
         self._process = process
         self.error: str | None = None
+        self.trim = Trimmer()  # freed pages back to the system after each batch
 
     @property
     def done(self) -> int:
@@ -135,6 +137,7 @@ class LocalRunner:
         queue.finish(outcomes)
         recorder.metrics.queue(queue.counts())
         crash_point("after-commit")
+        self.trim()
         return True
 
     def compute_status(self) -> dict[str, Any]:
