@@ -66,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellwatch: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
     except KeyboardInterrupt:
-        print("cellwatch: interrupted", file=sys.stderr)
+        again = ""
+        if args.command == "predict":
+            again = "; the rows of the images done are in the ledger: run the same command again to count the rest"
+        print(f"cellwatch: interrupted{again}", file=sys.stderr)
         return 130
 
 

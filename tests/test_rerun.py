@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import tifffile
 import yaml
 from conftest import discs
@@ -84,20 +85,26 @@ def test_rerun_counts_only_what_has_no_row_and_again_counts_all(threshold_model,
     assert len(ledger(out)) == 10
 
 
-def test_kill_9_mid_run_then_rerun_counts_each_image_exactly_once(threshold_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_stopped_mid_run_then_rerun_counts_each_image_exactly_once(threshold_model, tmp_path, sig):
     paths = images(tmp_path / "in", 40, size=160)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cellwatch", "predict", str(tmp_path / "in"), "--quiet"]
     command += ["--model", str(threshold_model), "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         text = (out / "ledger.csv").read_text() if (out / "ledger.csv").exists() else ""
         if text.count("\n") >= 3:  # the header and two rows
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL, "predict ended before it could be killed"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "predict ended before it could be killed"
+    else:
+        assert proc.returncode == 130, stderr
+        assert "run the same command again to count the rest" in stderr, stderr
     done_before = len(ledger(out))
     assert 2 <= done_before < len(paths)
 
