@@ -151,3 +151,16 @@ def test_paths_are_recorded_alike_in_process_and_on_dask(threshold_model, tmp_pa
     assert len(rows) == 4
     first, second = rows.iloc[:2], rows.iloc[2:]
     assert sorted(first["image"]) == sorted(second["image"]) == sorted(str(p) for p in paths)
+
+
+def test_a_second_run_into_the_same_results_folder_at_once_is_refused(tmp_path):
+    from cellwatch.config import Config, override
+    from cellwatch.errors import ConfigError
+    from cellwatch.service.rerun import PredictJobs
+
+    config = override(Config(), **{"output.dir": str(tmp_path / "out")})
+    first = PredictJobs(config)
+    with pytest.raises(ConfigError, match="another `cellwatch predict` is writing to"):
+        PredictJobs(config)
+    first.close()
+    PredictJobs(config).close()  # free again once the first has ended

@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = ["PREDICT_DB", "Gate", "PredictJobs", "Run", "predict_job_id"]
 
 import csv
+import fcntl
 import hashlib
 import os
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.config import Config
+from cellwatch.errors import ConfigError
 from cellwatch.service.driver import record_all
 from cellwatch.service.jobs import FileVersion, JobQueue, state_dir
 from cellwatch.storage import ledger
@@ -96,6 +98,7 @@ class PredictJobs:
     def __init__(self, config: Config) -> None:
         self.out_dir = Path(os.path.abspath(config.output.dir))
         self.settings_hash = config.settings_hash()
+        self._lock = _lock(state_dir(config) / (PREDICT_DB + ".lock"), self.out_dir)
         self.queue = JobQueue(state_dir(config) / PREDICT_DB)
         recorded, self._old_rows = _read_ledger(self.out_dir / "ledger.csv")
         self.gate = Gate(self.out_dir, recorded)
@@ -103,8 +106,9 @@ class PredictJobs:
         self.queue.recover({job: status for (job, scene), status in recorded.items() if not scene})
 
     def close(self) -> None:
-        """Close the job database."""
+        """Close the job database and let another run use this results folder."""
         self.queue.close()
+        os.close(self._lock)
 
     def plan(self, images: Sequence[Path], *, again: bool = False) -> Run:
         """The images of this run still to count, with their job ids (queued, pending).
@@ -157,6 +161,22 @@ class PredictJobs:
     def finish(self, job_ids: Sequence[str]) -> None:
         """Mark the jobs done or failed by their rows in the ledger."""
         self.queue.finish({job: self.gate.outcome(job) for job in job_ids})
+
+
+def _lock(path: Path, out_dir: Path) -> int:
+    """Hold ``path`` locked while this run lasts: two runs resuming each other's jobs at
+    once would count them twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another `cellwatch predict` is writing to {out_dir} now; wait for it to end, "
+            "or give this one another --out"
+        ) from None
+    return fd
 
 
 def _version(path: Path) -> FileVersion | None:
