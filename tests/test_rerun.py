@@ -91,7 +91,14 @@ def test_stopped_mid_run_then_rerun_counts_each_image_exactly_once(threshold_mod
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cellwatch", "predict", str(tmp_path / "in"), "--quiet"]
     command += ["--model", str(threshold_model), "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C reaches it even when this test runs where SIGINT is ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         text = (out / "ledger.csv").read_text() if (out / "ledger.csv").exists() else ""

@@ -118,9 +118,11 @@ class PredictJobs:
         """
         jobs = {job.job_id: job for job in self.queue.jobs()}
         in_ledger = {job for job, _ in self.gate.recorded}
+        # a file with the size and time of a job's file is not read again to be hashed
+        known = {(j.rel_path, j.size, j.mtime_ns): j.sha256 for j in jobs.values()}
         run, new = Run(), []
         for path in images:
-            version = _version(path)
+            version = _version(path, known)
             if version is None:  # unreadable now: counted (and failed) like any image
                 run.images.append(path)
                 run.job_ids.append(predict_job_id(str(path), "unreadable", "", -1))
@@ -179,11 +181,13 @@ def _lock(path: Path, out_dir: Path) -> int:
     return fd
 
 
-def _version(path: Path) -> FileVersion | None:
-    """The file's path, size, time and content hash, or None if it cannot be read now."""
+def _version(path: Path, known: dict[tuple[str, int, int], str]) -> FileVersion | None:
+    """The file's path, size, time and content hash (``known`` by its path, size and
+    time, else read), or None if it cannot be read now."""
     try:
         st = path.stat()
-        return FileVersion(str(path), st.st_size, st.st_mtime_ns, sha256_file(path))
+        sha = known.get((str(path), st.st_size, st.st_mtime_ns)) or sha256_file(path)
+        return FileVersion(str(path), st.st_size, st.st_mtime_ns, sha)
     except OSError:
         return None
 
