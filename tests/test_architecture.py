@@ -151,7 +151,7 @@ SERVICE_ROOMS: dict[str, set[str]] = {
     },
     "engine": {"jobs", "cluster"},  # the folders, the settings and the loaded model
     "recorder": {"driver", "engine", "jobs", "metrics", "watcher"},  # the exactly-once gate
-    "local_runner": {"crash", "engine", "jobs", "recorder"},  # the network in this process
+    "local_runner": {"crash", "engine", "jobs", "memory", "recorder"},  # the network here
     "dask_runner": {"cluster", "crash", "engine", "jobs", "recorder", "worker"},  # on Dask
 }  # fmt: skip
 
