@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import tifffile
+from common import DATA
 
-from cellwatch.bench import DATA, _crops, _mosaic
+from cellwatch.bench.inputs import crops, mosaic
 
 
 def run_once(
@@ -56,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "mosaic.tif"
-        tifffile.imwrite(image, _mosaic(_crops(256, args.data), args.side))
+        tifffile.imwrite(image, mosaic(crops(256, args.data), args.side))
         walls, row = [], {}
         for k in range(args.repeats):
             wall, row = run_once(image, Path(tmp) / f"out{k}", args.model)

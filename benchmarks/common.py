@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: The DSB 2018 nucleus images beside the checkout (``train/``, ``val/``), what the
+#: benchmarks build their mosaics and bursts from.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-fluo"
+
 
 def dataset_parser(doc: str) -> argparse.ArgumentParser:
     """A parser with the options every such benchmark takes: the image and mask folders,

@@ -24,7 +24,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cellwatch import bench
+from common import DATA
+
+from cellwatch.bench.inputs import QUICK, Sizes, make_inputs
+from cellwatch.bench.workloads import run_workload
 from cellwatch.model import BUNDLED_MODEL, build_unet
 
 
@@ -78,7 +81,7 @@ class GpuBusy:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=bench.DATA)
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path)
@@ -87,8 +90,8 @@ def main() -> int:
     import keras
 
     work = Path(tempfile.mkdtemp(prefix="cellwatch-gpu-"))
-    sizes = bench.QUICK if args.quick else bench.Sizes(big=bench.Sizes.small)  # no 8192²
-    data = bench.make_inputs(work / "inputs", sizes, args.data)
+    sizes = QUICK if args.quick else Sizes(big=Sizes.small)  # no 8192²
+    data = make_inputs(work / "inputs", sizes, args.data)
     models = {
         "float32": args.model,
         "mixed_bfloat16": mixed_precision_copy(args.model, work / "mixed.keras"),
@@ -97,11 +100,9 @@ def main() -> int:
     for precision, model in models.items():
         for workload, paths in (("mosaic", [data["mosaic"]]), ("burst", data["burst"])):
             # a first pass compiles the network for the batch shape; the second is timed
-            bench.run_workload(
-                model, paths[:8], work / "warm", batch_size=args.batch_size, shared=True
-            )
+            run_workload(model, paths[:8], work / "warm", batch_size=args.batch_size, shared=True)
             with GpuBusy() as busy:
-                r = bench.run_workload(
+                r = run_workload(
                     model, paths, work / f"{workload}-{precision}",
                     batch_size=args.batch_size, shared=True,
                 )  # fmt: skip

@@ -33,7 +33,7 @@ from typing import Any
 from gpu import GpuBusy
 from scaleout import dask_rates, in_process_rate, inputs, settings
 
-from cellwatch import bench
+from cellwatch.bench.report import machine
 from cellwatch.model import BUNDLED_MODEL, choose_backend, visible_gpus
 
 
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = choose_backend() or os.environ.get("KERAS_BACKEND", "tensorflow")
     report: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": bench.machine(),
+        "machine": machine(),
         "gpus": visible_gpus(),
         "keras_backend": backend,
         "runs": {},

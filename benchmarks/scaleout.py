@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import DATA
 
-from cellwatch import bench
+from cellwatch.bench import inputs as bench_inputs
+from cellwatch.bench.report import machine
 from cellwatch.config import ComputeConfig, Config, override
 from cellwatch.model import BUNDLED_MODEL
 
@@ -52,11 +54,11 @@ def inputs(folder: Path, *, burst: int, side: int, mosaics: int = 0, mosaic: int
     ``mosaics`` copies of one 16-bit ``mosaic``² image."""
     import tifffile
 
-    sizes = bench.Sizes(mosaic=side, burst=burst, small=side, big=side)
-    data = bench.make_inputs(folder / "burst", sizes)
+    sizes = bench_inputs.Sizes(mosaic=side, burst=burst, small=side, big=side)
+    data = bench_inputs.make_inputs(folder / "burst", sizes, DATA)
     stream = []
     if mosaics:
-        image = bench._mosaic(bench._crops(256, bench.DATA), mosaic)
+        image = bench_inputs.mosaic(bench_inputs.crops(256, DATA), mosaic)
         for i in range(mosaics):
             path = folder / "mosaics" / f"mosaic{i}.tif"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,14 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": bench.machine(),
+        "machine": machine(),
         "auto_resolves_to": resolve_workers(ComputeConfig()),
     }
     with tempfile.TemporaryDirectory(prefix="cellwatch-scaleout-") as tmp:
         work = Path(tmp)
         data = inputs(work / "images", burst=args.burst, side=args.side)
         report["data"] = f"{args.burst} × {args.side}² 16-bit, {data['source']}"
-        stub = bench._stub_model(work / "stub.keras")
+        stub = bench_inputs.stub_model(work / "stub.keras")
         cpu: dict[str, Any] = {}
         for n in counts:
             print(f"stub network, {n} worker process(es)", file=sys.stderr)

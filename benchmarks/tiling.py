@@ -42,14 +42,23 @@ from collections.abc import Callable
 
 import numpy as np
 import tifffile
+from common import DATA
 
-from cellwatch.bench import DATA, _crops, _mosaic
+from cellwatch.bench.inputs import crops as nucleus_crops
+from cellwatch.bench.inputs import mosaic
 from cellwatch.config import Config
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.postprocess import labels_from_masked_interior
 from cellwatch.preprocess import Normalization
-from cellwatch.tiling import TileGrid, predict_tiled, predict_tiled_many, tile_settings
+from cellwatch.runtime import predict_fn
+from cellwatch.tiling import (
+    TileGrid,
+    TileSettings,
+    predict_tiled,
+    predict_tiled_many,
+    tile_settings,
+)
 from cellwatch.training import matching
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -76,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model()
     segmenter = Segmenter(Config(), model)
-    predict = model.predict_fn()
+    predict = predict_fn(model)
     settings = [_setting(s, model.context_px, model.grid_px) for s in args.settings]
     for tile, *_ in settings:  # trace before timing (two traces cover every shape)
         predict(np.zeros((_batch(tile), tile, tile, 1), np.float32))
@@ -84,9 +93,9 @@ def main() -> None:
     images = (
         {"cb4df20a83b2": tifffile.imread(VAL_IMAGE)} if args.agreement or not args.mosaic else {}
     )
-    crops = _crops(256, DATA) if args.mosaic or args.burst else []
+    crops = nucleus_crops(256, DATA) if args.mosaic or args.burst else []
     if args.mosaic:
-        images[f"mosaic{args.mosaic}"] = _mosaic(crops, args.mosaic)
+        images[f"mosaic{args.mosaic}"] = mosaic(crops, args.mosaic)
     print(json.dumps({"context_px": model.context_px, "grid_px": model.grid_px}))
     if args.burst:
         burst = [Normalization.of(c).apply(c) for c in crops[: args.burst]]
@@ -143,8 +152,8 @@ def _median_seconds(
     return {s: statistics.median(t) for s, t in seconds.items()}
 
 
-def _kwargs(s: Setting) -> dict[str, int | bool]:
-    return {"tile": s[0], "overlap": s[1], "align": s[2], "fit": s[3], "batch_size": _batch(s[0])}
+def _kwargs(s: Setting) -> dict[str, TileSettings | int]:
+    return {"settings": TileSettings(*s), "batch_size": _batch(s[0])}
 
 
 def _batch(tile: int) -> int:

@@ -30,9 +30,9 @@ import pandas as pd
 import tifffile
 import yaml
 from auto_scale_cost import run_once
-from common import dataset_parser
+from common import DATA, dataset_parser
 
-from cellwatch.bench import DATA, _crops, _mosaic
+from cellwatch.bench.inputs import crops, mosaic
 from cellwatch.config import Config, load_config, override
 from cellwatch.model import (
     BUNDLED_MODEL,
@@ -107,9 +107,9 @@ def main() -> None:
     arms, tables = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        mosaic = folder / "mosaic.tif"
+        mosaic_path = folder / "mosaic.tif"
         if args.cost_side:
-            tifffile.imwrite(mosaic, _mosaic(_crops(256, DATA / "val"), args.cost_side))
+            tifffile.imwrite(mosaic_path, mosaic(crops(256, DATA / "val"), args.cost_side))
         for diameter, area in zip(args.diameters, areas, strict=True):
             copy = at_diameter(model, diameter, folder)
             settings = {"postprocess": {"split_min_area_px": area}}
@@ -124,7 +124,7 @@ def main() -> None:
                 config_file = folder / f"at-{diameter:g}.yaml"
                 config_file.write_text(yaml.safe_dump(settings))
                 walls = [
-                    run_once(mosaic, folder / f"out-{diameter:g}-{k}", copy, config_file)[0]
+                    run_once(mosaic_path, folder / f"out-{diameter:g}-{k}", copy, config_file)[0]
                     for k in range(args.repeats)
                 ]
                 arm["predict_wall_s"] = [round(w, 1) for w in walls]

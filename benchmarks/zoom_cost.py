@@ -28,8 +28,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import time
 
 import numpy as np
+from common import DATA
 
-from cellwatch.bench import DATA, _crops, _mosaic
+from cellwatch.bench.inputs import crops, mosaic
 from cellwatch.preprocess import (
     Normalization,
     ZoomedSource,
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.94)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    image = _mosaic(_crops(256, DATA), args.side)
+    image = mosaic(crops(256, DATA), args.side)
     norm = Normalization.of(image)
     seconds: dict[str, list[float]] = {"whole": [], "tiles": []}
     for _ in range(args.repeats):

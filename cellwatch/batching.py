@@ -8,7 +8,7 @@ GPU runs out of memory and retries, so no tile is lost.
 
 from __future__ import annotations
 
-__all__ = ["SharedBatches", "is_out_of_memory", "split_on_out_of_memory"]
+__all__ = ["SharedBatches", "split_on_out_of_memory"]
 
 import logging
 import threading
@@ -25,6 +25,7 @@ from cellwatch.tiling import (
     PredictBatch,
     Prepare,
     TileQueue,
+    TileSettings,
     TileSource,
     _predict,
 )
@@ -54,25 +55,15 @@ class SharedBatches:
     def __init__(
         self,
         predict_batch: PredictBatch,
+        settings: TileSettings,
         *,
-        tile: int = 256,
-        overlap: int = 48,
         batch_size: int = 8,
-        align: int = 1,
-        fit: bool = False,
         max_wait_s: float = 0.05,
         stopwatch: Stopwatch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._predict = predict_batch
-        self._queue = TileQueue(
-            tile=tile,
-            overlap=overlap,
-            batch_size=batch_size,
-            align=align,
-            fit=fit,
-            stopwatch=stopwatch,
-        )
+        self._queue = TileQueue(settings, batch_size=batch_size, stopwatch=stopwatch)
         self._cond = threading.Condition()
         self._busy = 0  # workers that may queue tiles: not waiting, paused or gone
         self._running = False

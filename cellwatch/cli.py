@@ -1,4 +1,4 @@
-"""The ``cellwatch`` command: predict, train, evaluate, watch, status, report, export, bench.
+"""The ``cellwatch`` command: predict, train, finetune, models, evaluate, watch, status, report, export, bench.
 
 Exit status: 0 when everything succeeded, 1 when some images failed (their rows are still
 written), 2 for usage, configuration or model errors.
@@ -6,20 +6,7 @@ written), 2 for usage, configuration or model errors.
 
 from __future__ import annotations
 
-__all__ = [
-    "COMMANDS",
-    "EXIT_OK",
-    "EXIT_SOME_FAILED",
-    "EXIT_USAGE",
-    "Progress",
-    "build_parser",
-    "cmd_predict",
-    "find_images",
-    "main",
-    "predict_over_dask",
-    "process_group",
-    "progress",
-]
+__all__ = ["main", "progress"]
 
 import argparse
 import contextlib
@@ -33,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellwatch import __version__
-from cellwatch.config import Config, check_address, config_from_args, override
+from cellwatch.config import Config, check_address, config_from_args, override, with_card_input
 from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelError, TransientError
 
 if TYPE_CHECKING:
@@ -145,6 +132,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=train.run)
 
 
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.training import finetune
+
+    finetune.add_arguments(p)
+    p.set_defaults(handler=finetune.run)
+
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    from cellwatch.training import registry
+
+    registry.add_arguments(p)
+    p.set_defaults(handler=registry.run)
+
+
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from cellwatch.training import evaluate
 
@@ -194,6 +195,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "predict": ("segment, count and measure cells in images", _predict_arguments),
     "train": ("train or fine-tune a U-Net on images and masks", _train_arguments),
+    "finetune": ("fine-tune a model on corrected images, in minutes", _finetune_arguments),
+    "models": ("list the models in models.dir with their cards", _models_arguments),
     "evaluate": ("score a model against ground-truth masks", _evaluate_arguments),
     "report": ("write the daily count report", _report_arguments),
     "watch": ("run the daemon: count every new image in the inbox", _watch_arguments),
@@ -228,7 +231,7 @@ def _workers(text: str) -> int | str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cellwatch predict``: count the cells in each image, in this process or on Dask workers."""
-    from cellwatch.model import choose_backend
+    from cellwatch.model import BUNDLED_MODEL, choose_backend, read_card
     from cellwatch.service.cluster import uses_dask
 
     scheduler = getattr(args, "scheduler", None)
@@ -238,6 +241,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         config_from_args(args),
         **{"compute.workers": getattr(args, "workers", None), "compute.scheduler": scheduler},
     )
+    config = with_card_input(config, read_card(Path(config.model.path or BUNDLED_MODEL)))
     # one path per file, absolute and resolved, the same in-process and on Dask
     images = list(
         dict.fromkeys(p.resolve() for p in find_images(args.inputs, config.input.extensions))
@@ -245,12 +249,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     choose_backend()
-    if args.quiet:
-        with _native_stderr_silenced():
-            import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
     from cellwatch.service.rerun import PredictJobs
 
-    jobs = PredictJobs(config)
+    jobs = PredictJobs(config)  # before the runtime is resolved: the same jobs on Dask
     try:
         run = jobs.plan(images, again=getattr(args, "again", False))
         _tell_plan(run, len(images))
@@ -278,10 +279,16 @@ def _tell_plan(run: Run, found: int) -> None:
 
 def _predict_here(args: argparse.Namespace, config: Config, run: Run, jobs: PredictJobs) -> int:
     """``cellwatch predict`` in this process: groups of images share inference batches."""
-    from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import describe, load, resolve
 
-    segmenter = Segmenter(config, load_model(config.model.path))
+    config = resolve(config)  # the runtime and precision that run, in every row's hash
+    if args.quiet and config.inference.runtime == "keras":
+        with _native_stderr_silenced():
+            import keras  # noqa: F401  (TensorFlow's start-up lines, where nobody sees them)
+    segmenter = Segmenter(config, load(config))
+    if not args.quiet:
+        print(f"network: {describe(segmenter.model)}", file=sys.stderr)
     out_dir = jobs.out_dir
     failed = counted = 0  # images: each scene of a file of several counts as one
     size = config.tiling.batch_size  # images per group: their tiles share inference batches

@@ -9,12 +9,14 @@ silently falls back to a default. Command-line flags override values with
 from __future__ import annotations
 
 __all__ = [
+    "NUCLEAR_CHANNELS",
     "VENDOR_FORMATS",
     "ComputeConfig",
     "Config",
     "InputConfig",
     "MetricsConfig",
     "ModelConfig",
+    "ModelsConfig",
     "NormalizeConfig",
     "OutputConfig",
     "PostprocessConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "tcp_host_port",
     "time_zone",
     "validate",
+    "with_card_input",
 ]
 
 import argparse
@@ -42,14 +45,13 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from cellwatch.errors import ConfigError
+from cellwatch.values import check_address, local_today, tcp_host_port, time_zone
 
 #: Microscope formats read through bioio: suffix → (format, bioio plugin module, the
 #: cellwatch extra that installs the plugin). The one table of them; storage reads it too.
@@ -58,9 +60,14 @@ VENDOR_FORMATS: dict[str, tuple[str, str, str]] = {
     ".nd2": ("Nikon ND2", "bioio_nd2", "nd2"),
     ".lif": ("Leica LIF", "bioio_lif", "lif"),
 }
-_ADDRESS = re.compile(r"(?P<scheme>tcp|tls|ws|wss|inproc)://(?P<rest>\S+)")
-_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(?P<port>\d{1,5})/?")
 _BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+#: Nuclear stains that ``input.channel: auto`` finds by channel name (any case, as a word:
+#: "DAPI 405" and "Hoechst 33342" match; PI only on its own).
+NUCLEAR_CHANNELS: tuple[str, ...] = (
+    "DAPI", "Hoechst", "DRAQ5", "DRAQ7", "NucBlue", "NucSpot", "NucRed", "SiR-DNA",
+    "SPY-DNA", "SYTO", "RedDot", "TO-PRO", "propidium", "PI", "H2B",
+)  # fmt: skip
 
 
 def installed_vendor_suffixes() -> tuple[str, ...]:
@@ -94,11 +101,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    """``models``: where ``cellwatch finetune`` puts models and ``cellwatch models`` lists them."""
+
+    dir: str | None = None  # None: <output.dir>/models
+
+
+@dataclass(frozen=True)
 class InputConfig:
     """``input``: how a file becomes one 2-D plane (channel, stack, size limit, suffixes)."""
 
+    # auto: the only channel, or the one named after a nuclear stain (RGB as None);
     # None: gray, or RGB whose channels are equal; a str: the channel's name in the file
-    channel: int | str | None = None
+    channel: int | str | None = "auto"
+    nuclear_channels: tuple[str, ...] = NUCLEAR_CHANNELS
     stack: Literal["max", "plane"] = "max"
     plane: int = 0
     max_pixels: int = 400_000_000
@@ -122,6 +138,8 @@ class ScaleConfig:
     scale: float | None = None  # explicit zoom factor applied to the image
     diameter_px: float | None = None  # typical cell diameter in the image, in pixels
     pixel_size_um: float | None = None  # overrides the pixel size read from the file
+    nucleus_diameter_um: float | None = None  # with a pixel size: the scale, not the estimate
+    large_nuclei_growth: float | None = None  # 0..1; None: the model card's (docs/scale.md)
     min_scale: float = 0.08
     max_scale: float = 5.0
 
@@ -199,6 +217,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """``inference``: which engine runs the network, at which precision, with which cache."""
+
+    runtime: Literal["auto", "openvino", "keras"] = "auto"  # auto: OpenVINO on CPU, Keras on GPU
+    precision: Literal["auto", "f32", "bf16", "int8"] = "auto"  # auto: see docs/speed.md
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/cellwatch or ~/.cache/cellwatch
+    augment: bool = False  # average the 8 flips and rotations of each tile
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Where images are processed: in this process, or in Dask worker processes."""
 
@@ -218,6 +246,7 @@ class Config:
     """Every setting, one frozen object: loaded with :func:`load_config`, laid over with :func:`override`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     input: InputConfig = field(default_factory=InputConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -228,6 +257,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def settings_hash(self) -> str:
@@ -235,14 +265,17 @@ class Config:
 
         ``input.extensions`` is left out: it decides which files are read, not how they are
         counted, and its default depends on which extras are installed. So is
-        ``tiling.images_at_once``: each image's result is the same whatever it is.
+        ``tiling.images_at_once``: each image's result is the same whatever it is, and
+        ``inference.cache_dir``. The runtime and precision count (once resolved from
+        ``auto`` by :func:`cellwatch.runtime.resolve`, the values that ran).
         """
         relevant = {
             name: dataclasses.asdict(getattr(self, name))
-            for name in ("input", "normalize", "scale", "tiling", "postprocess")
+            for name in ("input", "normalize", "scale", "tiling", "postprocess", "inference")
         }
         del relevant["input"]["extensions"]
         del relevant["tiling"]["images_at_once"]  # how many at once, not how each is counted
+        del relevant["inference"]["cache_dir"]  # where the converted model is kept
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -314,10 +347,16 @@ def validate(cfg: Config) -> None:
     if not 0 <= n.low_percentile < n.high_percentile <= 100:
         _fail(where, "normalize", "need 0 ≤ low_percentile < high_percentile ≤ 100")
     s = cfg.scale
-    for key in ("scale", "diameter_px", "pixel_size_um"):
+    for key in ("scale", "diameter_px", "pixel_size_um", "nucleus_diameter_um"):
         value = getattr(s, key)
         if value is not None and value <= 0:
             _fail(where, f"scale.{key}", f"must be positive, got {value}")
+    if s.large_nuclei_growth is not None and not 0 <= s.large_nuclei_growth <= 1:
+        _fail(
+            where,
+            "scale.large_nuclei_growth",
+            f"must be between 0 and 1 (or null for the model's), got {s.large_nuclei_growth}",
+        )
     if not 0 < s.min_scale <= 1 <= s.max_scale:
         _fail(where, "scale.min_scale/max_scale", "need 0 < min_scale ≤ 1 ≤ max_scale")
     p = cfg.postprocess
@@ -348,7 +387,13 @@ def validate(cfg: Config) -> None:
     if isinstance(channel, int) and channel < 0:
         _fail(where, "input.channel", f"must be ≥ 0, got {channel}")
     if isinstance(channel, str) and not channel.strip():
-        _fail(where, "input.channel", "must be a channel number or a channel name, got ''")
+        _fail(where, "input.channel", "must be auto, a channel number or a channel name, got ''")
+    if channel == "auto" and not any(s.strip() for s in cfg.input.nuclear_channels):
+        _fail(
+            where,
+            "input.nuclear_channels",
+            "must name at least one stain when input.channel is auto",
+        )
     w = cfg.watch
     if w.stable_time_s < 0 or w.rescan_interval_s <= 0 or w.max_attempts < 1:
         _fail(where, "watch", "stable_time_s ≥ 0, rescan_interval_s > 0 and max_attempts ≥ 1")
@@ -386,6 +431,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "model.path": str(args.model) if getattr(args, "model", None) else None,
         },
     )
+
+
+def with_card_input(cfg: Config, card: dict[str, Any]) -> Config:
+    """``cfg`` with the input channel a model card names (``{"input": {"channel": ...}}``,
+    what ``cellwatch finetune`` writes) when ``input.channel`` is left at its default: a
+    model taught on hematoxylin counts hematoxylin unless the config says otherwise.
+
+    >>> with_card_input(Config(), {"input": {"channel": "hematoxylin"}}).input.channel
+    'hematoxylin'
+    >>> gray = dataclasses.replace(Config(), input=InputConfig(channel=0))
+    >>> with_card_input(gray, {"input": {"channel": "hematoxylin"}}).input.channel
+    0
+    """
+    wanted = (card.get("input") or {}).get("channel")
+    if wanted is None or cfg.input.channel != InputConfig().channel:
+        return cfg
+    return dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, channel=wanted))
 
 
 def _check_report(r: ReportConfig, where: str) -> None:
@@ -428,77 +490,6 @@ def _check_compute(c: ComputeConfig, where: str) -> None:
         _fail(where, "compute.worker_timeout_s", f"must be positive, got {c.worker_timeout_s}")
     if c.scheduler is not None:
         check_address(c.scheduler, f"{where}: compute.scheduler")
-
-
-def check_address(address: str, origin: str) -> str:
-    """``address`` if it is a whole Dask scheduler address; a :class:`ConfigError` naming
-    ``origin`` (the flag or the config key it came from) and the fix when it is not.
-
-    Examples
-    --------
-    >>> check_address("tcp://10.0.0.5:8786", "--scheduler")
-    'tcp://10.0.0.5:8786'
-    >>> check_address("10.0.0.5:8786", "--scheduler")
-    Traceback (most recent call last):
-    ...
-    cellwatch.errors.ConfigError: --scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786 (the scheme tcp:// in front), got '10.0.0.5:8786'
-    """
-    found = _ADDRESS.fullmatch(address)
-    if found is None:
-        raise ConfigError(
-            f"{origin} must be a Dask scheduler address such as tcp://10.0.0.5:8786 (the "
-            f"scheme tcp:// in front), got {address!r}"
-        )
-    if found["scheme"] != "inproc":
-        where = _HOST_PORT.fullmatch(found["rest"])
-        if where is None or not 0 < int(where["port"]) < 65536:
-            raise ConfigError(
-                f"{origin} {address!r} names no port; give the port the scheduler listens on, "
-                f"e.g. {found['scheme']}://{found['rest'].split(':')[0].rstrip('/')}:8786 "
-                "(`dask scheduler` prints its address when it starts)"
-            )
-    return address
-
-
-def tcp_host_port(address: str) -> tuple[str, int] | None:
-    """The host and port of a ``tcp://host:port`` address; None for any other.
-
-    Examples
-    --------
-    >>> tcp_host_port("tcp://[::1]:8786")
-    ('::1', 8786)
-    """
-    found = _ADDRESS.fullmatch(address)
-    where = _HOST_PORT.fullmatch(found["rest"]) if found and found["scheme"] == "tcp" else None
-    return (where["host"].strip("[]"), int(where["port"])) if where else None
-
-
-def time_zone(name: str, where: str = "") -> ZoneInfo:
-    """The IANA time zone ``report.timezone`` names, in which cellwatch's days begin.
-
-    Examples
-    --------
-    >>> time_zone("Europe/Berlin").key
-    'Europe/Berlin'
-    """
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ConfigError(
-            f"{where + ': ' if where else ''}report.timezone: unknown time zone {name!r}; "
-            "use an IANA name such as 'Europe/Berlin' or 'America/New_York'"
-        ) from exc
-
-
-def local_today(timezone: str, now: datetime | None = None) -> date:
-    """Today's date in ``timezone`` (the default day of ``cellwatch report``).
-
-    Examples
-    --------
-    >>> local_today("Pacific/Auckland", datetime(2026, 3, 28, 12, tzinfo=UTC))
-    datetime.date(2026, 3, 29)
-    """
-    return (now or datetime.now(UTC)).astimezone(time_zone(timezone)).date()
 
 
 def _fail(where: str, key: str, message: str) -> typing.NoReturn:

@@ -13,8 +13,10 @@ __all__ = [
     "BadInputError",
     "CellwatchError",
     "ConfigError",
+    "DiskFullError",
     "ModelError",
     "TransientError",
+    "disk_full",
     "io_fault",
 ]
 
@@ -37,6 +39,37 @@ class BadInputError(CellwatchError):
 
 class TransientError(CellwatchError):
     """A fault that may go away (a file still being written, a full disk); retry later."""
+
+
+class DiskFullError(TransientError):
+    """A write found no room on its disk (``ENOSPC``, or the user's quota): the daemon
+    pauses until space is freed rather than spend the job's attempts."""
+
+
+#: The errnos of a disk with no room left for this user.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) says the disk is full.
+
+    Examples
+    --------
+    >>> disk_full(TransientError("x"))
+    False
+    >>> disk_full(DiskFullError("x"))
+    True
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFullError):
+            return True
+        if isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class ClusterError(CellwatchError):

@@ -67,6 +67,9 @@ class LoadedModel:
     card: dict[str, Any]
     grid_px: int = 1  # the pooling grid: tile origins on multiples of it see the same phase
     input_px: int | None = None  # the side of the input, when the network fixes it
+    runtime: str = "keras"  # what runs the network: "keras" or "openvino" (cellwatch.runtime)
+    precision: str = "f32"  # "f32", "bf16" or "int8"
+    augment: bool = False  # average the network's answers over 8 flips and rotations
 
     @cached_property
     def context_px(self) -> int | None:
@@ -76,6 +79,8 @@ class LoadedModel:
         recorded = self.card.get("receptive_field")
         if isinstance(recorded, dict) and isinstance(recorded.get("radius_px"), int):
             return int(recorded["radius_px"])
+        if self.runtime != "keras":  # its cache entry put what it measured in the card
+            return None
         measured = measure_receptive_field(self.network, diameter_px=self.diameter_px)
         return None if measured is None else int(measured["radius_px"])
 
@@ -106,97 +111,6 @@ class LoadedModel:
     def label(self) -> str:
         """``name@hash`` as written in the ledger's ``model`` column."""
         return f"{self.name}@{self.sha256[:12]}"
-
-    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """A function mapping a fixed-shape batch to probabilities, compiled once.
-
-        On TensorFlow the network is one ``tf.function``, traced once per batch shape, with
-        every batch normalization that follows a convolution folded into that
-        convolution's kernel and bias (one fused conv + bias + activation instead of four
-        passes over the activations: the default U-Net runs about 15-25 % faster; outputs
-        agree to ~1e-6, and the unfolded network is used if they do not). XLA
-        (``jit_compile``) stays off: on CPU it was about 20 % slower (``cellwatch bench``).
-        When an accelerator runs out of memory, the batch is predicted again in halves and
-        later batches keep the smaller size, so no work is lost
-        (:func:`cellwatch.batching.split_on_out_of_memory`).
-        """
-        import keras
-
-        from cellwatch.batching import split_on_out_of_memory
-
-        network = self.network
-        if keras.backend.backend() != "tensorflow":
-            # float32 out, also from a mixed-precision network
-            return split_on_out_of_memory(
-                lambda b: np.asarray(network.predict_on_batch(b), dtype=np.float32)
-            )
-        import tensorflow as tf
-
-        def graph_of(net: Any) -> Callable[[np.ndarray], np.ndarray]:
-            graph = tf.function(
-                lambda x: net(x, training=False), jit_compile=False, reduce_retracing=True
-            )
-            return lambda batch: graph(batch).numpy()
-
-        def folded(net: Any) -> Any:
-            """``net`` with each batch norm after a linear conv folded into the conv."""
-            conv_types = (keras.layers.Conv2D, keras.layers.Conv2DTranspose)
-            norms = {}  # conv name -> the batch norm that alone consumes its output
-            for layer in net.layers:
-                if not isinstance(layer, keras.layers.BatchNormalization):
-                    continue
-                conv = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
-                if (
-                    isinstance(conv, conv_types)
-                    and len(layer._inbound_nodes) == 1
-                    and len(conv._outbound_nodes) == 1
-                    and conv.get_config().get("activation") == "linear"
-                    and conv.data_format == "channels_last"
-                    and layer.axis in (-1, 3)
-                ):
-                    norms[conv.name] = layer
-            if not norms:
-                return net
-            dropped = {bn.name for bn in norms.values()}
-            clones: dict[str, Any] = {}
-
-            def clone(layer: Any) -> Any:
-                config = layer.get_config()
-                if layer.name in norms:
-                    config["use_bias"] = True
-                clones[layer.name] = layer.__class__.from_config(config)
-                return clones[layer.name]
-
-            def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
-                return args[0] if layer.name in dropped else layer(*args, **kwargs)
-
-            out = keras.models.clone_model(net, clone_function=clone, call_function=call)
-            for layer in net.layers:
-                if layer.name in dropped or layer.name not in clones:
-                    continue
-                bn = norms.get(layer.name)
-                if bn is None:
-                    clones[layer.name].set_weights(layer.get_weights())
-                    continue
-                gamma = bn.gamma.numpy() if bn.scale else 1.0
-                scale = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-                shift = bn.beta.numpy() if bn.center else 0.0
-                bias = layer.bias.numpy() if layer.use_bias else 0.0
-                kernel = layer.kernel.numpy()  # transposed convs keep (kh, kw, out, in)
-                kernel = kernel * (scale[:, None] if isinstance(layer, conv_types[1]) else scale)
-                new_bias = (bias - bn.moving_mean.numpy()) * scale + shift
-                clones[layer.name].set_weights([kernel, new_bias.astype(kernel.dtype)])
-            return out
-
-        plain = graph_of(network)
-        try:
-            fast = graph_of(folded(network))
-            side = [d or 64 for d in network.input_shape[1:3]]
-            probe = np.random.default_rng(0).random((1, *side, 1), dtype=np.float32)
-            agree = np.allclose(fast(probe), plain(probe), rtol=0, atol=1e-4)
-        except Exception:  # an unusual graph: run it as it is
-            agree = False
-        return split_on_out_of_memory(fast if agree else plain)
 
 
 def model_label(path: str | Path | None = None) -> str:
@@ -291,9 +205,8 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
             f"install keras>={'.'.join(map(str, MIN_KERAS))}"
         )
     if not path.is_file():
-        hint = (
-            "" if path != BUNDLED_MODEL else " (the bundled model is missing: reinstall cellwatch)"
-        )
+        bundled = " (the bundled model is missing: reinstall cellwatch)"
+        hint = bundled if path == BUNDLED_MODEL else ""
         raise ModelError(f"no model file at {path}{hint}; pass --model PATH to a .keras file")
     if path.suffix != ".keras":
         raise ModelError(f"{path} is not a Keras 3 model: expected a .keras file")
@@ -301,7 +214,11 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         network = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises many types; all mean the same to the user
         raise ModelError(f"cannot load model {path}: {exc}") from exc
-    card = read_card(path)
+    return model_from_network(network, path, read_card(path))
+
+
+def model_from_network(network: Any, path: Path, card: dict[str, Any]) -> LoadedModel:
+    """A model ready to predict from a network in memory, saved at ``path`` with ``card``."""
     classes = _check_contract(network, path)
     seed_map = card.get("seed_map")
     if classes == 4 and seed_map not in (None, *SEED_MAPS):

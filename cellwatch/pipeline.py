@@ -9,7 +9,7 @@ cells are labelled. Memory then grows with the image's own size, whatever the zo
 :class:`Segmenter` holds the model and settings and is pure computation (arrays in,
 labels out). :func:`process_image` adds the file I/O around it and never raises for a bad
 image: it returns a ``failed`` row instead, so a batch or the daemon keeps going.
-A microscope file of several scenes (positions) is several images: :func:`scenes_of` lists
+A file of several scenes (a microscope file's positions, an OME-TIFF's series) is several images: :func:`scenes_of` lists
 them, and each scene gets its own result, row, label image and overlay (``<stem>_s<k>``).
 The driver (:func:`cellwatch.service.driver.record`) appends the results to ``cells.csv``
 and ``ledger.csv``.
@@ -18,22 +18,18 @@ and ``ledger.csv``.
 from __future__ import annotations
 
 __all__ = [
-    "ESTIMATE_WINDOW",
-    "ESTIMATE_WINDOW_MAX",
-    "IN_FLIGHT_BYTES",
-    "PYRAMID_MIN_SIDE",
-    "REFINE_PASSES",
     "WRITE_ASIDE_PIXELS",
+    "Counted",
     "ImageResult",
     "Segmentation",
     "Segmenter",
+    "count_pixels",
     "failed_result",
+    "files_writer",
     "process_image",
     "process_images",
     "read",
     "scenes_of",
-    "tiling_for",
-    "write_images",
 ]
 
 import dataclasses
@@ -44,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -75,6 +71,7 @@ from cellwatch.scale import (
     choose_reading,
     choose_scale,
     is_close,
+    large_nuclei_growth,
     typical_diameter,
 )
 from cellwatch.storage import imageio, overlay
@@ -124,7 +121,9 @@ class Segmenter:
         self.model = model
         self.tiling = tiling_for(config, model)
         self.stopwatch = stopwatch or Stopwatch()
-        self.predict_batch = self.stopwatch.timed("inference", predict_batch or model.predict_fn())
+        from cellwatch.runtime import predict_fn  # the runtime that loaded the model runs it
+
+        self.predict_batch = self.stopwatch.timed("inference", predict_batch or predict_fn(model))
         self._local = threading.local()  # .shared: the SharedBatches of a process_images worker
         try:
             self._familiar_reference = familiarity.reference_from_card(model.card)
@@ -176,6 +175,7 @@ class Segmenter:
             model_pixel_size_um=self.model.working_pixel_size_um,
             image_pixel_size_um=pixel_size_um,
             estimate_diameter=lambda: self.estimate_diameter(pixels, passes, normalization),
+            growth=large_nuclei_growth(self.config.scale, self.model.card),
         )
         at_bound = _at_bound(choice, self.config.scale)
         # The model was trained with ±40 % scale jitter, so a pass already made within 15 %
@@ -297,21 +297,12 @@ class Segmenter:
         return predict_tiled(
             source,
             self.predict_batch if raw else self.predict_plane,
-            **self.tiling_options(),
+            self.tiling,
+            batch_size=self.config.tiling.batch_size,
+            stopwatch=self.stopwatch,
             prepare=prepare,
             stitcher=stitcher,
         )
-
-    def tiling_options(self) -> dict[str, Any]:
-        """How this segmenter's tiles are cut and batched, as the keywords of
-        :func:`~cellwatch.tiling.predict_tiled`, :class:`~cellwatch.tiling.TileQueue` and
-        :class:`~cellwatch.batching.SharedBatches`: the model's tile settings, the
-        configured batch size, and the stopwatch that times them."""
-        return {
-            **dataclasses.asdict(self.tiling),
-            "batch_size": self.config.tiling.batch_size,
-            "stopwatch": self.stopwatch,
-        }
 
     def _network_input(
         self,
@@ -399,7 +390,9 @@ class Segmenter:
         if shared is not None:
             outputs = [shared.predict(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
         else:
-            queue = TileQueue(**self.tiling_options())
+            queue = TileQueue(
+                self.tiling, batch_size=self.config.tiling.batch_size, stopwatch=self.stopwatch
+            )
             queued = [queue.add(src, prep, stitcher=st) for _, (src, prep, st) in jobs]
             while queue.pending:
                 queue.step(self.predict_plane)
@@ -455,8 +448,8 @@ class ImageResult:
 
 
 def scenes_of(path: Path) -> list[int | None]:
-    """The images one file holds: ``[0, 1, …]`` for a microscope file of several scenes,
-    ``[None]`` for any other file.
+    """The images one file holds: ``[0, 1, …]`` for a file of several scenes (a microscope
+    file's scenes, an OME-TIFF's positions), ``[None]`` for any other file.
 
     A file that does not open is ``[None]`` too: processing it then gives its one
     ``failed`` row with the reader's error. A :class:`TransientError` is raised.
@@ -498,22 +491,11 @@ def process_image(
             row["sha256"] = _hash(path)
         pixels, pixel_size = data.pixels, config.scale.pixel_size_um or data.pixel_size_um
         row.update(height=pixels.shape[0], width=pixels.shape[1], pixel_size_um=pixel_size)
-        result = segmenter.segment(pixels, pixel_size)
-        labels, overlays = result.labels, config.output.overlays
-        name = imageio.stem(path, scene)
-        with _writing(name, pixels, labels, out_dir, overlays, watch) as written:
-            with watch("measure"):
-                cells = measure_cells(labels, pixels, pixel_size)
-                row.update(summarize(cells, labels.shape, pixel_size))
-                row.update(
-                    scale=result.scale.scale,
-                    diameter_px=result.scale.diameter_px,
-                    scale_source=result.scale.source,
-                    familiarity=result.familiarity.score,
-                    saturated_fraction=quality.saturated_fraction(pixels),
-                    focus_score=quality.focus_score(pixels),
-                )
-            row.update(written())
+        row["channel"] = data.channel
+        writing = files_writer(imageio.stem(path, scene), pixels, out_dir, config, watch)
+        counted = count_pixels(pixels, pixel_size, segmenter, writing=writing)
+        cells = counted.cells
+        row.update(counted.fields)
     except TransientError:
         raise
     except (CellwatchError, MemoryError) as exc:
@@ -538,6 +520,75 @@ def process_image(
     return ImageResult(row, cells)
 
 
+@dataclass(frozen=True)
+class Counted:
+    """One image counted: its labels, its per-cell table, and the ledger row's numbers."""
+
+    labels: np.ndarray  # int32, the image's shape, cells 1..n
+    cells: pd.DataFrame  # one row per cell (:func:`cellwatch.measure.measure_cells`)
+    fields: dict[str, Any]  # size, pixel size, count and areas, scale, familiarity, quality
+
+
+#: Given an image's labels, a context that writes its files (or starts writing them) and
+#: yields a function that waits for them and returns their ledger columns.
+Writing = Callable[[np.ndarray], AbstractContextManager[Callable[[], dict[str, str]]]]
+
+
+def count_pixels(
+    pixels: np.ndarray,
+    pixel_size_um: float | None,
+    segmenter: Segmenter,
+    *,
+    writing: Writing | None = None,
+) -> Counted:
+    """Segment and measure one 2-D image: the one way every entry point counts (the CLI,
+    the daemon and the Dask workers through :func:`process_image`, the Python API
+    :func:`cellwatch.count` on arrays).
+
+    ``writing`` writes the image's files once its labels exist (a large image's while its
+    cells are measured); their paths join the fields.
+    """
+    if pixels.ndim != 2:
+        raise BadInputError(
+            f"expected one 2-D image (height, width), got an array of shape {pixels.shape}; "
+            "pick one channel and one plane first"
+        )
+    result = segmenter.segment(pixels, pixel_size_um)
+    labels = result.labels
+    fields: dict[str, Any] = {
+        "height": pixels.shape[0],
+        "width": pixels.shape[1],
+        "pixel_size_um": pixel_size_um,
+    }
+    with (writing or _no_files)(labels) as written:
+        with segmenter.stopwatch("measure"):
+            cells = measure_cells(labels, pixels, pixel_size_um)
+            fields.update(summarize(cells, labels.shape, pixel_size_um))
+            fields.update(
+                scale=result.scale.scale,
+                diameter_px=result.scale.diameter_px,
+                scale_source=result.scale.source,
+                familiarity=result.familiarity.score,
+                saturated_fraction=quality.saturated_fraction(pixels),
+                focus_score=quality.focus_score(pixels),
+            )
+        fields.update(written())
+    return Counted(labels, cells, fields)
+
+
+def files_writer(
+    name: str, pixels: np.ndarray, out_dir: Path, config: Config, stopwatch: Stopwatch
+) -> Writing:
+    """What writes the label image (and overlay, as ``output.overlays`` says) of the image
+    called ``name`` into ``out_dir``, for :func:`count_pixels`."""
+    return partial(_writing, name, pixels, out_dir, config.output.overlays, stopwatch)
+
+
+@contextmanager
+def _no_files(labels: np.ndarray) -> Iterator[Callable[[], dict[str, str]]]:
+    yield dict
+
+
 def _hash(path: Path) -> str:
     try:
         return imageio.sha256_file(path)
@@ -554,6 +605,7 @@ def read(path: Path, config: Config, scene: int | None = None) -> imageio.ImageD
         plane=config.input.plane,
         max_pixels=config.input.max_pixels,
         scene=scene,
+        nuclear_channels=config.input.nuclear_channels,
     )
 
 
@@ -583,10 +635,10 @@ def _output_files(
 def _writing(
     name: str,
     pixels: np.ndarray,
-    labels: np.ndarray,
     out_dir: Path,
     overlays: bool,
     watch: Stopwatch,
+    labels: np.ndarray,
 ) -> Iterator[Callable[[], dict[str, str]]]:
     """Yield a function that writes the image's files (:func:`write_images`), or waits for
     them, and returns their paths.
@@ -697,7 +749,12 @@ def process_images(
         ]
     t = segmenter.config.tiling
     # tiled as labels_at tiles an image alone
-    shared = SharedBatches(segmenter.predict_plane, **segmenter.tiling_options())
+    shared = SharedBatches(
+        segmenter.predict_plane,
+        segmenter.tiling,
+        batch_size=t.batch_size,
+        stopwatch=segmenter.stopwatch,
+    )
     results: list[ImageResult | None] = [None] * len(paths)
     errors: list[BaseException | None] = [None] * len(paths)
     todo = iter(range(len(paths)))

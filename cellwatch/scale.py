@@ -1,7 +1,8 @@
 """Choosing the zoom that brings an image's cells to the size the model was trained at.
 
-In order of precedence: an explicit ``scale`` or ``diameter_px`` in the config; the image's
-pixel size against the model's (when both are known); an estimate of the typical cell
+In order of precedence: an explicit ``scale`` or ``diameter_px`` in the config; the
+nucleus diameter in µm (``nucleus_diameter_um``) over the image's pixel size, when both are
+known; the image's pixel size against the model's (when both are known); an estimate of the typical cell
 diameter from first passes of the network over the image; or, when the model records no
 diameter, the image's own scale. Estimates are clamped to ``[min_scale, max_scale]``.
 
@@ -24,13 +25,17 @@ __all__ = [
     "choose_reading",
     "choose_scale",
     "is_close",
+    "large_nuclei_growth",
+    "single_cells",
     "typical_diameter",
+    "working_diameter",
 ]
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 from skimage.measure import regionprops_table
@@ -47,6 +52,26 @@ PYRAMID: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
 #: than this factor. Whole nuclei seen at two levels differed by at most 1.3× on zoomed
 #: ``val`` images; pieces of nuclei, whose size follows the zoom, by 1.9× or more.
 AGREEMENT = 1.5
+
+#: What :func:`typical_diameter` reports of the single cells' diameters: a low quantile,
+#: because the network, zoomed so that the typical nucleus has the model's working size,
+#: merges touching nuclei that are larger (benchmarks/scale_estimate.py chose it on
+#: ``train``).
+QUANTILE = 0.5
+#: The largest working diameter :func:`working_diameter` grows to, as a multiple of the
+#: model's: a network shown nuclei much larger than it was trained on breaks them into
+#: pieces (see :func:`choose_reading`).
+LARGEST_WORKING = 2.0
+
+#: Objects under this share of the area-weighted median diameter are specks ...
+SPECK_RATIO = 0.5
+#: ... set aside when they are at least this share of the objects (fewer hardly move the
+#: median, and setting them aside would only shift the zoom by a hair).
+SPECK_SHARE = 0.25
+#: Objects of lower solidity are clumps of touching nuclei.
+SOLIDITY_MIN = 0.0
+#: Objects over this many times the median diameter of the rest are clumps.
+CLUMP_RATIO = 100.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +124,7 @@ class ScaleChoice:
 
     scale: float
     diameter_px: float | None  # typical cell diameter in the original image, if known
-    source: str  # "config", "pixel-size", "estimated" or "none"
+    source: str  # "config", "pixel_size", "estimated" or "none"
 
 
 def choose_scale(
@@ -109,45 +134,147 @@ def choose_scale(
     model_pixel_size_um: float | None,
     image_pixel_size_um: float | None,
     estimate_diameter: Callable[[], float | None],
+    growth: float = 0.0,
 ) -> ScaleChoice:
-    """Decide the zoom for one image (``estimate_diameter`` is only called when needed)."""
+    """Decide the zoom for one image (``estimate_diameter`` is only called when needed).
+
+    A known pixel size (``settings.pixel_size_um``, else ``image_pixel_size_um``) sets the
+    zoom when the nuclei's size in µm is known too: from ``settings.nucleus_diameter_um``,
+    or from the model's own pixel size. Otherwise the size is estimated from the image.
+    Wherever the zoom comes from a nucleus diameter (``diameter_px``,
+    ``nucleus_diameter_um`` or the estimate), nuclei larger than the model's diameter are
+    brought to :func:`working_diameter` with ``growth`` (see :func:`large_nuclei_growth`).
+    """
     if settings.scale is not None:
         return ScaleChoice(settings.scale, _diameter(model_diameter_px, settings.scale), "config")
     if settings.mode == "none" or model_diameter_px is None:
         return ScaleChoice(1.0, None, "none")
     if settings.diameter_px is not None:
-        return _clamped(
-            settings, model_diameter_px / settings.diameter_px, settings.diameter_px, "config"
-        )
+        return _towards(settings, model_diameter_px, growth, settings.diameter_px, "config")
     pixel_size = settings.pixel_size_um or image_pixel_size_um
+    if pixel_size and settings.nucleus_diameter_um is not None:
+        diameter = settings.nucleus_diameter_um / pixel_size
+        return _towards(settings, model_diameter_px, growth, diameter, "pixel_size")
     if pixel_size and model_pixel_size_um:
         scale = pixel_size / model_pixel_size_um
-        return _clamped(settings, scale, model_diameter_px / scale, "pixel-size")
+        return _clamped(settings, scale, model_diameter_px / scale, "pixel_size")
     diameter = estimate_diameter()
     if diameter is None:  # nothing found: an empty image; keep its own scale
         return ScaleChoice(1.0, None, "estimated")
-    return _clamped(settings, model_diameter_px / diameter, diameter, "estimated")
+    return _towards(settings, model_diameter_px, growth, diameter, "estimated")
+
+
+def working_diameter(diameter: float, target: float, growth: float) -> float:
+    """The size (px) that nuclei of ``diameter`` px are zoomed to for a model that works
+    at ``target`` px.
+
+    Nuclei up to ``target`` are brought to ``target``. Larger ones are brought to
+    ``target · (diameter / target) ** growth``, at most :data:`LARGEST_WORKING` times
+    ``target``: with ``growth`` 0 every nucleus reaches the network at ``target``; with 1,
+    nuclei up to twice ``target`` are not zoomed down at all. Zooming a field of touching
+    large nuclei all the way down to ``target`` shrinks their smaller neighbours to
+    specks and merges touching pairs; a network trained with size jitter still parts
+    nuclei somewhat larger than ``target``.
+
+    Examples
+    --------
+    >>> working_diameter(10.0, 20.0, 0.5)  # small nuclei: zoomed up to the target
+    20.0
+    >>> working_diameter(45.0, 20.0, 0.5)  # 45 px nuclei reach the network at 30 px
+    30.0
+    >>> working_diameter(45.0, 20.0, 0.0)  # growth 0: every nucleus at the target
+    20.0
+    >>> working_diameter(200.0, 20.0, 1.0)  # never more than twice the target
+    40.0
+    """
+    if not 0 <= growth <= 1:
+        raise ValueError(f"growth must be between 0 and 1, got {growth}")
+    if diameter <= target:
+        return target
+    return min(target * (diameter / target) ** growth, LARGEST_WORKING * target)
+
+
+def large_nuclei_growth(settings: ScaleConfig, card: Mapping[str, Any]) -> float:
+    """The ``growth`` of :func:`working_diameter`: ``scale.large_nuclei_growth`` when set,
+    else the model card's ``large_nuclei_growth``, else 0 (every nucleus at the model's
+    working diameter)."""
+    if settings.large_nuclei_growth is not None:
+        return settings.large_nuclei_growth
+    recorded = card.get("large_nuclei_growth")
+    return float(recorded) if isinstance(recorded, int | float) and 0 <= recorded <= 1 else 0.0
 
 
 def typical_diameter(
     labels: np.ndarray, *, min_diameter: float = 0.0, min_cells: int = 3
 ) -> float | None:
-    """Median equivalent diameter of the cells in ``labels``, ignoring ones cut by the
-    border when enough whole cells remain; None when fewer than ``min_cells`` are found.
+    """Typical diameter of single cells in ``labels``: a low quantile (:data:`QUANTILE`)
+    of the equivalent diameters of the cells left once specks and clumps are set aside,
+    ignoring cells cut by the border when enough whole ones remain; None when fewer than
+    ``min_cells`` are found.
 
     Objects under ``min_diameter`` are left out: a network shown cells much larger than it
     was trained on breaks their texture into small fragments, which would otherwise pull
-    the median down and zoom the image the wrong way.
+    the typical size down and zoom the image the wrong way. Two more kinds of object are
+    not single cells (:func:`single_cells`): specks, small bright dots and fragments of
+    texture on a field of few, dim nuclei; and clumps, touching nuclei the network did not
+    part, which a zoom chosen from them would merge further.
     """
     inner = clear_border(labels)
     use = inner if len(np.unique(inner)) - 1 >= min_cells else labels
-    diameters = regionprops_table(use, properties=("equivalent_diameter_area",))[
-        "equivalent_diameter_area"
-    ]
-    diameters = diameters[diameters >= min_diameter]
+    props = regionprops_table(use, properties=("equivalent_diameter_area", "solidity"))
+    diameters = np.asarray(props["equivalent_diameter_area"], dtype=float)
+    solidity = np.asarray(props["solidity"], dtype=float)
+    keep = diameters >= min_diameter
+    diameters = single_cells(diameters[keep], solidity[keep])
     if len(diameters) < min_cells:
         return None
-    return float(np.median(diameters))
+    return float(np.quantile(diameters, QUANTILE))
+
+
+def single_cells(diameters: np.ndarray, solidity: np.ndarray) -> np.ndarray:
+    """The diameters of the objects that look like single cells.
+
+    Specks: objects under :data:`SPECK_RATIO` of the area-weighted median diameter (the
+    diameter of the object that holds the median pixel of all objects), so a few large
+    nuclei outweigh many specks; set aside when they are at least :data:`SPECK_SHARE` of
+    the objects. Clumps: objects whose solidity is under
+    :data:`SOLIDITY_MIN` (two touching round nuclei make a waisted shape), or whose
+    diameter is over :data:`CLUMP_RATIO` times the median of the rest. Each step is skipped
+    where it would leave fewer than half of the objects, so a field of one kind of object
+    keeps its size.
+
+    Examples
+    --------
+    >>> single_cells(np.array([3.0, 4, 4, 5, 20, 21, 22]), np.ones(7))  # specks and nuclei
+    array([20., 21., 22.])
+    >>> single_cells(np.array([4.0, 5, 5, 6]), np.ones(4))  # small nuclei keep their size
+    array([4., 5., 5., 6.])
+    """
+    if len(diameters) == 0:
+        return diameters
+    order = np.argsort(diameters)
+    area = np.cumsum(diameters[order] ** 2)
+    weighted_median = diameters[order][np.searchsorted(area, area[-1] / 2)]
+    specks = diameters < SPECK_RATIO * weighted_median
+    many = np.count_nonzero(specks) >= SPECK_SHARE * len(diameters)
+    if many and np.count_nonzero(~specks) >= 3:  # a few nuclei among many specks: those
+        diameters, solidity = diameters[~specks], solidity[~specks]
+    waisted = solidity < SOLIDITY_MIN
+    if np.count_nonzero(~waisted) >= len(diameters) / 2:
+        diameters, solidity = diameters[~waisted], solidity[~waisted]
+    large = diameters > CLUMP_RATIO * np.median(diameters)
+    if np.count_nonzero(~large) >= len(diameters) / 2:
+        diameters = diameters[~large]
+    return diameters
+
+
+def _towards(
+    settings: ScaleConfig, target: float, growth: float, diameter: float, source: str
+) -> ScaleChoice:
+    """The zoom that brings nuclei of ``diameter`` px to their working diameter."""
+    return _clamped(
+        settings, working_diameter(diameter, target, growth) / diameter, diameter, source
+    )
 
 
 def _clamped(

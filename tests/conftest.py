@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -25,9 +25,12 @@ from cellwatch.model import write_card
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-fluo"
 
 
-def save_threshold_model(path: Path, *, diameter_px: float | None = None, classes: int = 3) -> Path:
+def save_threshold_model(
+    path: Path, *, diameter_px: float | None = None, classes: int = 3, threshold: float = 0.5
+) -> Path:
     """A Keras model with hand-set weights that calls a pixel "interior" when its normalized
-    intensity is above 0.5: a pointwise rule, so its answers are known exactly."""
+    intensity is above ``threshold`` (0.5): a pointwise rule, so its answers are known
+    exactly; two thresholds make two models that count dim cells differently."""
     import keras
     from keras import layers
 
@@ -35,11 +38,12 @@ def save_threshold_model(path: Path, *, diameter_px: float | None = None, classe
     if classes == 3:
         conv = layers.Conv2D(3, 1, activation="softmax", name="probabilities")
         outputs = conv(inputs)
-        conv.set_weights([np.array([[[[-40.0, 40.0, 0.0]]]]), np.array([20.0, -20.0, -50.0])])
+        bias = 40.0 * threshold
+        conv.set_weights([np.array([[[[-40.0, 40.0, 0.0]]]]), np.array([bias, -bias, -50.0])])
     else:
         conv = layers.Conv2D(1, 1, activation="sigmoid", name="probabilities")
         outputs = conv(inputs)
-        conv.set_weights([np.array([[[[40.0]]]]), np.array([-20.0])])
+        conv.set_weights([np.array([[[[40.0]]]]), np.array([-40.0 * threshold])])
     keras.Model(inputs, outputs).save(path)
     write_card(path, {"name": path.stem, "diameter_px": diameter_px})
     return path
@@ -108,3 +112,28 @@ def no_leaked_threads():
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     assert not leaked, f"test leaked threads: {leaked}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted models (``inference.cache_dir``'s default) go to a folder of this test
+    session, shared by its tests and the commands they start, not the user's cache."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder / "cellwatch"
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
+def load_with(model_path: Path | None, runtime: str = "openvino", precision: str = "f32") -> Any:
+    """A model loaded as ``predict`` loads it, with this runtime and precision."""
+    from cellwatch.config import Config, override
+    from cellwatch.runtime import load
+
+    settings = {"inference.runtime": runtime, "inference.precision": precision}
+    if model_path is not None:
+        settings["model.path"] = str(model_path)
+    return load(override(Config(), **settings))

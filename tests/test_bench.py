@@ -16,7 +16,8 @@ import tifffile
 from conftest import discs
 from skimage.segmentation import relabel_sequential, watershed
 
-from cellwatch import bench
+from cellwatch.bench import command, inputs, network
+from cellwatch.bench.report import format_comparison
 from cellwatch.cli import main
 from cellwatch.config import Config, override
 from cellwatch.errors import ConfigError
@@ -55,7 +56,7 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "targets:" in printed
     assert "1.234e+04 →" in printed  # compared with the file as it was before the run
-    comparison = bench.format_comparison(report, report)
+    comparison = format_comparison(report, report)
     assert "×1.00" in comparison and "workloads.mosaic.default.mp_per_s" in comparison
 
 
@@ -64,18 +65,18 @@ def test_a_trained_seed_model_is_benchmarked_when_given(tmp_path):
 
     trained = tmp_path / "my-seed.keras"
     build_seed_unet(filters=4).save(trained)
-    models = bench.prepare_models(tmp_path / "m", None, bench.QUICK, bundled=False, seed=trained)
+    models = network.prepare_models(tmp_path / "m", None, inputs.QUICK, bundled=False, seed=trained)
     assert models["seed"]["path"] == trained
     assert models["seed"]["about"]["model"] == f"{trained} (trained)"
     assert models["seed"]["flops_per_tile"] > 0
-    untrained = bench.prepare_models(tmp_path / "u", None, bench.QUICK, bundled=False)
+    untrained = network.prepare_models(tmp_path / "u", None, inputs.QUICK, bundled=False)
     assert untrained["seed"]["about"]["model"].startswith("untrained")
 
 
 def test_sizes_flag_is_checked():
-    assert bench._sizes(bench.Sizes(), "mosaic=1024, burst=3").mosaic == 1024
+    assert command._sizes(inputs.Sizes(), "mosaic=1024, burst=3").mosaic == 1024
     with pytest.raises(ConfigError, match="known name"):
-        bench._sizes(bench.Sizes(), "mosiac=1024")
+        command._sizes(inputs.Sizes(), "mosiac=1024")
 
 
 def test_conv_flops_are_counted_from_layer_shapes(tmp_path):
@@ -87,7 +88,7 @@ def test_conv_flops_are_counted_from_layer_shapes(tmp_path):
     path = tmp_path / "tiny.keras"
     keras.Model(inputs, x).save(path)
     expected = 2 * 16 * 16 * 9 * 1 * 4 + 2 * 16 * 16 * 4 * 4 * 2
-    assert bench.conv_flops_per_tile(path, 16) == expected
+    assert network.conv_flops_per_tile(path, 16) == expected
 
 
 # --- the fast paths give the results of the straightforward ones -------------------------

@@ -22,6 +22,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_quiet_keeps_tensorflows_start_up_lines_out_on_the_keras_runtime(threshold_model, tmp_path):
+    """The OpenVINO runtime imports no TensorFlow; on Keras, --quiet hides its C++ lines."""
+    image, _ = discs((64, 64), [(30, 30)], 10)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    config = tmp_path / "keras.yaml"
+    config.write_text("inference:\n  runtime: keras\n")
+    argv = ["predict", str(tmp_path / "a.tif"), "--out", str(tmp_path / "out"), "--quiet"]
+    done = run_cli(*argv, "--model", str(threshold_model), "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "absl::InitializeLog" not in done.stderr, done.stderr
+    assert not re.search(r"^[IWEF]\d{4} ", done.stderr, re.MULTILINE), done.stderr
+    assert pd.read_csv(tmp_path / "out" / "ledger.csv")["cell_count"].tolist() == [1]
+
+
 def test_predict_exit_status_and_ledger(threshold_model, tmp_path):
     inbox = tmp_path / "in"
     (inbox / "sub").mkdir(parents=True)

@@ -587,6 +587,21 @@ def test_main_loop_stops_watchdog_and_exits_1_when_a_thread_dies(tmp_path: Path,
     assert 2 <= lines.count("WATCHDOG=1") <= 12  # every 50 ms for about half a second
 
 
+def test_the_daemon_notes_its_host_next_to_its_pid(tmp_path: Path, monkeypatch):
+    """`cellwatch status` checks the pid only on the daemon's own machine: the daemon must
+    say which machine that is (a state folder on a share is read from others)."""
+    (tmp_path / "inbox").mkdir()
+    config = load_config(write_config(tmp_path / "c.yaml", None))
+    config = override(config, **{"watch.inbox": str(tmp_path / "inbox"),
+                                 "output.dir": str(tmp_path / "out")})  # fmt: skip
+    monkeypatch.setattr(daemon, "load_engine", fake_engine)
+    monkeypatch.setattr(LocalRunner, "run", lambda self: time.sleep(0.3))
+    assert Daemon(lambda: config, Notifier({})).serve() == 1
+    with JobQueue(Paths.of(config).db, readonly=True) as queue:
+        meta = queue.meta()
+    assert (meta["pid"], meta["host"]) == (str(os.getpid()), socket.gethostname())
+
+
 def test_recovery_leaves_a_file_of_scenes_to_the_worker(tmp_path: Path):
     """At start-up a job with some scene rows is not marked done: only the worker knows
     how many scenes the file has."""

@@ -8,6 +8,7 @@ TensorFlow: tests/test_distributed.py runs the real thing.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -222,3 +223,49 @@ def test_a_new_engine_goes_with_the_next_task(setup):
     models = ledger.read(s.paths.ledger).set_index("image")["model"]
     assert models.rename(lambda p: Path(p).name).to_dict() == {"a.tif": "fake@0123",
                                                                "b.tif": "new@4567"}  # fmt: skip
+
+
+def test_a_lost_scheduler_is_said_once_and_tried_again_with_a_growing_wait(setup, caplog):
+    """While the scheduler stays away, each failed try updates the status, not the log;
+    the wait between tries doubles from RECONNECT_FIRST_S up to RECONNECT_S."""
+    from cellwatch.service import dask_runner
+
+    s = setup
+    runner = s.make(["a.tif"])
+    runner.work(s.queue)
+    s.pool.up, s.pool.refuse = False, "cannot reach the Dask scheduler at tcp://fake:8786"
+    waits = []
+    for _ in range(7):
+        runner._next_connect = 0.0  # the wait has passed
+        before = time.monotonic()
+        assert not runner.work(s.queue)
+        waits.append(round(runner._next_connect - before))
+    assert waits == [1, 2, 4, 8, 16, 30, 30] and dask_runner.RECONNECT_S == 30
+    assert caplog.text.count("lost the Dask scheduler at tcp://fake:8786") == 1
+    assert "cannot reach" not in caplog.text  # the tries' errors go to the status
+    problem = runner.compute_status()["problem"] or ""
+    assert problem.startswith("lost the Dask scheduler") and "last try: cannot reach" in problem
+    s.pool.refuse = None
+    runner._next_connect = 0.0
+    runner.work(s.queue)
+    assert runner.problem is None and caplog.text.count("is back; resuming") == 1
+
+
+def test_an_image_whose_files_found_the_disk_full_goes_back_without_an_attempt(setup):
+    from cellwatch.errors import DiskFullError
+    from cellwatch.service.pause import Pause
+
+    s = setup
+    runner = s.make(["a.tif"])
+    runner.pause = Pause(runner.stop, first_s=0.01)
+    runner.work(s.queue)
+    [key] = s.pool.tasks
+    s.pool.finish(key, error=DiskFullError("could not write /out/labels/a.tif (No space left)"))
+    runner.work(s.queue)  # back to the queue, paused a moment, and handed out again
+    assert runner.pause.paused and not s.paths.ledger.exists()
+    [job] = s.queue.jobs(("running",))
+    assert job.attempts == 1  # the attempt the full disk took was not counted
+    [key] = s.pool.tasks
+    s.pool.finish(key)
+    runner.work(s.queue)
+    assert rows(s.paths) == [("a.tif", "", "ok")] and not runner.pause.paused

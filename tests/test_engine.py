@@ -49,8 +49,25 @@ def test_with_dask_workers_the_engine_only_names_the_model(tmp_path: Path):
     gone.write_bytes(b"a model")
     missing = override(config, **{"model.path": str(gone)})
     gone.unlink()  # after the check at load time, before the daemon starts
-    with pytest.raises(ModelError, match="cannot read model file"):
+    with pytest.raises(ModelError, match=r"no model file at .*gone\.keras"):
         load_engine(missing)
+
+
+def test_with_dask_workers_a_file_that_is_no_keras_model_is_refused(tmp_path: Path):
+    """The daemon checks the archive before it hands a new model to the workers on SIGHUP,
+    so a half-copied file keeps the old model rather than failing every image."""
+    import zipfile
+
+    config = override(Config(), **{"compute.workers": 2})
+    half = tmp_path / "half.keras"
+    half.write_bytes(BUNDLED_MODEL.read_bytes()[:100_000])
+    with pytest.raises(ModelError, match=r"half\.keras is not a Keras model file.*copied whole"):
+        load_engine(override(config, **{"model.path": str(half)}))
+    other = tmp_path / "other.keras"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    with pytest.raises(ModelError, match=r"other\.keras is a zip archive but not a Keras model"):
+        load_engine(override(config, **{"model.path": str(other)}))
 
 
 def test_compute_settings_stay_those_the_daemon_started_with():
@@ -58,3 +75,19 @@ def test_compute_settings_stay_those_the_daemon_started_with():
     new = override(Config(), **{"compute.workers": 4, "watch.max_attempts": 5})
     kept = override_compute(new, running)
     assert kept.compute == running.compute and kept.watch.max_attempts == 5
+
+
+def test_the_daemon_counts_the_channel_its_model_was_taught_on(tmp_path: Path):
+    """A fine-tuned model's card names its input (``hematoxylin``); the daemon's engine and
+    its Dask tasks count that plane unless the config names a channel."""
+    import json
+    import shutil
+
+    model = tmp_path / "he.keras"
+    shutil.copy(BUNDLED_MODEL, model)
+    card = json.loads(BUNDLED_MODEL.with_suffix(".json").read_text())
+    model.with_suffix(".json").write_text(json.dumps({**card, "input": {"channel": "hematoxylin"}}))
+    on_dask = override(Config(), **{"model.path": str(model), "compute.workers": 2})
+    assert load_engine(on_dask).config.input.channel == "hematoxylin"
+    named = override(on_dask, **{"input.channel": "gray"})
+    assert load_engine(named).config.input.channel == "gray"

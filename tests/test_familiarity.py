@@ -13,17 +13,23 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import discs
+from conftest import DATA, discs
 from scipy import ndimage as ndi
 
 from cellwatch import familiarity
-from cellwatch.config import Config, override
+from cellwatch.config import Config, ReportConfig, override
 from cellwatch.errors import ModelError
 from cellwatch.familiarity import Reference, measure, reference_from_card, score
 from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
 from cellwatch.pipeline import ImageResult, Segmenter, process_image
 from cellwatch.preprocess import Normalization
-from cellwatch.reporting.qc import UNFAMILIAR, UNFAMILIAR_MESSAGE, QcThresholds, flag_images
+from cellwatch.reporting.qc import (
+    EMPTY,
+    UNFAMILIAR,
+    UNFAMILIAR_MESSAGE,
+    QcThresholds,
+    flag_images,
+)
 from cellwatch.reporting.report import build_reports
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import FileVersion, JobQueue
@@ -202,8 +208,10 @@ def test_pipeline_rows_carry_familiarity(tmp_path, threshold_model):
 
 def test_an_estimate_stuck_at_a_scale_bound_is_unfamiliar(tmp_path, sized_threshold_model):
     model = with_references(sized_threshold_model, tmp_path)
+    jitter = np.random.default_rng(0).integers(-3, 4, size=(64, 2))  # a lattice is a pattern
+    centres = [(y, x) for y in range(8, 128, 16) for x in range(8, 128, 16)]
     image, _ = discs(
-        (128, 128), [(y, x) for y in range(8, 128, 16) for x in range(8, 128, 16)], 2.5
+        (128, 128), [(y + a, x + b) for (y, x), (a, b) in zip(centres, jitter, strict=True)], 2.5
     )
     config = override(Config(), **{"scale.max_scale": 2.0})
     result = Segmenter(config, load_model(model)).segment(image)  # 5 px cells need a zoom of 4
@@ -345,3 +353,74 @@ def test_daemon_warns_once_per_local_day(tmp_path, caplog):
     ]
     assert "(familiarity 0, below report.familiarity_min 0.001)" in warnings[0]
     assert ledger.read(paths.ledger)["familiarity"].tolist() == [0.9, 0.0, 0.0005, 0.5, 0.0]
+
+
+def non_cell_patterns(side: int = 384, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fields a microscope can show that hold no cells, as 16-bit images: interference
+    rings (two ring spacings), stripes (straight and slanted), checkerboards (two square
+    sizes)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:side, :side].astype(np.float64)
+    radius2 = (y - side * 0.4) ** 2 + (x - side * 0.55) ** 2
+    fields = {
+        "interference rings": 0.5 + 0.5 * np.cos(radius2 / (side * 6.0)),
+        "fine interference rings": 0.5 + 0.5 * np.cos(np.sqrt(radius2) * 2 * np.pi / 24),
+        "stripes": 0.5 + 0.5 * np.sin(x * 2 * np.pi / 30),
+        "slanted stripes": 0.5 + 0.5 * np.sin((x + y) * 2 * np.pi / 40),
+        "checkerboard": ((y // 20 + x // 20) % 2).astype(np.float64),
+        "large checkerboard": ((y // 48 + x // 48) % 2).astype(np.float64),
+    }
+    return {
+        name: (1000 * (field + rng.normal(0, 0.03, field.shape)) + 200).astype(np.uint16)
+        for name, field in fields.items()
+    }
+
+
+def empty_wells(side: int = 384, seed: int = 0) -> dict[str, np.ndarray]:
+    """Empty wells: photon noise over a vignetted or a sloping background."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:side, :side].astype(np.float64)
+    vignette = np.exp(-((y - 0.4 * side) ** 2 + (x - 0.6 * side) ** 2) / (2 * (0.6 * side) ** 2))
+    return {
+        "dim vignetted well": rng.poisson(20 * vignette + 5).astype(np.uint16),
+        "well with a gradient": rng.poisson(30 * x / side + 10).astype(np.uint16),
+        "bright vignetted well": rng.poisson(500 * vignette + 100).astype(np.uint16),
+    }
+
+
+@pytest.fixture(scope="module")
+def bundled_segmenter() -> Segmenter:
+    config = Config()
+    return Segmenter(config, load_model(config.model.path))
+
+
+def test_a_non_cell_pattern_is_flagged_not_counted(bundled_segmenter):
+    limit = ReportConfig().familiarity_min
+    for name, image in non_cell_patterns().items():
+        found = bundled_segmenter.segment(image).familiarity
+        assert found.pattern and found.score is not None and found.score < limit, (name, found)
+
+
+def test_an_empty_well_is_flagged(bundled_segmenter):
+    rows = []
+    for image in empty_wells().values():
+        result = bundled_segmenter.segment(image)
+        rows.append(
+            {
+                "status": "ok",
+                "cell_count": int(result.labels.max()),
+                "familiarity": result.familiarity.score,
+            }
+        )
+    images = pd.DataFrame(rows)
+    flags, _ = flag_images(images, pd.Series([""] * len(images)), QcThresholds())
+    assert all(EMPTY in f or UNFAMILIAR in f for f in flags), list(flags)
+
+
+def test_real_nuclei_are_not_a_pattern(bundled_segmenter):
+    # val images of three kinds: small sparse, dense, large touching nuclei
+    for name in ("0acd2c223d30", "a891bbc89143", "b1a239838c7d"):
+        image = imageio.read_image(DATA / "val" / "images" / f"{name}.tif").pixels
+        found = bundled_segmenter.segment(image).familiarity
+        assert not found.pattern and found.score is not None and found.score > 0, (name, found)
+    assert familiarity.periodicity(np.zeros((32, 32))) is None  # one value: nothing repeats

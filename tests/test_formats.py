@@ -156,7 +156,10 @@ def test_czi_scenes_channels_and_pixel_size_come_from_the_file(tmp_path: Path):
         imageio.read_image(path, scene=1, channel="GFP").pixels,
     )
     with pytest.raises(BadInputError, match=r"2 channels that differ.*DAPI, GFP"):
-        imageio.read_image(path, scene=0)
+        imageio.read_image(path, scene=0, channel=None)
+    found = imageio.read_image(path, scene=0)  # auto: the channel named after a nuclear stain
+    assert found.channel == "DAPI"
+    assert np.array_equal(found.pixels, imageio.read_image(path, scene=0, channel=0).pixels)
     with pytest.raises(BadInputError, match=r"no channel named 'RFP'; its channels are 'DAPI'"):
         imageio.read_image(path, scene=0, channel="RFP")
     with pytest.raises(BadInputError, match=r"holds 3 scenes"):

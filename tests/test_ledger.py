@@ -102,10 +102,12 @@ def _full_disk_run(mode: str, out: Path, prefix: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _check_nothing_changed(results: dict) -> None:
+def _check_nothing_changed(results: dict, raised: str = "TransientError") -> None:
+    """``raised``: DiskFullError (a TransientError) when the disk is full, so the daemon
+    pauses rather than spend attempts; TransientError for a file-size limit."""
     assert results.pop("left_over") == []
     for name, result in results.items():
-        assert result["raised"] == "TransientError", f"{name}: {result}"
+        assert result["raised"] == raised, f"{name}: {result}"
         assert "disk full?" in result["error"], result["error"]
         assert result["after"] == result["before"], f"{name} changed: {result}"
 
@@ -131,4 +133,21 @@ def test_files_are_unchanged_on_a_full_tmpfs(tmp_path):
         )
     script = f'{command} && exec "$@"'
     results = _full_disk_run("tmpfs", mount, ["unshare", "-rm", "sh", "-c", script, "sh"])
-    _check_nothing_changed(results)
+    _check_nothing_changed(results, "DiskFullError")
+
+
+def test_read_parses_each_column_as_its_declared_type(tmp_path):
+    """One table says each column's type: a text column of digits (a job id "007", a
+    scene "1") stays text, a number column is a number."""
+    path = tmp_path / "ledger.csv"
+    row = {name: "007" if kind is str else "7" for name, kind in ledger.COLUMN_TYPES.items()}
+    ledger.append_rows(path, [row])
+    back = ledger.read(path)
+    assert tuple(back.columns) == ledger.COLUMNS
+    for name, kind in ledger.COLUMN_TYPES.items():
+        value = back.loc[0, name]
+        if kind is str:
+            assert value == "007", f"{name} read as {value!r}: a text column parsed as a number"
+        else:
+            assert value == 7.0 and back[name].dtype.kind in "if", f"{name} read as {value!r}"
+    assert {n for n, k in ledger.COLUMN_TYPES.items() if k is str} == ledger.TEXT_COLUMNS

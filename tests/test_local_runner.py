@@ -273,3 +273,30 @@ def test_worker_thread_reports_why_it_stopped(worker_setup):
     thread.start()
     thread.join(10)
     assert not thread.is_alive() and "cannot write to" in (worker.error or "")
+
+
+def test_a_label_image_that_finds_the_disk_full_is_run_again_without_an_attempt(worker_setup):
+    """The pause (:mod:`cellwatch.service.pause`): an image whose files found no room is
+    processed again once the wait is over, and its job ends done at its first attempt; a
+    stop while the disk stays full sends the jobs back, their attempt not spent."""
+    from cellwatch.errors import DiskFullError
+    from cellwatch.service.pause import Pause
+
+    s = worker_setup
+    full = DiskFullError("could not write /out/labels/a.tif (No space left on device)")
+    worker, fake = s.make({"a.tif": [full, full], "b.tif": []})
+    worker.pause = Pause(worker.stop, first_s=0.01, most_s=0.02)
+    worker.recorder.pause = worker.pause
+    assert worker.work(s.queue)
+    assert fake.calls == [["a.tif", "b.tif"], ["a.tif"], ["b.tif"], ["a.tif"]]  # a: once more
+    rows = ledger_rows(s.paths)
+    assert {name: row["status"] for name, row in rows.items()} == {"a.tif": "ok", "b.tif": "ok"}
+    assert {j.rel_path: j.attempts for j in s.queue.jobs(("done",))} == {"a.tif": 1, "b.tif": 1}
+    assert not worker.pause.paused
+
+    worker2, _ = s.make({"c.tif": [full] * 1000})
+    worker2.pause = Pause(worker2.stop, first_s=0.01, most_s=0.02)
+    threading.Timer(0.2, worker2.stop.set).start()
+    assert worker2.work(s.queue)
+    [c] = s.queue.jobs(("pending",))
+    assert (c.rel_path, c.attempts) == ("c.tif", 0) and "c.tif" not in ledger_rows(s.paths)

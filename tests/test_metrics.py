@@ -24,7 +24,7 @@ from cellwatch.storage.imageio import sha256_file
 from cellwatch.timing import Stopwatch
 
 #: The only labels a cellwatch metric may carry (``le`` is a histogram's bucket bound).
-ALLOWED_LABELS = {"status", "stage", "name", "hash", "le"}
+ALLOWED_LABELS = {"status", "stage", "name", "hash", "le", "reason"}
 
 
 def free_port() -> int:
@@ -94,6 +94,7 @@ def test_daemon_counts_three_images_and_a_scrape_shows_them(
     assert value(samples, "cellwatch_jobs_in_progress") == 0
     assert value(samples, "cellwatch_queue_wait_seconds_count") == 3
     assert value(samples, "cellwatch_last_success_timestamp_seconds") >= started
+    assert value(samples, "cellwatch_paused", reason="disk_full") == 0
     for stage in ("read", "inference", "measure", "write"):
         assert value(samples, "cellwatch_stage_seconds_count", stage=stage) >= 1, stage
     assert value(samples, "cellwatch_stage_seconds_count", stage="read") == 3

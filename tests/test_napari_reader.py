@@ -206,16 +206,16 @@ def test_each_scene_of_a_file_gets_its_own_cells(threshold_model: Path, tmp_path
         assert list(features["index"]) == list(mine["label"]) == [*range(1, n + 1)]
         assert list(features["area_px"]) == list(mine["area_px"])
         assert list(features["centroid_y"]) == list(mine["centroid_y"])
-    # no channel in the ledger, and the default settings cannot pick one of DAPI and GFP
-    assert f"plate.czi ({len(SCENE_DISCS[0])} cells)" not in named
-    # a ledger that records the channel counted: each scene shows its own DAPI plane
-    rows = ledger.read(out / "ledger.csv")
-    rows.assign(channel="DAPI").to_csv(out / "ledger.csv", index=False)
-    named = layers_by_name(read_results(out))
+    # the ledger records the channel counted: each scene shows its own DAPI plane
+    assert (ledger.read(out / "ledger.csv")["channel"] == "DAPI").all()
     for centres in SCENE_DISCS:
         image, kwargs, kind = named[f"plate.czi ({len(centres)} cells)"]
         _, truth = discs((96, 112), centres, 6)
         assert kind == "image" and np.array_equal(image, np.where(truth > 0, 4000, 100))
+    # the ledger's channel wins over the settings
+    ledger.read(out / "ledger.csv").assign(channel="GFP").to_csv(out / "ledger.csv", index=False)
+    image, _, _ = layers_by_name(read_results(out))[f"plate.czi ({len(SCENE_DISCS[0])} cells)"]
+    assert np.array_equal(image[0], np.arange(112, dtype=np.uint16) * 50)  # the GFP gradient
 
 
 def test_the_manifest_validates_and_the_entry_point_names_it():

@@ -5,12 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import discs
+from conftest import discs, load_with
 
 from cellwatch.config import Config, override
 from cellwatch.errors import TransientError
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter, process_image
+from cellwatch.runtime import predict_fn
 from cellwatch.service.driver import record
 from cellwatch.training import matching
 
@@ -31,16 +32,22 @@ def seam_discs(shape=(400, 520), tile=64, overlap=16, radius=7):
     return discs(shape, centres, radius)
 
 
-def test_discs_on_tile_seams_are_counted_exactly(threshold_model):
+RUNTIMES = pytest.mark.parametrize("runtime", ["openvino", "keras"])
+
+
+@RUNTIMES
+def test_discs_on_tile_seams_are_counted_exactly(threshold_model, runtime):
     image, truth = seam_discs()
-    seg = segmenter(threshold_model, **{"tiling.tile_size": 64, "tiling.overlap": 16})
+    config = override(Config(), **{"tiling.tile_size": 64, "tiling.overlap": 16})
+    seg = Segmenter(config, load_with(threshold_model, runtime))
     result = seg.segment(image)
     assert result.labels.max() == truth.max()
     at = matching.match(truth, result.labels, thresholds=(0.95,))[0]
     assert at.tp == truth.max() and at.fp == 0 and at.fn == 0
 
 
-def test_tiled_and_untiled_agree(threshold_model, tmp_path):
+@RUNTIMES
+def test_tiled_and_untiled_agree(threshold_model, tmp_path, runtime):
     import keras
 
     rng = np.random.default_rng(1)
@@ -50,14 +57,14 @@ def test_tiled_and_untiled_agree(threshold_model, tmp_path):
     outputs = keras.layers.Conv2D(3, 1, activation="softmax")(x)
     path = tmp_path / "conv.keras"
     keras.Model(inputs, outputs).save(path)
-    model = load_model(path)
+    model = load_with(path, runtime)
     image = rng.random((300, 400)).astype(np.float32)
     tiled = Segmenter(override(Config(), **{"tiling.tile_size": 64, "tiling.overlap": 16}), model)
     whole = Segmenter(override(Config(), **{"tiling.tile_size": 512, "tiling.overlap": 0}), model)
-    from cellwatch.tiling import predict_tiled
+    from cellwatch.tiling import TileSettings, predict_tiled
 
-    a = predict_tiled(image, tiled.predict_batch, tile=64, overlap=16, batch_size=8)
-    b = predict_tiled(image, whole.predict_batch, tile=512, overlap=0, batch_size=1)
+    a = predict_tiled(image, tiled.predict_batch, TileSettings(64, 16), batch_size=8)
+    b = predict_tiled(image, whole.predict_batch, TileSettings(512, 0), batch_size=1)
     # away from the image border (padding differs there) the two agree to float precision
     np.testing.assert_allclose(a[4:-4, 4:-4], b[4:-4, 4:-4], atol=1e-5)
 
@@ -65,9 +72,10 @@ def test_tiled_and_untiled_agree(threshold_model, tmp_path):
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "images"
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return load_model()
+@pytest.fixture(scope="module", params=["openvino", "keras"])
+def bundled(request):
+    """The bundled model on each runtime (OpenVINO at f32, the precision it matches Keras at)."""
+    return load_with(None, request.param)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +125,7 @@ def test_an_image_smaller_than_a_tile_is_predicted_whole_with_the_bundled_model(
 
     raw = tifffile.imread(SAMPLES / "a65bbfc5673e.tif")
     calls: list[tuple[int, ...]] = []
-    predict = bundled.predict_fn()
+    predict = predict_fn(bundled)
 
     def recorded(batch: np.ndarray) -> np.ndarray:
         calls.append(batch.shape)

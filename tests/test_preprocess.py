@@ -21,7 +21,7 @@ from cellwatch.preprocess import (
 )
 from cellwatch.storage import pixels
 from cellwatch.storage.pixels import percentiles
-from cellwatch.tiling import TileGrid, predict_tiled
+from cellwatch.tiling import TileGrid, TileSettings, predict_tiled
 
 QS = [(1.0, 99.8), (0.0, 100.0), (50.0,), (1.5, 99.0, 37.123456789), (99.99, 0.01)]
 
@@ -151,9 +151,9 @@ def test_tiles_cut_from_the_source_equal_tiles_of_the_zoomed_image(shape, scale,
     image = _raw(shape, 1)
     norm = Normalization.of(image)
     zoomed = rescale(norm.apply(image), scale)
-    kwargs = {"tile": 32, "overlap": 8, "batch_size": 4, "align": align}
-    expected = predict_tiled(zoomed, _model, **kwargs)
-    streamed = predict_tiled(ZoomedSource(image, scale, norm), _model, **kwargs)
+    settings = TileSettings(32, 8, align=align)
+    expected = predict_tiled(zoomed, _model, settings, batch_size=4)
+    streamed = predict_tiled(ZoomedSource(image, scale, norm), _model, settings, batch_size=4)
     np.testing.assert_allclose(streamed, expected, atol=TOLERANCE, rtol=0)
 
 
@@ -169,10 +169,8 @@ def test_outputs_stitched_on_the_own_grid_equal_resizing_the_zoomed_output(shape
     own = predict_tiled(
         source,
         _model,
-        tile=32,
-        overlap=8,
+        TileSettings(32, 8, align=align),
         batch_size=4,
-        align=align,
         stitcher=own_grid_stitcher(shape),
     )
     assert own.shape == (*shape, 3)
@@ -204,7 +202,7 @@ def test_a_zoomed_image_tiled_on_the_pooling_grid_equals_its_whole_canvas(shape,
     grid = TileGrid.for_shape(source.shape, 32, 14, align=2)  # margin 8 ≥ the 3-px field
     zoomed = rescale(norm.apply(image), scale)
     whole = _pooling_model(grid.canvas(zoomed)[None, ..., None])[0][: grid.height, : grid.width]
-    kwargs = {"tile": 32, "overlap": 14, "batch_size": 3, "align": 2}
+    kwargs = {"settings": TileSettings(32, 14, align=2), "batch_size": 3}
     tiled = predict_tiled(source, _pooling_model, **kwargs)
     np.testing.assert_allclose(tiled, whole, atol=TOLERANCE, rtol=0)
     own = predict_tiled(source, _pooling_model, **kwargs, stitcher=own_grid_stitcher(shape))

@@ -151,3 +151,54 @@ def test_a_file_swapped_for_a_link_out_of_the_inbox_is_refused_unread(setup, tmp
     assert recorder.plan(job, ENGINE) == ([None], [])
     [row] = ledger.read(setup.paths.ledger).to_dict("records")
     assert row["status"] == "failed" and "outside the inbox" in row["error"]
+
+
+def test_a_write_that_finds_the_disk_full_waits_and_lands_once(setup):
+    """With the daemon's pause, a full disk costs time, never the row: the write is tried
+    again after each wait, the pause shows in the metric while it lasts, and a stop during
+    it hands the work back (:class:`Stopped`) with nothing written."""
+    import threading
+
+    from cellwatch.service.metrics import Metrics
+    from cellwatch.service.pause import Pause, Stopped
+
+    full = {"left": 2}
+    seen: list[float] = []
+    metrics = Metrics()
+
+    def write(results, out_dir):
+        seen.append(metrics.paused_gauge.labels(reason="disk_full")._value.get())
+        if full["left"]:
+            full["left"] -= 1
+            raise TransientError("no room") from OSError(errno.ENOSPC, "No space left on device")
+        record_all(results, out_dir)
+
+    stop = threading.Event()
+    pause = Pause(stop, metrics, first_s=0.01, most_s=0.02)
+    recorder, job = setup.claim("a.tif", write=write, pause=pause, metrics=metrics)
+    recorder.record(ok(job), ENGINE)
+    assert seen == [0, 1, 1] and not pause.paused
+    assert metrics.paused_gauge.labels(reason="disk_full")._value.get() == 0
+    assert len(ledger.read(setup.paths.ledger)) == 1 and recorder.done == 1
+
+    full["left"] = 99  # full until the daemon stops
+    recorder2, job2 = setup.claim("b.tif", write=write, pause=pause, metrics=metrics)
+    threading.Timer(0.1, stop.set).start()
+    with pytest.raises(Stopped):
+        recorder2.record(ok(job2), ENGINE)
+    assert pause.paused and recorder2.missing(job2, [None]) == [None]
+
+
+def test_other_write_errors_are_not_a_pause(setup):
+    import threading
+
+    from cellwatch.service.pause import Pause
+
+    def write(results, out_dir):
+        raise TransientError("share gone") from OSError(errno.EIO, "Input/output error")
+
+    pause = Pause(threading.Event(), first_s=0.01)
+    recorder, job = setup.claim("a.tif", write=write, pause=pause)
+    with pytest.raises(TransientError, match="share gone"):
+        recorder.record(ok(job), ENGINE)
+    assert not pause.paused

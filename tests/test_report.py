@@ -21,6 +21,8 @@ from scipy import ndimage
 from cellwatch.config import Config, OutputConfig, ReportConfig, local_today, override
 from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.quality import focus_score, saturated_fraction
+from cellwatch.reporting import html as report_html
+from cellwatch.reporting import report as report_module
 from cellwatch.reporting.qc import QcThresholds, robust_outliers
 from cellwatch.reporting.report import (
     add_report_arguments,
@@ -681,3 +683,123 @@ def test_page_renders_in_headless_chromium(tmp_path):
     for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):  # ok, flagged, histogram
         close = np.abs(pixels - np.array(colour)).sum(axis=2) < 30
         assert close.sum() > 50, f"no pixels of colour {colour}: a plot did not render"
+
+
+def long_names_lab(tmp_path: Path) -> Path:
+    """A day whose two flagged images have 60-character names (after the shared folders)."""
+    results = tmp_path / "results"
+    names = [f"plate_{k}/2026-10-25_DAPI_high_content_screen_field_{k:04d}_z00.tif" for k in (1, 2)]
+    rows = [
+        ledger_row(f"2026-10-25T1{k}:00:00+00:00", name, None, error="file is truncated")
+        for k, name in enumerate(names)
+    ]
+    ledger.append_rows(results / "ledger.csv", rows)
+    build_reports(
+        results / "ledger.csv", results, start=date(2026, 10, 25), end=date(2026, 10, 25), now=NOW
+    )
+    return results / "reports/2026-10-25.html"
+
+
+def test_long_image_names_are_elided_on_check_cards_with_the_full_path_on_hover(tmp_path):
+    page = long_names_lab(tmp_path).read_text(encoding="utf-8")
+    checks = page.split('id="checks">', 1)[1].split("</div></div>", 1)[0]
+    names = re.findall(r'<b title="([^"]*)">([^<]*)</b>', page.split('id="checks">', 1)[1])
+    assert len(names) == 2, checks
+    for k, (title, shown) in enumerate(names, start=1):
+        full = f"{INBOX}/plate_{k}/2026-10-25_DAPI_high_content_screen_field_{k:04d}_z00.tif"
+        assert htmllib.unescape(title) == full
+        shown = htmllib.unescape(shown)
+        assert len(shown) <= 26 and "…" in shown, shown
+        assert shown.startswith(f"plate_{k}/") and shown.endswith(f"{k:04d}_z00.tif"), shown
+
+
+def test_check_cards_hold_their_names_in_headless_chromium(tmp_path):
+    """Measured by the browser: no name on a "check these" card runs past the card."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (CI installs it with apt-get install chromium)")
+    page = long_names_lab(tmp_path)
+    probe = (
+        "<script>const bad=[...document.querySelectorAll('.check')].filter(c=>"
+        "[...c.querySelectorAll('*')].some(e=>e.getBoundingClientRect().right>"
+        "c.getBoundingClientRect().right+0.5));"
+        "document.body.setAttribute('data-overflowing',String(bad.length));</script></body>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", probe))
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,1000",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
+    run = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-overflowing="(\d+)"', run.stdout)
+    assert found is not None, run.stdout[-2000:]
+    assert found.group(1) == "0", "a card's name runs over the next card"
+
+
+# --- model switches -------------------------------------------------------------------------
+
+
+def test_report_marks_each_model_switch_where_the_service_made_it(tmp_path, monkeypatch):
+    """A switch is the first row *processed* with a new model or settings hash (the ledger
+    is not in time order here), also across midnight; rows without a model start none."""
+    results = tmp_path / "results"
+    a, b, c = "unet@aaaaaaaaaaaa", "mine@bbbbbbbbbbbb", "mine2@cccccccccccc"
+    rows = [
+        ledger_row("2026-12-05T20:00:00+00:00", "d5.tif", 10, model=a),
+        ledger_row("2026-12-06T13:02:00+00:00", "b1.tif", 20, model=b),  # 14:02 CET
+        ledger_row("2026-12-06T08:00:00+00:00", "a1.tif", 11, model=a),  # written late
+        ledger_row("2026-12-06T13:02:00+00:00", "b2.tif", 21, model=b),
+        ledger_row("2026-12-06T14:00:00+00:00", "old.tif", 5, model="", settings_hash=""),
+        ledger_row("2026-12-06T15:00:00+00:00", "b3.tif", None, model=b, settings_hash="ffff"),
+        ledger_row("2026-12-07T00:30:00+00:00", "c1.tif", 30, model=c, settings_hash="ffff"),
+    ]
+    ledger.append_rows(results / "ledger.csv", rows)
+    seen = {}
+    real = report_module.render_day
+
+    def render(day_report):
+        seen[day_report.day] = day_report
+        return real(day_report)
+
+    monkeypatch.setattr(report_module, "render_day", render)
+    build_reports(
+        results / "ledger.csv",
+        results,
+        start=date(2026, 12, 5),
+        end=date(2026, 12, 7),
+        timezone=BERLIN,
+        now=NOW,
+    )
+    pages = {d: (results / f"reports/2026-12-0{d}.html").read_text("utf-8") for d in (5, 6, 7)}
+    assert 'id="switches"' not in pages[5]
+
+    def switches(page: str) -> list[str]:
+        body = page.split('id="switches">', 1)[1].split("</ul>", 1)[0]
+        return [htmllib.unescape(item) for item in re.findall(r"<li>(.*?)</li>", body)]
+
+    assert switches(pages[6]) == [
+        f"Model switched from {a} to {b} at 14:02.",
+        "Settings changed (hash a1b2c3d4e5f6 → ffff) at 16:00; same model.",
+    ]
+    assert switches(pages[7]) == [f"Model switched from {b} to {c} at 01:30."]
+    # the day CSV keeps the ledger's columns only
+    assert "switched" not in pd.read_csv(results / "reports/2026-12-06.csv").columns
+    # the count plot draws a dotted line at each switch, labelled with the new model
+    figure, _ = report_html._counts_plot(seen[date(2026, 12, 6)])
+    ax = figure.axes[0]
+    vertical = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert [pd.Timestamp(line.get_xdata()[0]) for line in vertical] == [
+        pd.Timestamp("2026-12-06 14:02"),
+        pd.Timestamp("2026-12-06 16:00"),
+    ]
+    assert [t.get_text() for t in ax.texts] == [f"→ {b}", "→ new settings"]

@@ -8,13 +8,27 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import discs, save_threshold_model
+from conftest import DATA, discs, save_threshold_model
 from scipy import ndimage as ndi
 
-from cellwatch.config import Config
+from cellwatch.config import Config, load_config, override
+from cellwatch.errors import ConfigError
 from cellwatch.model import load_model, write_card
-from cellwatch.pipeline import Segmenter
-from cellwatch.scale import PYRAMID, Reading, choose_reading, is_close
+from cellwatch.pipeline import Segmenter, process_image, read
+from cellwatch.scale import (
+    PYRAMID,
+    Reading,
+    choose_reading,
+    choose_scale,
+    is_close,
+    large_nuclei_growth,
+    single_cells,
+    typical_diameter,
+    working_diameter,
+)
+from cellwatch.storage import imageio
+from cellwatch.training import matching
+from cellwatch.training.targets import as_instances
 
 
 def test_pieces_of_large_nuclei_lose_to_the_level_that_sees_them_whole():
@@ -108,7 +122,9 @@ def test_nuclei_of_any_size_are_counted_at_the_right_scale(bundled, diameter, pe
     # the size found is the nuclei's, and the zoom the one it asks for, within the 15 % at
     # which the estimate stops refining (an image's edges shift a small one by ~10 %)
     assert result.scale.diameter_px == pytest.approx(diameter, rel=0.2), result.scale
-    wanted = bundled.model.working_diameter_px / result.scale.diameter_px
+    target = bundled.model.working_diameter_px
+    growth = large_nuclei_growth(bundled.config.scale, bundled.model.card)
+    wanted = working_diameter(result.scale.diameter_px, target, growth) / result.scale.diameter_px
     assert is_close(result.scale.scale, wanted), result.scale
     assert result.labels.max() == truth.max()
 
@@ -124,3 +140,166 @@ def test_debris_is_dropped_at_any_magnification(sized_threshold_model, zoom):
     result = Segmenter(Config(), load_model(sized_threshold_model)).segment(image)
     assert result.scale.scale == pytest.approx(1 / zoom, rel=0.15)
     assert result.labels.max() == truth.max() == 4
+
+
+ND2 = DATA.parent / "vendor" / "example-multichannel.nd2"  # PBMC, DAPI nuclei ~20 px
+
+
+def never_estimate() -> float | None:
+    raise AssertionError("the estimate ran although the scale was known")
+
+
+@pytest.mark.parametrize(
+    ("settings", "image_pixel_size_um", "source", "diameter_px"),
+    [
+        ({"nucleus_diameter_um": 6.5}, 0.325, "pixel_size", 20.0),  # the file's pixel size
+        ({"nucleus_diameter_um": 6.5, "pixel_size_um": 0.65}, 0.325, "pixel_size", 10.0),
+        ({"nucleus_diameter_um": 6.5, "diameter_px": 30.0}, 0.325, "config", 30.0),
+        ({}, 0.325, "estimated", 16.0),  # no nucleus size: the pixel size alone says nothing
+        ({"nucleus_diameter_um": 6.5}, None, "estimated", 16.0),  # no pixel size: estimated
+    ],
+)
+def test_a_known_nucleus_size_and_pixel_size_set_the_scale(
+    settings, image_pixel_size_um, source, diameter_px
+):
+    choice = choose_scale(
+        dataclasses.replace(Config().scale, **settings),
+        model_diameter_px=20.0,
+        model_pixel_size_um=None,
+        image_pixel_size_um=image_pixel_size_um,
+        estimate_diameter=(lambda: 16.0) if source == "estimated" else never_estimate,
+    )
+    assert (choice.source, choice.diameter_px) == (source, pytest.approx(diameter_px))
+    assert choice.scale == pytest.approx(20.0 / diameter_px)
+
+
+def test_the_real_nd2_scale_from_its_pixel_size_and_the_nucleus_size(tmp_path):
+    config = override(Config(), **{"input.channel": "DAPI", "scale.nucleus_diameter_um": 6.5})
+    row = process_image(
+        ND2, config=config, segmenter=bundled_with(config), out_dir=tmp_path, job_id="nd2"
+    ).row
+    assert row["status"] == "ok" and row["scale_source"] == "pixel_size"
+    assert row["pixel_size_um"] == pytest.approx(0.3234, abs=1e-4)
+    assert row["diameter_px"] == pytest.approx(6.5 / 0.3234, rel=1e-3)
+
+
+def test_the_estimate_on_few_dim_sparse_nuclei_does_not_settle_on_specks():
+    # the real ND2's DAPI channel: 8 dim nuclei ~20 px across among bright specks of 2-5 px
+    config = override(Config(), **{"input.channel": "DAPI"})
+    image = read(ND2, config)
+    assert image.pixel_size_um is not None  # known, but no nucleus size is configured
+    choice = bundled_with(config).segment(image.pixels, image.pixel_size_um).scale
+    assert choice.source == "estimated" and 15.0 <= choice.diameter_px <= 26.0
+
+
+def test_specks_and_clumps_are_not_single_cells():
+    specks_and_nuclei = np.array([2.0, 3, 4, 4, 5, 5, 6, 7, 18, 20, 21, 22, 25])
+    assert typical_diameter_of(specks_and_nuclei) == pytest.approx(21.0)
+    assert single_cells(np.array([6.0, 7, 8]), np.ones(3)).tolist() == [6.0, 7.0, 8.0]
+
+
+def typical_diameter_of(diameters: np.ndarray) -> float | None:
+    """:func:`typical_diameter` of separate discs of these diameters."""
+    side = int(sum(diameters) + 4 * len(diameters) + 8)
+    labels = np.zeros((64, side), np.int32)
+    yy, xx = np.mgrid[:64, :side]
+    x = 4.0
+    for i, d in enumerate(diameters, start=1):
+        labels[(yy - 32) ** 2 + (xx - x - d / 2) ** 2 <= (d / 2) ** 2] = i
+        x += d + 4
+    found = typical_diameter(labels)
+    return None if found is None else round(found)
+
+
+def bundled_with(config: Config) -> Segmenter:
+    return Segmenter(config, load_model(config.model.path))
+
+
+def test_a_nucleus_size_must_be_positive(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("scale:\n  nucleus_diameter_um: 0\n")
+    with pytest.raises(ConfigError, match=r"scale\.nucleus_diameter_um.*must be positive"):
+        load_config(path)
+
+
+def test_large_nuclei_are_zoomed_down_less_the_larger_the_growth():
+    target = 20.0
+    for diameter in (4.0, 12.0, 20.0):  # small nuclei reach the model at its size, any growth
+        assert {working_diameter(diameter, target, g) for g in (0.0, 0.5, 1.0)} == {target}
+    assert working_diameter(45.0, target, 0.0) == target  # growth 0: as before
+    assert working_diameter(45.0, target, 0.5) == pytest.approx(30.0)
+    assert working_diameter(30.0, target, 1.0) == pytest.approx(30.0)  # not zoomed down
+    assert working_diameter(300.0, target, 1.0) == 2 * target  # never past twice the target
+    sizes = np.geomspace(5, 400, 60)
+    for growth in (0.0, 0.3, 0.5, 0.75, 1.0):
+        working = np.array([working_diameter(d, target, growth) for d in sizes])
+        zoom = working / sizes
+        assert np.all(np.diff(working) >= 0)  # larger nuclei never reach it smaller ...
+        assert np.all(np.diff(zoom) <= 1e-12)  # ... nor zoomed less
+        assert np.all((working >= target) & (working <= 2 * target))
+    with pytest.raises(ValueError, match="growth"):
+        working_diameter(45.0, target, 1.5)
+
+
+def test_the_growth_comes_from_the_config_else_the_card_and_applies_to_known_sizes():
+    settings = Config().scale
+    assert large_nuclei_growth(settings, {}) == 0.0
+    assert large_nuclei_growth(settings, {"large_nuclei_growth": 0.5}) == 0.5
+    assert large_nuclei_growth(settings, {"large_nuclei_growth": "big"}) == 0.0
+    mine = dataclasses.replace(settings, large_nuclei_growth=0.25)
+    assert large_nuclei_growth(mine, {"large_nuclei_growth": 0.5}) == 0.25
+    for extra, source in [
+        ({"diameter_px": 45.0}, "config"),
+        ({"nucleus_diameter_um": 4.5, "pixel_size_um": 0.1}, "pixel_size"),
+        ({}, "estimated"),
+    ]:
+        choice = choose_scale(
+            dataclasses.replace(settings, **extra),
+            model_diameter_px=20.0,
+            model_pixel_size_um=None,
+            image_pixel_size_um=None,
+            estimate_diameter=lambda: 45.0,
+            growth=0.5,
+        )
+        assert (choice.source, choice.diameter_px) == (source, pytest.approx(45.0))
+        assert choice.scale == pytest.approx(30.0 / 45.0)  # 45 px nuclei brought to 30
+    forced = dataclasses.replace(settings, scale=0.4)  # an explicit zoom stays as it is
+    choice = choose_scale(
+        forced,
+        model_diameter_px=20.0,
+        model_pixel_size_um=None,
+        image_pixel_size_um=None,
+        estimate_diameter=never_estimate,
+        growth=0.5,
+    )
+    assert choice.scale == 0.4
+
+
+@pytest.mark.parametrize("growth", [-0.1, 1.5])
+def test_a_growth_outside_0_to_1_is_refused(tmp_path, growth):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"scale:\n  large_nuclei_growth: {growth}\n")
+    with pytest.raises(ConfigError, match="large_nuclei_growth"):
+        load_config(path)
+
+
+def test_a_field_of_touching_large_nuclei_counts_better_zoomed_down_less():
+    # a held-out Data Science Bowl field (val): 28 touching nuclei, median 43 px, estimated
+    # at 47 px; zoomed all the way to the model's 20 px, small neighbours shrink to specks
+    # and touching pairs merge (24 counted, 21 matched at IoU 0.5)
+    name = "3441821ebea0.tif"
+    truth = as_instances(imageio.read_image(DATA / "val" / "masks" / name).pixels)
+    pixels = imageio.read_image(DATA / "val" / "images" / name).pixels
+    model = load_model()
+    assert large_nuclei_growth(Config().scale, model.card) == 0.0  # the default: as before
+    found = {}
+    for growth in (None, 0.5):  # the default; the growth cross-validation chose on train
+        config = override(Config(), **{"scale.large_nuclei_growth": growth})
+        result = Segmenter(config, model).segment(pixels)
+        at_half = matching.match(truth, result.labels, thresholds=(0.5,))[0]
+        found[growth] = (int(result.labels.max()), at_half.tp, result.scale.scale)
+    true_count = int(truth.max())
+    (before, matched_before, zoom_before), (now, matched_now, zoom_now) = found.values()
+    assert zoom_now > zoom_before * 1.3, found  # zoomed down less
+    assert abs(now - true_count) < abs(before - true_count), found
+    assert matched_now > matched_before, found

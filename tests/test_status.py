@@ -83,3 +83,17 @@ def test_the_workers_are_the_ones_the_scheduler_has_now(tmp_path: Path):
     assert len(report["compute"]["workers"]) == 2 and report["compute"]["live"] is True
     text = status.format_text(report)
     assert "2 worker(s)" in text and "last saw" not in text, text
+
+
+def test_a_paused_daemon_says_so_and_a_stopped_one_does_not(tmp_path: Path):
+    config = _daemon_was_here(tmp_path, pid=os.getpid())
+    why = "paused since 2026-03-02T12:00:00+00:00: the results disk is full (...)"
+    with JobQueue(tmp_path / ".state" / "jobs.sqlite3") as queue:
+        queue.set_meta(paused=why)
+    report = status.collect(config)
+    assert report["paused"] == why
+    assert f"  paused      {why}" in status.format_text(report).splitlines()
+    with JobQueue(tmp_path / ".state" / "jobs.sqlite3") as queue:
+        queue.set_meta(state="stopped")  # a pause does not outlive its daemon
+    report = status.collect(config)
+    assert report["paused"] is None and "  paused " not in status.format_text(report)

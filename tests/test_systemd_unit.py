@@ -54,7 +54,8 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path, source: Path):
     assert result.returncode == 0, result.stderr
     assert source.name not in result.stderr, result.stderr  # unknown keys are only warnings
     for needed in ("Restart=", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                   "StateDirectory=", "MemoryMax=", "DeviceAllow=char-nvidia", "UMask=0027"):  # fmt: skip
+                   "StateDirectory=", "MemoryMax=", "DeviceAllow=char-nvidia", "UMask=0027",
+                   "CacheDirectory=cellwatch", "XDG_CACHE_HOME=/var/cache"):  # fmt: skip
         assert needed in text
     if source == UNIT:
         assert all(needed in text for needed in ("Type=notify", "WatchdogSec=", "ExecReload="))
@@ -81,6 +82,15 @@ def test_which_exits_systemd_restarts(source: Path, clean_exit_restarts: bool):
     assert restart in ("on-failure", "always"), restart
     assert (restart == "always" or "0" in forced) is clean_exit_restarts, (restart, forced)
     assert _setting(text, "RestartSec"), "a restart needs a pause: no busy loop"
+
+
+def test_reload_sends_sighup_to_the_daemon():
+    """`systemctl reload cellwatch` must reach the daemon as SIGHUP (it re-reads the
+    configuration and switches the model at the next image); a unit without ExecReload
+    would refuse the reload, and one that restarted instead would drop the images in hand."""
+    text = UNIT.read_text()
+    assert _setting(text, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert _setting(text, "Type") == "notify"  # RELOADING=1 … READY=1 tell systemd when done
 
 
 @UNITS

@@ -10,6 +10,7 @@ from cellwatch.errors import ModelError
 from cellwatch.tiling import (
     Stitcher,
     TileGrid,
+    TileSettings,
     predict_tiled,
     predict_tiled_many,
     tile_settings,
@@ -57,7 +58,7 @@ def conv_model(kernel: np.ndarray):
 @pytest.mark.parametrize(("tile", "overlap"), TILE_OVERLAPS)
 def test_split_and_reassemble_is_identity(shape, tile, overlap):
     image = _image(shape)
-    out = predict_tiled(image, identity, tile=tile, overlap=overlap, batch_size=8)
+    out = predict_tiled(image, identity, TileSettings(tile, overlap), batch_size=8)
     assert out.shape == (*shape, 1)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out[..., 0], image)
@@ -144,7 +145,7 @@ def test_tiled_equals_untiled_for_a_local_operator(shape, tile, overlap):
     kernel = np.random.default_rng(1).normal(size=(5, 5)).astype(np.float32)
     model = conv_model(kernel)
     image = _image(shape)
-    tiled = predict_tiled(image, model, tile=tile, overlap=overlap, batch_size=3)
+    tiled = predict_tiled(image, model, TileSettings(tile, overlap), batch_size=3)
     untiled = model(image[None, ..., None])[0]
     inner = np.s_[radius:-radius, radius:-radius]
     np.testing.assert_allclose(tiled[inner], untiled[inner], rtol=1e-5, atol=1e-5)
@@ -155,7 +156,7 @@ def test_too_small_overlap_shows_seams():
     kernel = np.ones((5, 5), dtype=np.float32)
     model = conv_model(kernel)
     image = _image((300, 300))
-    tiled = predict_tiled(image, model, tile=64, overlap=2, batch_size=4)
+    tiled = predict_tiled(image, model, TileSettings(64, 2), batch_size=4)
     untiled = model(image[None, ..., None])[0]
     assert not np.allclose(tiled[2:-2, 2:-2], untiled[2:-2, 2:-2], atol=1e-3)
 
@@ -179,7 +180,7 @@ def test_tiled_equals_the_whole_canvas_for_a_pooling_network(shape, tile, overla
     image = _image(shape)
     grid = TileGrid.for_shape(shape, tile, overlap, align=2)
     whole = pooling_model(grid.canvas(image)[None, ..., None])[0][: shape[0], : shape[1]]
-    tiled = predict_tiled(image, pooling_model, tile=tile, overlap=overlap, align=2)
+    tiled = predict_tiled(image, pooling_model, TileSettings(tile, overlap, align=2))
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)  # border pixels included
 
 
@@ -189,7 +190,7 @@ def test_tiles_off_the_pooling_grid_disagree():
     image = _image((300, 500))
     grid = TileGrid.for_shape(image.shape, 64, 21, align=2)
     whole = pooling_model(grid.canvas(image)[None, ..., None])[0][:300, :500]
-    tiled = predict_tiled(image, pooling_model, tile=64, overlap=21, align=1)
+    tiled = predict_tiled(image, pooling_model, TileSettings(64, 21, align=1))
     assert np.abs(tiled - whole).max() > 0.05
 
 
@@ -199,7 +200,7 @@ def test_pointwise_function_matches_everywhere():
     def model(batch: np.ndarray) -> np.ndarray:
         return np.tanh(3 * batch - 1)
 
-    out = predict_tiled(image, model, tile=64, overlap=10, batch_size=5)
+    out = predict_tiled(image, model, TileSettings(64, 10), batch_size=5)
     np.testing.assert_allclose(out[..., 0], np.tanh(3 * image - 1), rtol=1e-6)
 
 
@@ -215,7 +216,7 @@ def test_every_batch_has_exactly_batch_size_tiles(batch_size):
         return batch.copy()
 
     recorder = Recorder(model)
-    out = predict_tiled(image, recorder, tile=64, overlap=8, batch_size=batch_size)
+    out = predict_tiled(image, recorder, TileSettings(64, 8), batch_size=batch_size)
     assert len(recorder.calls) == -(-len(grid) // batch_size)
     assert all(c == ((batch_size, 64, 64, 1), np.float32) for c in recorder.calls)
     filler = len(recorder.calls) * batch_size - len(grid)
@@ -230,7 +231,7 @@ def test_three_channel_output_stitches_each_channel():
     def model(batch: np.ndarray) -> np.ndarray:
         return np.concatenate([batch, 2 * batch, 1 - batch], axis=-1)
 
-    out = predict_tiled(image, model, tile=32, overlap=8, batch_size=4)
+    out = predict_tiled(image, model, TileSettings(32, 8), batch_size=4)
     assert out.shape == (150, 210, 3)
     np.testing.assert_array_equal(out[..., 0], image)
     np.testing.assert_array_equal(out[..., 1], 2 * image)
@@ -241,7 +242,7 @@ def test_several_images_share_batches():
     images = [_image(s, seed=i) for i, s in enumerate([(5, 5), (40, 70), (1, 1), (33, 33)])]
     tiles = sum(len(TileGrid.for_shape(im.shape, 32, 8)) for im in images)
     recorder = Recorder()
-    outs = list(predict_tiled_many(images, recorder, tile=32, overlap=8, batch_size=4))
+    outs = list(predict_tiled_many(images, recorder, TileSettings(32, 8), batch_size=4))
     assert len(recorder.calls) == -(-tiles // 4)  # no batch is wasted between images
     assert len(outs) == len(images)
     for image, out in zip(images, outs, strict=True):
@@ -256,7 +257,7 @@ def test_several_images_are_read_lazily_and_yielded_in_order():
             read.append(i)
             yield np.full((8, 8), float(i), dtype=np.float32)
 
-    results = predict_tiled_many(images(), identity, tile=8, overlap=0, batch_size=2)
+    results = predict_tiled_many(images(), identity, TileSettings(8, 0), batch_size=2)
     assert read == []
     first = next(results)
     assert read == [0, 1] and first[0, 0, 0] == 0.0
@@ -312,19 +313,24 @@ def test_tile_settings_errors(tile, overlap, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"tile": 0}, r"tile must be at least 1"),
+        ({"tile": 0, "overlap": 0}, r"tile must be at least 1"),
         ({"tile": 64, "overlap": 64}, r"overlap must be in \[0, tile - align\] = \[0, 63\]"),
         ({"tile": 64, "overlap": -1}, r"overlap must be in \[0, tile - align\]"),
         ({"tile": 64, "overlap": 56, "align": 16}, r"= \[0, 48\], got overlap=56"),
         ({"tile": 64, "overlap": 8, "align": 24}, r"tile \(64 px\) must be a multiple of align"),
-        ({"batch_size": 0}, r"batch_size must be at least 1"),
     ],
 )
-def test_bad_arguments_raise(kwargs, match):
+def test_bad_tile_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        predict_tiled(_image((10, 10)), identity, **kwargs)
+        TileSettings(**kwargs)
+
+
+def test_a_bad_batch_size_raises():
+    match = r"batch_size must be at least 1"
     with pytest.raises(ValueError, match=match):
-        predict_tiled_many([], identity, **kwargs)  # eagerly, before the first next()
+        predict_tiled(_image((10, 10)), identity, TileSettings(8, 2), batch_size=0)
+    with pytest.raises(ValueError, match=match):
+        predict_tiled_many([], identity, TileSettings(8, 2), batch_size=0)  # before next()
 
 
 @pytest.mark.parametrize(
@@ -338,12 +344,12 @@ def test_bad_arguments_raise(kwargs, match):
 )
 def test_bad_images_raise(image, match):
     with pytest.raises(ValueError, match=match):
-        predict_tiled(image, identity, tile=8, overlap=2)
+        predict_tiled(image, identity, TileSettings(8, 2))
 
 
 def test_bad_image_in_a_stream_raises_when_reached():
     results = predict_tiled_many(
-        [_image((8, 8)), np.zeros((8, 8, 3), np.float32)], identity, tile=8, overlap=0
+        [_image((8, 8)), np.zeros((8, 8, 3), np.float32)], identity, TileSettings(8, 0)
     )
     with pytest.raises(ValueError, match="expected a 2-D image"):
         list(results)
@@ -383,7 +389,7 @@ def test_stitcher_errors():
 )
 def test_model_with_wrong_output_shape_raises_model_error(model):
     with pytest.raises(ModelError, match=r"model returned shape .* expected \(batch, tile"):
-        predict_tiled(_image((20, 20)), model, tile=8, overlap=2, batch_size=2)
+        predict_tiled(_image((20, 20)), model, TileSettings(8, 2), batch_size=2)
 
 
 # --- shared batches across threads, and running out of accelerator memory ---------------
@@ -397,7 +403,7 @@ def test_threads_share_batches_and_get_their_own_results():
     images = [_image(s, seed=i) for i, s in enumerate([(20, 20)] * 6 + [(100, 70), (5, 9)])]
     model = conv_model(np.arange(9, dtype=np.float32).reshape(3, 3) / 9)
     recorder = Recorder(model)
-    shared = SharedBatches(recorder, tile=32, overlap=8, batch_size=4)
+    shared = SharedBatches(recorder, TileSettings(32, 8), batch_size=4)
     results: dict[int, np.ndarray] = {}
 
     def work(i: int) -> None:
@@ -413,7 +419,7 @@ def test_threads_share_batches_and_get_their_own_results():
     for thread in threads:
         thread.join()
     for i, image in enumerate(images):
-        expected = predict_tiled(image, model, tile=32, overlap=8, batch_size=4)
+        expected = predict_tiled(image, model, TileSettings(32, 8), batch_size=4)
         np.testing.assert_array_equal(results[i], expected)
     tiles = sum(len(TileGrid.for_shape(im.shape, 32, 8)) for im in images)
     assert all(shape == (4, 32, 32, 1) for shape, _ in recorder.calls)
@@ -426,7 +432,7 @@ def test_shared_batches_keep_origins_on_the_pooling_grid():
     from cellwatch.batching import SharedBatches
 
     images = [_image(s, seed=i) for i, s in enumerate([(70, 90), (300, 130), (41, 41)])]
-    shared = SharedBatches(pooling_model, tile=32, overlap=13, batch_size=3, align=2)
+    shared = SharedBatches(pooling_model, TileSettings(32, 13, align=2), batch_size=3)
     results: dict[int, np.ndarray] = {}
 
     def work(i: int) -> None:
@@ -452,7 +458,7 @@ def test_shared_batches_keep_origins_on_the_pooling_grid():
 def test_a_lone_worker_flushes_a_partial_batch():
     from cellwatch.batching import SharedBatches
 
-    shared = SharedBatches(identity, tile=8, overlap=0, batch_size=16)
+    shared = SharedBatches(identity, TileSettings(8, 0), batch_size=16)
     image = _image((8, 16))
     shared.add_workers(1)
     np.testing.assert_array_equal(shared.predict(image)[..., 0], image)
@@ -464,7 +470,7 @@ def test_a_partial_batch_waits_for_a_busy_worker_at_most_max_wait():
     from cellwatch.batching import SharedBatches
 
     recorder = Recorder()
-    shared = SharedBatches(recorder, tile=8, overlap=0, batch_size=4, max_wait_s=0.2)
+    shared = SharedBatches(recorder, TileSettings(8, 0), batch_size=4, max_wait_s=0.2)
     shared.add_workers(2)  # the other one stays busy (say, writing) and queues nothing
     started = time.monotonic()
     image = _image((8, 8))
@@ -489,7 +495,7 @@ def test_a_failed_batch_fails_its_images_and_not_the_next():
             raise ModelError("boom")
         return batch.copy()
 
-    shared = SharedBatches(flaky, tile=8, overlap=0, batch_size=2)
+    shared = SharedBatches(flaky, TileSettings(8, 0), batch_size=2)
     shared.add_workers(1)
     with pytest.raises(ModelError, match="boom"):
         shared.predict(_image((8, 24)))
@@ -551,8 +557,8 @@ def test_tiles_normalized_as_they_are_cut_equal_a_normalized_image(shape, tile, 
     raw = np.random.default_rng(1).integers(0, 65535, shape).astype(np.uint16)
     recorder = Recorder()
     norm = Normalization.of(raw)
-    got = predict_tiled(raw, recorder, tile=tile, overlap=overlap, prepare=norm.apply_in_place)
-    expected = predict_tiled(normalize(raw), identity, tile=tile, overlap=overlap)
+    got = predict_tiled(raw, recorder, TileSettings(tile, overlap), prepare=norm.apply_in_place)
+    expected = predict_tiled(normalize(raw), identity, TileSettings(tile, overlap))
     np.testing.assert_array_equal(got, expected)
     assert all(dtype == np.float32 for _, dtype in recorder.calls)
 
@@ -562,7 +568,7 @@ def test_shared_batches_normalize_tiles_as_they_are_cut():
     from cellwatch.preprocess import Normalization, normalize
 
     raw = np.random.default_rng(2).integers(0, 255, (40, 70)).astype(np.uint8)
-    shared = SharedBatches(identity, tile=16, overlap=4, batch_size=3)
+    shared = SharedBatches(identity, TileSettings(16, 4), batch_size=3)
     shared.add_workers(1)
     got = shared.predict(raw, Normalization.of(raw).apply_in_place)
     np.testing.assert_array_equal(got[..., 0], normalize(raw))
@@ -582,7 +588,7 @@ def test_an_image_smaller_than_a_tile_is_one_tile_of_its_own_canvas(shape, tile,
     assert grid.tile_shape == grid.canvas_shape == expected  # the grid, not a whole tile
     np.testing.assert_array_equal(grid.extract(image, [0])[0], grid.canvas(image))
     recorder = Recorder()
-    out = predict_tiled(image, recorder, tile=tile, overlap=16, align=16, fit=True)
+    out = predict_tiled(image, recorder, TileSettings(tile, 16, align=16, fit=True))
     assert [c[0] for c in recorder.calls] == [(8, *expected, 1)]
     np.testing.assert_array_equal(out[..., 0], image)
 
@@ -618,7 +624,7 @@ def test_fitted_tiles_equal_the_whole_canvas_for_a_pooling_network(shape):
     grid = TileGrid.for_shape(shape, 96, 30, align=2, fit=True)
     assert grid.canvas_shape == tuple(n + n % 2 for n in shape)
     whole = pooling_model(grid.canvas(image)[None, ..., None])[0][: shape[0], : shape[1]]
-    tiled = predict_tiled(image, pooling_model, tile=96, overlap=30, align=2, fit=True)
+    tiled = predict_tiled(image, pooling_model, TileSettings(96, 30, align=2, fit=True))
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
 
 
@@ -627,9 +633,9 @@ def test_fitted_batches_hold_one_shape_and_equal_sizes_share_them():
     images = [_image(s, seed=i) for i, s in enumerate(sizes)]
     model = conv_model(np.arange(9, dtype=np.float32).reshape(3, 3) / 9)
     recorder = Recorder(model)
-    outs = list(predict_tiled_many(images, recorder, tile=32, overlap=8, batch_size=4, fit=True))
+    outs = list(predict_tiled_many(images, recorder, TileSettings(32, 8, fit=True), batch_size=4))
     for image, out in zip(images, outs, strict=True):
-        alone = predict_tiled(image, model, tile=32, overlap=8, batch_size=4, fit=True)
+        alone = predict_tiled(image, model, TileSettings(32, 8, fit=True), batch_size=4)
         np.testing.assert_array_equal(out, alone)
     big = TileGrid.for_shape((100, 70), 32, 8, fit=True)
     assert len(big) == 12 and big.tile_shape == (31, 29)
@@ -648,7 +654,7 @@ def test_threads_with_images_of_two_sizes_share_batches_by_shape():
     sizes = [(20, 20)] * 8 + [(40, 24)] * 4
     images = [_image(s, seed=i) for i, s in enumerate(sizes)]
     recorder = Recorder()
-    shared = SharedBatches(recorder, tile=32, overlap=0, batch_size=4, fit=True, max_wait_s=5)
+    shared = SharedBatches(recorder, TileSettings(32, 0, fit=True), batch_size=4, max_wait_s=5)
     results: dict[int, np.ndarray] = {}
     start = threading.Barrier(len(images))
 

@@ -14,6 +14,7 @@ from cellwatch.config import Config
 from cellwatch.errors import ConfigError
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
+from cellwatch.runtime import predict_fn
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.training.train import Sample, TrainSettings, crop_batches, random_crop
 
@@ -64,7 +65,7 @@ def test_train_tiny_model_loss_falls_and_model_predicts(tmp_path):
     assert out.with_suffix(".loss.png").exists()
     assert out.stat().st_size < out.with_suffix(".last.keras").stat().st_size  # no optimizer state
     model = load_model(out)
-    probs = model.predict_fn()(np.zeros((2, 64, 64, 1), np.float32))
+    probs = predict_fn(model)(np.zeros((2, 64, 64, 1), np.float32))
     assert probs.shape == (2, 64, 64, 3)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-4)
 
@@ -226,3 +227,29 @@ def test_photon_limited_exposure_has_shot_noise():
 def test_shot_noise_share_is_checked(tmp_path):
     images, masks = make_dataset(tmp_path / "data")
     assert train(images, masks, tmp_path / "m.keras", *TINY, "--shot-noise", "1.5") == 2
+
+
+def test_train_writes_the_card_once_with_familiarity_from_the_model_in_memory(
+    tmp_path, monkeypatch
+):
+    """The familiarity references come from the network just trained, not a reload from
+    disk, and the card is written once, complete."""
+    from cellwatch.training import train as training
+
+    def no_reload(path):
+        raise AssertionError(f"train loaded {path} again to measure familiarity")
+
+    written: list[dict] = []
+    write_card = training.write_card
+
+    def counting(path, card):
+        written.append(dict(card))
+        return write_card(path, card)
+
+    monkeypatch.setattr(training, "load_model", no_reload)
+    monkeypatch.setattr(training, "write_card", counting)
+    images, masks = make_dataset(tmp_path / "data", binary=True)
+    out = tmp_path / "once.keras"
+    assert train(images, masks, out, *TINY, "--epochs", "1", "--steps", "1") == 0
+    assert len(written) == 1 and familiarity.CARD_KEY in written[0]
+    assert json.loads(out.with_suffix(".json").read_text())[familiarity.CARD_KEY]

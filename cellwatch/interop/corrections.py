@@ -66,7 +66,7 @@ def channel_of(row: Mapping[str, Any], config: Config | None = None) -> int | st
     ``input.channel`` of ``config`` (the defaults when None).
 
     >>> channel_of({"channel": "DAPI"}), channel_of({"channel": 1.0}), channel_of({})
-    ('DAPI', 1, None)
+    ('DAPI', 1, 'auto')
     """
     value = row.get("channel")
     if _blank(value):

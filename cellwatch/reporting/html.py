@@ -7,14 +7,13 @@ CSS-only checkbox hides the rows without QC flags.
 
 from __future__ import annotations
 
-__all__ = ["CHECK_MAX", "OPEN_TABLE_MAX", "PLOT_GROUPS_MAX", "render_day"]
+__all__ = ["render_day"]
 
 import base64
 import io
 import warnings
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -23,12 +22,12 @@ from matplotlib.dates import DateFormatter
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cellwatch.reporting.day import DayReport
 from cellwatch.reporting.qc import FAILED, FLAG_ORDER, UNFAMILIAR, UNFAMILIAR_MESSAGE
-
-if TYPE_CHECKING:
-    from cellwatch.reporting.report import DayReport
+from cellwatch.reporting.switches import SWITCHED, Switch
 
 CHECK_MAX = 12  # thumbnails in the "check these" list
+CHECK_NAME_MAX = 26  # characters of an image name that fit on one "check these" card
 OPEN_TABLE_MAX = 300  # longer image tables start collapsed
 PLOT_GROUPS_MAX = 40
 
@@ -46,10 +45,11 @@ th{background:#f4f4f4;position:sticky;top:0}td.n,th.n{text-align:right}
 .scroll{max-height:70vh;overflow:auto;border:1px solid #ddd;width:fit-content;max-width:100%}
 .flag{display:inline-block;background:#fde2b8;border-radius:3px;padding:0 5px;margin:1px;
  font-size:12px}.flag.failed{background:#f8c4c4}
-.err{color:#b00020;font-size:12px}tr.failed td{background:#fff4f4}
+.err{color:#b00020;font-size:12px}.switches{color:#6a3d9a;font-weight:600}tr.failed td{background:#fff4f4}
 #only:checked~.scroll tr.clean{display:none}
 .checks{display:flex;flex-wrap:wrap;gap:12px}
 .check{border:1px solid #ddd;border-radius:6px;padding:6px;width:210px;font-size:13px}
+.check b{display:block;overflow:hidden;white-space:nowrap;text-overflow:ellipsis}
 .check img{display:block;max-width:200px;max-height:200px;margin-bottom:4px}
 .plots img{max-width:100%;display:block;margin:6px 0}
 summary{cursor:pointer;font-weight:600;margin:6px 0}
@@ -77,6 +77,7 @@ def render_day(report: DayReport) -> str:
         parts.append('<p id="no-images"><b>No images were processed on this day.</b></p>')
     else:
         parts += [
+            _switches(report),
             _totals(images),
             _checks(report),
             _plots(report),
@@ -87,6 +88,34 @@ def render_day(report: DayReport) -> str:
         ]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _day_switches(report: DayReport) -> list[tuple[pd.Timestamp, Switch]]:
+    """The day's model and settings switches: the local time each was first used, in order."""
+    images = report.images
+    if SWITCHED not in images:
+        return []
+    marked = images[images[SWITCHED].notna()]
+    processed = pd.to_datetime(marked["processed_at"], utc=True, errors="coerce", format="ISO8601")
+    local = processed.dt.tz_convert(report.timezone).fillna(marked["local_time"])
+    return sorted(zip(local, marked[SWITCHED], strict=True), key=lambda pair: pair[0])
+
+
+def _switches(report: DayReport) -> str:
+    """One line per switch of the day, above the totals, so a change in the counts that
+    comes from a new model is not read as a change in the cells."""
+    lines = [
+        f"<li>{escape(switch.sentence(at.strftime('%H:%M')))}</li>"
+        for at, switch in _day_switches(report)
+    ]
+    if not lines:
+        return ""
+    return (
+        '<ul class="switches" id="switches">'
+        + "".join(lines)
+        + '</ul><p class="note">Counts before and after a switch come from different models '
+        "or settings: compare them with care (the dotted lines in the count plot).</p>"
+    )
 
 
 def _totals(images: pd.DataFrame) -> str:
@@ -138,9 +167,32 @@ def _check_card(row: pd.Series, report: DayReport) -> str:
     detail = _flags_html(row)
     count = "" if FAILED in row["flags"] else f" · {_num(row['cell_count'], 0)} cells"
     return (
-        f'<div class="check">{picture}<b>{escape(str(row["display"]))}</b><br>'
+        f'<div class="check">{picture}{_card_name(row)}<br>'
         f"{row['local_time'].strftime(_clock(report))}{count}<br>{detail}</div>"
     )
+
+
+def _card_name(row: pd.Series) -> str:
+    """The image's name, elided in the middle to fit its card; the full path on hover."""
+    scene = f" · scene {row['scene']}" if row.get("scene") else ""
+    full = escape(f"{row['image']}{scene}", quote=True)
+    return f'<b title="{full}">{escape(elide_middle(str(row["display"]), CHECK_NAME_MAX))}</b>'
+
+
+def elide_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters by replacing its middle with an ellipsis, so
+    both the folder it starts with and the file name it ends with stay readable.
+
+    >>> elide_middle("plate1/well_A01/2026-11-27_DAPI_field_0042.tif", 26)
+    'plate1/well_…ield_0042.tif'
+    >>> elide_middle("A01.tif", 26)
+    'A01.tif'
+    """
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    tail = (keep + 1) // 2
+    return text[: keep - tail] + "…" + text[len(text) - tail :]
 
 
 def _thumbnail(path: Path | None) -> str | None:
@@ -187,6 +239,19 @@ def _counts_plot(report: DayReport) -> tuple[Figure | None, str]:
     if ok.any():
         ax.axhline(
             float(counts[ok].median()), color="#888", linestyle="--", linewidth=1, label="median"
+        )
+    for at, switch in _day_switches(report):
+        moment = at.tz_localize(None)
+        ax.axvline(moment, color="#6a3d9a", linestyle=":", linewidth=1.5)
+        ax.annotate(
+            switch.short,
+            (moment, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="#6a3d9a",
         )
     start = pd.Timestamp(report.day)
     ax.set_xlim(start, start + pd.Timedelta(days=1))

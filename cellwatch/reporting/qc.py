@@ -10,13 +10,8 @@ re-read when the report is built.
 from __future__ import annotations
 
 __all__ = [
-    "BLURRED",
-    "EMPTY",
     "FAILED",
     "FLAG_ORDER",
-    "HIGH",
-    "LOW",
-    "SATURATED",
     "UNFAMILIAR",
     "UNFAMILIAR_MESSAGE",
     "QcThresholds",

@@ -11,12 +11,9 @@ Each scene of a multi-scene file is an image of its own, listed under its file
 from __future__ import annotations
 
 __all__ = [
-    "NO_MATCH",
-    "DayReport",
     "add_report_arguments",
     "build_reports",
     "check_settings",
-    "day_csv",
     "report_cli",
     "reports_for_config",
 ]
@@ -26,7 +23,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,8 +34,10 @@ import pandas as pd
 
 from cellwatch.config import local_today, time_zone
 from cellwatch.errors import CellwatchError, ConfigError
+from cellwatch.reporting.day import DayReport
 from cellwatch.reporting.html import render_day
 from cellwatch.reporting.qc import QcThresholds, flag_images
+from cellwatch.reporting.switches import SWITCHED, mark_switches
 from cellwatch.storage import ledger
 from cellwatch.storage.imageio import atomic_write
 
@@ -52,29 +50,7 @@ _REQUIRED = ("processed_at", "image", "status", "cell_count")
 _OPTIONAL = ("error", "overlay", "model", "settings_hash", "confluence", "scene", "familiarity")
 # A group name must not take a ledger column's name, nor one the report adds.
 _ADDED = ("date", "time", "qc_flags", "typical_count", "acquired_at")
-_INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href")
-
-
-@dataclass(frozen=True)
-class DayReport:
-    """Everything the page and the CSV of one local day show.
-
-    ``images`` is in acquisition order and carries, besides the ledger columns, ``local_time``
-    (tz-aware), one column per group key, ``group`` (a readable label), ``flags`` (a list),
-    ``typical_count``, ``display`` (short image name), ``overlay_file`` and ``overlay_href``.
-    """
-
-    day: date
-    timezone: str
-    images: pd.DataFrame
-    group_names: tuple[str, ...]
-    ledger_columns: tuple[str, ...]
-    cell_areas: np.ndarray | None
-    area_unit: str
-    clock_change: str | None
-    generated_at: datetime
-    ledger_path: Path
-    thresholds: QcThresholds
+_INTERNAL = ("local_time", "group", "flags", "display", "overlay_file", "overlay_href", SWITCHED)
 
 
 def build_reports(
@@ -121,6 +97,7 @@ def build_reports(
     now = now or datetime.now(UTC)
     rows = _load_ledger(ledger_path, zone)
     columns = tuple(c for c in rows.columns if c not in ("_order", "local_time"))
+    rows[SWITCHED] = mark_switches(rows)  # over the whole ledger: a switch at midnight shows
     reports_dir = out_dir / "reports"
     reports_dir.mkdir(parents=True, exist_ok=True)
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from cellwatch.service.engine import Engine, Paths, load_engine, override_comput
 from cellwatch.service.jobs import FileVersion, JobQueue
 from cellwatch.service.local_runner import LocalRunner
 from cellwatch.service.metrics import Metrics, MetricsServer, serve
+from cellwatch.service.pause import Pause
 from cellwatch.service.recorder import Key, Recorder
 from cellwatch.service.schedule import ReportSchedule
 from cellwatch.service.sdnotify import Notifier
@@ -142,6 +144,8 @@ class Daemon:
         self.watcher_error: str | None = None
         self._stop_requested = False  # set by signal handlers: plain flags, no locks
         self._reload_requested = False
+        self._loading: threading.Thread | None = None  # loads the new model on SIGHUP
+        self._loaded: tuple[Config, Paths, Engine] | Exception | None = None
         self._next_ping = 0.0
         self.reports = ReportSchedule(
             self.config.report.timezone, self.config.report.refresh_interval_s
@@ -149,6 +153,7 @@ class Daemon:
         self._report_thread: threading.Thread | None = None
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.pause = Pause(self.stop, self.metrics)  # while the results disk is full
 
     def serve(self) -> int:
         """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 if a thread died."""
@@ -214,7 +219,13 @@ class Daemon:
         ]
         for thread in threads:
             thread.start()
-        queue.set_meta(pid=str(os.getpid()), started_at=_now(), state="running")
+        queue.set_meta(
+            pid=str(os.getpid()),
+            host=socket.gethostname(),
+            started_at=_now(),
+            state="running",
+            last_reload="",
+        )
         self._beat(queue, worker)
         self.notifier.send("READY=1", f"STATUS={self._summary(queue, worker)}")
         log.info(
@@ -228,7 +239,7 @@ class Daemon:
         self.notifier.send("STOPPING=1", "STATUS=stopping: finishing the images in hand")
         self.stop.set()
         self.wake.set()
-        for thread in threads:
+        for thread in [*threads, *([self._loading] if self._loading else [])]:
             while thread.is_alive():
                 thread.join(timeout=self._tick)
                 if code == 0:  # alive and finishing; after a thread died, no more pings
@@ -242,13 +253,18 @@ class Daemon:
     def _worker(self, engine: Engine, recorded: dict[Key, str]) -> Runner:
         """The worker thread's object: images in threads of this process, or on Dask; the
         one recorder is composed into either."""
-        recorder = Recorder(self.paths, recorded, metrics=self.metrics)
+        recorder = Recorder(self.paths, recorded, metrics=self.metrics, pause=self.pause)
         if engine.segmenter is not None:
-            return LocalRunner(self.paths, engine, recorder, stop=self.stop, wake=self.wake)
+            return LocalRunner(
+                self.paths, engine, recorder, stop=self.stop, wake=self.wake, pause=self.pause
+            )
         from cellwatch.service.cluster import Pool
 
         pool = Pool(engine.config.compute)
-        runner = DaskRunner(self.paths, engine, recorder, stop=self.stop, wake=self.wake, pool=pool)
+        runner = DaskRunner(
+            self.paths, engine, recorder, stop=self.stop, wake=self.wake, pool=pool,
+            pause=self.pause,
+        )  # fmt: skip
         try:
             runner.connect(at_start=True)
         except BaseException:
@@ -263,10 +279,14 @@ class Daemon:
 
     def _loop(self, queue: JobQueue, worker: Runner, threads: list[threading.Thread]) -> int:
         next_beat = time.monotonic() + HEARTBEAT_S
+        pauses = self.pause.changes
         while not self._stop_requested:
             time.sleep(self._tick)  # a signal handler runs during the sleep and sets a flag
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._reload_requested and self._loading is None:
+                self._reload_requested = False  # a SIGHUP while loading: once this one is done
+                self._start_reload()
+            if self._loading is not None and not self._loading.is_alive():
+                self._loading = None
                 self._reload(queue, worker)
             dead = [t.name for t in threads if not t.is_alive()]
             if dead:
@@ -279,8 +299,9 @@ class Daemon:
                 return 1
             self._ping()
             self._refresh_reports()
-            if time.monotonic() >= next_beat:
+            if time.monotonic() >= next_beat or self.pause.changes != pauses:
                 next_beat = time.monotonic() + HEARTBEAT_S
+                pauses = self.pause.changes  # paused or resumed: say so at once
                 self._beat(queue, worker)
         return 0
 
@@ -316,6 +337,7 @@ class Daemon:
             heartbeat=_now(),
             model=worker.engine.model_label,
             compute=json.dumps(worker.compute_status()),
+            paused=self.pause.describe() or "",
         )
         self.metrics.queue(queue.counts())
         self.notifier.status(self._summary(queue, worker))
@@ -323,24 +345,55 @@ class Daemon:
     def _summary(self, queue: JobQueue, worker: Runner) -> str:
         counts = queue.counts()
         writing = self.watcher.pending() if self.watcher is not None else 0
+        paused = self.pause.describe()
         return (
-            f"{counts['pending'] + counts['running']} queued, {writing} being written, "
+            (f"{paused}; " if paused else "")
+            + f"{counts['pending'] + counts['running']} queued, {writing} being written, "
             f"{worker.done} counted, {worker.failed} failed since start; "
             f"model {worker.engine.model_label}"
         )
 
-    def _reload(self, queue: JobQueue, worker: Runner) -> None:
+    def _start_reload(self) -> None:
+        """SIGHUP: read the configuration and load its model in a thread of its own, so
+        the main loop goes on telling systemd it is alive (a large model, or a first
+        compilation on a GPU, can take longer than the watchdog waits) while the old model
+        keeps counting; :meth:`_reload` then puts the new one to work."""
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            config = self.load_config()
-            paths = Paths.of(config)
-            if config.compute != self.config.compute:
-                log.warning("new compute settings take effect only after a restart")
-                config = override_compute(config, self.config)
-            engine = load_engine(config)
-        except Exception as exc:  # a bad new model or config must not stop a working daemon
-            log.error("reload failed, still using the previous settings and model: %s", exc)
+        running = self.config
+
+        def load() -> None:
+            try:
+                config = self.load_config()
+                paths = Paths.of(config)
+                if config.compute != running.compute:
+                    log.warning("new compute settings take effect only after a restart")
+                    config = override_compute(config, running)
+                self._loaded = (config, paths, load_engine(config))
+            except Exception as exc:  # reported by _reload, on the main thread
+                self._loaded = exc
+
+        self._loaded = None
+        self._loading = threading.Thread(target=load, name="reload", daemon=True)
+        self._loading.start()
+
+    def _reload(self, queue: JobQueue, worker: Runner) -> None:
+        """Put the model and settings :meth:`_start_reload` loaded to work from the next
+        image on, or keep the old ones and say why the new ones cannot be used."""
+        loaded = self._loaded
+        if loaded is None:
+            loaded = RuntimeError("the new settings were not loaded (see the log above)")
+        if isinstance(loaded, Exception):  # a bad new model or config must not stop a daemon
+            why = str(loaded).rstrip(".")
+            log.error(
+                "reload failed: %s. Still counting with model %s and the previous settings; "
+                "fix %s and reload again (systemctl reload cellwatch)",
+                why,
+                worker.engine.model_label,
+                self.config.source or "the configuration",
+            )
+            what = f"failed ({why}); still counting with model {worker.engine.model_label}"
         else:
+            config, paths, engine = loaded
             if paths != self.paths:
                 log.warning(
                     "a new inbox, output or state folder takes effect only after a restart; "
@@ -350,11 +403,14 @@ class Daemon:
             if config.metrics != self.config.metrics:
                 log.warning("new metrics settings take effect only after a restart")
             self.config = config
+            before = worker.engine
             self.metrics.use_model(engine.model_label, stopwatch_of(engine))
             worker.use(engine)
             if self.watcher is not None:
                 self.watcher.update(config.watch)
             log.info("reloaded %s; model %s", config.source, engine.model_label)
+            what = _log_switch(before, engine)
+        queue.set_meta(last_reload=f"{_now()} {what}")  # for `cellwatch status`
         self._beat(queue, worker)
         self.notifier.send("READY=1")
 
@@ -390,6 +446,24 @@ class Daemon:
             self._reload_requested = True
         else:
             self._stop_requested = True
+
+
+def _log_switch(before: Engine, after: Engine) -> str:
+    """Say what a reload changed in how images are counted (the ledger shows it per row);
+    return it in a few words."""
+    what = f"ok; model {after.model_label}"
+    if after.model_label != before.model_label:
+        log.info(
+            "model switched from %s to %s: images from the next one on are counted with it",
+            before.model_label,
+            after.model_label,
+        )
+        what = f"ok; model switched from {before.model_label} to {after.model_label}"
+    old, new = before.config.settings_hash(), after.config.settings_hash()
+    if new != old:
+        log.info("settings changed (settings hash %s -> %s) from the next image on", old, new)
+        what += f"; settings hash {old} -> {new}"
+    return what
 
 
 def _lock(state: Path) -> IO[str]:

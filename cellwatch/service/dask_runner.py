@@ -7,29 +7,42 @@ hand in one append, then their jobs finished in one commit. A worker that died h
 costs that job one attempt and it runs again on another (:data:`cellwatch.errors.WORKER_DIED`
 in its row after ``watch.max_attempts``). When the scheduler is out of reach, or has no
 workers, the jobs wait in the queue (the ones in flight go back to it, their attempt not
-counted), the log and ``cellwatch status`` say so once a minute, and the work resumes when
-the scheduler is back.
+counted), the log says so once (and again once a minute while it lasts), ``cellwatch
+status`` shows it, the scheduler is tried again after 1 s, 2 s, 4 s, … (at most every
+:data:`RECONNECT_S`), and the work resumes when the scheduler is back (a scheduler
+restarted at the same address included).
 """
 
 from __future__ import annotations
 
-__all__ = ["PROBLEM_EVERY_S", "RECONNECT_S", "STATUS_EVERY_S", "STOP_DRAIN_S", "DaskRunner"]
+__all__ = [
+    "PROBLEM_EVERY_S",
+    "RECONNECT_FIRST_S",
+    "RECONNECT_S",
+    "STATUS_EVERY_S",
+    "STOP_DRAIN_S",
+    "DaskRunner",
+]
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from cellwatch.errors import disk_full
 from cellwatch.service.crash import crash_point
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import Job, JobQueue
+from cellwatch.service.pause import Pause, Stopped
 from cellwatch.service.recorder import Recorder
 from cellwatch.storage import ledger
 
 log = logging.getLogger("cellwatch.watch")
 
-RECONNECT_S = 5.0  # how often a lost Dask scheduler is tried again
+RECONNECT_FIRST_S = 1.0  # the first wait before a lost Dask scheduler is tried again
+RECONNECT_S = 30.0  # the longest wait between two tries (the wait doubles up to it)
 PROBLEM_EVERY_S = 60.0  # how often a lasting problem (no scheduler, no workers) is logged again
 STOP_DRAIN_S = 30.0  # on stop, how long the images in flight on Dask workers are waited for
 STATUS_EVERY_S = 2.5  # how often the workers' list for `cellwatch status` is refreshed
@@ -61,6 +74,10 @@ class DaskRunner:
         Set to finish; set when new jobs are queued.
     pool : cellwatch.service.cluster.Pool
         The Dask client (and local cluster) to use; tests pass a fake.
+    pause : Pause, optional
+        The daemon's pause (:mod:`cellwatch.service.pause`): an image whose files found
+        the results disk full goes back to the queue, its attempt not spent, and the
+        runner waits before it hands Dask more work.
     """
 
     def __init__(
@@ -72,10 +89,12 @@ class DaskRunner:
         stop: threading.Event,
         wake: threading.Event,
         pool: Any,
+        pause: Pause | None = None,
     ) -> None:
         self.paths, self.engine, self.recorder = paths, engine, recorder
         self.stop, self.wake = stop, wake
         self.pool = pool
+        self.pause = pause
         self.error: str | None = None
         self._queue: JobQueue | None = None  # the worker thread's connection, while it runs
         self.held: dict[str, tuple[Job, int | None]] = {}  # Dask key -> (job, scene) it runs
@@ -83,6 +102,9 @@ class DaskRunner:
         self.problem: str | None = None
         self._said: tuple[str | None, float] = (None, 0.0)
         self._next_connect = 0.0
+        self._connect_wait = RECONNECT_FIRST_S
+        self._lost: str | None = None  # said once when a scheduler we had goes away
+        self._up = False  # connected, as far as this runner knows
         self._status: dict[str, Any] = {"mode": "dask", "workers": []}
         self._next_status = 0.0
 
@@ -120,23 +142,39 @@ class DaskRunner:
             return True
         if time.monotonic() < self._next_connect:
             return False
-        self._next_connect = time.monotonic() + RECONNECT_S
+        if self._up:  # a scheduler we had just went away
+            self._lost = (
+                f"lost the Dask scheduler at {self.pool.address}; the {len(self.held)} "
+                "image(s) in flight go back to the queue, their attempt not counted; "
+                f"trying to reconnect (at most every {RECONNECT_S:.0f} s)"
+            )
+            self._trouble(self._lost)
+            self._up, self._connect_wait = False, RECONNECT_FIRST_S
+        self._next_connect = time.monotonic() + self._connect_wait
+        self._connect_wait = min(self._connect_wait * 2, RECONNECT_S)
         self._release_all()
+        _quiet_cancelled_reconnects()
         self.pool.close()
         try:
             self.pool.open()
             folders = [(self.paths.inbox, False), (self.paths.out, True)]
             found = self.pool.warm_up(self.engine.config, folders, self.engine.model_label)
-        except ClusterError as exc:
-            if at_start and self.pool.compute.scheduler is None:
+        except Exception as exc:  # a scheduler going or coming back fails in many ways
+            if at_start and (
+                self.pool.compute.scheduler is None or not isinstance(exc, ClusterError)
+            ):
                 raise
-            self._trouble(str(exc))
+            if self._lost is not None:  # said once; the status shows the last try
+                self._trouble(f"{self._lost}; last try: {exc}", topic=self._lost)
+            else:
+                self._trouble(str(exc))
             self.pool.close()
             return False
         log.info("%s", describe_start(self.pool, found))
         if self.problem:
             log.warning("the Dask scheduler at %s is back; resuming", self.pool.address)
-        self.problem = None
+        self.problem = self._lost = None
+        self._up, self._connect_wait = True, RECONNECT_FIRST_S
         return True
 
     def run(self) -> None:
@@ -148,7 +186,15 @@ class DaskRunner:
             with JobQueue(self.paths.db) as queue:
                 self._queue = queue
                 while not self.stop.is_set():
-                    self.work(queue)
+                    try:
+                        self.work(queue)
+                    except Stopped:  # stopping while the disk is full
+                        break
+                    except Exception:
+                        if self.pool.healthy:
+                            raise
+                        # the scheduler went away in the middle of a call: reconnect
+                        log.debug("Dask call failed with the scheduler gone", exc_info=True)
                 self._drain(queue)
         except OSError as exc:
             self.error = f"cannot write to {exc.filename or self.paths.out}: {exc.strerror or exc}"
@@ -164,13 +210,14 @@ class DaskRunner:
         """Record what finished, hand Dask more jobs; False when there was nothing to do."""
         self._queue = queue
         if not self.connect():
-            self._trouble(self.problem or f"the Dask scheduler at {self.pool.address} is gone")
-            self.wake.wait(1.0)
+            if self.problem is None:
+                self._trouble(f"the Dask scheduler at {self.pool.address} is gone")
+            self.wake.wait(min(1.0, max(0.0, self._next_connect - time.monotonic())))
             return False
         busy = self._settle(queue, self.pool.finished(timeout=0))
         threads = self.pool.threads()
         alone = f"no Dask worker is connected to the scheduler at {self.pool.address}"
-        if not threads:
+        if not threads and self.pool.healthy:  # (none, because the scheduler is gone)
             self._trouble(f"{alone}; the images wait in the queue")
         elif self.problem and self.problem.startswith(alone):
             log.warning("Dask workers are back; resuming")
@@ -248,6 +295,7 @@ class DaskRunner:
         engine, recorder = self.engine, self.recorder
         results: list[Any] = []
         settled: list[_InFlight] = []
+        full: Exception | None = None  # an image's files found the results disk full
         for fin in finished:
             entry = self.held.pop(fin.key, None)
             if entry is None:
@@ -264,11 +312,18 @@ class DaskRunner:
                 killed = type(error).__name__ == "KilledWorker"
                 if fin.lost or (killed and self.stop.is_set()):  # not the image's fault
                     state.lost = True
+                elif self.pause is not None and disk_full(error):  # nor is a full disk
+                    state.lost, full = True, error
                 elif state.fault is None:
                     state.fault = error
             if state.waiting == 0:
                 settled.append(self._jobs.pop(job.job_id))
-        recorder.record_all(results, engine)
+        try:
+            recorder.record_all(results, engine)
+        except Stopped:  # their rows did not land: the jobs go back, attempt unspent
+            for job_id in {s.job.job_id for s in settled} | {r.row["job_id"] for r in results}:
+                queue.release(job_id)
+            raise
         outcomes: dict[str, Any] = {}
         for state in settled:
             job = state.job
@@ -282,6 +337,10 @@ class DaskRunner:
             queue.finish(outcomes)
             crash_point("after-commit", " ".join(s.job.rel_path for s in settled))
         recorder.metrics.queue(queue.counts())
+        if full is not None and self.pause is not None:
+            self.pause.hold(full)  # before more work goes out; Stopped when stopping
+        elif results and self.pause is not None:
+            self.pause.resume()  # their files and rows landed: there is room again
         return True
 
     def _retry_or_give_up(
@@ -315,10 +374,31 @@ class DaskRunner:
         self.held.clear()
         self._jobs.clear()
 
-    def _trouble(self, message: str) -> None:
-        """Log a problem when it is new, and again once a minute while it lasts."""
+    def _trouble(self, message: str, *, topic: str | None = None) -> None:
+        """Log a problem when it is new, and again once a minute while it lasts; a
+        ``topic`` counts as the same problem however its ``message`` varies."""
         self.problem = message
         said, when = self._said
-        if message != said or time.monotonic() - when >= PROBLEM_EVERY_S:
+        topic = topic or message
+        if topic != said or time.monotonic() - when >= PROBLEM_EVERY_S:
             log.error("%s", message)
-            self._said = (message, time.monotonic())
+            self._said = (topic, time.monotonic())
+
+
+class _CancelledReconnect(logging.Filter):
+    """Drops the traceback distributed logs when a client we close was still trying to
+    reconnect to a lost scheduler (its ``CancelledError``): cellwatch says it in words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+_FILTER = _CancelledReconnect()
+
+
+def _quiet_cancelled_reconnects() -> None:
+    for name in ("distributed.utils", "distributed.client"):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)

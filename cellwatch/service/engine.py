@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellwatch.config import Config
-from cellwatch.errors import ConfigError
+from cellwatch.config import Config, with_card_input
+from cellwatch.errors import ConfigError, ModelError
 from cellwatch.service.jobs import DB_NAME, state_dir
 
 
@@ -77,17 +77,46 @@ def load_engine(config: Config) -> Engine:
     only notes its name and hash."""
     import numpy as np
 
-    from cellwatch.model import choose_backend, device_name, load_model, model_label
+    from cellwatch.model import BUNDLED_MODEL, choose_backend, model_label, read_card
     from cellwatch.pipeline import Segmenter
+    from cellwatch.runtime import device_name, load, resolve
     from cellwatch.service.cluster import uses_dask
 
+    # A model taught on a stain counts that stain unless the config names a channel.
+    config = with_card_input(config, read_card(Path(config.model.path or BUNDLED_MODEL)))
     choose_backend()
+    _check_archive(config.model.path)  # a clearer message than Keras gives for a bad file
     if uses_dask(config.compute):
         return Engine(config, None, label=model_label(config.model.path))
-    segmenter = Segmenter(config, load_model(config.model.path))
+    config = resolve(config)  # the runtime and precision that run, in every row's hash
+    segmenter = Segmenter(config, load(config))
     size, tile = config.tiling.batch_size, segmenter.tiling.tile
     segmenter.predict_batch(np.zeros((size, tile, tile, 1), np.float32))
-    return Engine(config, segmenter, device=device_name())
+    return Engine(config, segmenter, device=device_name(segmenter.model))
+
+
+def _check_archive(path: str | Path | None) -> None:
+    """Raise :class:`ModelError` unless ``path`` is a ``.keras`` archive. With Dask the
+    workers load the network, so this is what this process checks: a missing, truncated or
+    wrong file on SIGHUP keeps the old model (rather than failing every image on the
+    workers)."""
+    import zipfile
+
+    from cellwatch.model import BUNDLED_MODEL
+
+    path = Path(path) if path is not None else BUNDLED_MODEL
+    if not path.is_file():
+        raise ModelError(f"no model file at {path}; set model.path to a .keras file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelError(
+            f"{path} is not a Keras model file (a .keras archive): {exc}; was it copied "
+            "whole? Save the model with cellwatch train or keras' model.save"
+        ) from exc
+    if "config.json" not in names:
+        raise ModelError(f"{path} is a zip archive but not a Keras model (no config.json)")
 
 
 def stopwatch_of(engine: Engine) -> Any:

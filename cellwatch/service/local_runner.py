@@ -14,10 +14,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from cellwatch.errors import disk_full
 from cellwatch.service.crash import crash_point
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import Job, JobQueue
 from cellwatch.service.memory import Trimmer
+from cellwatch.service.pause import Pause, Stopped
 from cellwatch.service.recorder import Recorder
 
 log = logging.getLogger("cellwatch.watch")
@@ -43,6 +45,10 @@ class LocalRunner:
         Set to finish; set when new jobs are queued.
     process : callable, optional
         :func:`cellwatch.pipeline.process_images` (tests pass a fake).
+    pause : Pause, optional
+        The daemon's pause (:mod:`cellwatch.service.pause`): an image whose label image or
+        overlay found the disk full is processed again after a wait, its attempt not
+        spent. Without it, that is a fault like any other.
     """
 
     def __init__(
@@ -54,10 +60,12 @@ class LocalRunner:
         stop: threading.Event,
         wake: threading.Event,
         process: Callable[..., list[Any]] | None = None,
+        pause: Pause | None = None,
     ) -> None:
         self.paths, self.engine, self.recorder = paths, engine, recorder
         self.stop, self.wake = stop, wake
         self._process = process
+        self.pause = pause
         self.error: str | None = None
         self.trim = Trimmer()  # freed pages back to the system after each batch
 
@@ -77,9 +85,10 @@ class LocalRunner:
         self.engine = engine
 
     def run(self) -> None:
-        """The worker thread. An error outside one image's processing (the ledger or the
-        database cannot be written) ends it; the daemon then exits for systemd to restart
-        it, and start-up recovery picks up where it stopped."""
+        """The worker thread. A full results disk pauses it (:attr:`pause`); any other
+        error outside one image's processing (the ledger or the database cannot be
+        written) ends it; the daemon then exits for systemd to restart it, and start-up
+        recovery picks up where it stopped."""
         try:
             with JobQueue(self.paths.db) as queue:
                 while not self.stop.is_set():
@@ -98,12 +107,24 @@ class LocalRunner:
 
         Each job's images (its file's scenes, or the file itself) whose rows have not
         landed yet are processed ``tiling.images_at_once`` at a time, and recorded after each
-        group. A job finishes once every image of it has its row.
+        group. A job finishes once every image of it has its row. While the results disk
+        is full, the batch in hand waits (:mod:`cellwatch.service.pause`); a stop then sends
+        its jobs back to the queue, their attempt not spent.
         """
-        engine, recorder = self.engine, self.recorder
-        jobs = recorder.claim(queue, BATCH_IMAGES)
+        jobs = self.recorder.claim(queue, BATCH_IMAGES)
         if not jobs:
             return False
+        try:
+            self._work(queue, jobs)
+        except Stopped:  # stopping while the disk is full: the jobs go back, attempt unspent
+            for job in jobs:
+                queue.release(job.job_id)
+            log.warning("stopped while paused; %d job(s) back in the queue", len(jobs))
+        self.trim()
+        return True
+
+    def _work(self, queue: JobQueue, jobs: list[Job]) -> None:
+        engine, recorder = self.engine, self.recorder
         recorder.metrics.queue(queue.counts())
         scenes: dict[str, list[int | None]] = {}
         faults: dict[str, Exception] = {}  # the first fault of each job this time
@@ -120,11 +141,20 @@ class LocalRunner:
             engine = self.engine  # a reload (:meth:`use`) counts from the next group on
             group = units[start : start + engine.config.tiling.images_at_once]
             start += len(group)
-            for (job, _), outcome in self._run(engine, group):
-                if isinstance(outcome, Exception):
-                    faults.setdefault(job.job_id, outcome)
-                else:
-                    recorder.record(recorder.check_content(job, engine, outcome), engine)
+            while group:
+                full: list[tuple[Unit, Exception]] = []  # found the disk full: run again
+                for unit, outcome in self._run(engine, group):
+                    job = unit[0]
+                    if isinstance(outcome, Exception):
+                        if self.pause is not None and disk_full(outcome):
+                            full.append((unit, outcome))
+                        else:
+                            faults.setdefault(job.job_id, outcome)
+                    else:
+                        recorder.record(recorder.check_content(job, engine, outcome), engine)
+                if full and self.pause is not None:
+                    self.pause.hold(full[0][1])  # waits; Stopped when the daemon stops
+                group = [unit for unit, _ in full]
         engine = self.engine
         outcomes: dict[str, Any] = {}
         for job in jobs:
@@ -137,8 +167,6 @@ class LocalRunner:
         queue.finish(outcomes)
         recorder.metrics.queue(queue.counts())
         crash_point("after-commit")
-        self.trim()
-        return True
 
     def compute_status(self) -> dict[str, Any]:
         """Where the images are processed, for ``cellwatch status``."""

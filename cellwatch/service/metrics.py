@@ -93,6 +93,13 @@ class Metrics:
             "Unix time of the last image recorded ok (0: none since the daemon started).",
             registry=r,
         )
+        self.paused_gauge = Gauge(
+            "cellwatch_paused",
+            "1 while the daemon is paused, by reason (disk_full: the results disk is full).",
+            ["reason"],
+            registry=r,
+        )
+        self.paused_gauge.labels(reason="disk_full").set(0)  # the series exists from the start
         self.model = Info("cellwatch_model", "The model in use: name and file hash.", registry=r)
         ProcessCollector(registry=r)  # process_start_time_seconds, memory, CPU
 
@@ -133,6 +140,10 @@ class Metrics:
             if isinstance(cells, int | float) and cells > 0:
                 self.cells.inc(cells)
             self.last_success.set(self.clock())
+
+    def paused(self, reason: str, on: bool) -> None:
+        """The daemon paused (``on``) or resumed, for ``reason`` (``disk_full``)."""
+        self.paused_gauge.labels(reason=reason).set(1 if on else 0)
 
     def queue(self, counts: Mapping[str, int]) -> None:
         """The job queue's counts by state (:meth:`JobQueue.counts`)."""

@@ -26,6 +26,7 @@ from cellwatch.service.driver import record_all
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import Job, JobQueue
 from cellwatch.service.metrics import Metrics
+from cellwatch.service.pause import Pause
 from cellwatch.service.watcher import refusal
 from cellwatch.storage import ledger
 
@@ -64,6 +65,9 @@ class Recorder:
     write : callable, optional
         :func:`cellwatch.service.driver.record_all`, the one call that touches the ledger
         files (tests pass a fake, e.g. one that fails as a full disk does).
+    pause : Pause, optional
+        The daemon's pause: a write that finds the disk full is tried again after a wait,
+        until it lands (:meth:`Pause.writing`). Without it the error is raised.
     """
 
     def __init__(
@@ -75,8 +79,10 @@ class Recorder:
         scenes: Callable[[Path], list[int | None]] | None = None,
         clock: Callable[[], datetime] | None = None,
         write: Callable[[Sequence[Any], Path], None] = record_all,
+        pause: Pause | None = None,
     ) -> None:
         self.paths, self.recorded = paths, recorded
+        self.pause = pause
         self.metrics = metrics or Metrics()
         self._scenes_of = scenes
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -207,7 +213,13 @@ class Recorder:
             key = (result.row["job_id"], ledger.scene_key(result.row.get("scene")))
             if key not in self.recorded:
                 new.setdefault(key, result)
-        self._write(list(new.values()), self.paths.out)
+        if not new:
+            return
+        results = list(new.values())
+        if self.pause is None:
+            self._write(results, self.paths.out)
+        else:
+            self.pause.writing(lambda: self._write(results, self.paths.out))
         for key, result in new.items():
             row = result.row
             self.recorded[key] = row["status"]

@@ -84,7 +84,11 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
     daemon = _daemon(meta, now)
     return {
         "daemon": daemon,
+        # the daemon waits for room on a full results disk (it says so at once)
+        "paused": (meta.get("paused") or None) if daemon["running"] else None,
         "model": meta.get("model") or (str(rows["model"].iloc[-1]) if len(rows) else None),
+        "last_reload": meta.get("last_reload")
+        or None,  # when, and what it changed or why it failed
         "queue": {
             "waiting": counts["pending"],
             "in_progress": counts["running"],
@@ -122,7 +126,9 @@ def format_text(report: dict[str, Any]) -> str:
         error = f"{e['time']}  {e['image']}: {e['error']}"
     lines = [
         ("daemon", daemon),
+        *([("paused", report["paused"])] if report.get("paused") else []),
         ("model", report["model"] or "unknown (nothing processed yet)"),
+        *([("last reload", report["last_reload"])] if report.get("last_reload") else []),
         ("queue", queue),
         ("today", f"{t['counted']} counted, {t['failed']} failed (since {t['since']})"),
         ("rate", f"{report['images_per_minute']:g} images/min over the last 10 min"),

@@ -81,7 +81,7 @@ def run_task(task: Task) -> Done:
     before = dict(segmenter.stopwatch.totals)
     result = process_image(
         Path(task.path),
-        config=task.config,
+        config=segmenter.config,  # with the runtime and precision that ran
         segmenter=segmenter,
         out_dir=Path(task.out_dir),
         job_id=task.job_id,
@@ -155,14 +155,15 @@ def _segmenter(config: Config, model: str) -> Segmenter:
             return segmenter
         import numpy as np
 
-        from cellwatch.model import device_name, load_model
         from cellwatch.pipeline import Segmenter
+        from cellwatch.runtime import device_name, load, resolve
 
-        segmenter = Segmenter(config, load_model(config.model.path))
+        config = resolve(config)
+        segmenter = Segmenter(config, load(config))
         t = config.tiling  # one batch now, so the first image does not pay for compiling
         segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
         if _device is None:
-            _device = device_name()
+            _device = device_name(segmenter.model)
             _exit_without_waiting()
         _segmenters[key] = segmenter
         while len(_segmenters) > KEEP_MODELS:

@@ -1,8 +1,10 @@
 """Read microscope images into one 2-D plane, and write label images.
 
-TIFF and OME-TIFF are read with tifffile, PNG and JPEG with Pillow, and the microscope
-formats (CZI, ND2, LIF) through bioio (:mod:`cellwatch.storage.vendor`), one scene at a
-time. Every input is checked before it is decoded: its declared size must fit
+TIFF and OME-TIFF are read with tifffile (:mod:`cellwatch.storage.tiff`), PNG and JPEG with
+Pillow, and the microscope formats (CZI, ND2, LIF) through bioio
+(:mod:`cellwatch.storage.vendor`), one scene at a time: each series of a TIFF that is an
+image of its own is a scene, as a CZI's scenes are. The channel is chosen by
+:mod:`cellwatch.storage.channels`. Every input is checked before it is decoded: its declared size must fit
 ``input.max_pixels`` and a TIFF's pixel data must lie inside the file. Anything that cannot
 be read becomes a :class:`~cellwatch.errors.BadInputError` that names the file and says
 what is wrong. Input files are only ever opened for reading.
@@ -30,7 +32,6 @@ import io
 import math
 import os
 import stat
-import struct
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
@@ -44,29 +45,16 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from cellwatch.config import installed_vendor_suffixes
-from cellwatch.errors import BadInputError, ConfigError, TransientError, io_fault
-from cellwatch.storage import vendor
-
-#: What this installation reads: TIFF, OME-TIFF, PNG, JPEG, and each microscope format
-#: whose bioio plugin (cellwatch extra) is installed.
-SUPPORTED_EXTENSIONS = (
-    ".tif",
-    ".tiff",
-    ".ome.tif",
-    ".ome.tiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    *installed_vendor_suffixes(),
-)
+from cellwatch.config import NUCLEAR_CHANNELS
+from cellwatch.errors import BadInputError, DiskFullError, TransientError, disk_full, io_fault
+from cellwatch.storage import tiff, vendor
+from cellwatch.storage.channels import AUTO, choose_channel
+from cellwatch.storage.names import SUPPORTED_EXTENSIONS, find_pairs, is_supported, stem
+from cellwatch.storage.pixels import STAINS, stain_plane
+from cellwatch.storage.tiff import tiff_incomplete
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CHANNEL_AXES = "CS"
-_UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
-                "\\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}  # fmt: skip
-_UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}  # inch, cm, mm, µm
-_DEFAULT_DPI = (72.0, 96.0)  # what desktop software writes when it knows nothing
 _STRIP_BYTES = 1 << 18  # uncompressed bytes per strip of a label TIFF (tifffile's choice)
 
 
@@ -86,6 +74,9 @@ class ImageData:
         What was done to get one plane, for logs ("max projection of 12 planes").
     scene : int or None
         The scene (position) of a multi-scene file it is, from 0; None for a file of one.
+    channel : str
+        The channel counted: its name where the file names it, else its number; empty for
+        a gray or colour image read whole.
     """
 
     pixels: np.ndarray
@@ -93,78 +84,45 @@ class ImageData:
     path: Path
     note: str = ""
     scene: int | None = None
-
-
-def is_supported(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -> bool:
-    """Return True if the file name ends in one of ``extensions`` (case-insensitive).
-
-    Hidden files (name starting with ".") never count: they are temporary files or the
-    "._name.tif" resource forks macOS leaves on network shares, not images.
-    """
-    name = Path(path).name.lower()
-    suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    return not name.startswith(".") and name.endswith(suffixes)
-
-
-def stem(path: Path, scene: int | None = None) -> str:
-    """The file name without its image suffix (``a.ome.tif`` → ``a``), used to pair images
-    with masks and to name label images and overlays; ``a_s2`` for scene 2 of a file of
-    several scenes."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    else:
-        name = path.stem
-    return name if scene is None else f"{name}_s{scene}"
+    channel: str = ""
 
 
 def scene_count(path: Path) -> int:
-    """How many scenes (positions, series) the file holds: 1 unless it is a microscope
-    format that holds several.
+    """How many scenes (positions, series) the file holds: a microscope file's scenes,
+    a TIFF's series that are images of their own (:func:`~cellwatch.storage.tiff.scene_series`),
+    else 1.
 
     Raises
     ------
     BadInputError
-        A microscope file does not open, or its reader (cellwatch extra) is not installed.
+        The file does not open, or its reader (cellwatch extra) is not installed.
     TransientError
         The operating system could not open the file for a reason that may pass.
     """
-    return vendor.scene_count(path) if vendor.is_vendor(path) else 1
-
-
-def find_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
-    """Pair images and masks by file stem; name every image or mask without a partner."""
-
-    def by_stem(folder: Path) -> dict[str, Path]:
-        if not folder.is_dir():
-            raise ConfigError(f"{folder} is not a folder")
-        return {stem(p): p for p in sorted(folder.iterdir()) if is_supported(p)}
-
-    image_files, mask_files = by_stem(images), by_stem(masks)
-    lonely_images = sorted(set(image_files) - set(mask_files))
-    lonely_masks = sorted(set(mask_files) - set(image_files))
-    if lonely_images or lonely_masks:
-        lines = [f"images and masks must pair up by file name ({images} / {masks}):"]
-        if lonely_images:
-            lines.append("  images without a mask: " + ", ".join(lonely_images[:20]))
-        if lonely_masks:
-            lines.append("  masks without an image: " + ", ".join(lonely_masks[:20]))
-        raise ConfigError("\n".join(lines))
-    if not image_files:
-        raise ConfigError(f"no supported images found in {images}")
-    return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
+    path = Path(path)
+    if vendor.is_vendor(path):
+        return vendor.scene_count(path)
+    if not path.name.lower().endswith(_TIFF_SUFFIXES):
+        return 1
+    with _open_input(path) as fh:
+        try:
+            with tifffile.TiffFile(fh) as tif:
+                return len(tiff.scene_series(tif))
+        except Exception as exc:  # a decoder may fail in any way on a corrupt file
+            if fault := io_fault(path, exc):
+                raise fault from exc
+            raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
 
 
 def read_image(
     path: Path,
     *,
-    channel: int | str | None = None,
+    channel: int | str | None = AUTO,
     stack: Literal["max", "plane"] = "max",
     plane: int = 0,
     max_pixels: int = 400_000_000,
     scene: int | None = None,
+    nuclear_channels: Sequence[str] = NUCLEAR_CHANNELS,
 ) -> ImageData:
     """Read a TIFF, OME-TIFF, PNG, JPEG, CZI, ND2 or LIF file and reduce it to one 2-D plane.
 
@@ -174,8 +132,12 @@ def read_image(
         The image file.
     channel : int, str or None
         Channel to use, by number (from 0) or by the name the file gives it (``"DAPI"``,
-        any case; OME-TIFF and the microscope formats name their channels). None accepts
-        gray images, and colour images whose channels are equal.
+        any case; OME-TIFF and the microscope formats name their channels). ``"auto"``:
+        the only channel, else the one named after a stain of ``nuclear_channels``; RGB
+        and unnamed channels as None. None accepts gray images, and colour images whose
+        channels are equal (:func:`~cellwatch.storage.channels.choose_channel`);
+        or a stain of an RGB brightfield image (``STAINS``: hematoxylin, eosin, dab by
+        colour deconvolution, gray by luminance).
     stack : {"max", "plane"}
         "max" projects all Z/T/other planes; "plane" keeps plane number ``plane``.
     plane : int
@@ -183,8 +145,10 @@ def read_image(
     max_pixels : int
         Refuse images that declare more pixels (height × width × planes) than this.
     scene : int or None
-        The scene (position) of a microscope file that holds several (from 0; see
-        :func:`scene_count`). None for any other file.
+        The scene (position, series) of a file that holds several (from 0; see
+        :func:`scene_count`). None for a file of one.
+    nuclear_channels : sequence of str
+        The nuclear stains ``"auto"`` looks for in channel names (``input.nuclear_channels``).
 
     Returns
     -------
@@ -199,84 +163,89 @@ def read_image(
         The operating system could not open the file for a reason that may pass.
     """
     path = Path(path)
-    notes = []
     if vendor.is_vendor(path):
-        data, axes, pixel_size, names, note = _read_vendor(path, scene, max_pixels)
-        n_alpha = 0
-        notes.append(note)
-    elif scene is not None:
-        raise BadInputError(f"{path} holds one image, so scene {scene} does not exist")
+        raw = _read_vendor(path, scene, max_pixels)
     else:
         with _open_input(path) as fh:
             if path.name.lower().endswith(_TIFF_SUFFIXES):
-                data, axes, n_alpha, pixel_size, names = _read_tiff(fh, path, max_pixels)
+                raw = _read_tiff(fh, path, max_pixels, scene)
             elif path.name.lower().endswith((".png", ".jpg", ".jpeg")):
-                data, axes, n_alpha, pixel_size = _read_pillow(fh, path, max_pixels)
-                names = None
+                if scene is not None:
+                    raise BadInputError(f"{path} holds one image, so scene {scene} does not exist")
+                raw = _read_pillow(fh, path, max_pixels)
             else:
                 raise BadInputError(
                     f"{path} has an unsupported file type; use {SUPPORTED_EXTENSIONS}"
                 )
-    if data.size == 0:
-        raise BadInputError(f"{path} contains an image with no pixels (shape {data.shape})")
-    if isinstance(channel, str):
-        channel = _channel_by_name(path, channel, names, _channel_count(data.shape, axes))
-        notes.append(f"channel {_name_of(names, channel)!r}")
-    pixels, note = _reduce_to_plane(data, axes, n_alpha, path, channel, stack, plane, names)
+    if raw.data.size == 0:
+        raise BadInputError(f"{path} contains an image with no pixels (shape {raw.data.shape})")
+    index: int | str | None
+    if isinstance(channel, str) and channel.strip().lower() in STAINS:
+        index = used = channel.strip().lower()  # a stain: made from the RGB channels
+    else:
+        index = choose_channel(
+            path, channel, raw.names, raw.n_channels, samples=raw.is_colour, stains=nuclear_channels
+        )
+        used = raw.label(index)
+    named = isinstance(index, int) and used != str(index)
+    notes = [raw.note, f"channel {used!r}" if named else ""]
+    pixels, note = _reduce_to_plane(
+        raw.data, raw.axes, raw.n_alpha, path, index, stack, plane, raw.names
+    )
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8)
-    return ImageData(pixels, pixel_size, path, "; ".join(n for n in [*notes, note] if n), scene)
+    note = "; ".join(n for n in [*notes, note] if n)
+    return ImageData(pixels, raw.pixel_size, path, note, scene, used)
 
 
-def _read_vendor(
-    path: Path, scene: int | None, max_pixels: int
-) -> tuple[np.ndarray, str, float | None, tuple[str, ...] | None, str]:
-    """One scene of a microscope file: pixels, axes, pixel size, channel names, a note."""
+@dataclass(frozen=True, eq=False)
+class _Raw:
+    """A file's (or scene's) pixels as decoded, before a channel and a plane are picked."""
+
+    data: np.ndarray
+    axes: str
+    pixel_size: float | None
+    names: tuple[str, ...] | None = None
+    n_alpha: int = 0
+    note: str = ""
+
+    @property
+    def n_channels(self) -> int:
+        """Channels after C and S are merged (and alpha dropped), as _reduce_to_plane does."""
+        sizes = dict(zip(self.axes, self.data.shape, strict=True))
+        merged = math.prod(sizes.get(a, 1) for a in _CHANNEL_AXES)
+        return merged - (self.n_alpha if "S" in sizes and "C" not in sizes else 0)
+
+    def label(self, index: int | None) -> str:
+        """How the ledger names channel ``index``: its name, else its number ("" for None)."""
+        if index is None:
+            return ""
+        named = self.names is not None and len(self.names) == self.n_channels
+        return self.names[index] if self.names is not None and named else str(index)
+
+    @property
+    def is_colour(self) -> bool:
+        """The channels are the colour samples of an RGB(A) image."""
+        return dict(zip(self.axes, self.data.shape, strict=True)).get("S", 1) > 1
+
+
+def _read_vendor(path: Path, scene: int | None, max_pixels: int) -> _Raw:
+    """One scene of a microscope file."""
     found = vendor.open_scene(path, scene)
     lazy = found.data
     _check_declared_size(path, tuple(lazy.shape), found.axes, np.dtype(lazy.dtype), max_pixels)
     try:
-        # synchronous: no pool of threads left behind, none nested in a Dask worker
-        data = np.asarray(lazy.compute(scheduler="synchronous"))
+        data = vendor.read_pixels(path, found)  # the vendor's library if the plugin fails
     except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
         if fault := io_fault(path, exc):
             raise fault from exc
-        raise BadInputError(
-            f"{path}: scene {found.index} ({found.name}) could not be read; the file may be "
-            f"truncated or corrupt ({' '.join(str(exc).split())})"
-        ) from exc
+        raise vendor.pixels_unreadable(path, found, exc) from exc
     note = f"scene {found.index} ({found.name}) of {found.count}" if found.count > 1 else ""
-    return data, found.axes, found.pixel_size_um, found.channel_names, note
-
-
-def _name_of(names: tuple[str, ...] | None, channel: int) -> str:
-    return names[channel] if names and channel < len(names) else str(channel)
-
-
-def _channel_count(shape: tuple[int, ...], axes: str) -> int:
-    return int(shape[axes.index("C")]) if "C" in axes else 1
-
-
-def _channel_by_name(path: Path, name: str, names: tuple[str, ...] | None, n_chan: int) -> int:
-    """The index of the channel called ``name`` (any case, surrounding spaces ignored)."""
-    if not names or len(names) != n_chan:
-        numbers = f"a channel number (0 to {n_chan - 1})" if n_chan > 1 else "null (one channel)"
-        raise BadInputError(
-            f"{path} does not name its channels, so input.channel = {name!r} cannot be "
-            f"found; set input.channel to {numbers} in config.yaml"
-        )
-    wanted = name.strip().casefold()
-    matches = [i for i, n in enumerate(names) if n.strip().casefold() == wanted]
-    if len(matches) != 1:
-        what = "no channel" if not matches else "more than one channel"
-        raise BadInputError(
-            f"{path} has {what} named {name!r}; its channels are "
-            f"{', '.join(repr(n) for n in names)}. Set input.channel to one of these names "
-            f"or to a number (0 to {n_chan - 1}) in config.yaml"
-        )
-    return matches[0]
+    if found.reader:
+        note = "; ".join(n for n in (note, f"read with {found.reader}") if n)
+    return _Raw(data, found.axes, found.pixel_size_um, found.channel_names, note=note)
 
 
 def _open_input(path: Path) -> BinaryIO:
@@ -337,16 +306,14 @@ class _WholeReads(io.RawIOBase):
         super().close()
 
 
-def _read_tiff(
-    fh: BinaryIO, path: Path, max_pixels: int
-) -> tuple[np.ndarray, str, int, float | None, tuple[str, ...] | None]:
+def _read_tiff(fh: BinaryIO, path: Path, max_pixels: int, scene: int | None) -> _Raw:
     try:
         with tifffile.TiffFile(fh) as tif:
-            series = tif.series[0]
+            series, note = tiff.pick_scene(tif, path, scene)
             axes, keyframe = series.axes, series.keyframe
             _check_declared_size(path, series.shape, axes, series.dtype, max_pixels)
             file_size = os.fstat(fh.fileno()).st_size
-            _check_not_truncated(path, series, file_size)
+            tiff.check_not_truncated(path, series, file_size)
             missing = tiff_incomplete(tif, file_size)
             if missing:
                 raise BadInputError(
@@ -355,14 +322,14 @@ def _read_tiff(
                     "finished file into the inbox again."
                 )
             try:
-                pixel_size = _tiff_pixel_size(tif)
+                pixel_size = tiff.pixel_size_um(tif, series)
             except (ET.ParseError, ValueError, TypeError, ZeroDivisionError):
                 pixel_size = None  # broken metadata should not cost the pixels
             try:
-                names = _ome_channel_names(tif)
+                names = tiff.channel_names(tif, series)
             except ET.ParseError:
                 names = None
-            data = series.asarray()
+            data = series.asarray()  # level 0 of a pyramid: the full resolution
     except (BadInputError, TransientError, MemoryError):
         raise
     except Exception as exc:  # a decoder may fail in any way on a corrupt file
@@ -370,23 +337,10 @@ def _read_tiff(
             raise fault from exc
         raise BadInputError(f"{path} is not a readable TIFF: {exc}") from exc
     n_alpha = sum(e in (1, 2) for e in keyframe.extrasamples) if "S" in axes else 0
-    return data, axes, n_alpha, pixel_size, names
+    return _Raw(data, axes, pixel_size, names, n_alpha, note)
 
 
-def _ome_channel_names(tif: tifffile.TiffFile) -> tuple[str, ...] | None:
-    """The first image's channel names from OME metadata, if every channel has one."""
-    if not (tif.is_ome and tif.ome_metadata):
-        return None
-    pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Image/{*}Pixels")
-    if pixels is None:
-        return None
-    names = tuple(c.get("Name") or "" for c in pixels.findall("{*}Channel"))
-    return names if names and all(names) else None
-
-
-def _read_pillow(
-    fh: BinaryIO, path: Path, max_pixels: int
-) -> tuple[np.ndarray, str, int, float | None]:
+def _read_pillow(fh: BinaryIO, path: Path, max_pixels: int) -> _Raw:
     try:
         with warnings.catch_warnings():
             # We check the size against input.max_pixels ourselves, right below.
@@ -409,7 +363,7 @@ def _read_pillow(
             raise fault from exc
         raise BadInputError(f"{path} is truncated or corrupt or not a PNG/JPEG: {exc}") from exc
     axes = "YX" if data.ndim == 2 else "YXS"
-    return data, axes, int(im.mode in ("LA", "RGBA")), None
+    return _Raw(data, axes, None, n_alpha=int(im.mode in ("LA", "RGBA")))
 
 
 def _check_declared_size(
@@ -430,149 +384,12 @@ def _check_declared_size(
         )
 
 
-def _check_not_truncated(path: Path, series: tifffile.TiffPageSeries, file_size: int) -> None:
-    pages = [p for p in series.pages if p is not None]
-    ends = (o + n for p in pages for o, n in zip(p.dataoffsets, p.databytecounts, strict=True))
-    end = max(ends, default=0)
-    if end > file_size:
-        raise BadInputError(
-            f"{path} is truncated or corrupt: its pixel data should reach byte {end:,} but "
-            f"the file has {file_size:,} bytes. Copy the file again from the microscope."
-        )
-
-
-def tiff_incomplete(tif: tifffile.TiffFile, file_size: int) -> str | None:
-    """Why an open TIFF is not whole yet, in words; None when it looks whole.
-
-    Cheap enough to ask of a file that is still being written: it reads the page headers
-    and the header's metadata, never the pixels. A TIFF is not whole when
-
-    - its last page points to a next page that lies past the end of the file,
-    - a page's pixel data reaches past the end of the file, or
-    - it has fewer pages than the planes it declares: OME-XML ``SizeZ × SizeC × SizeT``
-      (one page per plane; RGB samples share a page), or ImageJ's ``images=``.
-
-    Parameters
-    ----------
-    tif : tifffile.TiffFile
-        The open file.
-    file_size : int
-        Its size in bytes now.
-
-    Returns
-    -------
-    str or None
-        For example ``"it has 1 of the 3 planes its OME-XML declares (SizeZ 3 × SizeC 1 ×
-        SizeT 1)"``.
-    """
-    pages = tif.pages
-    if len(pages) == 0:
-        return "it has no image pages yet"
-    following = _next_page_pointer(tif)
-    if following is None or following >= file_size:
-        where = "past the end of the file" if following else "missing"
-        return f"it stops after page {len(pages)}: the pointer to the next page is {where}"
-    for number, page in enumerate(pages, start=1):
-        ends = zip(page.dataoffsets, page.databytecounts, strict=False)
-        end = max((offset + count for offset, count in ends), default=0)
-        if end > file_size:
-            return (
-                f"the pixel data of page {number} should reach byte {end:,} but the file "
-                f"has {file_size:,} bytes"
-            )
-    declared = _declared_planes(tif)
-    if declared is None:
-        return None
-    expected, source = declared
-    found = _planes_present(tif, file_size, expected)
-    if found < expected:
-        return f"it has {found} of the {expected} planes its {source}"
-    return None
-
-
-def _next_page_pointer(tif: tifffile.TiffFile) -> int | None:
-    """The offset the last page read points to (0: it is the last page); None if the
-    pointer itself lies past the end of the file."""
-    position = tif.pages.next_page_offset
-    if position is None:
-        return None
-    fh = tif.filehandle
-    fh.seek(position)
-    raw = fh.read(tif.tiff.offsetsize)
-    if len(raw) < tif.tiff.offsetsize:
-        return None
-    return int(struct.unpack(tif.tiff.offsetformat, raw)[0])
-
-
-def _declared_planes(tif: tifffile.TiffFile) -> tuple[int, str] | None:
-    """(planes, "OME-XML declares (SizeZ …)") from OME-XML or an ImageJ header; None if
-    the file does not say how many planes it has."""
-    if tif.is_ome and tif.ome_metadata:
-        try:
-            root = ET.fromstring(tif.ome_metadata)
-        except ET.ParseError:
-            return None
-        name = Path(tif.filename).name
-        if any(u.get("FileName") not in (None, "", name) for u in root.iter("{*}UUID")):
-            return None  # planes spread over several files: this one holds only some
-        samples = tif.pages.first.samplesperpixel
-        total, parts = 0, []
-        for pixels in root.findall("{*}Image/{*}Pixels"):
-            z, c, t = (int(pixels.get(key, "1")) for key in ("SizeZ", "SizeC", "SizeT"))
-            pages_c = c // samples if samples > 1 and c % samples == 0 else c
-            total += z * pages_c * t
-            parts.append(f"SizeZ {z} × SizeC {c} × SizeT {t}")
-        return (total, f"OME-XML declares ({'; '.join(parts)})") if total else None
-    if tif.is_imagej:
-        images = (tif.imagej_metadata or {}).get("images")
-        if isinstance(images, int) and images > 1:
-            return images, f"ImageJ header declares (images={images})"
-    return None
-
-
-def _planes_present(tif: tifffile.TiffFile, file_size: int, expected: int) -> int:
-    """Pages in the file; for an ImageJ file saved as one page followed by the other
-    planes' pixels (ImageJ does this above 4 GB), the planes whose pixels are there."""
-    pages = len(tif.pages)
-    first = tif.pages.first
-    if pages == 1 and tif.is_imagej and first.is_contiguous and first.nbytes:
-        start = first.dataoffsets[0]
-        return min(expected, max(0, (file_size - start) // first.nbytes))
-    return pages
-
-
-def _tiff_pixel_size(tif: tifffile.TiffFile) -> float | None:
-    """Pixel size in µm: OME PhysicalSizeX, else ImageJ unit, else TIFF resolution tags."""
-    if tif.is_ome and tif.ome_metadata:
-        pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Image/{*}Pixels")
-        if pixels is not None and pixels.get("PhysicalSizeX"):
-            factor = _UM_PER_UNIT.get(pixels.get("PhysicalSizeXUnit", "µm"))
-            size = float(pixels.get("PhysicalSizeX", "nan"))
-            return size * factor if factor and size > 0 else None
-    tags = tif.pages.first.tags
-    xres, unit_tag = tags.get("XResolution"), tags.get("ResolutionUnit")
-    if xres is None or not xres.value[0] or not xres.value[1]:
-        return None
-    px_per_unit = xres.value[0] / xres.value[1]
-    unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default unit is inch
-    imagej_unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
-    if imagej_unit in _UM_PER_UNIT:
-        return _UM_PER_UNIT[imagej_unit] / px_per_unit
-    if (
-        unit not in _UM_PER_RESUNIT
-        or px_per_unit == 1
-        or (unit == 2 and px_per_unit in _DEFAULT_DPI)
-    ):
-        return None
-    return _UM_PER_RESUNIT[unit] / px_per_unit
-
-
 def _reduce_to_plane(
     data: np.ndarray,
     axes: str,
     n_alpha: int,
     path: Path,
-    channel: int | None,
+    channel: int | str | None,
     stack: str,
     plane: int,
     names: tuple[str, ...] | None = None,
@@ -594,12 +411,14 @@ def _reduce_to_plane(
 def _pick_channel(
     data: np.ndarray,
     path: Path,
-    channel: int | None,
+    channel: int | str | None,
     notes: list[str],
     names: tuple[str, ...] | None = None,
 ) -> np.ndarray:
-    """(planes, channels, H, W) -> (planes, H, W)."""
+    """(planes, channels, H, W) -> (planes, H, W); a str ``channel`` is one of ``STAINS``."""
     n_chan = data.shape[1]
+    if isinstance(channel, str):
+        return _pick_stain(data, path, channel, notes)
     if channel is None:
         if any(not np.array_equal(data[:, 0], data[:, k]) for k in range(1, n_chan)):
             named = f", or its name: {', '.join(names)}" if names and len(names) == n_chan else ""
@@ -611,13 +430,21 @@ def _pick_channel(
         if n_chan > 1:
             notes.append(f"gray from {n_chan} equal channels")
         return data[:, 0]
-    if not 0 <= channel < n_chan:
-        raise BadInputError(
-            f"{path} has {n_chan} channel(s), so input.channel = {channel} does not exist; "
-            f"use 0 to {n_chan - 1} in config.yaml"
-        )
-    notes.append(f"channel {channel} of {n_chan}")
+    if n_chan > 1:
+        notes.append(f"channel {channel} of {n_chan}")
     return data[:, channel]
+
+
+def _pick_stain(data: np.ndarray, path: Path, stain: str, notes: list[str]) -> np.ndarray:
+    """(planes, 3, H, W) RGB -> (planes, H, W) of one stain (:func:`pixels.stain_plane`)."""
+    if data.shape[1] != 3:
+        raise BadInputError(
+            f"{path} has {data.shape[1]} channel(s), not the 3 of an RGB image, so "
+            f"input.channel = {stain!r} (a stain of a brightfield colour image) does not "
+            "apply; set input.channel to a channel number or name in config.yaml"
+        )
+    notes.append(f"{stain} from RGB")
+    return np.stack([stain_plane(np.moveaxis(rgb, 0, -1), stain) for rgb in data])
 
 
 def _pick_plane(
@@ -721,7 +548,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
         _fsync_folder(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
-        raise TransientError(
+        raise (DiskFullError if disk_full(exc) else TransientError)(
             f"could not write {path} ({exc.strerror or exc}; disk full?); nothing was "
             "changed there. Free some space on that disk and try again."
         ) from exc

@@ -34,15 +34,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellwatch.errors import CellwatchError, TransientError
+from cellwatch.errors import CellwatchError, DiskFullError, TransientError, disk_full
 
 __all__ = [
     "CELL_COLUMNS",
     "COLUMNS",
+    "COLUMN_TYPES",
+    "TEXT_COLUMNS",
     "LedgerError",
     "append_rows",
     "format_rows",
-    "job_statuses",
     "read",
     "recorded",
     "repair",
@@ -54,34 +55,40 @@ _TAIL_CHUNK = 1 << 16  # bytes read at a time when looking back for the last new
 
 log = logging.getLogger("cellwatch.ledger")
 
-COLUMNS: tuple[str, ...] = (
-    "processed_at",
-    "image",
-    "sha256",
-    "height",
-    "width",
-    "pixel_size_um",
-    "cell_count",
-    "mean_area_px",
-    "median_area_px",
-    "mean_area_um2",
-    "confluence",
-    "status",
-    "error",
-    "labels",
-    "overlay",
-    "model",
-    "settings_hash",
-    "scale",
-    "diameter_px",
-    "scale_source",
-    "duration_s",
-    "saturated_fraction",
-    "focus_score",
-    "job_id",
-    "scene",
-    "familiarity",
-)
+#: Every ledger column, in file order, and the type :func:`read` parses it as (``str``:
+#: text, kept as written; ``float``: a number, empty as NaN). New columns go at the end.
+COLUMN_TYPES: dict[str, type] = {
+    "processed_at": str,
+    "image": str,
+    "sha256": str,
+    "height": float,
+    "width": float,
+    "pixel_size_um": float,
+    "cell_count": float,
+    "mean_area_px": float,
+    "median_area_px": float,
+    "mean_area_um2": float,
+    "confluence": float,
+    "status": str,
+    "error": str,
+    "labels": str,
+    "overlay": str,
+    "model": str,
+    "settings_hash": str,
+    "scale": float,
+    "diameter_px": float,
+    "scale_source": str,
+    "duration_s": float,
+    "saturated_fraction": float,
+    "focus_score": float,
+    "job_id": str,
+    "scene": str,
+    "familiarity": float,
+    "channel": str,
+}
+
+COLUMNS: tuple[str, ...] = tuple(COLUMN_TYPES)
+TEXT_COLUMNS: frozenset[str] = frozenset(c for c, kind in COLUMN_TYPES.items() if kind is str)
 
 CELL_COLUMNS: tuple[str, ...] = (
     "image",
@@ -102,7 +109,7 @@ CELL_COLUMNS: tuple[str, ...] = (
 
 
 #: Columns added after ledgers were in use; :func:`read` gives older ledgers them, empty.
-_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity")
+_LATER_COLUMNS: tuple[str, ...] = ("scene", "familiarity", "channel")
 
 
 class LedgerError(CellwatchError):
@@ -269,12 +276,13 @@ def _give_back(path: Path, fd: int, start: int, size: int, exc: OSError) -> None
     try:
         _cut(fd, start)
     except OSError as cut_exc:
-        raise TransientError(
+        raise (DiskFullError if disk_full(exc) else TransientError)(
             f"could not append {size} bytes to {path} ({reason}; disk full?), and could not "
             f"cut it back to {start} bytes either ({cut_exc.strerror or cut_exc}); the next "
             "start-up removes the half-written line. Free some space on that disk."
         ) from exc
-    raise TransientError(
+    kind = DiskFullError if disk_full(exc) else TransientError
+    raise kind(
         f"could not append {size} bytes to {path} ({reason}; disk full?); the file is "
         f"unchanged ({start} bytes). Free some space on that disk and try again."
     ) from exc
@@ -321,31 +329,17 @@ def repair(path: Path) -> bool:
 def read(path: Path) -> pd.DataFrame:
     """The ledger as a DataFrame (empty, with the right columns, if there is no file).
 
-    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene`` and
-    ``familiarity``), empty. ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
+    A ledger an older cellwatch wrote gets the columns it lacks (such as ``scene``,
+    ``familiarity`` and ``channel``), empty. ``channel`` is text (a name, or a number). ``scene`` is text: ``<NA>`` for a file of one image, else ``"0"``, ``"1"``, ….
     """
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(COLUMNS))
-    text = (
-        "image",
-        "sha256",
-        "status",
-        "error",
-        "labels",
-        "overlay",
-        "model",
-        "settings_hash",
-        "scale_source",
-        "job_id",
-        "processed_at",
-        "scene",
-    )
-    rows = pd.read_csv(path, dtype={name: "string" for name in text}, low_memory=False)
+    rows = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, "string"), low_memory=False)
     for name in _LATER_COLUMNS:
         if name not in rows:
             rows[name] = (
                 pd.Series(pd.NA, index=rows.index, dtype="string")
-                if name in text
+                if name in TEXT_COLUMNS
                 else pd.Series(np.nan, index=rows.index, dtype="float64")
             )
     return rows

@@ -16,7 +16,7 @@ import numpy as np
 from cellwatch.storage.imageio import atomic_write
 from cellwatch.storage.pixels import inner_rim, percentiles
 
-__all__ = ["OUTLINE_RGB", "PNG_LEVEL", "write_overlay"]
+__all__ = ["OUTLINE_RGB", "write_overlay"]
 
 OUTLINE_RGB = (255, 0, 255)  # magenta shows on both dark (fluorescence) and light backgrounds
 PNG_LEVEL = 2  # zlib level of overlays: as small as Pillow's default (6), ~6x faster

@@ -1,6 +1,7 @@
 """Small pixel helpers that storage, the image path and training share: intensity
-percentiles (for normalization and for overlays) and a cell's inner rim (training targets,
-overlay outlines, perimeters). They depend on numpy alone."""
+percentiles (for normalization and for overlays), a cell's inner rim (training targets,
+overlay outlines, perimeters) and the plane of a stain in an RGB brightfield image. They
+depend on numpy alone (scikit-image for the stains, imported when one is asked for)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["inner_rim", "percentiles"]
+__all__ = ["STAINS", "inner_rim", "percentiles", "stain_plane"]
+
+#: ``input.channel`` values that make one plane out of an RGB image's three channels
+STAINS = ("hematoxylin", "eosin", "dab", "gray")
 
 HISTOGRAM_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 _BAND_PIXELS = 1 << 20  # pixels per band of the histogram
@@ -64,3 +68,29 @@ def inner_rim(labels: np.ndarray) -> np.ndarray:
     rim[:, 1:] |= across
     rim[:, :-1] |= across
     return rim & (labels > 0)
+
+
+def stain_plane(rgb: np.ndarray, stain: str) -> np.ndarray:
+    """One stain's amount in an RGB brightfield image (H, W, 3) as a float32 plane.
+
+    ``hematoxylin``, ``eosin`` and ``dab`` come from colour deconvolution
+    (:func:`skimage.color.rgb2hed`, Ruifrok & Johnston's stain vectors): more stain is a
+    larger value, so hematoxylin-stained nuclei are bright on a dark background, as in
+    fluorescence. ``gray`` is the luminance (:func:`skimage.color.rgb2gray`), where nuclei
+    stay dark.
+
+    >>> purple, white = (80, 40, 140), (255, 255, 255)
+    >>> plane = stain_plane(np.array([[purple, white]], dtype=np.uint8), "hematoxylin")
+    >>> bool(plane[0, 0] > plane[0, 1])
+    True
+    """
+    name = stain.strip().lower()
+    if name not in STAINS:
+        raise ValueError(f"unknown stain {stain!r}: choose one of {', '.join(STAINS)}")
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"a stain needs an RGB image (height, width, 3), got shape {rgb.shape}")
+    from skimage.color import rgb2gray, rgb2hed
+
+    if name == "gray":
+        return rgb2gray(rgb).astype(np.float32)
+    return rgb2hed(rgb)[..., ("hematoxylin", "eosin", "dab").index(name)].astype(np.float32)

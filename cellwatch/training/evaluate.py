@@ -8,7 +8,7 @@ to find.
 
 from __future__ import annotations
 
-__all__ = ["SIZE_GROUPS", "add_arguments", "evaluate", "format_summary", "run", "summarize"]
+__all__ = ["add_arguments", "evaluate", "run", "summarize"]
 
 import argparse
 import json
@@ -145,18 +145,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("evaluation_per_image.csv"),
         help="per-image table (CSV), worst first (default: %(default)s)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "openvino", "keras"),
+        help="what runs the network (default: inference.runtime of the config)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "f32", "bf16", "int8"),
+        help="the network's precision (default: inference.precision of the config)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``cellwatch evaluate``: score the model on images with masks; exit status 0."""
-    from cellwatch.config import config_from_args
-    from cellwatch.model import load_model
+    from cellwatch.config import config_from_args, override, with_card_input
+    from cellwatch.runtime import load, resolve
 
-    config = config_from_args(args)
+    config = override(
+        config_from_args(args),
+        **{
+            "inference.runtime": getattr(args, "runtime", None),
+            "inference.precision": getattr(args, "precision", None),
+        },
+    )
     pairs = find_pairs(args.images, args.masks)
-    model = load_model(config.model.path)
+    config = resolve(config)
+    model = load(config)
+    config = with_card_input(config, model.card)
     summary, table = evaluate(pairs, Segmenter(config, model), config, progress=sys.stderr.isatty())
     summary["model"] = model.label
+    summary["runtime"], summary["precision"] = model.runtime, model.precision
     summary["settings_hash"] = config.settings_hash()
     table.sort_values("accuracy_0.5").to_csv(args.per_image, index=False)
     print(format_summary(summary))

@@ -16,16 +16,7 @@ see a single clump.
 
 from __future__ import annotations
 
-__all__ = [
-    "BACKGROUND",
-    "BOUNDARY",
-    "INTERIOR",
-    "as_instances",
-    "contact_band",
-    "inner_distance",
-    "median_diameter",
-    "three_class",
-]
+__all__ = ["as_instances", "contact_band", "inner_distance", "median_diameter", "three_class"]
 
 import numpy as np
 from scipy import ndimage as ndi

@@ -1,0 +1,124 @@
+"""Whole processes, one run: ``cellwatch predict`` (default config: OpenVINO on a CPU) and
+the same with ``inference.runtime: keras``, against StarDist trained on the same split.
+
+Each is started as a user starts it (a new Python process: imports, model loading,
+reading, writing included) on the inputs ``cellwatch bench`` builds: a 4096² 16-bit
+mosaic of real nuclei, and a burst of 200 small images. StarDist runs
+``predict_instances`` with tiles of 1,024 px (``n_tiles`` = side / 1024), after
+csbdeep's percentile normalization, and writes its labels as a TIFF. Wall seconds
+depend on what else runs on the machine; CPU seconds (user + system, the process and
+its children) much less so: both are printed, and the ratios of each.
+
+Usage::
+
+    python benchmarks/stardist_peer.py --work /tmp/peer [--stardist ../shared/peers/stardist_dsb]
+
+Prints one JSON line per run and a last line of ratios. StarDist is optional: without it
+(``pip install stardist``) or its model folder, only the two cellwatch runs are made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DATA
+
+from cellwatch.bench.inputs import QUICK, Sizes, make_inputs
+
+PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "stardist_dsb"
+
+STARDIST = """
+import sys, numpy as np, tifffile
+from csbdeep.utils import normalize
+from stardist.models import StarDist2D
+from pathlib import Path
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = StarDist2D(None, name=model_dir.name, basedir=str(model_dir.parent))
+out.mkdir(parents=True, exist_ok=True)
+for path in sys.argv[3:]:
+    image = tifffile.imread(path)
+    tiles = tuple(max(1, -(-side // 1024)) for side in image.shape)
+    labels, _ = model.predict_instances(normalize(image, 1, 99.8), n_tiles=tiles, show_tile_progress=False)
+    tifffile.imwrite(out / Path(path).name, labels.astype(np.int32))
+    print(Path(path).name, int(labels.max()))
+"""
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command; its wall and CPU seconds and its peak RSS (MB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed:\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tail": done.stdout[-200:]}
+
+
+def cellwatch(inputs: list[Path], out: Path, runtime: str, work: Path) -> dict[str, Any]:
+    config = work / f"{runtime}.yaml"
+    config.write_text(f"inference:\n  runtime: {runtime}\n")
+    command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
+    return timed([*command, "--out", str(out), "--quiet", "--config", str(config)])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for inputs and outputs")
+    parser.add_argument("--stardist", type=Path, default=PEER, help="StarDist model folder")
+    parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test")
+    parser.add_argument("--skip", default="", help="comma-separated: keras, stardist, burst")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    sizes = QUICK if args.quick else Sizes()
+    data = make_inputs(args.work / "inputs", sizes, DATA)
+    workloads = {"mosaic": [data["mosaic"]]}
+    if "burst" not in skip:
+        workloads["burst"] = data["burst"]
+    runtimes = ["auto"] + (["keras"] if "keras" not in skip else [])
+    cellwatch(data["burst"][:1], args.work / "warm", "auto", args.work)  # converts once
+    stardist = "stardist" not in skip and args.stardist.is_dir()
+    try:
+        import stardist as _  # noqa: F401
+    except ImportError:
+        stardist = False
+    results: dict[str, dict[str, Any]] = {}
+    for name, inputs in workloads.items():
+        pixels = sizes.mosaic**2 if name == "mosaic" else len(inputs) * sizes.small**2
+        for runtime in runtimes:
+            r = cellwatch(inputs, args.work / f"out-{name}-{runtime}", runtime, args.work)
+            results[f"{name} cellwatch {runtime}"] = r | {"mp": pixels / 1e6}
+        if stardist and name == "mosaic":
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+            command = [sys.executable, "-c", STARDIST, str(args.stardist)]
+            out = str(args.work / f"out-{name}-stardist")
+            r = timed([*command, out, *map(str, inputs)], env=env)
+            results[f"{name} stardist"] = r | {"mp": pixels / 1e6}
+    for label, r in results.items():
+        r["mp_per_s_wall"] = round(r["mp"] / r["wall_s"], 3)
+        print(json.dumps({"run": label, **r}), flush=True)
+    ratios = {}
+    for name in workloads:
+        auto = results[f"{name} cellwatch auto"]
+        for other in (f"{name} cellwatch keras", f"{name} stardist"):
+            if other in results:
+                ratios[f"{name}: {other.split(' ', 1)[1]} / cellwatch auto"] = {
+                    "wall": round(results[other]["wall_s"] / auto["wall_s"], 2),
+                    "cpu": round(results[other]["cpu_s"] / auto["cpu_s"], 2),
+                }
+    print(json.dumps({"ratios": ratios, "load_average": os.getloadavg()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,494 @@
+"""Fine-tune a model on a lab's own corrected images, within a time budget, on a CPU.
+
+``DIR/images`` and ``DIR/masks`` hold image/mask pairs of the same names (what the napari
+corrections widget writes). A share of them is held out; the rest trains the model for
+``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
+over the budget), and the model with the lowest loss on the held-out crops is kept, also
+when Ctrl-C stops the run. Then the base and the new model are scored on the held-out
+images with ``cellwatch evaluate``'s figures; a new model that scores worse than its base
+is refused unless ``--force``. The model card records the base model's hash, each
+correction's sha256, the command, the budget and the before/after table.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FinetuneSettings",
+    "Refused",
+    "add_arguments",
+    "before_after_table",
+    "finetune",
+    "holdout_split",
+    "run",
+]
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellwatch import familiarity
+from cellwatch.config import Config, InputConfig
+from cellwatch.errors import BadInputError, CellwatchError, ConfigError
+from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.storage.pixels import STAINS
+from cellwatch.training.crops import (
+    Sample,
+    TrainSettings,
+    crop_batches,
+    fixed_crops,
+    load_sample,
+)
+
+CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The recipe for a few corrected images on a few CPU cores (measured: docs/teach.md)."""
+
+    minutes: float = 10.0  # wall-clock budget of the training itself
+    max_steps: int = 0  # stop after this many steps even with time left (0: time alone)
+    crop: int = 128
+    batch_size: int = 4
+    steps_per_epoch: int = 10  # a checkpoint (held-out loss) every this many steps
+    learning_rate: float = 1e-3
+    final_learning_rate: float = 5e-5  # where the cosine over the budget ends
+    freeze_encoder: bool = False
+    holdout: float = 0.25  # share of the corrections held out (at least 1 from 4 on)
+    seed: int = 0
+    bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
+
+
+class Refused(CellwatchError):
+    """The new model scores worse than its base on the held-out corrections."""
+
+
+def holdout_split(
+    pairs: Sequence[tuple[Path, Path]], share: float, seed: int
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """(training, held-out) pairs: ``share`` of them held out, at least one once there
+    are 4, none below that.
+
+    >>> pairs = [(Path(f"{i}.tif"), Path(f"m{i}.tif")) for i in range(8)]
+    >>> [len(part) for part in holdout_split(pairs, 0.25, seed=0)]
+    [6, 2]
+    """
+    if len(pairs) < 4:
+        return list(pairs), []
+    n_hold = min(len(pairs) - 1, max(1, round(len(pairs) * share)))
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    held = sorted(int(i) for i in order[:n_hold])
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in held]
+
+
+def reading_channel(path: Path, stain: str | None) -> str | None:
+    """The ``input.channel`` that reads ``path`` as the training did: None when the file
+    is already one plane (the corrections widget saves the plane it counted), else ``stain``."""
+    try:
+        imageio.read_image(path)
+    except BadInputError:
+        if stain is None:
+            raise
+        return stain
+    return None
+
+
+def finetune(
+    pairs: Sequence[tuple[Path, Path]],
+    out: Path,
+    settings: FinetuneSettings,
+    *,
+    base: Path,
+    channel: str | None = None,
+    command: str = "",
+    force: bool = False,
+    verbose: int = 2,
+    say: Any = print,
+) -> dict[str, Any]:
+    """Fine-tune ``base`` on ``pairs`` for ``settings.minutes``; write ``out`` and its card.
+
+    Returns the card. Raises :class:`Refused` (the model is kept beside ``out`` as
+    ``NAME.refused.keras``) when the held-out accuracy@0.5 falls below the base's and not
+    ``force``.
+    """
+    import keras
+
+    keras.utils.set_random_seed(settings.seed)
+    started = datetime.now(UTC)
+    base_card = read_card(base)
+    channel = channel or (base_card.get("input") or {}).get("channel")
+    train_pairs, held_pairs = holdout_split(pairs, settings.holdout, settings.seed)
+    recipe = TrainSettings(
+        diameter_px=float(base_card.get("diameter_px") or 20.0),
+        crop=settings.crop,
+        batch_size=settings.batch_size,
+        steps_per_epoch=settings.steps_per_epoch,
+        seed=settings.seed,
+        **_normalize_of(base_card),
+    )
+    samples = [load_sample(i, m, recipe, channel=channel) for i, m in train_pairs]
+    monitored = [load_sample(i, m, recipe, channel=channel) for i, m in held_pairs] or samples
+    if settings.bf16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        network = _trainable_copy(base, settings)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    classes = network.output_shape[-1]
+    if classes != 3:
+        raise ConfigError(
+            f"{base} gives {classes} output channels; finetune works on three-class models "
+            "(background, interior, boundary) such as the bundled one"
+        )
+    from cellwatch.training.train import make_losses
+
+    loss, dice = make_losses("ce+dice")
+    network.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=[dice]
+    )
+    budget, interrupted = _fit(network, samples, monitored, recipe, settings, out, say, verbose)
+    card = _card(base, base_card, out, settings, channel, command, pairs, held_pairs)
+    card[CARD_KEY].update(
+        started=started.isoformat(timespec="seconds"),
+        steps=budget.steps,
+        training_seconds=round(budget.elapsed(), 1),
+        interrupted=interrupted,
+    )
+    write_card(out, card)
+    scored = held_pairs or train_pairs
+    before, after = _score(base, scored, channel), _score(out, scored, channel)
+    card[CARD_KEY]["scores"] = {
+        "on": "held-out corrections" if held_pairs else "training corrections (none held out)",
+        "images": [p.name for p, _ in scored],
+        "base": before,
+        "new": after,
+    }
+    card[familiarity.CARD_KEY] = _familiarity(out, [p for p, _ in train_pairs], channel)
+    write_card(out, card)
+    say(before_after_table(before, after, card[CARD_KEY]["scores"]["on"]))
+    if held_pairs and after["accuracy_0.5"] < before["accuracy_0.5"] and not force:
+        refused = out.with_suffix(".refused.keras")
+        out.replace(refused)
+        write_card(refused, card)
+        out.with_suffix(".json").unlink()
+        raise Refused(
+            f"the new model finds fewer cells correctly than its base on the held-out "
+            f"corrections (accuracy@0.5 {after['accuracy_0.5']:.3f} < "
+            f"{before['accuracy_0.5']:.3f}), so it was not saved as {out}; it is kept as "
+            f"{refused} for a look. Add more or better corrections, or pass --force to keep it"
+        )
+    return card
+
+
+def _fit(
+    network: Any,
+    samples: Sequence[Sample],
+    monitored: Sequence[Sample],
+    recipe: TrainSettings,
+    settings: FinetuneSettings,
+    out: Path,
+    say: Any,
+    verbose: int,
+) -> tuple[Any, bool]:
+    """Train until the budget is spent or Ctrl-C; save the best model (held-out loss) at
+    ``out`` in float32. Returns (the budget callback, whether it was interrupted)."""
+    import keras
+
+    classes = network.output_shape[-1]
+    val_x, val_y = fixed_crops(monitored, settings.crop, classes, settings.seed + 1, per_sample=4)
+    budget = _budget(settings, time.monotonic)
+    work = out.with_suffix(".training.keras")
+    callbacks = [
+        budget,
+        keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
+    ]
+    interrupted = False
+    try:
+        network.fit(
+            crop_batches(samples, recipe, classes, settings.seed),
+            epochs=1_000_000,
+            validation_data=(val_x, val_y),
+            validation_batch_size=settings.batch_size,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted: keeping the best model so far")
+    if not work.exists():
+        raise CellwatchError("stopped before the first checkpoint: no model was written")
+    trained = keras.saving.load_model(work, compile=False)
+    # float32 whatever it trained in, and weights only (the checkpoint holds the optimizer's)
+    _with_dtype(trained, "float32").save(out)
+    work.unlink()
+    return budget, interrupted
+
+
+def _normalize_of(card: dict[str, Any]) -> dict[str, float]:
+    normalize = card.get("normalize") or {}
+    return {
+        key: float(normalize[key])
+        for key in ("low_percentile", "high_percentile")
+        if normalize.get(key) is not None
+    }
+
+
+def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
+    """The base network, rebuilt under the current dtype policy, encoder frozen if asked."""
+    import keras
+
+    source = keras.saving.load_model(base, compile=False, safe_mode=True)
+    network = _with_dtype(source, keras.mixed_precision.global_policy().name)
+    if settings.freeze_encoder:
+        for layer in network.layers:
+            # the contracting path and the bottleneck: every layer before the first upsampling
+            if isinstance(layer, keras.layers.Conv2DTranspose | keras.layers.UpSampling2D):
+                break
+            layer.trainable = False
+    return network
+
+
+def _with_dtype(network: Any, policy: str) -> Any:
+    """``network`` rebuilt with every layer but the input and the last (the probabilities,
+    float32 always) in ``policy`` ("float32", "mixed_bfloat16"); the same weights."""
+    import keras
+
+    config = network.get_config()
+    layers = [la for la in config["layers"][:-1] if la["class_name"] != "InputLayer"]
+
+    def name(dtype: Any) -> Any:  # a layer's dtype: a policy name, or a serialized policy
+        return dtype["config"]["name"] if isinstance(dtype, dict) else dtype
+
+    if all(name(la["config"].get("dtype")) in (policy, None) for la in layers):
+        return network
+    for layer in layers:
+        layer["config"]["dtype"] = policy
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(network.get_weights())
+    return rebuilt
+
+
+def _budget(settings: FinetuneSettings, clock: Any) -> Any:
+    """A Keras callback that stops training when the budget is spent and lowers the learning
+    rate along a cosine over the time spent, so a slow machine gets the same schedule in
+    fewer steps. Its ``steps`` and ``elapsed()`` say how far it got."""
+    import keras
+
+    class Budget(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps, self.started = 0, clock()
+
+        def elapsed(self) -> float:
+            return float(clock() - self.started)
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            done = min(1.0, self.elapsed() / (settings.minutes * 60))
+            if settings.max_steps:  # the schedule ends at whichever limit comes first
+                done = max(done, self.steps / settings.max_steps)
+            low, high = settings.final_learning_rate, settings.learning_rate
+            rate = low + (high - low) * 0.5 * (1 + math.cos(math.pi * done))
+            self.model.optimizer.learning_rate.assign(rate)
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.steps += 1
+            if self.elapsed() >= settings.minutes * 60 or self.steps == settings.max_steps:
+                self.model.stop_training = True
+
+    return Budget()
+
+
+def _card(
+    base: Path,
+    base_card: dict[str, Any],
+    out: Path,
+    settings: FinetuneSettings,
+    channel: str | None,
+    command: str,
+    pairs: Sequence[tuple[Path, Path]],
+    held: Sequence[tuple[Path, Path]],
+) -> dict[str, Any]:
+    held_names = {p.name for p, _ in held}
+    card = {k: v for k, v in base_card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
+    card["name"] = out.stem
+    card["input"] = {"channel": channel}
+    card[CARD_KEY] = {
+        "base": {"path": str(base), "name": base.stem, "sha256": imageio.sha256_file(base)},
+        "corrections": [
+            {
+                "image": str(image),
+                "image_sha256": imageio.sha256_file(image),
+                "mask_sha256": imageio.sha256_file(mask),
+                "held_out": image.name in held_names,
+            }
+            for image, mask in pairs
+        ],
+        "command": command,
+        "budget_minutes": settings.minutes,
+        "settings": asdict(settings),
+    }
+    return card
+
+
+def _score(
+    model_path: Path, pairs: Sequence[tuple[Path, Path]], channel: str | None
+) -> dict[str, Any]:
+    """``cellwatch evaluate``'s headline figures for one model on ``pairs``."""
+    from cellwatch.pipeline import Segmenter
+    from cellwatch.training.evaluate import evaluate
+
+    config = replace(Config(), input=InputConfig(channel=reading_channel(pairs[0][0], channel)))
+    summary, _ = evaluate(pairs, Segmenter(config, load_model(model_path)), config)
+    at = summary["thresholds"]["0.50"]
+    return {
+        "accuracy_0.5": round(at["accuracy"], 4),
+        "f1_0.5": round(at["f1"], 4),
+        "precision_0.5": round(at["precision"], 4),
+        "recall_0.5": round(at["recall"], 4),
+        "pixel_dice": round(summary["pixel_dice"], 4),
+        "count_mape_percent": round(summary["count_mape_percent"], 2),
+    }
+
+
+def _familiarity(model_path: Path, images: Sequence[Path], channel: str | None) -> dict[str, Any]:
+    """The new model's familiarity references, measured on its training corrections."""
+    from cellwatch.pipeline import Segmenter, read
+
+    if not images:
+        return {}
+    config = replace(Config(), input=InputConfig(channel=reading_channel(images[0], channel)))
+    segmenter = Segmenter(config, load_model(model_path))
+    measured = []
+    for path in images:
+        data = read(path, config)
+        measured.append(segmenter.segment(data.pixels, data.pixel_size_um).familiarity)
+    return familiarity.card_references(measured)
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any], on: str) -> str:
+    """The before/after table ``finetune`` prints (Markdown)."""
+    rows = [
+        ("accuracy@0.5", "accuracy_0.5", "{:.3f}"),
+        ("F1@0.5", "f1_0.5", "{:.3f}"),
+        ("pixel dice", "pixel_dice", "{:.3f}"),
+        ("count MAPE %", "count_mape_percent", "{:.1f}"),
+    ]
+    lines = [f"scores on the {on}:", "| | base | new |", "| --- | --- | --- |"]
+    for title, key, fmt in rows:
+        lines.append(f"| {title} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cellwatch finetune``."""
+    d = FinetuneSettings()
+    parser.add_argument(
+        "--corrections",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder with images/ and masks/ of the same file names",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="MODEL.keras", help="where to save the model"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=d.minutes,
+        metavar="N",
+        help="training time in minutes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="start_from",
+        type=Path,
+        metavar="MODEL",
+        help="model to start from (default: model.path in the config, else the bundled model)",
+    )
+    parser.add_argument(
+        "--channel",
+        choices=STAINS,
+        help="what a colour image is turned into: hematoxylin, eosin, dab or gray (default: "
+        "input.channel in the config, else what the base model's card names)",
+    )
+    parser.add_argument("--config", type=Path, help="configuration file (YAML)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="keep the new model even when it scores worse than its base on the held-out images",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=d.max_steps,
+        help="stop after this many training steps even with time left (0: the time alone); "
+        "for comparing recipes on a busy machine",
+    )
+    parser.add_argument("--crop", type=int, default=d.crop)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument(
+        "--freeze-encoder", action="store_true", help="train only the decoder (expanding path)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cellwatch finetune``: 0 when the new model is saved, 1 when it is refused."""
+    from cellwatch.config import load_config
+
+    if not args.minutes > 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    config = load_config(args.config)
+    base = args.start_from or (Path(config.model.path) if config.model.path else BUNDLED_MODEL)
+    configured = config.input.channel
+    channel = args.channel or (configured if configured in STAINS else None)
+    corrections = Path(args.corrections)
+    pairs = find_pairs(corrections / "images", corrections / "masks")
+    settings = FinetuneSettings(
+        minutes=args.minutes,
+        max_steps=args.steps,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        freeze_encoder=args.freeze_encoder,
+        bf16=args.bf16,
+        seed=args.seed,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        card = finetune(
+            pairs,
+            args.out,
+            settings,
+            base=base,
+            channel=channel,
+            command=shlex.join(getattr(args, "command_line", ["cellwatch", "finetune"])),
+            force=args.force,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    except Refused as exc:
+        print(f"cellwatch: {exc}", file=sys.stderr)
+        return 1
+    done = card[CARD_KEY]
+    print(
+        f"saved {args.out}: {done['steps']} steps in {done['training_seconds'] / 60:.1f} min "
+        f"from {len(pairs)} corrections"
+    )
+    return 0

@@ -1,0 +1,217 @@
+"""``cellwatch finetune`` on a tiny U-Net and 4 small corrected images, and ``cellwatch
+models`` listing what it made. Each run is a few seconds of training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import discs
+
+from cellwatch import familiarity
+from cellwatch.cli import main
+from cellwatch.model import build_unet, write_card
+from cellwatch.training import finetune as tuning
+from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
+from cellwatch.training.registry import list_models
+
+RGB_NUCLEUS, RGB_GLASS = np.array([70, 40, 140]), np.array([250, 250, 250])
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained three-class U-Net with a card (cells 14 px across)."""
+    path = tmp_path_factory.mktemp("base") / "tiny.keras"
+    build_unet(2, 4, 3).save(path)
+    fluorescence = {"brightness": [0.5] * len(familiarity.TAILS)}  # refs of another modality
+    write_card(path, {"name": "tiny", "diameter_px": 14.0, familiarity.CARD_KEY: fluorescence})
+    return path
+
+
+def corrections(root: Path, n: int = 4) -> Path:
+    """``n`` RGB brightfield images of purple nuclei on glass, and their masks."""
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        _, labels = discs((64, 64), [tuple(rng.integers(10, 54, 2)) for _ in range(4)], 7)
+        rgb = np.where((labels > 0)[..., None], RGB_NUCLEUS, RGB_GLASS).astype(np.uint8)
+        tifffile.imwrite(root / "images" / f"c{i}.tif", rgb, photometric="rgb")
+        tifffile.imwrite(root / "masks" / f"c{i}.tif", labels.astype(np.uint16))
+    return root
+
+
+def scores(accuracy: float) -> dict[str, float]:
+    return {
+        "accuracy_0.5": accuracy,
+        "f1_0.5": accuracy,
+        "pixel_dice": 0.5,
+        "count_mape_percent": 9.0,
+    }
+
+
+@pytest.fixture
+def quick_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the pipeline's scoring and familiarity where a test is about something else
+    (the first test scores for real)."""
+    monkeypatch.setattr(tuning, "_score", lambda model_path, pairs, channel: scores(0.5))
+    monkeypatch.setattr(tuning, "_familiarity", lambda model_path, images, channel: {})
+
+
+def test_holdout_keeps_one_image_from_four_on_and_none_below():
+    pairs = [(Path(f"i{i}"), Path(f"m{i}")) for i in range(20)]
+    assert [len(p) for p in holdout_split(pairs[:3], 0.25, 0)] == [3, 0]
+    assert [len(p) for p in holdout_split(pairs[:4], 0.25, 0)] == [3, 1]
+    train, held = holdout_split(pairs, 0.25, 0)
+    assert len(held) == 5 and not set(train) & set(held) and len(train) + len(held) == 20
+
+
+def test_finetune_writes_model_card_with_provenance_and_before_after(
+    tmp_path, tiny_base, capsys, monkeypatch
+):
+    folder = corrections(tmp_path / "corrections")
+    out = tmp_path / "models" / "mine.keras"
+    code = main(
+        [
+            "finetune", "--corrections", str(folder), "--out", str(out), "--from", str(tiny_base),
+            "--minutes", "0.05", "--channel", "hematoxylin", "--crop", "32", "--force",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| accuracy@0.5 |" in printed and "saved" in printed
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["input"] == {"channel": "hematoxylin"} and card["name"] == "mine"
+    assert card.get(familiarity.CARD_KEY, {}).get("brightness") != [0.5] * len(familiarity.TAILS)
+    tuned = card["finetune"]
+    assert tuned["base"]["sha256"] == hashlib.sha256(tiny_base.read_bytes()).hexdigest()
+    assert tuned["budget_minutes"] == 0.05 and "--minutes 0.05" in tuned["command"]
+    assert tuned["steps"] >= 1 and not tuned["interrupted"]
+    assert len(tuned["corrections"]) == 4
+    assert sum(c["held_out"] for c in tuned["corrections"]) == 1
+    first = tuned["corrections"][0]
+    image = folder / "images" / Path(first["image"]).name
+    assert first["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert set(tuned["scores"]) == {"on", "images", "base", "new"}
+    assert tuned["scores"]["on"] == "held-out corrections" and len(tuned["scores"]["images"]) == 1
+    assert 0 <= tuned["scores"]["new"]["accuracy_0.5"] <= 1
+
+    # a second fine-tune from that model keeps the input it names, without --channel
+    again = tmp_path / "models" / "again.keras"
+    monkeypatch.setattr(tuning, "_score", lambda model_path, pairs, channel: scores(0.5))
+    settings = FinetuneSettings(minutes=0.02, crop=32)
+    card = tuning.finetune(
+        tuning.find_pairs(folder / "images", folder / "masks"),
+        again,
+        settings,
+        base=out,
+        force=True,
+    )
+    assert card["input"] == {"channel": "hematoxylin"}
+
+    listed = {e.path.name: e for e in list_models(tmp_path / "models")}
+    assert set(listed) == {"mine.keras", "again.keras"}
+    mine = listed["mine.keras"]
+    assert mine.base.startswith("tiny@") and mine.corrections == 4 and mine.channel == "hematoxylin"
+    assert mine.after == tuned["scores"]["new"]["accuracy_0.5"]
+    assert main(["models", "--dir", str(tmp_path / "models")]) == 0
+    table = capsys.readouterr().out
+    assert "mine.keras" in table and "tiny@" in table and "hematoxylin" in table
+
+
+def test_a_worse_model_is_refused_unless_forced(tmp_path, tiny_base, monkeypatch, quick_scores):
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    judged = {}
+
+    def fake_score(model_path, pairs, channel):  # the base scores 0.5, any new model 0.2
+        judged[model_path.name] = len(pairs)
+        return scores(0.5 if model_path == tiny_base else 0.2)
+
+    monkeypatch.setattr(tuning, "_score", fake_score)
+    out = tmp_path / "worse.keras"
+    settings = FinetuneSettings(minutes=0.02, crop=32)
+    with pytest.raises(Refused, match=r"accuracy@0.5 0.200 < 0.500.*--force"):
+        tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
+    assert judged == {"tiny.keras": 1, "worse.keras": 1}  # both on the one held-out image
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert out.with_suffix(".refused.keras").exists()
+    assert list_models(tmp_path)[0].refused
+
+
+def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise Refused("the new model finds fewer cells correctly than its base")
+
+    monkeypatch.setattr(tuning, "finetune", refuse)
+    folder = corrections(tmp_path / "corrections")
+    command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
+    assert main(command) == 1
+    assert "cellwatch: the new model finds fewer cells correctly" in capsys.readouterr().err
+    assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
+
+
+def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores):
+    import keras
+
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    real_budget = tuning._budget
+
+    def interrupting_budget(settings, clock):
+        budget = real_budget(settings, clock)
+
+        class CtrlC(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == 2:
+                    raise KeyboardInterrupt
+
+        interrupting_budget.ctrl_c = CtrlC()
+        return budget
+
+    monkeypatch.setattr(tuning, "_budget", interrupting_budget)
+    real_fit = keras.Model.fit
+
+    def fit_with_ctrl_c(self, *args, callbacks=(), **kwargs):
+        return real_fit(self, *args, callbacks=[*callbacks, interrupting_budget.ctrl_c], **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit_with_ctrl_c)
+    out = tmp_path / "stopped.keras"
+    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2)
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    assert card["finetune"]["interrupted"] and card["finetune"]["steps"] == 4
+    assert out.exists() and not out.with_suffix(".training.keras").exists()
+
+
+def test_models_names_a_missing_folder(tmp_path, capsys):
+    assert main(["models", "--dir", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_frozen_encoder_and_bf16_copies_of_the_base(tiny_base):
+    import keras
+
+    frozen = tuning._trainable_copy(tiny_base, FinetuneSettings(freeze_encoder=True))
+    trainable = {layer.name for layer in frozen.layers if layer.trainable and layer.weights}
+    first_up = next(
+        i for i, la in enumerate(frozen.layers) if "transpose" in type(la).__name__.lower()
+    )
+    assert not any(la.trainable for la in frozen.layers[:first_up] if la.weights)
+    assert "probabilities" in trainable and len(frozen.trainable_weights) < len(frozen.weights)
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        half = tuning._trainable_copy(tiny_base, FinetuneSettings(bf16=True))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    full = keras.saving.load_model(tiny_base, compile=False)
+    assert half.layers[1].compute_dtype == "bfloat16" and half.output.dtype == "float32"
+    assert tuning._with_dtype(full, "float32") is full  # nothing to rebuild
+    back = tuning._with_dtype(half, "float32")
+    assert {la.compute_dtype for la in back.layers[1:]} == {"float32"}
+    x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
+    np.testing.assert_allclose(half.predict(x, verbose=0), full.predict(x, verbose=0), atol=0.05)
