@@ -25,6 +25,7 @@ from cellwatch.errors import CellwatchError, ClusterError, ConfigError, ModelErr
 
 if TYPE_CHECKING:
     from cellwatch.pipeline import ImageResult, Segmenter
+    from cellwatch.service.rerun import PredictJobs, Run
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -52,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellwatch: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
     except KeyboardInterrupt:
-        print("cellwatch: interrupted", file=sys.stderr)
+        again = ""
+        if args.command == "predict":
+            again = "; the rows of the images done are in the ledger: run the same command again to count the rest"
+        print(f"cellwatch: interrupted{again}", file=sys.stderr)
         return 130
 
 
@@ -101,6 +105,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     _common(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="count every image anew, even those the ledger already has a row for with the "
+        "same content and settings (default: skip them, and finish what a stopped run left)",
+    )
     p.add_argument(
         "--workers",
         type=_workers,
@@ -232,15 +242,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
         **{"compute.workers": getattr(args, "workers", None), "compute.scheduler": scheduler},
     )
     config = with_card_input(config, read_card(Path(config.model.path or BUNDLED_MODEL)))
-    images = list(find_images(args.inputs, config.input.extensions))
+    # one path per file, absolute and resolved, the same in-process and on Dask
+    images = list(
+        dict.fromkeys(p.resolve() for p in find_images(args.inputs, config.input.extensions))
+    )
     if not images:
         raise ConfigError("no images found in " + ", ".join(map(str, args.inputs)))
     choose_backend()
-    if uses_dask(config.compute):
-        return predict_over_dask(args, config, images)
+    from cellwatch.service.rerun import PredictJobs
+
+    jobs = PredictJobs(config)  # before the runtime is resolved: the same jobs on Dask
+    try:
+        run = jobs.plan(images, again=getattr(args, "again", False))
+        _tell_plan(run, len(images))
+        if not run.images:
+            return EXIT_OK
+        if uses_dask(config.compute):
+            return predict_over_dask(args, config, run, jobs)
+        return _predict_here(args, config, run, jobs)
+    finally:
+        jobs.close()
+
+
+def _tell_plan(run: Run, found: int) -> None:
+    """Say which images this run skips or resumes, and how to count them anew."""
+    if run.skipped:
+        log.warning(
+            "%d of %d images already have a row in the ledger for the same content and "
+            "settings: skipped (--again counts them anew)",
+            run.skipped,
+            found,
+        )
+    if run.resumed:
+        log.info("resuming %d image(s) an earlier run left unfinished", run.resumed)
+
+
+def _predict_here(args: argparse.Namespace, config: Config, run: Run, jobs: PredictJobs) -> int:
+    """``cellwatch predict`` in this process: groups of images share inference batches."""
     from cellwatch.pipeline import Segmenter
     from cellwatch.runtime import describe, load, resolve
-    from cellwatch.service.driver import record
 
     config = resolve(config)  # the runtime and precision that run, in every row's hash
     if args.quiet and config.inference.runtime == "keras":
@@ -249,15 +289,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     segmenter = Segmenter(config, load(config))
     if not args.quiet:
         print(f"network: {describe(segmenter.model)}", file=sys.stderr)
-    out_dir = Path(config.output.dir)
+    out_dir = jobs.out_dir
     failed = counted = 0  # images: each scene of a file of several counts as one
     size = config.tiling.batch_size  # images per group: their tiles share inference batches
-    groups = [images[i : i + size] for i in range(0, len(images), size)]
-    for group in progress(groups, enabled=not args.quiet and sys.stderr.isatty()):
-        for result in process_group(group, config, segmenter, out_dir):
-            record(result, out_dir)
+    groups = [run.images[i : i + size] for i in range(0, len(run.images), size)]
+    ids = iter(run.job_ids)
+    for paths in progress(groups, enabled=not args.quiet and sys.stderr.isatty()):
+        job_ids = [next(ids) for _ in paths]
+        jobs.start(job_ids)
+        for result in jobs.record(process_group(paths, config, segmenter, out_dir, job_ids)):
             counted += 1
             failed += _tell(result, quiet=args.quiet)
+        jobs.finish(job_ids)
     print(
         f"{counted - failed} of {counted} images counted; ledger: {out_dir / 'ledger.csv'}",
         file=sys.stderr,
@@ -278,26 +321,33 @@ def _tell(result: ImageResult, *, quiet: bool) -> bool:
     return False
 
 
-def predict_over_dask(args: argparse.Namespace, config: Config, images: list[Path]) -> int:
+def predict_over_dask(args: argparse.Namespace, config: Config, run: Run, jobs: PredictJobs) -> int:
     """``cellwatch predict`` with Dask workers doing the images; this process records."""
     from cellwatch.service.cluster import Pool, run_images
-    from cellwatch.service.driver import record_all
 
-    out_dir = Path(config.output.dir)
-    bar = Progress(len(images), enabled=not args.quiet and sys.stderr.isatty())
+    out_dir = jobs.out_dir
+    bar = Progress(len(run.images), enabled=not args.quiet and sys.stderr.isatty())
     failed = counted = 0  # images: each scene of a file of several counts as one
+    finished: set[str] = set()  # jobs of one image whose row is in
 
     def on_results(results: list[ImageResult]) -> None:
         nonlocal failed, counted
-        record_all(results, out_dir)
-        counted += len(results)
-        failed += sum(_tell(result, quiet=args.quiet) for result in results)
+        new = jobs.record(results)
+        counted += len(new)
+        failed += sum(_tell(result, quiet=args.quiet) for result in new)
         bar.advance(len(results), Path(results[-1].row["image"]).name)
+        ones = [r.row["job_id"] for r in results if r.row.get("scene") is None]
+        jobs.finish(ones)
+        finished.update(ones)
 
     flag = getattr(args, "scheduler", None) is not None
     origin = "--scheduler" if flag else f"{config.source}: compute.scheduler"
+    jobs.start(run.job_ids)
     with Pool(config.compute, origin=origin) as pool:
-        run_images(images, config, out_dir, on_results=on_results, pool=pool)
+        run_images(
+            run.images, config, out_dir, on_results=on_results, pool=pool, job_ids=run.job_ids
+        )
+    jobs.finish(sorted({j for j in run.job_ids if j not in finished}))
     bar.close()
     print(
         f"{counted - failed} of {counted} images counted ({bar.rate():.1f} images/s); "
@@ -335,14 +385,18 @@ class Progress:
 
 
 def process_group(
-    paths: list[Path], config: Config, segmenter: Segmenter, out_dir: Path
+    paths: list[Path],
+    config: Config,
+    segmenter: Segmenter,
+    out_dir: Path,
+    job_ids: Sequence[str] | None = None,
 ) -> list[ImageResult]:
     """Process several images together (a file of several scenes gives one result per
     scene). With no daemon here to retry later, a transient fault (a full disk, a share
     gone) becomes a failed row for the file it hit."""
     from cellwatch.pipeline import failed_result, process_images
 
-    job_ids = [uuid.uuid4().hex for _ in paths]
+    job_ids = list(job_ids) if job_ids is not None else [uuid.uuid4().hex for _ in paths]
     try:
         return process_images(
             paths, config=config, segmenter=segmenter, out_dir=out_dir, job_ids=job_ids

@@ -241,7 +241,7 @@ SERVICE_ROOMS: dict[str, set[str]] = {
     },
     "engine": {"jobs", "cluster"},  # the folders, the settings and the loaded model
     "recorder": {"driver", "engine", "jobs", "metrics", "watcher", "pause"},  # exactly once
-    "local_runner": {"crash", "engine", "jobs", "recorder", "pause"},  # in this process
+    "local_runner": {"crash", "engine", "jobs", "memory", "recorder", "pause"},  # in-process
     "dask_runner": {"cluster", "crash", "engine", "jobs", "recorder", "worker", "pause"},
     "pause": {"metrics"},  # a full disk: pause, retry, resume
 }  # fmt: skip

@@ -131,6 +131,17 @@ def test_worker_records_a_job_already_in_the_ledger_only_once(worker_setup):
     assert s.queue.counts()["done"] == 2
 
 
+def test_worker_gives_freed_memory_back_after_each_batch(worker_setup):
+    s = worker_setup
+    worker, _ = s.make({"a.tif": [], "b.tif": []})
+    trims = []
+    worker.trim = lambda: trims.append(s.queue.counts()["done"])
+    assert worker.work(s.queue)
+    assert trims == [2]  # once the batch is recorded and finished
+    assert not worker.work(s.queue)
+    assert trims == [2]  # an idle poll has nothing to give back
+
+
 def test_worker_fails_an_image_that_keeps_killing_the_daemon(worker_setup):
     s = worker_setup
     worker, fake = s.make({"a.tif": []})

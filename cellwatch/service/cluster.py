@@ -524,10 +524,13 @@ def run_images(
     *,
     on_results: Callable[[list[ImageResult]], None],
     pool: Pool | None = None,
+    job_ids: Sequence[str] | None = None,
 ) -> None:
     """Process ``images`` on Dask workers; hand each batch of results, as they arrive, to
     ``on_results`` (which records them: the caller is the driver). ``pool`` is an open
     :class:`Pool` to use (and leave open); by default one is opened for ``config.compute``.
+    ``job_ids`` are the images' jobs (``cellwatch predict``'s, see
+    :mod:`cellwatch.service.rerun`); by default each image gets a new one.
 
     At most :attr:`Pool.window` images are in flight, so any number of images takes
     bounded memory. An image whose worker died is tried again on another, up to
@@ -553,8 +556,9 @@ def run_images(
     except OSError as exc:
         raise ClusterError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     # (image index, job id, attempt, scene): a file's scenes are listed when it comes up
+    ids = list(job_ids) if job_ids is not None else [uuid.uuid4().hex for _ in images]
     todo: deque[tuple[int, str, int, Any]] = deque(
-        (i, uuid.uuid4().hex, 1, _UNLISTED) for i in range(len(images))
+        (i, ids[i], 1, _UNLISTED) for i in range(len(images))
     )
     held: dict[str, tuple[int, str, int, int | None]] = {}
     with contextlib.nullcontext(pool) if pool is not None else Pool(config.compute) as pool:
@@ -587,7 +591,8 @@ def run_images(
                 if fin.lost:
                     raise ClusterError(
                         f"lost the Dask scheduler at {pool.address} with {len(held) + 1} "
-                        "image(s) in flight; the rows of the images done are in the ledger"
+                        "image(s) in flight; the rows of the images done are in the ledger, and running "
+                        "the same command again counts only the rest"
                     )
                 error = fin.error or RuntimeError("the task ended with neither result nor error")
                 again = type(error).__name__ == "KilledWorker" or isinstance(error, ClusterError)
@@ -618,7 +623,7 @@ def run_images(
                 raise ClusterError(
                     f"every Dask worker of {pool.address} has been gone for "
                     f"{config.compute.worker_timeout_s:.0f} s; the rows of the images done "
-                    "are in the ledger"
+                    "are in the ledger, and running the same command again counts only the rest"
                 )
 
 

@@ -253,6 +253,17 @@ class JobQueue:
             )
         return [_job(row, state="running", attempts=row[6] + 1) for row in rows]
 
+    def start(self, job_ids: Iterable[str]) -> None:
+        """Move these pending jobs to ``running``, counting an attempt each (``cellwatch
+        predict`` runs the jobs of its own inputs, not whatever is due)."""
+        now = self.clock()
+        with self._transaction():
+            for job_id in job_ids:
+                self._move(job_id, "pending", "running", now)
+                self._db.execute(
+                    "UPDATE jobs SET attempts = attempts + 1 WHERE job_id = ?", (job_id,)
+                )
+
     def finish(self, outcomes: Mapping[str, State]) -> None:
         """Mark running jobs ``done`` or ``failed`` once their ledger rows are written."""
         now = self.clock()

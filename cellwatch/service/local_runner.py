@@ -18,6 +18,7 @@ from cellwatch.errors import disk_full
 from cellwatch.service.crash import crash_point
 from cellwatch.service.engine import Engine, Paths
 from cellwatch.service.jobs import Job, JobQueue
+from cellwatch.service.memory import Trimmer
 from cellwatch.service.pause import Pause, Stopped
 from cellwatch.service.recorder import Recorder
 
@@ -66,6 +67,7 @@ class LocalRunner:
         self._process = process
         self.pause = pause
         self.error: str | None = None
+        self.trim = Trimmer()  # freed pages back to the system after each batch
 
     @property
     def done(self) -> int:
@@ -118,6 +120,7 @@ class LocalRunner:
             for job in jobs:
                 queue.release(job.job_id)
             log.warning("stopped while paused; %d job(s) back in the queue", len(jobs))
+        self.trim()
         return True
 
     def _work(self, queue: JobQueue, jobs: list[Job]) -> None:

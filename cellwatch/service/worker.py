@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from cellwatch.config import Config
 from cellwatch.errors import ClusterError
 from cellwatch.service.crash import crash_point
+from cellwatch.service.memory import Trimmer
 
 if TYPE_CHECKING:
     from cellwatch.pipeline import ImageResult, Segmenter
@@ -40,6 +41,7 @@ KEEP_MODELS = 2  # models kept per process (the daemon's new one after a reload,
 _segmenters: OrderedDict[tuple[str | None, str, str], Segmenter] = OrderedDict()
 _loading = threading.Lock()
 _device: str | None = None
+_trim = Trimmer()  # freed pages back to the system after each image
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def run_task(task: Task) -> Done:
         scene=task.scene,
     )
     crash_point("after-labels", task.path)
+    _trim()
     # With several threads per worker the stages of images side by side mix: a share each.
     stages = {k: v - before.get(k, 0.0) for k, v in segmenter.stopwatch.totals.items()}
     return Done(result, _worker_address(), _device or "unknown", stages)

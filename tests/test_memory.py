@@ -1,0 +1,59 @@
+"""Freed memory goes back to the system (:mod:`cellwatch.service.memory`): the cause of the
+daemon's RSS creeping up burst after burst (``benchmarks/soak.py``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from cellwatch.service.memory import Trimmer
+
+# Threads allocate and free arrays of mixed sizes, keeping one in 25, as the pipeline does
+# image after image; glibc keeps the freed pages of its arenas resident until trimmed.
+CHURN = textwrap.dedent(
+    """
+    import threading, numpy as np
+    from cellwatch.service.memory import trim
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    np.ones(16_000_000, np.uint8)  # a large free raises malloc's mmap threshold, as TF's do
+    kept = []
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        made = [np.ones(int(rng.integers(20_000, 1_000_000)), np.uint8) for _ in range(200)]
+        kept.extend(made[::25])
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    before = rss()
+    TRIM
+    print(before, rss())
+    """
+)
+
+
+def churn(trimmed: bool) -> tuple[float, float]:
+    code = CHURN.replace("TRIM", "trim()" if trimmed else "pass")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = map(float, done.stdout.split())
+    return before, after
+
+
+def test_trim_gives_freed_arena_pages_back():
+    before, after = churn(trimmed=False)
+    assert before - after < 20, "without a trim glibc keeps the freed pages (else no test)"
+    before, after = churn(trimmed=True)
+    assert before - after > 100, f"RSS {before:.0f} MB → {after:.0f} MB after trim()"
+
+
+def test_trimmer_trims_at_most_once_per_interval():
+    clock = [0.0]
+    calls = []
+    trimmer = Trimmer(1.0, clock=lambda: clock[0], release=lambda: calls.append(clock[0]) or True)
+    for t in (0.0, 0.5, 1.0, 1.2, 5.0):
+        clock[0] = t
+        trimmer()
+    assert calls == [0.0, 1.0, 5.0]
