@@ -30,6 +30,7 @@ from common import DATA
 from scipy import ndimage as ndi
 
 from cellwatch import familiarity, pipeline
+from cellwatch import segmenter as segmenter_module
 from cellwatch.bench.inputs import crops, mosaic
 from cellwatch.config import Config
 from cellwatch.runtime import describe, load, resolve
@@ -78,7 +79,7 @@ def main() -> None:
     small_before = small_after = 0.0
     for k, image in enumerate(images):
         with (
-            mock.patch.object(pipeline, "_confirmed", lambda readings: False),
+            mock.patch.object(segmenter_module, "_confirmed", lambda readings: False),
             mock.patch.object(familiarity, "periodicity", periodicity_before),
         ):
             cpu_before, old = timed(lambda image=image: segmenter.segment(image))

@@ -123,7 +123,8 @@ def dask_rates(
 ) -> dict:
     """Each workload through one Dask pool for ``config.compute``, started and warmed up
     first (its start-up reported as ``startup_s`` in each)."""
-    from cellwatch.service.cluster import Pool, run_images
+    from cellwatch.service.cluster import Pool
+    from cellwatch.service.dask_predict import run_images
     from cellwatch.service.driver import record_all
 
     started = time.perf_counter()

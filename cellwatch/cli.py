@@ -323,7 +323,8 @@ def _tell(result: ImageResult, *, quiet: bool) -> bool:
 
 def predict_over_dask(args: argparse.Namespace, config: Config, run: Run, jobs: PredictJobs) -> int:
     """``cellwatch predict`` with Dask workers doing the images; this process records."""
-    from cellwatch.service.cluster import Pool, run_images
+    from cellwatch.service.cluster import Pool
+    from cellwatch.service.dask_predict import run_images
 
     out_dir = jobs.out_dir
     bar = Progress(len(run.images), enabled=not args.quiet and sys.stderr.isatty())

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from test_scale import nuclei
 
-from cellwatch import pipeline
+from cellwatch import segmenter as segmenter_module
 from cellwatch.config import Config
 from cellwatch.model import load_model
 from cellwatch.pipeline import Segmenter
 from cellwatch.preprocess import normalize
 from cellwatch.scale import PYRAMID, Reading, choose_reading
+from cellwatch.segmenter import _confirmed
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def estimate(segmenter: Segmenter, image: np.ndarray) -> tuple[float | None, lis
 @pytest.mark.parametrize("diameter", [20, 90])
 def test_the_smaller_levels_run_only_without_confirmation(bundled, diameter):
     image = normalize(nuclei(diameter, 512 // round(diameter * 1.5 + 4))[0])
-    with mock.patch.object(pipeline, "_confirmed", lambda readings: False):
+    with mock.patch.object(segmenter_module, "_confirmed", lambda readings: False):
         every_level, all_shapes = estimate(bundled, image)
     found, shapes = estimate(bundled, image)
     assert found == every_level  # the same estimate, to the last bit
@@ -56,6 +57,6 @@ def test_stopping_at_the_first_confirmed_pair_keeps_choose_readings_answer():
         made: list[Reading] = []
         for reading in readings:  # as estimate_diameter makes them: largest zoom first
             made.append(reading)
-            if pipeline._confirmed(made):
+            if _confirmed(made):
                 break
         assert choose_reading(made) == choose_reading(readings), readings
