@@ -27,6 +27,7 @@ IMAGE_PATH = {
     "measure",
     "model",
     "pipeline",
+    "segmenter",
     "postprocess",
     "preprocess",
     "quality",
