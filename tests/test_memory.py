@@ -3,6 +3,7 @@ daemon's RSS creeping up burst after burst (``benchmarks/soak.py``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,17 @@ CHURN = textwrap.dedent(
 
 def churn(trimmed: bool) -> tuple[float, float]:
     code = CHURN.replace("TRIM", "trim()" if trimmed else "pass")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # Fixed thresholds, as glibc's dynamic ones end up in a long-running process: arrays
+    # under 4 MB come from the arenas, and glibc never trims them by itself. Without them
+    # the outcome depends on how the threads happened to interleave.
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr
     before, after = map(float, done.stdout.split())
     return before, after

@@ -140,8 +140,10 @@ def network_rates(
         cases = {name: (predict_fn(model), batch)}
         if name == "default":
             cases["default_one_tile"] = (predict_fn(model), batch[:1])
-        if name == "default" and model.runtime == "keras":
-            net = model.network
+        if name == "default":  # TensorFlow's own best on the same network, whatever runs it
+            from cellwatch.model import load_model
+
+            net = model.network if model.runtime == "keras" else load_model(entry["path"]).network
             xla = tf.function(lambda x, net=net: net(x, training=False), jit_compile=True)
             cases["default_xla"] = (lambda b, f=xla: f(b).numpy(), batch)
         for case, (fn, data) in cases.items():
