@@ -200,11 +200,14 @@ def count_file(
     ...     [result.cell_count for result in cellwatch.count_file(f"{folder}/one.tif")]
     [1]
     """
+    from cellwatch.config import with_card_input
     from cellwatch.pipeline import count_pixels, files_writer, read, scenes_of
     from cellwatch.storage import imageio
 
     config, path = _config(config), Path(path)
     segmenter = _segmenter(model, config)
+    # a model taught on a stain reads that stain unless the config names a channel
+    config = with_card_input(config, segmenter.model.card)
     results = []
     for scene in scenes_of(path):
         data = read(path, config, scene)
@@ -219,6 +222,7 @@ def count_file(
             "sha256": imageio.sha256_file(path),
             **_identity(segmenter, config),
             "scene": scene,
+            "channel": data.channel,
             **counted.fields,
             "status": "ok",
         }

@@ -169,3 +169,19 @@ def test_a_model_path_and_a_config_path_are_accepted(threshold_model: Path, tmp_
 def test_a_stack_is_refused_with_what_to_do(threshold_model: Path):
     with pytest.raises(BadInputError, match=r"shape \(2, 64, 64\); pick one channel"):
         cellwatch.count(np.zeros((2, 64, 64), np.uint16), model=threshold_model)
+
+
+def test_count_file_reads_the_channel_the_models_card_names(threshold_model: Path, tmp_path: Path):
+    """A model taught on a stain (its card's ``input.channel``) reads that plane, as
+    ``cellwatch predict`` and the service do, unless the config names a channel."""
+    import shutil
+
+    model = tmp_path / "gray.keras"
+    shutil.copy(threshold_model, model)
+    card = json.loads(threshold_model.with_suffix(".json").read_text())
+    model.with_suffix(".json").write_text(json.dumps({**card, "input": {"channel": "gray"}}))
+    image, _ = discs((96, 96), [(30, 30), (60, 66)], 10)
+    rgb = np.stack([image, image // 2, image // 3], axis=-1).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    [result] = cellwatch.count_file(tmp_path / "rgb.tif", model=model)
+    assert result.cell_count == 2 and result.row["channel"] == "gray"
