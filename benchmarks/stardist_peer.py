@@ -12,8 +12,12 @@ its children) much less so: both are printed, and the ratios of each.
 Usage::
 
     python benchmarks/stardist_peer.py --work /tmp/peer [--stardist ../shared/peers/stardist_dsb]
+    git worktree add --detach /tmp/before fb45532   # cellwatch as it was before OpenVINO
+    python benchmarks/stardist_peer.py --work /tmp/peer --before /tmp/before
 
-Prints one JSON line per run and a last line of ratios. StarDist is optional: without it
+With ``--before``, an earlier checkout runs too, as it was (its own defaults): the
+"today's rate" the speed targets are set against. Prints one JSON line per run and a last
+line of ratios. StarDist is optional: without it
 (``pip install stardist``) or its model folder, only the two cellwatch runs are made.
 """
 
@@ -65,11 +69,19 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, An
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tail": done.stdout[-200:]}
 
 
-def cellwatch(inputs: list[Path], out: Path, runtime: str, work: Path) -> dict[str, Any]:
+def cellwatch(
+    inputs: list[Path], out: Path, runtime: str, work: Path, source: Path | None = None
+) -> dict[str, Any]:
+    """``cellwatch predict`` as a new process; with ``source``, the cellwatch of that
+    checkout (an earlier version, run with its own defaults) instead of this one."""
+    command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
+    command += ["--out", str(out), "--quiet"]
+    if source is not None:
+        env = dict(os.environ, PYTHONPATH=str(source.resolve()))
+        return timed(command, env=env)
     config = work / f"{runtime}.yaml"
     config.write_text(f"inference:\n  runtime: {runtime}\n")
-    command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
-    return timed([*command, "--out", str(out), "--quiet", "--config", str(config)])
+    return timed([*command, "--config", str(config)])
 
 
 def main(argv: list[str]) -> int:
@@ -78,6 +90,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stardist", type=Path, default=PEER, help="StarDist model folder")
     parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test")
     parser.add_argument("--skip", default="", help="comma-separated: keras, stardist, burst")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier cellwatch (git worktree add --detach DIR REV), run "
+        "as it was, default config, on the same inputs: the 'before' of a before/after",
+    )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     sizes = QUICK if args.quick else Sizes()
@@ -87,6 +105,8 @@ def main(argv: list[str]) -> int:
         workloads["burst"] = data["burst"]
     runtimes = ["auto"] + (["keras"] if "keras" not in skip else [])
     cellwatch(data["burst"][:1], args.work / "warm", "auto", args.work)  # converts once
+    if args.before is not None:  # its first start compiles its .pyc files, like ours did
+        cellwatch(data["burst"][:1], args.work / "warm-before", "", args.work, args.before)
     stardist = "stardist" not in skip and args.stardist.is_dir()
     try:
         import stardist as _  # noqa: F401
@@ -98,6 +118,10 @@ def main(argv: list[str]) -> int:
         for runtime in runtimes:
             r = cellwatch(inputs, args.work / f"out-{name}-{runtime}", runtime, args.work)
             results[f"{name} cellwatch {runtime}"] = r | {"mp": pixels / 1e6}
+        if args.before is not None:
+            out = args.work / f"out-{name}-before"
+            r = cellwatch(inputs, out, "", args.work, args.before)
+            results[f"{name} cellwatch before"] = r | {"mp": pixels / 1e6}
         if stardist and name == "mosaic":
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
             command = [sys.executable, "-c", STARDIST, str(args.stardist)]
@@ -110,7 +134,7 @@ def main(argv: list[str]) -> int:
     ratios = {}
     for name in workloads:
         auto = results[f"{name} cellwatch auto"]
-        for other in (f"{name} cellwatch keras", f"{name} stardist"):
+        for other in (f"{name} cellwatch keras", f"{name} cellwatch before", f"{name} stardist"):
             if other in results:
                 ratios[f"{name}: {other.split(' ', 1)[1]} / cellwatch auto"] = {
                     "wall": round(results[other]["wall_s"] / auto["wall_s"], 2),

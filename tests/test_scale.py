@@ -11,6 +11,7 @@ import pytest
 from conftest import DATA, discs, save_threshold_model
 from scipy import ndimage as ndi
 
+from cellwatch import scale as scale_module
 from cellwatch.config import Config, load_config, override
 from cellwatch.errors import ConfigError
 from cellwatch.model import load_model, write_card
@@ -196,6 +197,23 @@ def test_specks_and_clumps_are_not_single_cells():
     specks_and_nuclei = np.array([2.0, 3, 4, 4, 5, 5, 6, 7, 18, 20, 21, 22, 25])
     assert typical_diameter_of(specks_and_nuclei) == pytest.approx(21.0)
     assert single_cells(np.array([6.0, 7, 8]), np.ones(3)).tolist() == [6.0, 7.0, 8.0]
+
+
+def test_with_the_clump_rule_on_waisted_objects_are_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # five round nuclei of 16 px (solidity 0.92) and five pairs of touching ones (0.84,
+    # equivalent diameter 22 px), which raise the median when they count
+    labels = np.zeros((80, 500), np.int32)
+    yy, xx = np.mgrid[:80, :500]
+    for i in range(5):
+        labels[(yy - 20) ** 2 + (xx - 20 - 40 * i) ** 2 <= 64] = i + 1
+        for dx in (0, 15):
+            labels[(yy - 60) ** 2 + (xx - 20 - 90 * i - dx) ** 2 <= 64] = i + 6
+    single = np.sqrt(4 * np.count_nonzero(labels == 1) / np.pi)
+    assert typical_diameter(labels) > single + 2  # the clump rule is off by default
+    monkeypatch.setattr(scale_module, "SOLIDITY_MIN", 0.9)
+    assert typical_diameter(labels) == pytest.approx(single)
 
 
 def typical_diameter_of(diameters: np.ndarray) -> float | None:
