@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import DATA, discs
 from scipy import ndimage as ndi
+from skimage.measure import regionprops_table
 
 from cellwatch import familiarity
 from cellwatch.config import Config, ReportConfig, override
@@ -425,3 +426,27 @@ def test_real_nuclei_are_not_a_pattern(bundled_segmenter):
         found = bundled_segmenter.segment(image).familiarity
         assert not found.pattern and found.score is not None and found.score > 0, (name, found)
     assert familiarity.periodicity(np.zeros((32, 32))) is None  # one value: nothing repeats
+
+
+def test_the_median_solidity_of_many_cells_is_that_of_a_spread_of_them():
+    # 150 cells: 100 round discs (solidity about 0.9) and 50 bands (ring arcs, about 0.4),
+    # every third id a band; the sample keeps the median on the discs' side
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 <= 49
+    arc = (np.abs(np.hypot(yy - 16, xx - 16) - 12) <= 1.5) & (yy < 20)
+    labels = np.zeros((10 * 32, 15 * 32), np.int32)
+    for i in range(150):
+        y, x = divmod(i, 15)
+        shape = arc if i % 3 == 2 else disc
+        labels[y * 32 : (y + 1) * 32, x * 32 : (x + 1) * 32][shape] = i + 1
+    whole = float(np.median(regionprops_table(labels, properties=("solidity",))["solidity"]))
+    found = familiarity._median_solidity(labels)
+    assert found is not None and abs(found - whole) < 0.01 and found > familiarity.SOLIDITY_MIN
+    # a window filled by cells (no background pixel) keeps all of them: two Ls of
+    # solidity 0.86 and 0.91 (the median of the second alone would be 0.91)
+    full = np.full((8, 8), 2, np.int32)
+    full[:, :4] = 1
+    full[:4, 2:4] = 2
+    assert familiarity._median_solidity(full) == pytest.approx((6 / 7 + 10 / 11) / 2)
+    assert familiarity._median_solidity(np.ones((8, 8), np.int32)) == 1.0  # one cell
+    assert familiarity._median_solidity(np.zeros((8, 8), np.int32)) is None
