@@ -1,4 +1,4 @@
-"""The network alone: one tile of the default size (768²) of a real nucleus image through
+"""The network alone: one tile of the default size (`tiling.tile_size`) of a real nucleus image through
 the bundled model, on each runtime and precision, in one process, one after another.
 
 Prints one JSON line per case: best and median wall milliseconds per tile over

@@ -44,8 +44,8 @@ def test_empty_file_gives_defaults(tmp_path):
         ("tiling:\n  overlap: many\n", r"tiling.overlap must be int or auto, got 'many'"),
         ("tiling:\n  overlap: true\n", r"tiling.overlap must be int"),
         (
-            "tiling:\n  overlap: 760\n",
-            r"tiling.overlap must be auto, or ≥ 0 and at most the tile size less 16 \(752\)",
+            "tiling:\n  overlap: 950\n",
+            r"tiling.overlap must be auto, or ≥ 0 and at most the tile size less 16 \(944\)",
         ),
         ("tiling:\n  tile_size: 100\n", r"tiling.tile_size must be a multiple of 16"),
         ("tiling:\n  batch_size: 0\n", r"tiling.batch_size must be at least 1"),
@@ -91,7 +91,7 @@ def test_override_replaces_and_validates():
     with pytest.raises(ConfigError, match=r"unknown setting .tiling\.nope."):
         override(Config(), **{"tiling.nope": 1})
     with pytest.raises(ConfigError, match=r"tiling\.overlap"):
-        override(Config(), **{"tiling.overlap": 760})
+        override(Config(), **{"tiling.overlap": 950})
 
 
 def test_settings_hash_tracks_settings_that_change_counts():
