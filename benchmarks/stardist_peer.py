@@ -13,6 +13,9 @@ Usage::
 
     python benchmarks/stardist_peer.py --work /tmp/peer [--stardist ../shared/peers/stardist_dsb]
 
+With ``--int8`` the same runs are made once more with ``inference.precision: int8``
+(OpenVINO), to compare with the default.
+
 Prints one JSON line per run and a last line of ratios. StarDist is optional: without it
 (``pip install stardist``) or its model folder, only the two cellwatch runs are made.
 """
@@ -65,9 +68,17 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, An
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tail": done.stdout[-200:]}
 
 
+#: The cellwatch runs: their names and the ``inference`` settings each runs with.
+SETTINGS = {
+    "auto": "runtime: auto",
+    "keras": "runtime: keras",
+    "int8": "runtime: openvino\n  precision: int8",
+}
+
+
 def cellwatch(inputs: list[Path], out: Path, runtime: str, work: Path) -> dict[str, Any]:
     config = work / f"{runtime}.yaml"
-    config.write_text(f"inference:\n  runtime: {runtime}\n")
+    config.write_text(f"inference:\n  {SETTINGS[runtime]}\n")
     command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
     return timed([*command, "--out", str(out), "--quiet", "--config", str(config)])
 
@@ -78,6 +89,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stardist", type=Path, default=PEER, help="StarDist model folder")
     parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test")
     parser.add_argument("--skip", default="", help="comma-separated: keras, stardist, burst")
+    parser.add_argument("--int8", action="store_true", help="also run precision int8")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     sizes = QUICK if args.quick else Sizes()
@@ -86,7 +98,9 @@ def main(argv: list[str]) -> int:
     if "burst" not in skip:
         workloads["burst"] = data["burst"]
     runtimes = ["auto"] + (["keras"] if "keras" not in skip else [])
-    cellwatch(data["burst"][:1], args.work / "warm", "auto", args.work)  # converts once
+    runtimes += ["int8"] if args.int8 else []
+    for runtime in [r for r in runtimes if r != "keras"]:  # each converts once
+        cellwatch(data["burst"][:1], args.work / f"warm-{runtime}", runtime, args.work)
     stardist = "stardist" not in skip and args.stardist.is_dir()
     try:
         import stardist as _  # noqa: F401
@@ -110,7 +124,7 @@ def main(argv: list[str]) -> int:
     ratios = {}
     for name in workloads:
         auto = results[f"{name} cellwatch auto"]
-        for other in (f"{name} cellwatch keras", f"{name} stardist"):
+        for other in (f"{name} cellwatch keras", f"{name} cellwatch int8", f"{name} stardist"):
             if other in results:
                 ratios[f"{name}: {other.split(' ', 1)[1]} / cellwatch auto"] = {
                     "wall": round(results[other]["wall_s"] / auto["wall_s"], 2),
