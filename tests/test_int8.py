@@ -4,6 +4,8 @@ offered only where the model card shows it within 0.005 of f32 on ``val``."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,26 @@ def test_the_bundled_model_offers_int8_as_measured_and_calibrates_on_train_only(
     if DATA.is_dir():
         assert names <= {p.name for p in (DATA / "train" / "images").iterdir()}
         assert not names & {p.name for p in (DATA / "val" / "images").iterdir()}
+
+
+def test_int8_counts_with_a_warm_cache_without_tensorflow_or_nncf(tiny_unet, tmp_path):
+    """NNCF and TensorFlow are for converting once; counting at int8 reads the cached IR."""
+    model = tmp_path / "tiny.keras"
+    for src in (tiny_unet, calibration_path(tiny_unet)):
+        shutil.copy(src, tmp_path / src.name)
+    write_card(model, {"name": "tiny", "diameter_px": None, **measured(0.86, int8=0.859)})
+    cache = tmp_path / "cache"
+    cached_ir(model, "int8", cache)  # warm, as after a first run
+    code = (
+        "import sys\n"
+        "from cellwatch.config import Config, override\n"
+        "from cellwatch.runtime import load\n"
+        f"settings = {{'model.path': {str(model)!r}, 'inference.cache_dir': {str(cache)!r},\n"
+        "            'inference.runtime': 'openvino', 'inference.precision': 'int8'}\n"
+        "print('PRECISION=' + load(override(Config(), **settings)).precision)\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'nncf', 'torch') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "PRECISION=int8" in run.stdout, run.stdout[-500:] + run.stderr[-2000:]
+    assert "HEAVY=\n" in run.stdout, run.stdout[-500:]
