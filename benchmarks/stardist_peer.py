@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ def cellwatch(inputs: list[Path], out: Path, runtime: str, work: Path) -> dict[s
     config = work / f"{runtime}.yaml"
     config.write_text(f"inference:\n  {SETTINGS[runtime]}\n")
     command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
+    shutil.rmtree(out, ignore_errors=True)  # a rerun would skip the images counted there
     return timed([*command, "--out", str(out), "--quiet", "--config", str(config)])
 
 
