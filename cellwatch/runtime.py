@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -309,13 +310,13 @@ def _calibration_digest(model_path: Path) -> str:
 def read_calibration(path: Path) -> list[np.ndarray]:
     """The calibration tiles stored at ``path``, each a float32 batch ``(1, H, W, C)``."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
             pixels, shapes = data["pixels"], data["shapes"]
             low, high = data["low"], data["high"]
         sizes = [int(np.prod(shape)) for shape in shapes]
         if not sizes or sum(sizes) != pixels.size or not len(low) == len(high) == len(sizes):
             raise ValueError("its tiles, shapes and ranges do not agree")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise ModelError(
             f"cannot read the int8 calibration tiles {path}: {exc}; make them again with "
             "python -m cellwatch.training.calibration"

@@ -151,11 +151,12 @@ def test_int8_without_calibration_tiles_says_how_to_make_them(threshold_model, t
         cached_ir(threshold_model, "int8", tmp_path / "cache")
     model = tmp_path / "m.keras"
     shutil.copy(threshold_model, model)
-    calibration_path(model).write_bytes(b"not an npz")
-    with pytest.raises(
-        ModelError, match=r"cannot read the int8 calibration tiles .*m\.calibration"
-    ):
-        cached_ir(model, "int8", tmp_path / "cache")
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, **pack_tiles([np.ones((1, 8, 8, 1), np.float32)]))
+    for damaged in (b"not an npz", good.read_bytes()[:-40]):  # garbage; a cut-off copy
+        calibration_path(model).write_bytes(damaged)
+        with pytest.raises(ModelError, match=r"cannot read the int8 calibration tiles .*m\.calib"):
+            cached_ir(model, "int8", tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
 
 
