@@ -16,8 +16,10 @@ Usage::
     python benchmarks/stardist_peer.py --work /tmp/peer --before /tmp/before
 
 With ``--before``, an earlier checkout runs too, as it was (its own defaults): the
-"today's rate" the speed targets are set against. Prints one JSON line per run and a last
-line of ratios. StarDist is optional: without it
+"today's rate" the speed targets are set against. With ``--int8`` the same runs are made
+once more with ``inference.precision: int8`` (OpenVINO), to compare with the default.
+
+Prints one JSON line per run and a last line of ratios. StarDist is optional: without it
 (``pip install stardist``) or its model folder, only the two cellwatch runs are made.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -69,18 +72,28 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, An
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tail": done.stdout[-200:]}
 
 
+#: The cellwatch runs: their names and the ``inference`` settings each runs with.
+SETTINGS = {
+    "auto": "runtime: auto",
+    "keras": "runtime: keras",
+    "int8": "runtime: openvino\n  precision: int8",
+}
+
+
 def cellwatch(
     inputs: list[Path], out: Path, runtime: str, work: Path, source: Path | None = None
 ) -> dict[str, Any]:
-    """``cellwatch predict`` as a new process; with ``source``, the cellwatch of that
-    checkout (an earlier version, run with its own defaults) instead of this one."""
+    """``cellwatch predict`` as a new process, in an emptied ``out`` (a rerun would skip
+    the images counted there); with ``source``, the cellwatch of that checkout (an
+    earlier version, run with its own defaults) instead of this one."""
     command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
     command += ["--out", str(out), "--quiet"]
+    shutil.rmtree(out, ignore_errors=True)
     if source is not None:
         env = dict(os.environ, PYTHONPATH=str(source.resolve()))
         return timed(command, env=env)
     config = work / f"{runtime}.yaml"
-    config.write_text(f"inference:\n  runtime: {runtime}\n")
+    config.write_text(f"inference:\n  {SETTINGS[runtime]}\n")
     return timed([*command, "--config", str(config)])
 
 
@@ -96,6 +109,7 @@ def main(argv: list[str]) -> int:
         help="a checkout of an earlier cellwatch (git worktree add --detach DIR REV), run "
         "as it was, default config, on the same inputs: the 'before' of a before/after",
     )
+    parser.add_argument("--int8", action="store_true", help="also run precision int8")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     sizes = QUICK if args.quick else Sizes()
@@ -104,7 +118,9 @@ def main(argv: list[str]) -> int:
     if "burst" not in skip:
         workloads["burst"] = data["burst"]
     runtimes = ["auto"] + (["keras"] if "keras" not in skip else [])
-    cellwatch(data["burst"][:1], args.work / "warm", "auto", args.work)  # converts once
+    runtimes += ["int8"] if args.int8 else []
+    for runtime in [r for r in runtimes if r != "keras"]:  # each converts once
+        cellwatch(data["burst"][:1], args.work / f"warm-{runtime}", runtime, args.work)
     if args.before is not None:  # its first start compiles its .pyc files, like ours did
         cellwatch(data["burst"][:1], args.work / "warm-before", "", args.work, args.before)
     stardist = "stardist" not in skip and args.stardist.is_dir()
@@ -133,13 +149,15 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"run": label, **r}), flush=True)
     ratios = {}
     for name in workloads:
-        auto = results[f"{name} cellwatch auto"]
-        for other in (f"{name} cellwatch keras", f"{name} cellwatch before", f"{name} stardist"):
-            if other in results:
-                ratios[f"{name}: {other.split(' ', 1)[1]} / cellwatch auto"] = {
-                    "wall": round(results[other]["wall_s"] / auto["wall_s"], 2),
-                    "cpu": round(results[other]["cpu_s"] / auto["cpu_s"], 2),
-                }
+        for base in ("auto", "int8"):
+            ours = results.get(f"{name} cellwatch {base}")
+            others = ("cellwatch keras", "cellwatch before", "stardist")
+            for other in [f"{name} {o}" for o in others] + [f"{name} cellwatch int8"]:
+                if ours is not None and other in results and not other.endswith(base):
+                    ratios[f"{name}: {other.split(' ', 1)[1]} / cellwatch {base}"] = {
+                        "wall": round(results[other]["wall_s"] / ours["wall_s"], 2),
+                        "cpu": round(results[other]["cpu_s"] / ours["cpu_s"], 2),
+                    }
     print(json.dumps({"ratios": ratios, "load_average": os.getloadavg()}))
     return 0
 

@@ -6,7 +6,8 @@ network. ``inference.runtime: auto`` runs OpenVINO on a CPU and Keras on a GPU
 OpenVINO IR kept in ``inference.cache_dir`` under the model's hash, the precision and the
 OpenVINO version (:func:`cached_ir`); later runs read the IR and the model card and never
 import TensorFlow. A cache entry whose files do not match the hashes recorded when it was
-written is rebuilt, never trusted.
+written is rebuilt, never trusted. int8 is quantized while converting (NNCF, imported then
+only), calibrated on the tiles stored beside the model (:func:`calibration_path`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __all__ = [
     "PRECISIONS",
     "RUNTIMES",
     "cached_ir",
+    "calibration_path",
     "choose_precision",
     "choose_runtime",
     "cpu_has_bf16",
@@ -22,6 +24,7 @@ __all__ = [
     "describe",
     "keras_predict_fn",
     "load",
+    "read_calibration",
     "resolve",
 ]
 
@@ -33,6 +36,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,16 +88,24 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def choose_precision(
-    requested: str, runtime: str, card: Mapping[str, Any], *, bf16_cpu: bool | None = None
+    requested: str,
+    runtime: str,
+    card: Mapping[str, Any],
+    *,
+    bf16_cpu: bool | None = None,
+    measuring: bool = False,
 ) -> str:
     """The precision that runs: ``f32`` for Keras; for OpenVINO ``auto`` is bf16 where the
     CPU has it and the card's ``precision_check`` shows ``val`` accuracy within
-    :data:`BF16_MAX_LOSS` of f32, else f32.
+    :data:`BF16_MAX_LOSS` of f32, else f32 (never int8). int8 runs where the card shows it
+    within :data:`INT8_MAX_LOSS` of f32, or when ``measuring`` (``cellwatch evaluate``,
+    benchmarks: how the card gets its figure).
 
     Raises
     ------
     ModelError
-        When bf16 or int8 is asked of Keras, or int8 at all (not offered yet).
+        When bf16 or int8 is asked of Keras, or int8 of a model whose card does not show
+        it close enough to f32.
     """
     if runtime == "keras":
         if requested in ("auto", "f32"):
@@ -109,13 +121,22 @@ def choose_precision(
         return "bf16" if bf16_cpu and _loss(card, "bf16") <= BF16_MAX_LOSS else "f32"
     if requested == "bf16":
         return "bf16"  # OpenVINO emulates it where the CPU lacks it: slower, same answers
-    # int8 needs calibration images where the model is converted, and a val check within
-    # INT8_MAX_LOSS of f32 on all of val; neither is in this version (docs/speed.md)
-    raise ModelError(
-        "inference.precision int8 is not offered by this version of cellwatch: its "
-        f"accuracy has not yet been shown within {INT8_MAX_LOSS} of f32 on all validation "
-        "images (docs/speed.md); use auto, f32 or bf16"
-    )
+    loss = _loss(card, "int8")
+    if measuring or loss <= INT8_MAX_LOSS:
+        return "int8"
+    name = card.get("name", "this model")
+    if loss == float("inf"):
+        why = (
+            f"the card of {name} records no int8 accuracy on validation images "
+            "(precision_check); measure it with cellwatch evaluate --runtime openvino "
+            "--precision int8 and add it to the card (docs/speed.md)"
+        )
+    else:
+        why = (
+            f"{name} lost {loss:.4f} accuracy@0.5 against f32 on validation images at int8 "
+            f"(its card's precision_check), more than the {INT8_MAX_LOSS} allowed"
+        )
+    raise ModelError(f"inference.precision int8 is not offered: {why}; use auto, f32 or bf16")
 
 
 def _loss(card: Mapping[str, Any], precision: str) -> float:
@@ -130,13 +151,14 @@ def _loss(card: Mapping[str, Any], precision: str) -> float:
         return float("inf")
 
 
-def resolve(config: Config, *, gpus: int | None = None) -> Config:
+def resolve(config: Config, *, gpus: int | None = None, measuring: bool = False) -> Config:
     """``config`` with ``inference.runtime`` and ``inference.precision`` as they will run
-    (no ``auto``), so the settings hash says what produced a row."""
+    (no ``auto``), so the settings hash says what produced a row (``measuring``: as for
+    :func:`choose_precision`)."""
     inference = config.inference
     runtime = choose_runtime(inference.runtime, gpus=gpus)
     card = read_card(Path(config.model.path) if config.model.path else BUNDLED_MODEL)
-    precision = choose_precision(inference.precision, runtime, card)
+    precision = choose_precision(inference.precision, runtime, card, measuring=measuring)
     chosen = dataclasses.replace(inference, runtime=runtime, precision=precision)
     return dataclasses.replace(config, inference=chosen)
 
@@ -168,10 +190,10 @@ def _openvino() -> Any:
 # --- loading --------------------------------------------------------------------------
 
 
-def load(config: Config) -> LoadedModel:
+def load(config: Config, *, measuring: bool = False) -> LoadedModel:
     """The model of ``config``, ready to predict with the runtime and precision that
     :func:`resolve` chooses. OpenVINO reads the cached IR (converting it first, once)."""
-    config = resolve(config)
+    config = resolve(config, measuring=measuring)
     path = Path(config.model.path) if config.model.path else BUNDLED_MODEL
     inference = config.inference
     if inference.runtime == "keras":
@@ -229,9 +251,12 @@ def cached_ir(
         raise ModelError(f"no model file at {model_path}; pass --model PATH to a .keras file")
     digest = sha256_file(model_path)
     version = ov.get_version().split("-")[0]
-    ir_precision = "f32"  # bf16 is a compile-time hint on the same IR
+    ir_precision = "int8" if precision == "int8" else "f32"  # bf16: a hint on the f32 IR
     folder = cache_dir / f"{model_path.stem}-{digest[:16]}-{ir_precision}-ov{version}"
-    entry = _valid_entry(folder, digest)
+    calibration = None
+    if ir_precision == "int8":
+        calibration = _calibration_digest(model_path)  # new tiles: a new conversion
+    entry = _valid_entry(folder, digest, calibration)
     if entry is not None:
         return folder, entry
     if folder.exists():
@@ -247,28 +272,98 @@ def cached_ir(
     try:
         entry = (convert or _convert)(model_path, staging, ir_precision)
         entry.update(format=ENTRY_FORMAT, model_sha256=digest, openvino=version)
+        entry.update(calibration_sha256=calibration)
         entry["files"] = {name: sha256_file(staging / name) for name in ("model.xml", "model.bin")}
         (staging / "entry.json").write_text(json.dumps(entry, indent=1), encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         try:
             os.replace(staging, folder)
         except OSError:  # another process put its copy there first: use that one
-            if _valid_entry(folder, digest) is None:
+            if _valid_entry(folder, digest, calibration) is None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    found = _valid_entry(folder, digest)
+    found = _valid_entry(folder, digest, calibration)
     if found is None:
         raise ModelError(f"the converted model in {folder} does not read back; delete it")
     return folder, found
 
 
-def _valid_entry(folder: Path, digest: str) -> dict[str, Any] | None:
-    """The entry's record when every file matches its hash, else None."""
+def calibration_path(model_path: Path) -> Path:
+    """Where a model's int8 calibration tiles live: ``NAME.calibration.npz`` beside
+    ``NAME.keras`` (written by ``python -m cellwatch.training.calibration``)."""
+    return model_path.with_name(model_path.stem + ".calibration.npz")
+
+
+def _calibration_digest(model_path: Path) -> str:
+    path = calibration_path(model_path)
+    if not path.is_file():
+        raise ModelError(
+            f"inference.precision int8 needs calibration tiles beside the model, {path}, "
+            "and there are none; make them from the model's training images with "
+            f"python -m cellwatch.training.calibration --model {model_path} --images "
+            "TRAIN_IMAGES, or use precision auto, f32 or bf16"
+        )
+    return sha256_file(path)
+
+
+def read_calibration(path: Path) -> list[np.ndarray]:
+    """The calibration tiles stored at ``path``, each a float32 batch ``(1, H, W, C)``."""
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
+            pixels, shapes = data["pixels"], data["shapes"]
+            low, high = data["low"], data["high"]
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        if not sizes or sum(sizes) != pixels.size or not len(low) == len(high) == len(sizes):
+            raise ValueError("its tiles, shapes and ranges do not agree")
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelError(
+            f"cannot read the int8 calibration tiles {path}: {exc}; make them again with "
+            "python -m cellwatch.training.calibration"
+        ) from exc
+    tiles, at = [], 0
+    for shape, size, lo, hi in zip(shapes, sizes, low, high, strict=True):
+        plane = pixels[at : at + size].reshape(1, *shape).astype(np.float32)
+        tiles.append(lo + plane * np.float32((hi - lo) / 255))
+        at += size
+    return tiles
+
+
+def _quantized(ir: Any, model_path: Path) -> tuple[Any, dict[str, Any]]:
+    """``ir`` quantized to int8 by NNCF on the model's calibration tiles, its first and
+    last convolutions kept in f32 (the input's and the probabilities' fine steps)."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ModelError(
+            "inference.precision int8 needs the nncf package to convert the model once: "
+            "pip install nncf"
+        ) from exc
+
+    tiles = read_calibration(calibration_path(model_path))
+    convs = [
+        op.get_friendly_name()
+        for op in ir.get_ordered_ops()
+        if op.get_type_name() in ("Convolution", "ConvolutionBackpropData")
+    ]
+    kept = sorted({convs[0], convs[-1]}) if len(convs) > 1 else []
+    ignored = nncf.IgnoredScope(names=kept)
+    quantized = nncf.quantize(
+        ir, nncf.Dataset(tiles), subset_size=len(tiles), ignored_scope=ignored
+    )
+    record = {"nncf": nncf.__version__, "calibration_tiles": len(tiles), "kept_f32": kept}
+    return quantized, record
+
+
+def _valid_entry(folder: Path, digest: str, calibration: str | None) -> dict[str, Any] | None:
+    """The entry's record when every file matches its hash (and an int8 entry was
+    calibrated on the tiles beside the model now), else None."""
     try:
         entry = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
         files = entry["files"]
         if entry.get("format") != ENTRY_FORMAT or entry.get("model_sha256") != digest:
+            return None
+        if entry.get("calibration_sha256") != calibration:
             return None
         if set(files) != {"model.xml", "model.bin"}:
             return None
@@ -290,6 +385,9 @@ def _convert(model_path: Path, folder: Path, precision: str) -> dict[str, Any]:
     network = loaded.network
     graph = _tf_graph(network)
     ir = ov.convert_model(graph)
+    quantization = None
+    if precision == "int8":
+        ir, quantization = _quantized(ir, model_path)
     ov.save_model(ir, folder / "model.xml", compress_to_fp16=False)
     recorded = loaded.card.get("receptive_field")
     if not (isinstance(recorded, dict) and isinstance(recorded.get("radius_px"), int)):
@@ -300,6 +398,7 @@ def _convert(model_path: Path, folder: Path, precision: str) -> dict[str, Any]:
         "input_px": loaded.input_px,
         "receptive_field": recorded,
         "seed_map": loaded.seed_map,
+        "quantization": quantization,
     }
 
 

@@ -55,9 +55,9 @@ def test_auto_precision_is_bf16_only_where_measured_close_and_the_cpu_has_it():
     assert choose_precision("bf16", "openvino", {}, bf16_cpu=False) == "bf16"
 
 
-def test_int8_is_not_offered_yet_and_keras_runs_f32_only():
+def test_int8_needs_a_measured_card_and_keras_runs_f32_only():
     with pytest.raises(ModelError, match="int8 is not offered"):
-        choose_precision("int8", "openvino", measured(0.862, int8=0.860))
+        choose_precision("int8", "openvino", measured(0.862, bf16=0.860))
     with pytest.raises(ModelError, match=r"needs inference\.runtime openvino"):
         choose_precision("bf16", "keras", {})
 

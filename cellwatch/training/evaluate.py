@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     pairs = find_pairs(args.images, args.masks)
-    config = resolve(config)
-    model = load(config)
+    config = resolve(config, measuring=True)  # int8 runs here to be measured
+    model = load(config, measuring=True)
     config = with_card_input(config, model.card)
     summary, table = evaluate(pairs, Segmenter(config, model), config, progress=sys.stderr.isatty())
     summary["model"] = model.label
