@@ -137,10 +137,36 @@ def test_a_worse_model_is_refused_unless_forced(tmp_path, tiny_base, monkeypatch
     settings = FinetuneSettings(minutes=0.02, crop=32)
     with pytest.raises(Refused, match=r"accuracy@0.5 0.200 < 0.500.*--force"):
         tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
-    assert judged == {"tiny.keras": 1, "worse.keras": 1}  # both on the one held-out image
+    # both on the one held-out image (and the checkpoints on it while training)
+    assert judged["tiny.keras"] == 1 and judged["worse.keras"] == 1
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert out.with_suffix(".refused.keras").exists()
     assert list_models(tmp_path)[0].refused
+
+
+def test_the_model_kept_is_the_best_held_out_score_not_the_last(
+    tmp_path, tiny_base, monkeypatch, quick_scores
+):
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    checkpoints = []  # (the file's sha256, its accuracy) of each checkpoint scored
+
+    def fake_score(model_path, pairs, channel):
+        if ".candidate" not in model_path.name:
+            return scores(0.1)
+        accuracy = [0.3, 0.6, 0.4][len(checkpoints)]
+        checkpoints.append((hashlib.sha256(model_path.read_bytes()).hexdigest(), accuracy))
+        return scores(accuracy)
+
+    monkeypatch.setattr(tuning, "_score", fake_score)
+    out = tmp_path / "best.keras"
+    settings = FinetuneSettings(minutes=5, max_steps=6, crop=32, score_every=2)
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
+    assert [c["step"] for c in card["finetune"]["checkpoints"]] == [2, 4, 6]
+    assert card["finetune"]["kept_step"] == 4 and card["finetune"]["steps"] == 6
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == checkpoints[1][0]
+    assert len({digest for digest, _ in checkpoints}) == 3  # three different models
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.keras", "corrections"]
 
 
 def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, capsys):
