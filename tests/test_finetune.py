@@ -241,3 +241,51 @@ def test_frozen_encoder_and_bf16_copies_of_the_base(tiny_base):
     assert {la.compute_dtype for la in back.layers[1:]} == {"float32"}
     x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(half.predict(x, verbose=0), full.predict(x, verbose=0), atol=0.05)
+
+
+def test_stain_jitter_lets_eosin_leak_into_the_hematoxylin_plane(tmp_path):
+    from skimage.color import hed2rgb
+
+    from cellwatch.training.crops import (
+        TrainSettings,
+        crop_batches,
+        load_sample,
+        random_crop_maps,
+        stain_jittered,
+    )
+
+    _, labels = discs((96, 96), [(30, 30), (60, 64), (70, 25)], 8)
+    hed = np.zeros((96, 96, 3))
+    hed[..., 0] = np.where(labels > 0, 0.08, 0.0)  # hematoxylin in the nuclei
+    hed[..., 1] = np.where(np.arange(96)[None, :] < 48, 0.15, 0.0)  # eosin on the left half
+    rgb = (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "he.tif", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "mask.tif", labels.astype(np.uint16))
+    still = TrainSettings(diameter_px=16.0)
+    jittered = TrainSettings(diameter_px=16.0, stain_jitter=0.2)
+    plain = load_sample(tmp_path / "he.tif", tmp_path / "mask.tif", still, channel="hematoxylin")
+    sample = load_sample(tmp_path / "he.tif", tmp_path / "mask.tif", jittered, channel="eosin")
+    assert plain.stains is None and sample.stains is not None and sample.stain == 1
+    sample = load_sample(
+        tmp_path / "he.tif", tmp_path / "mask.tif", jittered, channel="hematoxylin"
+    )
+    assert sample.stains.shape == (*sample.image.shape, 3) and sample.stain == 0
+    np.testing.assert_allclose(sample.image, plain.image)  # what is counted stays the same
+
+    rng = np.random.default_rng(0)
+    background = sample.labels == 0
+    left = background & (np.arange(sample.image.shape[1])[None, :] < sample.image.shape[1] / 2)
+    right = background & ~left
+    seen = [stain_jittered(sample, rng, 0.2, (1.0, 99.8)) for _ in range(8)]
+    # the eosin half's background changes from draw to draw, the unstained half's does not
+    assert np.std([v[left].mean() for v in seen]) > 5 * np.std([v[right].mean() for v in seen])
+    assert all(np.corrcoef(v.ravel(), sample.image.ravel())[0, 1] > 0.8 for v in seen)
+
+    # no jitter: the same random numbers and crops as a sample without stains
+    a = random_crop_maps(sample, np.random.default_rng(3), 32, augment=True)
+    b = random_crop_maps(plain, np.random.default_rng(3), 32, augment=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    # and the recipe's stain_jitter reaches the training batches
+    x_still = crop_batches([sample], still, 3, seed=0)[0][0]
+    x_jittered = crop_batches([sample], jittered, 3, seed=0)[0][0]
+    assert not np.allclose(x_still, x_jittered)
