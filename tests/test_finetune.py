@@ -160,7 +160,7 @@ def test_the_model_kept_is_the_best_held_out_score_not_the_last(
 
     monkeypatch.setattr(tuning, "_score", fake_score)
     out = tmp_path / "best.keras"
-    settings = FinetuneSettings(minutes=5, max_steps=6, crop=32, score_every=2)
+    settings = FinetuneSettings(minutes=5, max_steps=6, crop=32, keep="score", score_every=2)
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
     assert [c["step"] for c in card["finetune"]["checkpoints"]] == [2, 4, 6]
     assert card["finetune"]["kept_step"] == 4 and card["finetune"]["steps"] == 6
@@ -181,7 +181,8 @@ def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, ca
     assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
 
 
-def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores):
+@pytest.mark.parametrize("keep", ["loss", "score"])
+def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores, keep):
     import keras
 
     folder = corrections(tmp_path / "corrections")
@@ -207,9 +208,13 @@ def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, qu
 
     monkeypatch.setattr(keras.Model, "fit", fit_with_ctrl_c)
     out = tmp_path / "stopped.keras"
-    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2)
+    # keep="score": stopped before its first scoring (every 50 steps), the model as it
+    # stopped is scored and kept
+    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2, keep=keep)
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     assert card["finetune"]["interrupted"] and card["finetune"]["steps"] == 4
+    if keep == "score":
+        assert [c["step"] for c in card["finetune"]["checkpoints"]] == [4]
     assert out.exists() and not out.with_suffix(".training.keras").exists()
 
 

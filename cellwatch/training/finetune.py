@@ -3,10 +3,9 @@
 ``DIR/images`` and ``DIR/masks`` hold image/mask pairs of the same names (what the napari
 corrections widget writes). A share of them is held out; the rest trains the model for
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
-over the budget). Every ``score_every`` steps the model is scored on the held-out images
-through the real counting pipeline, and the one with the best held-out accuracy@0.5 (then
-the lowest count error) is kept, also when Ctrl-C stops the run (``keep="loss"``: the
-lowest loss on held-out crops instead). Then the base and the new model are scored on the held-out
+over the budget), and the model with the lowest loss on the held-out crops is kept, also
+when Ctrl-C stops the run (``keep="score"``: the one with the best held-out accuracy@0.5
+through the real counting pipeline, scored every ``score_every`` steps, instead). Then the base and the new model are scored on the held-out
 images with ``cellwatch evaluate``'s figures; a new model that scores worse than its base
 is refused unless ``--force``. The model card records the base model's hash, each
 correction's sha256, the command, the budget and the before/after table.
@@ -64,7 +63,7 @@ class FinetuneSettings:
     crop: int = 128
     batch_size: int = 4
     steps_per_epoch: int = 10  # a held-out loss checkpoint every this many steps (keep="loss")
-    keep: str = "score"  # which model is kept: "score" (held-out accuracy@0.5) or "loss"
+    keep: str = "loss"  # which model is kept: "loss" (held-out crops) or "score" (accuracy@0.5)
     score_every: int = 50  # keep="score": score the held-out images every this many steps
     learning_rate: float = 1e-3
     final_learning_rate: float = 5e-5  # where the cosine over the budget ends
@@ -547,9 +546,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep",
         choices=("score", "loss"),
         default=d.keep,
-        help="which model is kept: the best held-out accuracy@0.5 through the counting "
-        "pipeline (score, checked every --score-every steps) or the lowest held-out loss "
-        "(default: %(default)s)",
+        help="which model is kept: the lowest loss on crops of the held-out images (loss) or "
+        "the best held-out accuracy@0.5 through the counting pipeline (score, checked every "
+        "--score-every steps) (default: %(default)s)",
     )
     parser.add_argument("--score-every", type=int, default=d.score_every, metavar="STEPS")
     parser.add_argument(
