@@ -137,10 +137,36 @@ def test_a_worse_model_is_refused_unless_forced(tmp_path, tiny_base, monkeypatch
     settings = FinetuneSettings(minutes=0.02, crop=32)
     with pytest.raises(Refused, match=r"accuracy@0.5 0.200 < 0.500.*--force"):
         tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
-    assert judged == {"tiny.keras": 1, "worse.keras": 1}  # both on the one held-out image
+    # both on the one held-out image (and the checkpoints on it while training)
+    assert judged["tiny.keras"] == 1 and judged["worse.keras"] == 1
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert out.with_suffix(".refused.keras").exists()
     assert list_models(tmp_path)[0].refused
+
+
+def test_the_model_kept_is_the_best_held_out_score_not_the_last(
+    tmp_path, tiny_base, monkeypatch, quick_scores
+):
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    checkpoints = []  # (the file's sha256, its accuracy) of each checkpoint scored
+
+    def fake_score(model_path, pairs, channel):
+        if ".candidate" not in model_path.name:
+            return scores(0.1)
+        accuracy = [0.3, 0.6, 0.4][len(checkpoints)]
+        checkpoints.append((hashlib.sha256(model_path.read_bytes()).hexdigest(), accuracy))
+        return scores(accuracy)
+
+    monkeypatch.setattr(tuning, "_score", fake_score)
+    out = tmp_path / "best.keras"
+    settings = FinetuneSettings(minutes=5, max_steps=6, crop=32, keep="score", score_every=2)
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
+    assert [c["step"] for c in card["finetune"]["checkpoints"]] == [2, 4, 6]
+    assert card["finetune"]["kept_step"] == 4 and card["finetune"]["steps"] == 6
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == checkpoints[1][0]
+    assert len({digest for digest, _ in checkpoints}) == 3  # three different models
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.keras", "corrections"]
 
 
 def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, capsys):
@@ -155,7 +181,8 @@ def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, ca
     assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
 
 
-def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores):
+@pytest.mark.parametrize("keep", ["loss", "score"])
+def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores, keep):
     import keras
 
     folder = corrections(tmp_path / "corrections")
@@ -181,9 +208,13 @@ def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, qu
 
     monkeypatch.setattr(keras.Model, "fit", fit_with_ctrl_c)
     out = tmp_path / "stopped.keras"
-    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2)
+    # keep="score": stopped before its first scoring (every 50 steps), the model as it
+    # stopped is scored and kept
+    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2, keep=keep)
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     assert card["finetune"]["interrupted"] and card["finetune"]["steps"] == 4
+    if keep == "score":
+        assert [c["step"] for c in card["finetune"]["checkpoints"]] == [4]
     assert out.exists() and not out.with_suffix(".training.keras").exists()
 
 
@@ -215,3 +246,51 @@ def test_frozen_encoder_and_bf16_copies_of_the_base(tiny_base):
     assert {la.compute_dtype for la in back.layers[1:]} == {"float32"}
     x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(half.predict(x, verbose=0), full.predict(x, verbose=0), atol=0.05)
+
+
+def test_stain_jitter_lets_eosin_leak_into_the_hematoxylin_plane(tmp_path):
+    from skimage.color import hed2rgb
+
+    from cellwatch.training.crops import (
+        TrainSettings,
+        crop_batches,
+        load_sample,
+        random_crop_maps,
+        stain_jittered,
+    )
+
+    _, labels = discs((96, 96), [(30, 30), (60, 64), (70, 25)], 8)
+    hed = np.zeros((96, 96, 3))
+    hed[..., 0] = np.where(labels > 0, 0.08, 0.0)  # hematoxylin in the nuclei
+    hed[..., 1] = np.where(np.arange(96)[None, :] < 48, 0.15, 0.0)  # eosin on the left half
+    rgb = (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "he.tif", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "mask.tif", labels.astype(np.uint16))
+    still = TrainSettings(diameter_px=16.0)
+    jittered = TrainSettings(diameter_px=16.0, stain_jitter=0.2)
+    plain = load_sample(tmp_path / "he.tif", tmp_path / "mask.tif", still, channel="hematoxylin")
+    sample = load_sample(tmp_path / "he.tif", tmp_path / "mask.tif", jittered, channel="eosin")
+    assert plain.stains is None and sample.stains is not None and sample.stain == 1
+    sample = load_sample(
+        tmp_path / "he.tif", tmp_path / "mask.tif", jittered, channel="hematoxylin"
+    )
+    assert sample.stains.shape == (*sample.image.shape, 3) and sample.stain == 0
+    np.testing.assert_allclose(sample.image, plain.image)  # what is counted stays the same
+
+    rng = np.random.default_rng(0)
+    background = sample.labels == 0
+    left = background & (np.arange(sample.image.shape[1])[None, :] < sample.image.shape[1] / 2)
+    right = background & ~left
+    seen = [stain_jittered(sample, rng, 0.2, (1.0, 99.8)) for _ in range(8)]
+    # the eosin half's background changes from draw to draw, the unstained half's does not
+    assert np.std([v[left].mean() for v in seen]) > 5 * np.std([v[right].mean() for v in seen])
+    assert all(np.corrcoef(v.ravel(), sample.image.ravel())[0, 1] > 0.8 for v in seen)
+
+    # no jitter: the same random numbers and crops as a sample without stains
+    a = random_crop_maps(sample, np.random.default_rng(3), 32, augment=True)
+    b = random_crop_maps(plain, np.random.default_rng(3), 32, augment=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    # and the recipe's stain_jitter reaches the training batches
+    x_still = crop_batches([sample], still, 3, seed=0)[0][0]
+    x_jittered = crop_batches([sample], jittered, 3, seed=0)[0][0]
+    assert not np.allclose(x_still, x_jittered)

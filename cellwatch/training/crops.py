@@ -14,6 +14,7 @@ __all__ = [
     "load_sample",
     "random_crop",
     "random_crop_maps",
+    "stain_jittered",
     "targets",
 ]
 
@@ -60,6 +61,7 @@ class TrainSettings:
     seed: int = 0
     low_percentile: float = 1.0
     high_percentile: float = 99.8
+    stain_jitter: float = 0.0  # RGB stains: how far each crop's stain colours stray (0: none)
 
 
 @dataclass
@@ -71,6 +73,10 @@ class Sample:
     labels: np.ndarray  # int32 instance labels at the training scale
     scale: float
     distance: np.ndarray | None = None  # float32 inner distance of ``labels`` (seed head)
+    # an RGB image's three stain amounts (H, W, 3: hematoxylin, eosin, DAB) at the training
+    # scale, and which of them is the plane: for stain jitter (``TrainSettings.stain_jitter``)
+    stains: np.ndarray | None = None
+    stain: int = 0
 
 
 def load_sample(
@@ -79,7 +85,9 @@ def load_sample(
     """Read one pair, normalize the image and rescale both to the training diameter.
 
     ``channel``: a stain (:data:`~cellwatch.storage.pixels.STAINS`) that an RGB image is
-    turned into; an image that is already one plane is used as it is.
+    turned into; an image that is already one plane is used as it is. With
+    ``settings.stain_jitter`` and a deconvolved stain (not gray), the sample keeps all three
+    stain amounts so that each crop can be seen with other stain colours.
     """
     pixels = _read_plane(image_path, channel)
     labels = as_instances(imageio.read_image(mask_path).pixels)
@@ -92,13 +100,51 @@ def load_sample(
     scale = settings.diameter_px / diameter if settings.diameter_px and diameter else 1.0
     shape = scaled_shape(image.shape, scale)
     labels = resize_to(labels, shape, order=0)
+    stains, stain = None, 0
+    if settings.stain_jitter and channel in HED and pixels.ndim == 2:
+        try:
+            planes = [imageio.read_image(image_path, channel=name).pixels for name in HED]
+        except BadInputError:  # already one plane: nothing to jitter
+            planes = []
+        if planes:
+            stains = np.stack([resize_to(p, shape, order=1) for p in planes], axis=-1)
+            stain = HED.index(channel)
     return Sample(
         imageio.stem(image_path),
         resize_to(image, shape, order=1),
         labels,
         scale,
         inner_distance(labels) if settings.seed_head else None,
+        stains,
+        stain,
     )
+
+
+HED = ("hematoxylin", "eosin", "dab")
+
+
+def stain_jittered(
+    sample: Sample,
+    rng: np.random.Generator,
+    jitter: float,
+    percentiles: tuple[float, float],
+) -> np.ndarray:
+    """``sample``'s plane as colour deconvolution would give it had the slide's stains had
+    slightly other colours and strengths: each stain's optical-density vector (Ruifrok &
+    Johnston's, as :func:`skimage.color.rgb2hed` assumes) moves by up to about ``jitter``
+    per component and its amount by a factor 1 ± ``jitter``, and the image is deconvolved
+    with the standard vectors again, so some eosin and DAB leak into the hematoxylin plane
+    (and back) as they do on real slides. Normalized with ``percentiles``."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    if sample.stains is None:
+        return sample.image
+    vectors = rgb_from_hed + rng.normal(0.0, jitter / 2, rgb_from_hed.shape)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    amounts = rng.uniform(1 - jitter, 1 + jitter, 3)
+    mixing = (amounts[:, None] * vectors) @ hed_from_rgb  # stains → density → stains
+    plane = np.clip(sample.stains @ mixing[:, sample.stain], 0.0, None)
+    return normalize(plane.astype(np.float32), *percentiles)
 
 
 def _read_plane(path: Path, stain: str | None) -> np.ndarray:
@@ -171,14 +217,19 @@ def random_crop_maps(
         TrainSettings.low_percentile,
         TrainSettings.high_percentile,
     ),
+    stain_jitter: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`random_crop`'s (image, labels) crop and, when the sample has one, the same
     crop of its inner distance (bilinear, like the image), else None. It draws the same
     random numbers either way, so a run with a seed head sees the same crops as one
-    without."""
+    without. With ``stain_jitter`` and a sample that kept its stains, the crop is cut from
+    :func:`stain_jittered` (drawn first; no draw otherwise)."""
+    plane = sample.image
+    if augment and stain_jitter and sample.stains is not None:
+        plane = stain_jittered(sample, rng, stain_jitter, percentiles)
     zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.4))) if augment else 1.0
     size = max(8, round(crop / zoom))
-    image, labels = _pad_to(sample.image, size), _pad_to(sample.labels, size)
+    image, labels = _pad_to(plane, size), _pad_to(sample.labels, size)
     distance = None if sample.distance is None else _pad_to(sample.distance, size)
     y = rng.integers(0, image.shape[0] - size + 1)
     x = rng.integers(0, image.shape[1] - size + 1)
@@ -268,6 +319,7 @@ def crop_batches(
                     augment=True,
                     shot_noise=settings.shot_noise,
                     percentiles=(settings.low_percentile, settings.high_percentile),
+                    stain_jitter=settings.stain_jitter,
                 )
                 xs.append(image[..., None])
                 ys.append(targets(labels, classes, settings.contact_weight, distance=distance))

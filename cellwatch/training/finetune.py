@@ -4,7 +4,8 @@
 corrections widget writes). A share of them is held out; the rest trains the model for
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
 over the budget), and the model with the lowest loss on the held-out crops is kept, also
-when Ctrl-C stops the run. Then the base and the new model are scored on the held-out
+when Ctrl-C stops the run (``keep="score"``: the one with the best held-out accuracy@0.5
+through the real counting pipeline, scored every ``score_every`` steps, instead). Then the base and the new model are scored on the held-out
 images with ``cellwatch evaluate``'s figures; a new model that scores worse than its base
 is refused unless ``--force``. The model card records the base model's hash, each
 correction's sha256, the command, the budget and the before/after table.
@@ -61,13 +62,16 @@ class FinetuneSettings:
     max_steps: int = 0  # stop after this many steps even with time left (0: time alone)
     crop: int = 128
     batch_size: int = 4
-    steps_per_epoch: int = 10  # a checkpoint (held-out loss) every this many steps
+    steps_per_epoch: int = 10  # a held-out loss checkpoint every this many steps (keep="loss")
+    keep: str = "loss"  # which model is kept: "loss" (held-out crops) or "score" (accuracy@0.5)
+    score_every: int = 50  # keep="score": score the held-out images every this many steps
     learning_rate: float = 1e-3
     final_learning_rate: float = 5e-5  # where the cosine over the budget ends
     freeze_encoder: bool = False
     holdout: float = 0.25  # share of the corrections held out (at least 1 from 4 on)
     seed: int = 0
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
+    stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
 
 
 class Refused(CellwatchError):
@@ -135,6 +139,7 @@ def finetune(
         batch_size=settings.batch_size,
         steps_per_epoch=settings.steps_per_epoch,
         seed=settings.seed,
+        stain_jitter=settings.stain_jitter,
         **_normalize_of(base_card),
     )
     samples = [load_sample(i, m, recipe, channel=channel) for i, m in train_pairs]
@@ -157,14 +162,20 @@ def finetune(
     network.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=[dice]
     )
-    budget, interrupted = _fit(network, samples, monitored, recipe, settings, out, say, verbose)
     card = _card(base, base_card, out, settings, channel, command, pairs, held_pairs)
+    judge = _Judge(held_pairs, channel, card, say) if held_pairs else None
+    budget, interrupted = _fit(
+        network, samples, monitored, recipe, settings, out, say, verbose, judge
+    )
     card[CARD_KEY].update(
         started=started.isoformat(timespec="seconds"),
         steps=budget.steps,
         training_seconds=round(budget.elapsed(), 1),
         interrupted=interrupted,
     )
+    if judge is not None and settings.keep == "score":
+        card[CARD_KEY]["checkpoints"] = judge.history
+        card[CARD_KEY]["kept_step"] = judge.best_step
     write_card(out, card)
     scored = held_pairs or train_pairs
     before, after = _score(base, scored, channel), _score(out, scored, channel)
@@ -200,39 +211,124 @@ def _fit(
     out: Path,
     say: Any,
     verbose: int,
+    judge: _Judge | None = None,
 ) -> tuple[Any, bool]:
-    """Train until the budget is spent or Ctrl-C; save the best model (held-out loss) at
-    ``out`` in float32. Returns (the budget callback, whether it was interrupted)."""
+    """Train until the budget is spent or Ctrl-C; save the best model at ``out`` in
+    float32: by held-out score when ``settings.keep`` is "score" and there is a ``judge``
+    (held-out images), else by held-out loss. Returns (the budget callback, whether it was
+    interrupted)."""
     import keras
 
     classes = network.output_shape[-1]
-    val_x, val_y = fixed_crops(monitored, settings.crop, classes, settings.seed + 1, per_sample=4)
     budget = _budget(settings, time.monotonic)
     work = out.with_suffix(".training.keras")
-    callbacks = [
-        budget,
-        keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
-    ]
+    by_score = settings.keep == "score" and judge is not None
+    if judge is not None and by_score:
+        judge.start(work, settings.score_every)
+        callbacks, validation = [budget, judge.callback()], {}
+    else:
+        val_x, val_y = fixed_crops(
+            monitored, settings.crop, classes, settings.seed + 1, per_sample=4
+        )
+        callbacks = [
+            budget,
+            keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
+        ]
+        validation = {
+            "validation_data": (val_x, val_y),
+            "validation_batch_size": settings.batch_size,
+        }
     interrupted = False
     try:
         network.fit(
             crop_batches(samples, recipe, classes, settings.seed),
             epochs=1_000_000,
-            validation_data=(val_x, val_y),
-            validation_batch_size=settings.batch_size,
             callbacks=callbacks,
             verbose=verbose,
+            **validation,
         )
     except KeyboardInterrupt:
         interrupted = True
         say("interrupted: keeping the best model so far")
+        if judge is not None and by_score and judge.steps > judge.checked:
+            judge.check(network, judge.steps)  # the model as it stopped is a candidate too
     if not work.exists():
         raise CellwatchError("stopped before the first checkpoint: no model was written")
+    if by_score:  # already float32 and weights only
+        work.replace(out)
+        work.with_suffix(".json").unlink(missing_ok=True)
+        return budget, interrupted
     trained = keras.saving.load_model(work, compile=False)
     # float32 whatever it trained in, and weights only (the checkpoint holds the optimizer's)
     _with_dtype(trained, "float32").save(out)
     work.unlink()
     return budget, interrupted
+
+
+class _Judge:
+    """Scores the model being trained on the held-out images through the real counting
+    pipeline every ``every`` steps (and when training ends), and keeps the best one at
+    ``work``: the highest accuracy@0.5, then the lowest count error. ``history`` holds
+    every checkpoint's step and scores."""
+
+    def __init__(
+        self,
+        held: Sequence[tuple[Path, Path]],
+        channel: str | None,
+        card: dict[str, Any],
+        say: Any,
+    ) -> None:
+        self.held, self.channel, self.say = list(held), channel, say
+        # the card a checkpoint is counted with: the base's scale and input, nothing learnt
+        self.card = {k: v for k, v in card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[float, float] | None = None
+        self.best_step = 0
+        self.work = Path()
+        self.every = 1
+        self.steps = self.checked = 0  # steps trained, and the step last scored
+
+    def start(self, work: Path, every: int) -> None:
+        self.work, self.every = work, max(1, every)
+
+    def check(self, network: Any, step: int) -> None:
+        candidate = self.work.with_suffix(".candidate.keras")
+        _with_dtype(network, "float32").save(candidate)
+        write_card(candidate, self.card)
+        try:
+            scores = _score(candidate, self.held, self.channel)
+        finally:
+            candidate.with_suffix(".json").unlink(missing_ok=True)
+        self.checked = step
+        key = (scores["accuracy_0.5"], -scores["count_mape_percent"])
+        kept = self.best is None or key > self.best
+        self.history.append({"step": step, "kept": kept, **scores})
+        self.say(
+            f"step {step}: held-out accuracy@0.5 {scores['accuracy_0.5']:.3f}, count MAPE "
+            f"{scores['count_mape_percent']:.1f} %" + (" (best so far, kept)" if kept else "")
+        )
+        if kept:
+            self.best, self.best_step = key, step
+            candidate.replace(self.work)
+        else:
+            candidate.unlink()
+
+    def callback(self) -> Any:
+        import keras
+
+        judge = self
+
+        class Scoring(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                judge.steps += 1
+                if judge.steps % judge.every == 0:
+                    judge.check(self.model, judge.steps)
+
+            def on_train_end(self, logs: Any = None) -> None:
+                if judge.steps > judge.checked:
+                    judge.check(self.model, judge.steps)
+
+        return Scoring()
 
 
 def _normalize_of(card: dict[str, Any]) -> dict[str, float]:
@@ -446,6 +542,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--freeze-encoder", action="store_true", help="train only the decoder (expanding path)"
     )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    parser.add_argument(
+        "--keep",
+        choices=("score", "loss"),
+        default=d.keep,
+        help="which model is kept: the lowest loss on crops of the held-out images (loss) or "
+        "the best held-out accuracy@0.5 through the counting pipeline (score, checked every "
+        "--score-every steps) (default: %(default)s)",
+    )
+    parser.add_argument("--score-every", type=int, default=d.score_every, metavar="STEPS")
+    parser.add_argument(
+        "--stain-jitter",
+        type=float,
+        default=d.stain_jitter,
+        metavar="AMOUNT",
+        help="RGB stains: train on crops deconvolved as if the stains' colours strayed by "
+        "about this much (0.1: a little; default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -455,6 +568,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.minutes > 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    if not 0 <= args.stain_jitter < 1:
+        raise ConfigError(f"--stain-jitter must be from 0 to below 1, got {args.stain_jitter}")
+    if args.score_every < 1:
+        raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
     config = load_config(args.config)
     base = args.start_from or (Path(config.model.path) if config.model.path else BUNDLED_MODEL)
     configured = config.input.channel
@@ -470,6 +587,9 @@ def run(args: argparse.Namespace) -> int:
         freeze_encoder=args.freeze_encoder,
         bf16=args.bf16,
         seed=args.seed,
+        keep=args.keep,
+        score_every=args.score_every,
+        stain_jitter=args.stain_jitter,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
