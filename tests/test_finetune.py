@@ -16,6 +16,7 @@ from cellwatch import familiarity
 from cellwatch.cli import main
 from cellwatch.model import build_unet, write_card
 from cellwatch.training import finetune as tuning
+from cellwatch.training import judge
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
 from cellwatch.training.registry import list_models
 
@@ -58,7 +59,8 @@ def scores(accuracy: float) -> dict[str, float]:
 def quick_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the pipeline's scoring and familiarity where a test is about something else
     (the first test scores for real)."""
-    monkeypatch.setattr(tuning, "_score", lambda model_path, pairs, channel: scores(0.5))
+    for module in (tuning, judge):  # before/after, and the checkpoints
+        monkeypatch.setattr(module, "score_model", lambda model_path, pairs, channel: scores(0.5))
     monkeypatch.setattr(tuning, "_familiarity", lambda model_path, images, channel: {})
 
 
@@ -102,7 +104,8 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
 
     # a second fine-tune from that model keeps the input it names, without --channel
     again = tmp_path / "models" / "again.keras"
-    monkeypatch.setattr(tuning, "_score", lambda model_path, pairs, channel: scores(0.5))
+    for module in (tuning, judge):  # before/after, and the checkpoints
+        monkeypatch.setattr(module, "score_model", lambda model_path, pairs, channel: scores(0.5))
     settings = FinetuneSettings(minutes=0.02, crop=32)
     card = tuning.finetune(
         tuning.find_pairs(folder / "images", folder / "masks"),
@@ -132,7 +135,8 @@ def test_a_worse_model_is_refused_unless_forced(tmp_path, tiny_base, monkeypatch
         judged[model_path.name] = len(pairs)
         return scores(0.5 if model_path == tiny_base else 0.2)
 
-    monkeypatch.setattr(tuning, "_score", fake_score)
+    for module in (tuning, judge):  # before/after, and the checkpoints
+        monkeypatch.setattr(module, "score_model", fake_score)
     out = tmp_path / "worse.keras"
     settings = FinetuneSettings(minutes=0.02, crop=32)
     with pytest.raises(Refused, match=r"accuracy@0.5 0.200 < 0.500.*--force"):
@@ -158,7 +162,8 @@ def test_the_model_kept_is_the_best_held_out_score_not_the_last(
         checkpoints.append((hashlib.sha256(model_path.read_bytes()).hexdigest(), accuracy))
         return scores(accuracy)
 
-    monkeypatch.setattr(tuning, "_score", fake_score)
+    for module in (tuning, judge):  # before/after, and the checkpoints
+        monkeypatch.setattr(module, "score_model", fake_score)
     out = tmp_path / "best.keras"
     settings = FinetuneSettings(minutes=5, max_steps=6, crop=32, keep="score", score_every=2)
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
@@ -241,8 +246,8 @@ def test_frozen_encoder_and_bf16_copies_of_the_base(tiny_base):
         keras.mixed_precision.set_global_policy("float32")
     full = keras.saving.load_model(tiny_base, compile=False)
     assert half.layers[1].compute_dtype == "bfloat16" and half.output.dtype == "float32"
-    assert tuning._with_dtype(full, "float32") is full  # nothing to rebuild
-    back = tuning._with_dtype(half, "float32")
+    assert judge.with_dtype(full, "float32") is full  # nothing to rebuild
+    back = judge.with_dtype(half, "float32")
     assert {la.compute_dtype for la in back.layers[1:]} == {"float32"}
     x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(half.predict(x, verbose=0), full.predict(x, verbose=0), atol=0.05)

@@ -38,7 +38,7 @@ import numpy as np
 
 from cellwatch import familiarity
 from cellwatch.config import Config, InputConfig
-from cellwatch.errors import BadInputError, CellwatchError, ConfigError
+from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
@@ -50,6 +50,7 @@ from cellwatch.training.crops import (
     fixed_crops,
     load_sample,
 )
+from cellwatch.training.judge import Judge, reading_channel, score_model, with_dtype
 
 CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
 
@@ -94,18 +95,6 @@ def holdout_split(
     order = np.random.default_rng(seed).permutation(len(pairs))
     held = sorted(int(i) for i in order[:n_hold])
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in held]
-
-
-def reading_channel(path: Path, stain: str | None) -> str | None:
-    """The ``input.channel`` that reads ``path`` as the training did: None when the file
-    is already one plane (the corrections widget saves the plane it counted), else ``stain``."""
-    try:
-        imageio.read_image(path)
-    except BadInputError:
-        if stain is None:
-            raise
-        return stain
-    return None
 
 
 def finetune(
@@ -163,7 +152,7 @@ def finetune(
         optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=[dice]
     )
     card = _card(base, base_card, out, settings, channel, command, pairs, held_pairs)
-    judge = _Judge(held_pairs, channel, card, say) if held_pairs else None
+    judge = Judge(held_pairs, channel, _scoring_card(card), say) if held_pairs else None
     budget, interrupted = _fit(
         network, samples, monitored, recipe, settings, out, say, verbose, judge
     )
@@ -178,7 +167,7 @@ def finetune(
         card[CARD_KEY]["kept_step"] = judge.best_step
     write_card(out, card)
     scored = held_pairs or train_pairs
-    before, after = _score(base, scored, channel), _score(out, scored, channel)
+    before, after = score_model(base, scored, channel), score_model(out, scored, channel)
     card[CARD_KEY]["scores"] = {
         "on": "held-out corrections" if held_pairs else "training corrections (none held out)",
         "images": [p.name for p, _ in scored],
@@ -211,7 +200,7 @@ def _fit(
     out: Path,
     say: Any,
     verbose: int,
-    judge: _Judge | None = None,
+    judge: Judge | None = None,
 ) -> tuple[Any, bool]:
     """Train until the budget is spent or Ctrl-C; save the best model at ``out`` in
     float32: by held-out score when ``settings.keep`` is "score" and there is a ``judge``
@@ -260,75 +249,14 @@ def _fit(
         return budget, interrupted
     trained = keras.saving.load_model(work, compile=False)
     # float32 whatever it trained in, and weights only (the checkpoint holds the optimizer's)
-    _with_dtype(trained, "float32").save(out)
+    with_dtype(trained, "float32").save(out)
     work.unlink()
     return budget, interrupted
 
 
-class _Judge:
-    """Scores the model being trained on the held-out images through the real counting
-    pipeline every ``every`` steps (and when training ends), and keeps the best one at
-    ``work``: the highest accuracy@0.5, then the lowest count error. ``history`` holds
-    every checkpoint's step and scores."""
-
-    def __init__(
-        self,
-        held: Sequence[tuple[Path, Path]],
-        channel: str | None,
-        card: dict[str, Any],
-        say: Any,
-    ) -> None:
-        self.held, self.channel, self.say = list(held), channel, say
-        # the card a checkpoint is counted with: the base's scale and input, nothing learnt
-        self.card = {k: v for k, v in card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
-        self.history: list[dict[str, Any]] = []
-        self.best: tuple[float, float] | None = None
-        self.best_step = 0
-        self.work = Path()
-        self.every = 1
-        self.steps = self.checked = 0  # steps trained, and the step last scored
-
-    def start(self, work: Path, every: int) -> None:
-        self.work, self.every = work, max(1, every)
-
-    def check(self, network: Any, step: int) -> None:
-        candidate = self.work.with_suffix(".candidate.keras")
-        _with_dtype(network, "float32").save(candidate)
-        write_card(candidate, self.card)
-        try:
-            scores = _score(candidate, self.held, self.channel)
-        finally:
-            candidate.with_suffix(".json").unlink(missing_ok=True)
-        self.checked = step
-        key = (scores["accuracy_0.5"], -scores["count_mape_percent"])
-        kept = self.best is None or key > self.best
-        self.history.append({"step": step, "kept": kept, **scores})
-        self.say(
-            f"step {step}: held-out accuracy@0.5 {scores['accuracy_0.5']:.3f}, count MAPE "
-            f"{scores['count_mape_percent']:.1f} %" + (" (best so far, kept)" if kept else "")
-        )
-        if kept:
-            self.best, self.best_step = key, step
-            candidate.replace(self.work)
-        else:
-            candidate.unlink()
-
-    def callback(self) -> Any:
-        import keras
-
-        judge = self
-
-        class Scoring(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                judge.steps += 1
-                if judge.steps % judge.every == 0:
-                    judge.check(self.model, judge.steps)
-
-            def on_train_end(self, logs: Any = None) -> None:
-                if judge.steps > judge.checked:
-                    judge.check(self.model, judge.steps)
-
-        return Scoring()
+def _scoring_card(card: dict[str, Any]) -> dict[str, Any]:
+    """The card a checkpoint is counted with: the base's scale and input, nothing learnt."""
+    return {k: v for k, v in card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
 
 
 def _normalize_of(card: dict[str, Any]) -> dict[str, float]:
@@ -345,7 +273,7 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
     import keras
 
     source = keras.saving.load_model(base, compile=False, safe_mode=True)
-    network = _with_dtype(source, keras.mixed_precision.global_policy().name)
+    network = with_dtype(source, keras.mixed_precision.global_policy().name)
     if settings.freeze_encoder:
         for layer in network.layers:
             # the contracting path and the bottleneck: every layer before the first upsampling
@@ -353,26 +281,6 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
                 break
             layer.trainable = False
     return network
-
-
-def _with_dtype(network: Any, policy: str) -> Any:
-    """``network`` rebuilt with every layer but the input and the last (the probabilities,
-    float32 always) in ``policy`` ("float32", "mixed_bfloat16"); the same weights."""
-    import keras
-
-    config = network.get_config()
-    layers = [la for la in config["layers"][:-1] if la["class_name"] != "InputLayer"]
-
-    def name(dtype: Any) -> Any:  # a layer's dtype: a policy name, or a serialized policy
-        return dtype["config"]["name"] if isinstance(dtype, dict) else dtype
-
-    if all(name(la["config"].get("dtype")) in (policy, None) for la in layers):
-        return network
-    for layer in layers:
-        layer["config"]["dtype"] = policy
-    rebuilt = keras.Model.from_config(config)
-    rebuilt.set_weights(network.get_weights())
-    return rebuilt
 
 
 def _budget(settings: FinetuneSettings, clock: Any) -> Any:
@@ -435,26 +343,6 @@ def _card(
         "settings": asdict(settings),
     }
     return card
-
-
-def _score(
-    model_path: Path, pairs: Sequence[tuple[Path, Path]], channel: str | None
-) -> dict[str, Any]:
-    """``cellwatch evaluate``'s headline figures for one model on ``pairs``."""
-    from cellwatch.pipeline import Segmenter
-    from cellwatch.training.evaluate import evaluate
-
-    config = replace(Config(), input=InputConfig(channel=reading_channel(pairs[0][0], channel)))
-    summary, _ = evaluate(pairs, Segmenter(config, load_model(model_path)), config)
-    at = summary["thresholds"]["0.50"]
-    return {
-        "accuracy_0.5": round(at["accuracy"], 4),
-        "f1_0.5": round(at["f1"], 4),
-        "precision_0.5": round(at["precision"], 4),
-        "recall_0.5": round(at["recall"], 4),
-        "pixel_dice": round(summary["pixel_dice"], 4),
-        "count_mape_percent": round(summary["count_mape_percent"], 2),
-    }
 
 
 def _familiarity(model_path: Path, images: Sequence[Path], channel: str | None) -> dict[str, Any]:
