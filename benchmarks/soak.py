@@ -126,7 +126,7 @@ def soak(daemon: Daemon, sources: list[Path], args: argparse.Namespace) -> list[
             os.rename(part, part.with_suffix(src.suffix))
         dropped += len(batch)
         burst += 1
-        daemon.wait_rows(dropped, timeout=3600)
+        wait_rows(daemon, dropped, timeout=3600)
         if dropped - printed >= args.every or dropped >= args.images:
             printed = dropped
             rss = rss_mb(daemon.proc.pid)
@@ -138,6 +138,27 @@ def soak(daemon: Daemon, sources: list[Path], args: argparse.Namespace) -> list[
                 line += "  workers " + " ".join(f"{r:.0f}" for _, r in workers) + " MB"
             print(line, flush=True)
     return samples
+
+
+def wait_rows(daemon: Daemon, n: int, timeout: float) -> None:
+    """Wait for ``n`` rows, reading the ledger twice a second (not in a busy loop that
+    would take CPU from the daemon being measured)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # lines first (cheap), then the real rows (a quoted field may hold a newline)
+        if count_rows(daemon.out / "ledger.csv") >= n and len(daemon.rows()) >= n:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"no row {n} within {timeout} s; see {daemon.root / 'daemon.log'}")
+
+
+def count_rows(ledger: Path) -> int:
+    """Rows in the ledger (lines after the header), without parsing them."""
+    try:
+        with ledger.open("rb") as handle:
+            return max(0, sum(1 for _ in handle) - 1)
+    except FileNotFoundError:
+        return 0
 
 
 def check(rows: list[dict[str, str]], expected: int) -> None:
