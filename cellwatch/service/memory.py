@@ -89,7 +89,7 @@ class HeapTrace:
     Python allocation (NumPy's arrays included) and, every ``CELLWATCH_TRACEMALLOC_EVERY``
     images (default 500), appends to ``FILE`` its resident memory, the traced total, and
     the source lines whose allocations grew most since the previous snapshot and since
-    the first one. Memory that grows in RSS but not in the traced total is native (the C
+    the first one (each Dask worker writes ``FILE.worker-PID``). Memory that grows in RSS but not in the traced total is native (the C
     heap, OpenVINO, TensorFlow). Tracing slows the daemon; it is for finding a leak, not
     for production.
 
@@ -119,8 +119,11 @@ class HeapTrace:
             tracemalloc.start(frames)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> HeapTrace | None:
-        """The trace that ``CELLWATCH_TRACEMALLOC`` asks for, or None (the usual case)."""
+    def from_environ(
+        cls, environ: Mapping[str, str] = os.environ, *, suffix: str = ""
+    ) -> HeapTrace | None:
+        """The trace that ``CELLWATCH_TRACEMALLOC`` asks for, or None (the usual case);
+        ``suffix`` is added to the file's name (a Dask worker's own file)."""
         path = environ.get(TRACE_ENV)
         if not path:
             return None
@@ -131,7 +134,7 @@ class HeapTrace:
             raise ConfigError(
                 f"{TRACE_EVERY_ENV}={raw!r} is not a number of images; unset it or give e.g. 500"
             ) from None
-        return cls(Path(path), every)
+        return cls(Path(path + suffix), every)
 
     def __call__(self, done: int) -> bool:
         """Snapshot and report if ``every`` more images were done since the last report;
