@@ -95,7 +95,12 @@ def test_heap_trace_reports_the_line_that_grows(tmp_path: Path) -> None:
     assert "test_memory.py" in growth and "size=" in growth, text
 
 
-def test_heap_trace_is_off_unless_asked_and_says_what_is_wrong() -> None:
+def test_heap_trace_is_off_unless_asked_and_says_what_is_wrong(tmp_path: Path) -> None:
     assert HeapTrace.from_environ({}) is None
+    try:  # a Dask worker writes a file of its own
+        worker = HeapTrace.from_environ({TRACE_ENV: str(tmp_path / "h")}, suffix=".worker-7")
+        assert worker is not None and worker.path == tmp_path / "h.worker-7"
+    finally:
+        tracemalloc.stop()
     with pytest.raises(ConfigError, match="CELLWATCH_TRACEMALLOC_EVERY='often'"):
         HeapTrace.from_environ({TRACE_ENV: "/tmp/x", TRACE_EVERY_ENV: "often"})
