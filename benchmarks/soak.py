@@ -113,9 +113,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def soak(daemon: Daemon, sources: list[Path], args: argparse.Namespace) -> list[tuple[int, float]]:
-    """Drop bursts until ``args.images`` are in; (images done, daemon RSS MB) at each print."""
-    samples: list[tuple[int, float]] = []
+Sample = tuple[int, float, list[float]]  # images done, daemon RSS, each worker's RSS (MB)
+
+
+def soak(daemon: Daemon, sources: list[Path], args: argparse.Namespace) -> list[Sample]:
+    """Drop bursts until ``args.images`` are in; the RSS figures at each print."""
+    samples: list[Sample] = []
     started, dropped, burst = time.monotonic(), 0, 0
     printed = 0
     while dropped < args.images:
@@ -126,18 +129,39 @@ def soak(daemon: Daemon, sources: list[Path], args: argparse.Namespace) -> list[
             os.rename(part, part.with_suffix(src.suffix))
         dropped += len(batch)
         burst += 1
-        daemon.wait_rows(dropped, timeout=3600)
+        wait_rows(daemon, dropped, timeout=3600)
         if dropped - printed >= args.every or dropped >= args.images:
             printed = dropped
             rss = rss_mb(daemon.proc.pid)
-            samples.append((dropped, rss))
             line = f"{dropped:6d} images  {time.monotonic() - started:7.0f} s  daemon RSS {rss:7.0f} MB"
-            workers = [(p, rss_mb(p)) for p in descendants(daemon.proc.pid)]
-            workers = [(p, r) for p, r in workers if r > 100]  # the workers, not the helpers
+            workers = [rss_mb(p) for p in sorted(descendants(daemon.proc.pid))]
+            workers = [r for r in workers if r > 100]  # the workers, not the helpers
+            samples.append((dropped, rss, workers))
             if workers:
-                line += "  workers " + " ".join(f"{r:.0f}" for _, r in workers) + " MB"
+                line += "  workers " + " ".join(f"{r:.0f}" for r in workers) + " MB"
             print(line, flush=True)
     return samples
+
+
+def wait_rows(daemon: Daemon, n: int, timeout: float) -> None:
+    """Wait for ``n`` rows, reading the ledger twice a second (not in a busy loop that
+    would take CPU from the daemon being measured)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # lines first (cheap), then the real rows (a quoted field may hold a newline)
+        if count_rows(daemon.out / "ledger.csv") >= n and len(daemon.rows()) >= n:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"no row {n} within {timeout} s; see {daemon.root / 'daemon.log'}")
+
+
+def count_rows(ledger: Path) -> int:
+    """Rows in the ledger (lines after the header), without parsing them."""
+    try:
+        with ledger.open("rb") as handle:
+            return max(0, sum(1 for _ in handle) - 1)
+    except FileNotFoundError:
+        return 0
 
 
 def check(rows: list[dict[str, str]], expected: int) -> None:
@@ -147,15 +171,22 @@ def check(rows: list[dict[str, str]], expected: int) -> None:
     print(f"{len(rows)} rows for {expected} images; {len(twice)} counted twice; {failed} failed")
 
 
-def summarize(samples: list[tuple[int, float]], warm_up: int) -> None:
-    after = [rss for n, rss in samples if n >= warm_up]
+def summarize(samples: list[Sample], warm_up: int) -> None:
+    """The rise of each process's RSS after warm-up (a worker restarted by its nanny
+    shows as a drop)."""
+    after = [(rss, workers) for n, rss, workers in samples if n >= warm_up]
     if len(after) < 2:
         print("too few samples after warm-up to judge", file=sys.stderr)
         return
-    print(
-        f"after warm-up ({warm_up} images): RSS {after[0]:.0f} → {after[-1]:.0f} MB "
-        f"(rise {after[-1] - after[0]:+.0f} MB, range {max(after) - min(after):.0f} MB)"
-    )
+    series = {"daemon": [rss for rss, _ in after]}
+    if all(len(w) == len(after[0][1]) for _, w in after):
+        for i in range(len(after[0][1])):
+            series[f"worker {i + 1}"] = [w[i] for _, w in after]
+    for name, values in series.items():
+        print(
+            f"{name} after warm-up ({warm_up} images): RSS {values[0]:.0f} → {values[-1]:.0f} MB "
+            f"(rise {values[-1] - values[0]:+.0f} MB, range {max(values) - min(values):.0f} MB)"
+        )
 
 
 if __name__ == "__main__":

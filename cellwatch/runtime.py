@@ -59,6 +59,14 @@ INT8_MAX_LOSS = 0.005
 ENTRY_FORMAT = 1  # bump when what an entry holds changes: old entries are then rebuilt
 OV_PRECISION_HINT = {"f32": "f32", "bf16": "bf16", "int8": "f32"}
 
+#: Input shapes whose prepared kernels and buffers OpenVINO's CPU plugin keeps (least
+#: recently used first out). Tiles shrink to fit each image and the zoom is chosen per
+#: image, so a daemon meets new tile shapes for months; OpenVINO's default keeps 5,000,
+#: about 2.5 MB each for the default U-Net (``benchmarks/shape_cache.py``), and the RSS
+#: of a daemon rose with every new shape. 32 holds the shapes of the images in hand
+#: (``tiling.images_at_once``) many times over.
+OV_SHAPE_CACHE = 32
+
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -233,7 +241,11 @@ def _compiled(folder: Path, entry: Mapping[str, Any], precision: str) -> Any:
     network = core.read_model(folder / "model.xml")
     hint = OV_PRECISION_HINT[precision]
     try:
-        return core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        return core.compile_model(
+            network,
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": hint, "CPU_RUNTIME_CACHE_CAPACITY": OV_SHAPE_CACHE},
+        )
     except RuntimeError as exc:
         raise ModelError(f"OpenVINO cannot compile {folder / 'model.xml'}: {exc}") from exc
 

@@ -7,8 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
+from pathlib import Path
 
-from cellwatch.service.memory import Trimmer
+import pytest
+
+from cellwatch.errors import ConfigError
+from cellwatch.service.memory import TRACE_ENV, TRACE_EVERY_ENV, HeapTrace, Trimmer
 
 # Threads allocate and free arrays of mixed sizes, keeping one in 25, as the pipeline does
 # image after image; glibc keeps the freed pages of its arenas resident until trimmed.
@@ -68,3 +73,34 @@ def test_trimmer_trims_at_most_once_per_interval():
         clock[0] = t
         trimmer()
     assert calls == [0.0, 1.0, 5.0]
+
+
+def test_heap_trace_reports_the_line_that_grows(tmp_path: Path) -> None:
+    """``CELLWATCH_TRACEMALLOC``: every N images the report names the growing line."""
+    report = tmp_path / "heap.txt"
+    trace = HeapTrace.from_environ({TRACE_ENV: str(report), TRACE_EVERY_ENV: "10"})
+    assert trace is not None
+    kept: list[bytes] = []
+    try:
+        assert trace(10)  # the first snapshot
+        assert not trace(15)  # not 10 more images yet
+        for _ in range(200):
+            kept.append(bytes(10_000))  # the leak: 2 MB
+        assert trace(20)
+    finally:
+        tracemalloc.stop()
+    text = report.read_text()
+    assert "== 10 images: RSS" in text and "== 20 images: RSS" in text
+    growth = text.split("-- grown most since the previous snapshot:")[1].splitlines()[1]
+    assert "test_memory.py" in growth and "size=" in growth, text
+
+
+def test_heap_trace_is_off_unless_asked_and_says_what_is_wrong(tmp_path: Path) -> None:
+    assert HeapTrace.from_environ({}) is None
+    try:  # a Dask worker writes a file of its own
+        worker = HeapTrace.from_environ({TRACE_ENV: str(tmp_path / "h")}, suffix=".worker-7")
+        assert worker is not None and worker.path == tmp_path / "h.worker-7"
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(ConfigError, match="CELLWATCH_TRACEMALLOC_EVERY='often'"):
+        HeapTrace.from_environ({TRACE_ENV: "/tmp/x", TRACE_EVERY_ENV: "often"})

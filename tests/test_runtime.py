@@ -224,3 +224,40 @@ def test_augment_is_on_the_model_when_configured(threshold_model):
     assert model.augment
     labels = Segmenter(config, model).segment(image).labels
     assert labels.max() == 2
+
+
+def test_openvino_keeps_a_bounded_number_of_input_shapes(monkeypatch, tmp_path):
+    """Tiles fit each image and the zoom is chosen per image, so a daemon meets new input
+    shapes for months; OpenVINO's CPU plugin keeps ~2.5 MB per shape it has seen (5,000 by
+    default: the daemon's RSS rose with every new shape, ``benchmarks/shape_cache.py``).
+    The model is compiled with a bounded cache of shapes."""
+    from cellwatch import runtime
+
+    compiled: list[dict] = []
+
+    class Core:
+        def read_model(self, path):
+            return path
+
+        def compile_model(self, network, device, config):
+            compiled.append(dict(config, device=device))
+            return object()
+
+    monkeypatch.setattr(runtime, "_openvino", lambda: type("ov", (), {"Core": Core}))
+    runtime._compiled(tmp_path, {}, "bf16")
+    assert compiled == [
+        {
+            "device": "CPU",
+            "INFERENCE_PRECISION_HINT": "bf16",
+            "CPU_RUNTIME_CACHE_CAPACITY": runtime.OV_SHAPE_CACHE,
+        }
+    ]
+    assert 8 <= runtime.OV_SHAPE_CACHE <= 64  # the shapes in hand fit; ≤ ~160 MB in all
+
+
+def test_openvino_accepts_the_shape_cache_setting(threshold_model):
+    """The real plugin takes the setting (it refuses names it does not know)."""
+    model = load_with(threshold_model)
+    assert model.runtime == "openvino"
+    out = model.network.create_infer_request().infer({0: np.zeros((1, 32, 48, 1), np.float32)})
+    assert out[0].shape == (1, 32, 48, 3)

@@ -279,6 +279,10 @@ class Pool:
         settings = {
             "distributed.scheduler.allowed-failures": 0,
             "distributed.scheduler.worker-saturation": 1.0,
+            # Dask's statistical profiler samples each worker's threads every 10 ms and
+            # keeps what it saw by task and by second: with the pipeline's deep stacks
+            # each worker grew ~50 MB per 1,000 images (benchmarks/soak.py --workers 2).
+            "distributed.worker.profile.enabled": False,
         }
         with dask.config.set(settings):
             return SpecCluster(

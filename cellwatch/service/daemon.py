@@ -54,6 +54,7 @@ from cellwatch.service.dask_runner import DaskRunner
 from cellwatch.service.engine import Engine, Paths, load_engine, override_compute, stopwatch_of
 from cellwatch.service.jobs import FileVersion, JobQueue
 from cellwatch.service.local_runner import LocalRunner
+from cellwatch.service.memory import HeapTrace
 from cellwatch.service.metrics import Metrics, MetricsServer, serve
 from cellwatch.service.pause import Pause
 from cellwatch.service.recorder import Key, Recorder
@@ -154,6 +155,7 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
         self.pause = Pause(self.stop, self.metrics)  # while the results disk is full
+        self.heap_trace = HeapTrace.from_environ()  # CELLWATCH_TRACEMALLOC: debugging only
 
     def serve(self) -> int:
         """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 if a thread died."""
@@ -303,6 +305,8 @@ class Daemon:
                 next_beat = time.monotonic() + HEARTBEAT_S
                 pauses = self.pause.changes  # paused or resumed: say so at once
                 self._beat(queue, worker)
+                if self.heap_trace is not None:
+                    self.heap_trace(worker.done)
         return 0
 
     def _refresh_reports(self) -> None:

@@ -12,13 +12,18 @@ called after each batch of jobs (the in-process runner) or each image (a Dask wo
 
 from __future__ import annotations
 
-__all__ = ["Trimmer", "trim"]
+__all__ = ["TRACE_ENV", "TRACE_EVERY_ENV", "HeapTrace", "Trimmer", "rss_mb", "trim"]
 
 import ctypes
 import ctypes.util
+import os
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Mapping
 from functools import cache
+from pathlib import Path
+
+from cellwatch.errors import ConfigError
 
 
 @cache
@@ -71,3 +76,101 @@ class Trimmer:
             self._last = now
             self.release()
             self.trims += 1
+
+
+TRACE_ENV = "CELLWATCH_TRACEMALLOC"  # a file: the daemon appends its heap's growth there
+TRACE_EVERY_ENV = "CELLWATCH_TRACEMALLOC_EVERY"  # images between two snapshots (500)
+
+
+class HeapTrace:
+    """A debugging aid for memory that grows: Python's ``tracemalloc`` in the daemon.
+
+    With ``CELLWATCH_TRACEMALLOC=FILE`` in its environment, ``cellwatch watch`` traces every
+    Python allocation (NumPy's arrays included) and, every ``CELLWATCH_TRACEMALLOC_EVERY``
+    images (default 500), appends to ``FILE`` its resident memory, the traced total, and
+    the source lines whose allocations grew most since the previous snapshot and since
+    the first one (each Dask worker writes ``FILE.worker-PID``). Memory that grows in RSS but not in the traced total is native (the C
+    heap, OpenVINO, TensorFlow). Tracing slows the daemon; it is for finding a leak, not
+    for production.
+
+    Parameters
+    ----------
+    path : Path
+        The report file (appended to).
+    every : int
+        Images between two snapshots.
+    frames : int
+        Frames kept per allocation.
+    top : int
+        Lines listed per comparison.
+    """
+
+    def __init__(self, path: Path, every: int = 500, *, frames: int = 10, top: int = 15) -> None:
+        if every < 1:
+            raise ConfigError(
+                f"{TRACE_EVERY_ENV}={every} must be a positive number of images; unset it or "
+                "give e.g. 500"
+            )
+        self.path, self.every, self.top = Path(path), every, top
+        self._first: tracemalloc.Snapshot | None = None
+        self._last: tracemalloc.Snapshot | None = None
+        self._next = every
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(frames)
+
+    @classmethod
+    def from_environ(
+        cls, environ: Mapping[str, str] = os.environ, *, suffix: str = ""
+    ) -> HeapTrace | None:
+        """The trace that ``CELLWATCH_TRACEMALLOC`` asks for, or None (the usual case);
+        ``suffix`` is added to the file's name (a Dask worker's own file)."""
+        path = environ.get(TRACE_ENV)
+        if not path:
+            return None
+        raw = environ.get(TRACE_EVERY_ENV, "500")
+        try:
+            every = int(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{TRACE_EVERY_ENV}={raw!r} is not a number of images; unset it or give e.g. 500"
+            ) from None
+        return cls(Path(path + suffix), every)
+
+    def __call__(self, done: int) -> bool:
+        """Snapshot and report if ``every`` more images were done since the last report;
+        True if it did."""
+        if done < self._next:
+            return False
+        self._next = done + self.every
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        traced, peak = tracemalloc.get_traced_memory()
+        lines = [
+            f"== {done} images: RSS {rss_mb():.0f} MB, traced {traced / 1e6:.1f} MB "
+            f"(peak {peak / 1e6:.1f} MB)"
+        ]
+        for title, base in (("previous snapshot", self._last), ("first snapshot", self._first)):
+            if base is None:
+                continue
+            lines.append(f"-- grown most since the {title}:")
+            for stat in snapshot.compare_to(base, "lineno")[: self.top]:
+                lines.append(f"   {stat}")
+        if self._first is None:
+            self._first = snapshot
+        self._last = snapshot
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        return True
+
+
+def rss_mb() -> float:
+    """This process's resident memory (VmRSS), in MB; 0 where ``/proc`` has none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from cellwatch.config import Config
 from cellwatch.errors import ClusterError
 from cellwatch.service.crash import crash_point
-from cellwatch.service.memory import Trimmer
+from cellwatch.service.memory import HeapTrace, Trimmer
 
 if TYPE_CHECKING:
     from cellwatch.pipeline import ImageResult, Segmenter
@@ -42,6 +42,10 @@ _segmenters: OrderedDict[tuple[str | None, str, str], Segmenter] = OrderedDict()
 _loading = threading.Lock()
 _device: str | None = None
 _trim = Trimmer()  # freed pages back to the system after each image
+# CELLWATCH_TRACEMALLOC=FILE: each worker appends its heap's growth to FILE.worker-PID
+_heap_trace = HeapTrace.from_environ(suffix=f".worker-{os.getpid()}")
+_tasks_done = 0
+_counting = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,19 @@ def run_task(task: Task) -> Done:
     )
     crash_point("after-labels", task.path)
     _trim()
+    _count_task()
     # With several threads per worker the stages of images side by side mix: a share each.
     stages = {k: v - before.get(k, 0.0) for k, v in segmenter.stopwatch.totals.items()}
     return Done(result, _worker_address(), _device or "unknown", stages)
+
+
+def _count_task() -> None:
+    """One more image done in this worker (for the optional heap trace)."""
+    global _tasks_done
+    with _counting:
+        _tasks_done += 1
+        if _heap_trace is not None:
+            _heap_trace(_tasks_done)
 
 
 def warm_up(config: Config, folders: list[tuple[str, bool]], model: str = "") -> dict[str, Any]:
