@@ -86,7 +86,9 @@ def cellwatch(
     """``cellwatch predict`` as a new process, in an emptied ``out`` (a rerun would skip
     the images counted there); with ``source``, the cellwatch of that checkout (an
     earlier version, run with its own defaults) instead of this one."""
-    command = [sys.executable, "-m", "cellwatch", "predict", *map(str, inputs)]
+    # -P: the working folder is not put first on the path, so the cellwatch that runs is
+    # the one PYTHONPATH (``source``) or the install names, not a checkout one stands in
+    command = [sys.executable, "-P", "-m", "cellwatch", "predict", *map(str, inputs)]
     command += ["--out", str(out), "--quiet"]
     shutil.rmtree(out, ignore_errors=True)
     if source is not None:
