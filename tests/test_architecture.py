@@ -239,6 +239,7 @@ SERVICE_ROOMS: dict[str, set[str]] = {
     "daemon": {  # the daemon's life: start-up, signals, reload, heartbeat, reports
         "dask_runner", "engine", "jobs", "local_runner", "metrics", "recorder", "schedule",
         "sdnotify", "watcher", "cluster", "pause",
+        "memory",  # its heap trace (CELLWATCH_TRACEMALLOC), a debugging hook of its life
     },
     "engine": {"jobs", "cluster"},  # the folders, the settings and the loaded model
     "recorder": {"driver", "engine", "jobs", "metrics", "watcher", "pause"},  # exactly once
