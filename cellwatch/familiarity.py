@@ -396,10 +396,9 @@ def periodicity(image: np.ndarray) -> float | None:
     image = np.asarray(image, dtype=np.float64)
     image = image - image.mean()
     h, w = image.shape
-    # Shifts up to half the size are kept. The circular correlation of the image padded
-    # to n >= 1.5 times its size holds the linear one there unwrapped (a shift d meets
-    # its alias d - n only where n - d > size, no overlap), so no more padding is needed;
-    # n is a size the FFT is fast at.
+    # Shifts d up to half the size are kept. Padded to n > 1.5 times its size, the
+    # circular correlation at d is the linear one: it adds the linear one at d - n, which
+    # is zero because |d - n| >= size (no pixels overlap). n is a size the FFT is fast at.
     dy, dx = np.arange(-(h // 2), h // 2 + 1), np.arange(-(w // 2), w // 2 + 1)
     padded = (next_fast_len(h + h // 2 + 1, real=True), next_fast_len(w + w // 2 + 1, real=True))
     power = np.abs(fft.rfft2(image, s=padded)) ** 2
