@@ -269,3 +269,24 @@ def test_an_image_whose_files_found_the_disk_full_goes_back_without_an_attempt(s
     s.pool.finish(key)
     runner.work(s.queue)
     assert rows(s.paths) == [("a.tif", "", "ok")] and not runner.pause.paused
+
+
+def test_a_full_disk_found_beside_an_image_that_landed_does_not_pause(setup):
+    """A write that failed before space was freed, harvested with one that landed after:
+    there is room, so no pause; the image goes back, its attempt unspent."""
+    from cellwatch.errors import DiskFullError
+    from cellwatch.service.pause import Pause
+
+    s = setup
+    runner = s.make(["a.tif", "b.tif"])
+    runner.pause = Pause(runner.stop, first_s=60.0)  # a hold would stall the test
+    runner.work(s.queue)
+    a, b = sorted(s.pool.tasks, key=lambda key: Path(s.pool.tasks[key].path).name)
+    s.pool.finish(a, error=DiskFullError("could not write /out/labels/a.tif (No space left)"))
+    s.pool.finish(b)
+    started = time.monotonic()
+    runner.work(s.queue)
+    assert time.monotonic() - started < 10 and runner.pause.changes == 0
+    assert rows(s.paths) == [("b.tif", "", "ok")]
+    [job] = s.queue.jobs(("pending", "running"))
+    assert (job.rel_path, job.attempts) == ("a.tif", 1)

@@ -292,7 +292,8 @@ def test_a_label_image_that_finds_the_disk_full_is_run_again_without_an_attempt(
     rows = ledger_rows(s.paths)
     assert {name: row["status"] for name, row in rows.items()} == {"a.tif": "ok", "b.tif": "ok"}
     assert {j.rel_path: j.attempts for j in s.queue.jobs(("done",))} == {"a.tif": 1, "b.tif": 1}
-    assert not worker.pause.paused
+    # b landed after a found the disk full, so there was room: a went again at once, no pause
+    assert not worker.pause.paused and worker.pause.changes == 0
 
     worker2, _ = s.make({"c.tif": [full] * 1000})
     worker2.pause = Pause(worker2.stop, first_s=0.01, most_s=0.02)
@@ -300,3 +301,4 @@ def test_a_label_image_that_finds_the_disk_full_is_run_again_without_an_attempt(
     assert worker2.work(s.queue)
     [c] = s.queue.jobs(("pending",))
     assert (c.rel_path, c.attempts) == ("c.tif", 0) and "c.tif" not in ledger_rows(s.paths)
+    assert worker2.pause.paused and worker2.pause.changes == 1  # paused once, however many tries

@@ -337,10 +337,12 @@ class DaskRunner:
             queue.finish(outcomes)
             crash_point("after-commit", " ".join(s.job.rel_path for s in settled))
         recorder.metrics.queue(queue.counts())
-        if full is not None and self.pause is not None:
+        if results and self.pause is not None:
+            # Their files and rows landed: there is room again, and a full disk found by
+            # another image of this harvest was found before the space was freed.
+            self.pause.resume()
+        elif full is not None and self.pause is not None:
             self.pause.hold(full)  # before more work goes out; Stopped when stopping
-        elif results and self.pause is not None:
-            self.pause.resume()  # their files and rows landed: there is room again
         return True
 
     def _retry_or_give_up(

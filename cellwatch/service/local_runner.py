@@ -152,8 +152,10 @@ class LocalRunner:
                             faults.setdefault(job.job_id, outcome)
                     else:
                         recorder.record(recorder.check_content(job, engine, outcome), engine)
-                if full and self.pause is not None:
+                if full and len(full) == len(group) and self.pause is not None:
                     self.pause.hold(full[0][1])  # waits; Stopped when the daemon stops
+                # Else some image of the group landed: there was room after all (a write
+                # that failed before space was freed), so the others go again at once.
                 group = [unit for unit, _ in full]
         engine = self.engine
         outcomes: dict[str, Any] = {}
