@@ -104,3 +104,66 @@ def test_heap_trace_is_off_unless_asked_and_says_what_is_wrong(tmp_path: Path) -
         tracemalloc.stop()
     with pytest.raises(ConfigError, match="CELLWATCH_TRACEMALLOC_EVERY='often'"):
         HeapTrace.from_environ({TRACE_ENV: "/tmp/x", TRACE_EVERY_ENV: "often"})
+
+
+# Threads that each allocate while the others hold their arrays: glibc gives every new
+# thread an arena of its own, up to 8 per core, unless the number is limited.
+ARENAS = textwrap.dedent(
+    """
+    import ctypes, threading, numpy as np
+    from cellwatch.service import memory
+    print(LIMIT)
+    ready, go = threading.Barrier(6), threading.Event()
+    def work():
+        kept = np.ones(100_000, np.uint8)  # from this thread's arena (under mmap's threshold)
+        ready.wait(); go.wait()
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    [t.start() for t in threads]; go.set(); [t.join() for t in threads]
+    ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+    """
+)
+
+
+def arenas(limited: bool, environ: dict[str, str] | None = None) -> tuple[str, int]:
+    code = ARENAS.replace("LIMIT", "memory.limit_arenas()" if limited else "None")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, **(environ or {})},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip(), done.stderr.count("Arena ")
+
+
+def test_limit_arenas_makes_threads_share_two_arenas():
+    """The daemon's threads share :data:`~cellwatch.service.memory.ARENAS` arenas, so
+    freed memory is not kept in a dozen of them (the in-process soak's creep)."""
+    from cellwatch.service.memory import ARENAS as LIMIT
+
+    _, unlimited = arenas(limited=False)
+    assert unlimited > LIMIT + 2, "each thread gets an arena of its own (else no test)"
+    said, limited = arenas(limited=True)
+    assert (said, limited) == ("True", LIMIT)
+    said, chosen = arenas(limited=True, environ={"MALLOC_ARENA_MAX": "3"})  # a person's choice
+    assert (said, chosen) == ("False", 3)
+
+
+def test_the_daemon_limits_the_arenas_before_it_starts(monkeypatch):
+    from cellwatch.service import daemon
+
+    calls: list[str] = []
+    monkeypatch.setattr(daemon, "limit_arenas", lambda: calls.append("limit_arenas"))
+
+    class Started:
+        def __init__(self, load_config) -> None:
+            calls.append("Daemon")
+
+        def serve(self) -> int:
+            return 0
+
+    monkeypatch.setattr(daemon, "Daemon", Started)
+    assert daemon.run(None) == 0  # type: ignore[arg-type]
+    assert calls == ["limit_arenas", "Daemon"]
