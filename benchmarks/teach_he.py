@@ -9,6 +9,11 @@ on the 73 training images not used.
 
     python benchmarks/teach_he.py --minutes 10 --out /tmp/teach-he          # the default
     python benchmarks/teach_he.py --minutes 10 --out /tmp/x -- --crop 256    # a variant
+    python benchmarks/teach_he.py --minutes 60 --out /tmp/x --skip-base --sets choosing \
+        -- --steps 524 --warmup-steps 50      # a variant at equal steps, scored for choosing
+
+``--sets choosing`` scores only every third of the other training images (25): the set
+recipes are chosen on, so that the validation images are scored once, at the end.
 
 Prints one Markdown row per model and scored set, and writes ``results.json`` to ``--out``.
 Timings depend on the machine and on what else runs on it; say so when you quote them.
@@ -82,6 +87,14 @@ def main() -> None:
     parser.add_argument("--channel", default="hematoxylin")
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
     parser.add_argument("--other-train", type=int, default=73, help="other train images scored")
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        choices=("val", "other", "choosing"),
+        default=["val", "other"],
+        help="what to score: val (26), other (the other training images), choosing (every "
+        "third of the other training images: the set recipes are chosen on)",
+    )
     parser.add_argument("extra", nargs="*", help="more flags for cellwatch finetune (after --)")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -95,6 +108,8 @@ def main() -> None:
         sorted(p.name for p in (DATA / "val" / "images").iterdir()), DATA / "val", out / "val"
     )
     other = link_pairs(others, DATA / "train", out / "other-train")
+    choosing = link_pairs(others[::3], DATA / "train", out / "choosing")
+    sets = {"val": val, "other": other, "choosing": choosing}
     config = out / "config.yaml"
     config.write_text(f"input:\n  channel: {args.channel}\n")
     model = out / "he.keras"
@@ -122,7 +137,7 @@ def main() -> None:
     }
     models = {"new": model} if args.skip_base else {"base": BUNDLED, "new": model}
     for label, path in models.items():
-        for folder in (val, other) if others else (val,):
+        for folder in (sets[name] for name in args.sets if name == "val" or others):
             results["scores"][f"{label} {folder.name}"] = score(path, folder, config, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"# {results['command']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,48 @@ def test_stain_jitter_lets_eosin_leak_into_the_hematoxylin_plane(tmp_path):
     x_still = crop_batches([sample], still, 3, seed=0)[0][0]
     x_jittered = crop_batches([sample], jittered, 3, seed=0)[0][0]
     assert not np.allclose(x_still, x_jittered)
+
+
+def test_warmup_raises_the_learning_rate_linearly_then_follows_the_cosine(tiny_base):
+    import keras
+
+    def rates(settings: FinetuneSettings, steps: int) -> list[float]:
+        network = keras.saving.load_model(tiny_base, compile=False)
+        network.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss="mse")
+        budget = tuning._budget(settings, lambda: 0.0)  # a clock that stands still
+        budget.set_model(network)
+        seen = []
+        for step in range(steps):
+            budget.on_train_batch_begin(step)
+            seen.append(float(network.optimizer.learning_rate.numpy()))
+            budget.on_train_batch_end(step)
+        return seen
+
+    plain = FinetuneSettings(learning_rate=1e-3, max_steps=100, warmup_steps=0)
+    cosine = rates(plain, 8)
+    warmed = rates(replace(plain, warmup_steps=4), 8)
+    assert cosine[0] == pytest.approx(1e-3) and cosine[7] < cosine[0]
+    assert warmed[:4] == pytest.approx(
+        [c * k / 4 for c, k in zip(cosine[:4], (1, 2, 3, 4), strict=True)]
+    )
+    assert warmed[4:] == pytest.approx(cosine[4:])
+
+
+def test_the_command_passes_warmup_and_holdout_and_checks_them(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def record(pairs, out, settings, **kwargs):
+        seen["settings"] = settings
+        raise Refused("recorded")
+
+    monkeypatch.setattr(tuning, "finetune", record)
+    folder = corrections(tmp_path / "corrections")
+    command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
+    assert main([*command, "--warmup-steps", "50", "--holdout", "0.125"]) == 1
+    assert seen["settings"].warmup_steps == 50 and seen["settings"].holdout == 0.125
+    pairs = [(Path(f"i{i}"), Path(f"m{i}")) for i in range(8)]
+    assert [len(p) for p in holdout_split(pairs, seen["settings"].holdout, 0)] == [7, 1]
+    capsys.readouterr()
+    assert main([*command, "--holdout", "1"]) == 2
+    assert "--holdout" in capsys.readouterr().err
+    assert main([*command, "--warmup-steps", "-1"]) == 2

@@ -68,6 +68,7 @@ class FinetuneSettings:
     score_every: int = 50  # keep="score": score the held-out images every this many steps
     learning_rate: float = 1e-3
     final_learning_rate: float = 5e-5  # where the cosine over the budget ends
+    warmup_steps: int = 0  # the rate rises linearly from ~0 over these first steps
     freeze_encoder: bool = False
     holdout: float = 0.25  # share of the corrections held out (at least 1 from 4 on)
     seed: int = 0
@@ -286,8 +287,14 @@ def _trainable_copy(base: Path, settings: FinetuneSettings) -> Any:
 def _budget(settings: FinetuneSettings, clock: Any) -> Any:
     """A Keras callback that stops training when the budget is spent and lowers the learning
     rate along a cosine over the time spent, so a slow machine gets the same schedule in
-    fewer steps. Its ``steps`` and ``elapsed()`` say how far it got."""
+    fewer steps; over the first ``settings.warmup_steps`` steps the rate is scaled up
+    linearly from 1/warmup_steps of it to all of it. Its ``steps`` and ``elapsed()`` say how far it got."""
     import keras
+
+    def warmup(step: int) -> float:
+        """The share of the cosine's rate at ``step``: rising linearly to 1 over the
+        warm-up, so the first steps do not wreck what the base model knows."""
+        return min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
 
     class Budget(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -303,7 +310,7 @@ def _budget(settings: FinetuneSettings, clock: Any) -> Any:
                 done = max(done, self.steps / settings.max_steps)
             low, high = settings.final_learning_rate, settings.learning_rate
             rate = low + (high - low) * 0.5 * (1 + math.cos(math.pi * done))
-            self.model.optimizer.learning_rate.assign(rate)
+            self.model.optimizer.learning_rate.assign(rate * warmup(self.steps))
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self.steps += 1
@@ -427,6 +434,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
     parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        metavar="N",
+        help="raise the learning rate linearly from about 0 over the first N steps "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=d.holdout,
+        metavar="SHARE",
+        help="share of the corrections held out to judge the model (at least 1 image once "
+        "there are 4, none below 4; default: %(default)s)",
+    )
+    parser.add_argument(
         "--freeze-encoder", action="store_true", help="train only the decoder (expanding path)"
     )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
@@ -458,6 +481,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
     if not 0 <= args.stain_jitter < 1:
         raise ConfigError(f"--stain-jitter must be from 0 to below 1, got {args.stain_jitter}")
+    if args.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be 0 (no warm-up) or more, got {args.warmup_steps}")
+    if not 0 <= args.holdout < 1:
+        raise ConfigError(
+            f"--holdout is the share of the corrections held out, from 0 to below 1; got "
+            f"{args.holdout}"
+        )
     if args.score_every < 1:
         raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
     config = load_config(args.config)
@@ -472,6 +502,8 @@ def run(args: argparse.Namespace) -> int:
         crop=args.crop,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        holdout=args.holdout,
         freeze_encoder=args.freeze_encoder,
         bf16=args.bf16,
         seed=args.seed,
