@@ -47,6 +47,13 @@ __all__ = [
 log = logging.getLogger("cellwatch.cluster")
 
 CONNECT_TIMEOUT_S = 15.0  # a scheduler that does not answer in this time is unreachable
+
+#: Messages Dask keeps of each stream (scheduler to each worker, client to scheduler) and
+#: scheduler transitions, for developers' debugging; Dask's default is 1,000 of each. A
+#: message that hands a worker an image holds the whole task, settings included, so the
+#: daemon, which hosts the local scheduler, grew 67 MB over 5,000 images with two workers
+#: (``benchmarks/soak.py --workers 2``) until each stream's log was full.
+DASK_MESSAGE_LOG = 50
 GREETING_S = 5.0  # a Dask scheduler greets a new connection at once; a web server waits
 GPU_PROCESSES = 8  # worker processes per GPU for workers: auto (see docs/benchmarks.md)
 MAX_CHECKED_FOLDERS = 1000  # images whose folders the workers check at start
@@ -232,9 +239,13 @@ class Pool:
         ClusterError
             The scheduler does not answer within :data:`CONNECT_TIMEOUT_S`.
         """
+        import dask
         from distributed import Client
 
         logging.getLogger("distributed").setLevel(logging.WARNING)
+        # For this process (its client, and the local scheduler with its streams to the
+        # workers, made later as workers join): see DASK_MESSAGE_LOG.
+        dask.config.set({"distributed.admin.low-level-log-length": DASK_MESSAGE_LOG})
         if self.compute.scheduler is None:
             self.cluster = self._start_local()
             self.client = Client(self.cluster, set_as_default=False)
