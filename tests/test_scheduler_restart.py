@@ -80,5 +80,8 @@ def test_a_restarted_scheduler_resumes_the_work_and_every_image_gets_one_row(
         done.set()
     log = cw.log()
     assert "Traceback" not in log, log[-6000:]  # in words, once; not distributed's traceback
-    assert log.count("lost the Dask scheduler at") == 1, log[-3000:]
-    assert log.count("is back; resuming") == 1, log[-3000:]
+    # Said once, never per try. On a busy machine the client may reconnect between two of
+    # the daemon's checks: it never sees the loss, and the lost tasks come back cancelled
+    # and go back to the queue (the rows above), so nothing is said at all.
+    lost = log.count("lost the Dask scheduler at")
+    assert lost <= 1 and log.count("is back; resuming") == lost, log[-3000:]
