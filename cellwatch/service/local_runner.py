@@ -154,8 +154,10 @@ class LocalRunner:
                         recorder.record(recorder.check_content(job, engine, outcome), engine)
                 if full and len(full) == len(group) and self.pause is not None:
                     self.pause.hold(full[0][1])  # waits; Stopped when the daemon stops
-                # Else some image of the group landed: there was room after all (a write
-                # that failed before space was freed), so the others go again at once.
+                # Else another image of the group landed (there was room after all: these
+                # writes failed before space was freed) or failed for a reason of its own:
+                # the images that found the disk full go again at once, and pause only
+                # when a whole group finds it full.
                 group = [unit for unit, _ in full]
         engine = self.engine
         outcomes: dict[str, Any] = {}
