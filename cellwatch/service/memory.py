@@ -126,9 +126,9 @@ class HeapTrace:
     Python allocation (NumPy's arrays included) and, every ``CELLWATCH_TRACEMALLOC_EVERY``
     images (default 500), appends to ``FILE`` its resident memory, the traced total, and
     the source lines whose allocations grew most since the previous snapshot and since
-    the first one (each Dask worker writes ``FILE.worker-PID``). Memory that grows in RSS but not in the traced total is native (the C
-    heap, OpenVINO, TensorFlow). Tracing slows the daemon; it is for finding a leak, not
-    for production.
+    the first one (each Dask worker writes ``FILE.worker-PID``). Memory that grows in RSS
+    but not in the traced total is native (the C heap, OpenVINO, TensorFlow). Tracing
+    slows the daemon; it is for finding a leak, not for production.
 
     Parameters
     ----------
