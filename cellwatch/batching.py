@@ -96,12 +96,13 @@ class SharedBatches:
         prepare: Prepare | None = None,
         *,
         stitcher: MakeStitcher | None = None,
+        settings: TileSettings | None = None,
     ) -> np.ndarray:
         """The stitched ``(H, W, C)`` network output for ``image`` (see
-        :func:`~cellwatch.tiling.predict_tiled` for ``prepare`` and ``stitcher``); blocks
-        until ready."""
+        :func:`~cellwatch.tiling.predict_tiled` for ``prepare`` and ``stitcher``; ``settings``
+        tile it instead of the shared ones); blocks until ready."""
         with self._cond:
-            job = self._queue.add(image, prepare, stitcher=stitcher)
+            job = self._queue.add(image, prepare, stitcher=stitcher, settings=settings)
             self._changed = self._clock()
             self._busy -= 1
             try:

@@ -291,7 +291,9 @@ def _predict_here(args: argparse.Namespace, config: Config, run: Run, jobs: Pred
         print(f"network: {describe(segmenter.model)}", file=sys.stderr)
     out_dir = jobs.out_dir
     failed = counted = 0  # images: each scene of a file of several counts as one
-    size = config.tiling.batch_size  # images per group: their tiles share inference batches
+    # images per group, as the daemon groups them: one is read, labelled and written while
+    # the network works on another, and their tiles share inference batches
+    size = config.tiling.images_at_once
     groups = [run.images[i : i + size] for i in range(0, len(run.images), size)]
     ids = iter(run.job_ids)
     for paths in progress(groups, enabled=not args.quiet and sys.stderr.isatty()):

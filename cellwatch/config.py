@@ -148,7 +148,7 @@ class ScaleConfig:
 class TilingConfig:
     """``tiling``: tile size, overlap and batch size of the network's passes."""
 
-    tile_size: int = 960  # the largest tile: tiles shrink to fit each image
+    tile_size: int = 1536  # the largest tile: tiles shrink to fit each image, and for memory
     overlap: int | Literal["auto"] = "auto"  # auto: from the model's receptive field
     batch_size: int = 1
     images_at_once: int = 8  # images worked on together; their tiles share the batches

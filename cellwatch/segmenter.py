@@ -49,6 +49,7 @@ from cellwatch.tiling import (
     TileSource,
     predict_tiled,
     tile_settings,
+    tile_side_for_memory,
 )
 from cellwatch.timing import Stopwatch
 
@@ -86,7 +87,8 @@ class Segmenter:
     ) -> None:
         self.config = config
         self.model = model
-        self.tiling = tiling_for(config, model)
+        self.tiling = tiling_for(config, model)  # the largest tiles: tiles_for sizes them
+        self._tilings = {self.tiling.tile: self.tiling}
         self.stopwatch = stopwatch or Stopwatch()
         from cellwatch.runtime import predict_fn  # the runtime that loaded the model runs it
 
@@ -258,18 +260,31 @@ class Segmenter:
         plane that labelling reads, or with ``raw`` the model's own output, every class.
         """
         source, prepare, stitcher = self._network_input(image, scale, normalization)
+        settings = self.tiles_for(image.size)
         shared: SharedBatches | None = getattr(self._local, "shared", None)
         if shared is not None and not raw:  # in process_images: batches shared with others
-            return shared.predict(source, prepare, stitcher=stitcher)
+            return shared.predict(source, prepare, stitcher=stitcher, settings=settings)
         return predict_tiled(
             source,
             self.predict_batch if raw else self.predict_plane,
-            self.tiling,
+            settings,
             batch_size=self.config.tiling.batch_size,
             stopwatch=self.stopwatch,
             prepare=prepare,
             stitcher=stitcher,
         )
+
+    def tiles_for(self, image_px: int) -> TileSettings:
+        """How an image of ``image_px`` pixels is tiled: tiles up to ``tiling.tile_size``,
+        smaller for a large image, so the memory of counting it stays within budget
+        (:func:`~cellwatch.tiling.tile_side_for_memory`). Labels do not depend on it."""
+        t = self.tiling
+        if not t.fit:  # a network whose input size is fixed
+            return t
+        side = tile_side_for_memory(t.tile, image_px, self.model.precision, align=t.align)
+        if side not in self._tilings:
+            self._tilings[side] = tiling_for(self.config, self.model, side)
+        return self._tilings[side]
 
     def _network_input(
         self,
@@ -399,13 +414,13 @@ class Segmenter:
         return labelled
 
 
-def tiling_for(config: Config, model: LoadedModel) -> TileSettings:
+def tiling_for(config: Config, model: LoadedModel, tile: int | None = None) -> TileSettings:
     """The tiles ``config`` asks for, aligned to the model's pooling grid; with
     ``tiling.overlap: auto``, an overlap that covers the model's receptive field. Tiles are
-    at most ``tiling.tile_size`` and shrink to fit each image. A network whose input size
-    is fixed (the seed architecture) gets tiles of that size."""
+    at most ``tiling.tile_size`` (or ``tile``) and shrink to fit each image. A network whose
+    input size is fixed (the seed architecture) gets tiles of that size."""
     t = config.tiling
-    tile = model.input_px or t.tile_size
+    tile = model.input_px or tile or t.tile_size
     context = model.context_px if t.overlap == "auto" else None
     try:
         return tile_settings(

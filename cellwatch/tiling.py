@@ -30,8 +30,10 @@ __all__ = [
     "predict_tiled",
     "predict_tiled_many",
     "tile_settings",
+    "tile_side_for_memory",
 ]
 
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -112,6 +114,46 @@ class _Batch:
     runs: list[tuple[TileJob, int, int, int]] = field(default_factory=list)  # job, first, n, slot
 
 
+#: Peak memory of counting one image, as measured (docs/speed.md, "Memory"): a fixed part
+#: (the interpreter, the libraries, the model), a part per pixel of the image (its pixels,
+#: the stitched output plane, its labels) and the network's working memory per pixel of a
+#: tile, which depends on the precision it runs at (OpenVINO on two cores, bundled model).
+MEMORY_BUDGET_MB = 950
+FIXED_MB = 210
+IMAGE_BYTES_PER_PX = 8
+TILE_BYTES_PER_PX = {"f32": 420, "bf16": 250, "int8": 310}
+#: Tiles of images too large for the budget are not made smaller than this: their margins
+#: would then cost more network time than the memory they save is worth.
+SMALLEST_TILE = 960
+
+
+def tile_side_for_memory(largest: int, image_px: int, precision: str, *, align: int = 16) -> int:
+    """The tile side for an image of ``image_px`` pixels: the largest multiple of ``align``
+    up to ``largest`` whose network memory, with the image's own, keeps the modelled peak
+    within :data:`MEMORY_BUDGET_MB`; never below ``min(largest, SMALLEST_TILE)``.
+
+    Tiling is exact (every kept pixel has the context the network needs), so the side
+    changes how fast and in how much memory an image is counted, never its labels. A
+    larger tile wastes less on the overlap: 1.30 network pixels per image pixel at 1536
+    instead of 1.56 at 960.
+
+    Examples
+    --------
+    >>> tile_side_for_memory(1536, 4096 * 4096, "bf16")  # a 4096² mosaic: the largest
+    1536
+    >>> tile_side_for_memory(1536, 8192 * 8192, "bf16")  # an 8192² image: no room to grow
+    960
+    >>> tile_side_for_memory(1536, 6144 * 6144, "bf16")
+    1312
+    >>> tile_side_for_memory(768, 8192 * 8192, "f32")  # a smaller setting is kept
+    768
+    """
+    per_px = TILE_BYTES_PER_PX.get(precision, max(TILE_BYTES_PER_PX.values()))
+    room = MEMORY_BUDGET_MB - FIXED_MB - IMAGE_BYTES_PER_PX * image_px / 1e6
+    fits = math.isqrt(max(0, int(room * 1e6 / per_px))) // align * align
+    return max(min(largest, SMALLEST_TILE), min(largest, fits))
+
+
 class TileQueue:
     """Tiles of queued images, cut into fixed-size batches in arrival order.
 
@@ -163,13 +205,15 @@ class TileQueue:
         prepare: Prepare | None = None,
         *,
         stitcher: MakeStitcher | None = None,
+        settings: TileSettings | None = None,
     ) -> TileJob:
         """Queue a 2-D float image, or any 2-D image with the ``prepare`` step that turns
         its tiles (cut as float32) into network input in place, or a :class:`TileSource`;
         raises ``ValueError`` for a bad one. ``stitcher`` makes the job's stitcher
-        (default :class:`Stitcher`) from the grid and the output's channel count."""
+        (default :class:`Stitcher`) from the grid and the output's channel count;
+        ``settings`` tiles this image other than the queue's own settings do."""
         _check_image(image, prepare)
-        t = self.settings
+        t = settings or self.settings
         grid = TileGrid.for_shape(image.shape, t.tile, t.overlap, t.align, fit=t.fit)
         job = TileJob(grid, image, prepare)
         if stitcher is not None:

@@ -183,3 +183,27 @@ def test_evaluate_reports_metrics(threshold_model, tmp_path):
     assert tp + fn == per_image["true_count"].sum() and tp + fp == per_image["pred_count"].sum()
     assert half["accuracy"] == pytest.approx(tp / (tp + fp + fn))
     assert tp > 0, "the threshold model finds none of the bright nuclei"
+
+
+def test_predict_counts_images_in_groups_as_the_daemon_does(threshold_model, tmp_path, monkeypatch):
+    """`predict` hands images to the pipeline ``tiling.images_at_once`` at a time, so one
+    is read, labelled and written while the network works on another."""
+    import cellwatch.cli
+
+    groups: list[int] = []
+    real = cellwatch.cli.process_group
+
+    def recording(paths, *args, **kwargs):
+        groups.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(cellwatch.cli, "process_group", recording)
+    image, _ = discs((64, 64), [(30, 30)], 10)
+    for i in range(5):
+        tifffile.imwrite(tmp_path / f"{i}.tif", image)
+    config = tmp_path / "c.yaml"
+    config.write_text("tiling:\n  images_at_once: 2\n")
+    argv = ["predict", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*argv, "--model", str(threshold_model), "--config", str(config)]) == 0
+    assert groups == [2, 2, 1]
+    assert pd.read_csv(tmp_path / "out" / "ledger.csv")["cell_count"].tolist() == [1] * 5

@@ -174,8 +174,11 @@ def _segmenter(config: Config, model: str) -> Segmenter:
 
         config = resolve(config)
         segmenter = Segmenter(config, load(config))
-        t = config.tiling  # one batch now, so the first image does not pay for compiling
-        segmenter.predict_batch(np.zeros((t.batch_size, t.tile_size, t.tile_size, 1), np.float32))
+        # one batch now, so the first image does not pay for compiling: of the tiles large
+        # images get, whose working memory the worker then holds anyway
+        side = segmenter.tiles_for(1 << 40).tile
+        batch = config.tiling.batch_size
+        segmenter.predict_batch(np.zeros((batch, side, side, 1), np.float32))
         if _device is None:
             _device = device_name(segmenter.model)
             _exit_without_waiting()
