@@ -214,7 +214,7 @@ def corrections_diameters(pairs: Sequence[tuple[Path, Path]]) -> dict[str, Any] 
         "high": round(max(sizes), 2),
         "images": len(sizes),
         "use": "the automatic size estimate keeps the nuclei diameters it finds within "
-        "low..high (scale.diameter_range_px in the config overrides it; off: not used)",
+        "low..high (scale.diameter_range_px in the config overrides it; false: not used)",
     }
 
 
