@@ -87,6 +87,7 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
     assert code == 0
     printed = capsys.readouterr().out
     assert "| accuracy@0.5 |" in printed and "saved" in printed
+    assert "nuclei in the corrections: 13 to 14 px across (median 14)" in printed
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["input"] == {"channel": "hematoxylin"} and card["name"] == "mine"
     assert card.get(familiarity.CARD_KEY, {}).get("brightness") != [0.5] * len(familiarity.TAILS)

@@ -561,4 +561,11 @@ def run(args: argparse.Namespace) -> int:
         f"saved {args.out}: {done['steps']} steps in {done['training_seconds'] / 60:.1f} min "
         f"from {len(pairs)} corrections"
     )
+    sizes = card.get(CARD_RANGE_KEY)
+    if sizes:
+        print(
+            f"nuclei in the corrections: {sizes['low']:.0f} to {sizes['high']:.0f} px across "
+            f"(median {sizes['median']:.0f}); the automatic size estimate keeps within that "
+            "range with this model (scale.diameter_range_px in the config changes it)"
+        )
     return 0
