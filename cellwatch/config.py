@@ -140,6 +140,9 @@ class ScaleConfig:
     pixel_size_um: float | None = None  # overrides the pixel size read from the file
     nucleus_diameter_um: float | None = None  # with a pixel size: the scale, not the estimate
     large_nuclei_growth: float | None = None  # 0..1; None: the model card's (docs/scale.md)
+    # [low, high] px an estimated diameter is kept within; None: the model card's range
+    # (from its fine-tuning corrections), if any; false (or off): none (docs/scale.md)
+    diameter_range_px: tuple[float, ...] | Literal[False] | None = None
     min_scale: float = 0.08
     max_scale: float = 5.0
 
@@ -356,6 +359,22 @@ def validate(cfg: Config) -> None:
             where,
             "scale.large_nuclei_growth",
             f"must be between 0 and 1 (or null for the model's), got {s.large_nuclei_growth}",
+        )
+    size_range = s.diameter_range_px
+    if (
+        size_range is not None
+        and size_range is not False
+        and not (
+            isinstance(size_range, tuple)
+            and len(size_range) == 2
+            and 0 < size_range[0] <= size_range[1]
+        )
+    ):
+        _fail(
+            where,
+            "scale.diameter_range_px",
+            "must be two sizes in pixels, the smallest and the largest typical nucleus "
+            f"(e.g. [12, 45]), or false for none, or null for the model's; got {size_range!r}",
         )
     if not 0 < s.min_scale <= 1 <= s.max_scale:
         _fail(where, "scale.min_scale/max_scale", "need 0 < min_scale ≤ 1 ≤ max_scale")

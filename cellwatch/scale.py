@@ -24,6 +24,7 @@ __all__ = [
     "ScaleChoice",
     "choose_reading",
     "choose_scale",
+    "diameter_range",
     "is_close",
     "large_nuclei_growth",
     "single_cells",
@@ -62,6 +63,15 @@ QUANTILE = 0.5
 #: model's: a network shown nuclei much larger than it was trained on breaks them into
 #: pieces (see :func:`choose_reading`).
 LARGEST_WORKING = 2.0
+
+#: The model card's entry with the nuclei sizes of the corrections a model was fine-tuned
+#: on (``cellwatch finetune`` writes it): ``low``, ``median`` and ``high`` of the
+#: corrections' median diameters, in their pixels.
+CARD_RANGE_KEY = "corrections_diameter_px"
+#: An estimate outside the corrections' range of sizes, widened by this factor on either
+#: side, is brought back to its nearest end (``benchmarks/scale_rules.py`` chose it on the
+#: H&E training images not among the corrections).
+RANGE_MARGIN = 1.0
 
 #: Objects under this share of the area-weighted median diameter are specks ...
 SPECK_RATIO = 0.5
@@ -135,6 +145,7 @@ def choose_scale(
     image_pixel_size_um: float | None,
     estimate_diameter: Callable[[], float | None],
     growth: float = 0.0,
+    diameter_range: tuple[float, float] | None = None,
 ) -> ScaleChoice:
     """Decide the zoom for one image (``estimate_diameter`` is only called when needed).
 
@@ -144,6 +155,8 @@ def choose_scale(
     Wherever the zoom comes from a nucleus diameter (``diameter_px``,
     ``nucleus_diameter_um`` or the estimate), nuclei larger than the model's diameter are
     brought to :func:`working_diameter` with ``growth`` (see :func:`large_nuclei_growth`).
+    An estimated diameter outside ``diameter_range`` (see :func:`diameter_range`) is
+    brought to the range's nearest end; sizes the settings give are taken as they are.
     """
     if settings.scale is not None:
         return ScaleChoice(settings.scale, _diameter(model_diameter_px, settings.scale), "config")
@@ -161,6 +174,8 @@ def choose_scale(
     diameter = estimate_diameter()
     if diameter is None:  # nothing found: an empty image; keep its own scale
         return ScaleChoice(1.0, None, "estimated")
+    if diameter_range is not None:
+        diameter = min(max(diameter, diameter_range[0]), diameter_range[1])
     return _towards(settings, model_diameter_px, growth, diameter, "estimated")
 
 
@@ -202,6 +217,40 @@ def large_nuclei_growth(settings: ScaleConfig, card: Mapping[str, Any]) -> float
         return settings.large_nuclei_growth
     recorded = card.get("large_nuclei_growth")
     return float(recorded) if isinstance(recorded, int | float) and 0 <= recorded <= 1 else 0.0
+
+
+def diameter_range(settings: ScaleConfig, card: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The sizes (px) an estimated nucleus diameter is kept within: ``scale.diameter_range_px``
+    when set (``false``: none); else the model card's corrections' range (:data:`CARD_RANGE_KEY`,
+    from the lowest to the highest of their median diameters, each end widened by
+    :data:`RANGE_MARGIN`); else None, as for the bundled model.
+
+    A lab's microscope shows its nuclei at a stable size, and the corrections a model was
+    fine-tuned on are a sample of them: an estimate far outside their sizes is the estimate
+    gone wrong (small nuclei merged into blobs at the pyramid's small zooms, large ones
+    broken into pieces), not nuclei of another size.
+
+    Examples
+    --------
+    >>> from cellwatch.config import ScaleConfig
+    >>> diameter_range(ScaleConfig(), {})  # no corrections: no range
+    >>> diameter_range(ScaleConfig(), {"corrections_diameter_px": {"low": 17.0, "high": 41.5}})
+    (17.0, 41.5)
+    >>> diameter_range(ScaleConfig(diameter_range_px=(12.0, 30.0)), {})
+    (12.0, 30.0)
+    """
+    if settings.diameter_range_px is False:
+        return None
+    if settings.diameter_range_px is not None:
+        low, high = settings.diameter_range_px
+        return float(low), float(high)
+    recorded = card.get(CARD_RANGE_KEY)
+    if not isinstance(recorded, Mapping):
+        return None
+    low, high = recorded.get("low"), recorded.get("high")
+    if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 < low <= high):
+        return None
+    return float(low) / RANGE_MARGIN, float(high) * RANGE_MARGIN
 
 
 def typical_diameter(

@@ -36,6 +36,7 @@ from cellwatch.scale import (
     ScaleChoice,
     choose_reading,
     choose_scale,
+    diameter_range,
     is_close,
     large_nuclei_growth,
     typical_diameter,
@@ -145,6 +146,7 @@ class Segmenter:
             image_pixel_size_um=pixel_size_um,
             estimate_diameter=lambda: self.estimate_diameter(pixels, passes, normalization),
             growth=large_nuclei_growth(self.config.scale, self.model.card),
+            diameter_range=diameter_range(self.config.scale, self.model.card),
         )
         at_bound = _at_bound(choice, self.config.scale)
         # The model was trained with ±40 % scale jitter, so a pass already made within 15 %

@@ -87,6 +87,7 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
     assert code == 0
     printed = capsys.readouterr().out
     assert "| accuracy@0.5 |" in printed and "saved" in printed
+    assert "nuclei in the corrections: 13 to 14 px across (median 14)" in printed
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["input"] == {"channel": "hematoxylin"} and card["name"] == "mine"
     assert card.get(familiarity.CARD_KEY, {}).get("brightness") != [0.5] * len(familiarity.TAILS)
@@ -345,3 +346,38 @@ def test_the_command_passes_warmup_and_holdout_and_checks_them(tmp_path, monkeyp
     assert main([*command, "--holdout", "1"]) == 2
     assert "--holdout" in capsys.readouterr().err
     assert main([*command, "--warmup-steps", "-1"]) == 2
+
+
+def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quick_scores):
+    folder = tmp_path / "corrections"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    centres = [(16, 16), (16, 48), (48, 16), (48, 48)]
+    for name, radius in [("small", 4), ("mid", 6), ("large", 9), ("empty", 0)]:
+        _, labels = discs((64, 64), centres if radius else [], radius)
+        rgb = np.where((labels > 0)[..., None], RGB_NUCLEUS, RGB_GLASS).astype(np.uint8)
+        tifffile.imwrite(folder / "images" / f"{name}.tif", rgb, photometric="rgb")
+        tifffile.imwrite(folder / "masks" / f"{name}.tif", labels.astype(np.uint16))
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    sizes = tuning.corrections_diameters(pairs)
+    assert sizes is not None and sizes["images"] == 3  # background only: no size
+    disc = {
+        r: np.sqrt(4 * np.count_nonzero(discs((64, 64), [(32, 32)], r)[1]) / np.pi)
+        for r in (4, 6, 9)
+    }
+    assert (sizes["low"], sizes["median"], sizes["high"]) == pytest.approx(
+        (disc[4], disc[6], disc[9]), abs=0.01
+    )
+    assert tuning.corrections_diameters(pairs[:1]) is None  # "empty" sorts first
+
+    settings = FinetuneSettings(minutes=0.01, crop=32)
+    out = tmp_path / "mine.keras"
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    assert card["corrections_diameter_px"] == sizes
+    assert json.loads(out.with_suffix(".json").read_text())["corrections_diameter_px"] == sizes
+    # fine-tuned again on other corrections: their sizes, not the base's
+    base_card = json.loads(out.with_suffix(".json").read_text())
+    again = tuning._card(out, base_card, tmp_path / "b.keras", settings, None, "", pairs[1:2], [])
+    assert again["corrections_diameter_px"]["low"] == again["corrections_diameter_px"]["high"]
+    again = tuning._card(out, base_card, tmp_path / "c.keras", settings, None, "", pairs[:1], [])
+    assert "corrections_diameter_px" not in again

@@ -21,6 +21,7 @@ from cellwatch.scale import (
     Reading,
     choose_reading,
     choose_scale,
+    diameter_range,
     is_close,
     large_nuclei_growth,
     single_cells,
@@ -321,3 +322,70 @@ def test_a_field_of_touching_large_nuclei_counts_better_zoomed_down_less():
     assert zoom_now > zoom_before * 1.3, found  # zoomed down less
     assert abs(now - true_count) < abs(before - true_count), found
     assert matched_now > matched_before, found
+
+
+def test_an_estimate_outside_the_corrections_range_is_brought_to_its_nearest_end():
+    settings = Config().scale
+    card = {"corrections_diameter_px": {"low": 17.0, "median": 24.0, "high": 41.5}}
+    assert diameter_range(settings, card) == (17.0, 41.5)
+
+    def choice(estimate: float, extra: dict | None = None) -> scale_module.ScaleChoice:
+        mine = dataclasses.replace(settings, **(extra or {}))
+        return choose_scale(
+            mine,
+            model_diameter_px=20.0,
+            model_pixel_size_um=None,
+            image_pixel_size_um=None,
+            estimate_diameter=lambda: estimate,
+            diameter_range=diameter_range(mine, card),
+        )
+
+    # 15 px nuclei merged into blobs at the pyramid's small zooms, read as 102 px
+    assert (choice(102.0).diameter_px, choice(102.0).scale) == (41.5, pytest.approx(20 / 41.5))
+    assert choice(6.0).diameter_px == 17.0  # large nuclei broken into pieces
+    assert choice(30.0).diameter_px == 30.0  # within the range: as estimated
+    assert choice(102.0).source == "estimated"
+    # a size the config gives is taken as it is; the config's range wins over the card's
+    assert choice(102.0, {"diameter_px": 60.0}).diameter_px == 60.0
+    assert choice(102.0, {"diameter_range_px": (10.0, 80.0)}).diameter_px == 80.0
+    assert choice(102.0, {"diameter_range_px": False}).diameter_px == 102.0
+
+
+def test_without_corrections_in_the_card_the_estimate_is_as_before():
+    settings = Config().scale
+    assert diameter_range(settings, load_model().card) is None  # the bundled model
+    for card in ({}, {"corrections_diameter_px": {"low": 0, "high": 5}}, {"large": 1}):
+        assert diameter_range(settings, {"corrections_diameter_px": "x"} | card) is None
+
+
+def test_the_range_is_checked_and_changes_the_settings_hash(tmp_path):
+    path = tmp_path / "config.yaml"
+    hashes = set()
+    for value in ("null", "false", "[12, 45]", "[12, 50]"):
+        path.write_text(f"scale:\n  diameter_range_px: {value}\n")
+        hashes.add(load_config(path).settings_hash())
+    assert len(hashes) == 4
+    path.write_text("scale:\n  diameter_range_px: off\n")  # YAML's off is false
+    assert load_config(path).scale.diameter_range_px is False
+    path.write_text("scale:\n  diameter_range_px: [12, 50]\n")
+    assert load_config(path).scale.diameter_range_px == (12.0, 50.0)
+    for bad in ("[45, 12]", "[12]", "[0, 12]", "big", "0", "true"):
+        path.write_text(f"scale:\n  diameter_range_px: {bad}\n")
+        with pytest.raises(ConfigError, match="diameter_range_px"):
+            load_config(path)
+
+
+def test_a_fine_tuned_models_range_sets_the_zoom_of_an_image_it_misjudges(
+    tmp_path, sized_threshold_model
+):
+    # discs of 40 px; the corrections' nuclei were 10 to 20 px: the estimate (40 px) is
+    # brought to 20 px, and the image is counted at its own scale instead of halved
+    image, _ = discs((200, 200), [(50, 50), (50, 150), (150, 50), (150, 150)], 20)
+    plain = Segmenter(Config(), load_model(sized_threshold_model)).segment(image).scale
+    assert plain.diameter_px == pytest.approx(40, rel=0.1)
+    tuned = tmp_path / "tuned.keras"
+    tuned.write_bytes(sized_threshold_model.read_bytes())
+    card = load_model(sized_threshold_model).card
+    write_card(tuned, card | {"corrections_diameter_px": {"low": 10.0, "high": 20.0}})
+    chosen = Segmenter(Config(), load_model(tuned)).segment(image).scale
+    assert (chosen.diameter_px, chosen.scale) == (20.0, 1.0)

@@ -18,6 +18,7 @@ __all__ = [
     "Refused",
     "add_arguments",
     "before_after_table",
+    "corrections_diameters",
     "finetune",
     "holdout_split",
     "run",
@@ -40,6 +41,7 @@ from cellwatch import familiarity
 from cellwatch.config import Config, InputConfig
 from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
+from cellwatch.scale import CARD_RANGE_KEY
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.storage.pixels import STAINS
@@ -51,6 +53,7 @@ from cellwatch.training.crops import (
     load_sample,
 )
 from cellwatch.training.judge import Judge, reading_channel, score_model, with_dtype
+from cellwatch.training.targets import as_instances, median_diameter
 
 CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
 
@@ -190,6 +193,29 @@ def finetune(
             f"{refused} for a look. Add more or better corrections, or pass --force to keep it"
         )
     return card
+
+
+def corrections_diameters(pairs: Sequence[tuple[Path, Path]]) -> dict[str, Any] | None:
+    """The nuclei sizes of the corrections, for the model card (:data:`CARD_RANGE_KEY`):
+    the lowest, median and highest of their masks' median diameters (px, the corrections'
+    own pixels) and how many masks held nuclei; None when none did. The automatic size
+    estimate keeps its estimates within this range (:func:`cellwatch.scale.diameter_range`).
+    """
+    sizes = []
+    for _, mask in pairs:
+        diameter = median_diameter(as_instances(imageio.read_image(mask).pixels))
+        if diameter is not None:  # background only: a valid correction with no size
+            sizes.append(diameter)
+    if not sizes:
+        return None
+    return {
+        "low": round(min(sizes), 2),
+        "median": round(float(np.median(sizes)), 2),
+        "high": round(max(sizes), 2),
+        "images": len(sizes),
+        "use": "the automatic size estimate keeps the nuclei diameters it finds within "
+        "low..high (scale.diameter_range_px in the config overrides it; false: not used)",
+    }
 
 
 def _fit(
@@ -349,6 +375,10 @@ def _card(
         "budget_minutes": settings.minutes,
         "settings": asdict(settings),
     }
+    card.pop(CARD_RANGE_KEY, None)  # a fine-tuned base's range is its corrections', not these
+    sizes = corrections_diameters(pairs)
+    if sizes is not None:
+        card[CARD_RANGE_KEY] = sizes
     return card
 
 
@@ -531,4 +561,11 @@ def run(args: argparse.Namespace) -> int:
         f"saved {args.out}: {done['steps']} steps in {done['training_seconds'] / 60:.1f} min "
         f"from {len(pairs)} corrections"
     )
+    sizes = card.get(CARD_RANGE_KEY)
+    if sizes:
+        print(
+            f"nuclei in the corrections: {sizes['low']:.0f} to {sizes['high']:.0f} px across "
+            f"(median {sizes['median']:.0f}); the automatic size estimate keeps within that "
+            "range with this model (scale.diameter_range_px in the config changes it)"
+        )
     return 0
