@@ -174,9 +174,10 @@ def _segmenter(config: Config, model: str) -> Segmenter:
 
         config = resolve(config)
         segmenter = Segmenter(config, load(config))
-        # one batch now, so the first image does not pay for compiling: of the tiles large
-        # images get, whose working memory the worker then holds anyway
-        side = segmenter.tiles_for(1 << 40).tile
+        # One batch now, so the first image does not pay for compiling, of the tiles an image
+        # too large to grow them gets (tiles_for): larger ones would hold working memory
+        # that a worker counting small images never needs.
+        side = segmenter.tiles_for(image_px=1 << 40).tile
         batch = config.tiling.batch_size
         segmenter.predict_batch(np.zeros((batch, side, side, 1), np.float32))
         if _device is None:
