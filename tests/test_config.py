@@ -44,7 +44,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ("tiling:\n  overlap: many\n", r"tiling.overlap must be int or auto, got 'many'"),
         ("tiling:\n  overlap: true\n", r"tiling.overlap must be int"),
         (
-            "tiling:\n  overlap: 950\n",
+            "tiling:\n  overlap: 1530\n",
             r"tiling.overlap must be auto, or ≥ 0 and at most the tile size less 16 \(944\)",
         ),
         ("tiling:\n  tile_size: 100\n", r"tiling.tile_size must be a multiple of 16"),
