@@ -45,7 +45,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ("tiling:\n  overlap: true\n", r"tiling.overlap must be int"),
         (
             "tiling:\n  overlap: 1530\n",
-            r"tiling.overlap must be auto, or ≥ 0 and at most the tile size less 16 \(944\)",
+            r"tiling.overlap must be auto, or ≥ 0 and at most the tile size less 16 \(1520\)",
         ),
         ("tiling:\n  tile_size: 100\n", r"tiling.tile_size must be a multiple of 16"),
         ("tiling:\n  batch_size: 0\n", r"tiling.batch_size must be at least 1"),
@@ -91,7 +91,7 @@ def test_override_replaces_and_validates():
     with pytest.raises(ConfigError, match=r"unknown setting .tiling\.nope."):
         override(Config(), **{"tiling.nope": 1})
     with pytest.raises(ConfigError, match=r"tiling\.overlap"):
-        override(Config(), **{"tiling.overlap": 950})
+        override(Config(), **{"tiling.overlap": 1530})
 
 
 def test_settings_hash_tracks_settings_that_change_counts():
