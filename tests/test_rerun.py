@@ -124,12 +124,15 @@ def test_stopped_mid_run_then_rerun_counts_each_image_exactly_once(threshold_mod
 
 
 def test_killed_between_its_row_and_its_job_resumes_without_a_second_row(threshold_model, tmp_path):
-    """``kill -9`` in the narrowest window: the 2nd image's row is in the ledger, its job
-    is still running in the queue."""
+    """``kill -9`` in the narrowest window: the rows of the first group of images (two at
+    once here) are in the ledger, their jobs still running in the queue."""
     paths = images(tmp_path / "in", 4)
     out = tmp_path / "out"
+    config = tmp_path / "two.yaml"
+    config.write_text("tiling:\n  images_at_once: 2\n")
     args = (str(tmp_path / "in"), "--model", str(threshold_model), "--out", str(out))
-    done = predict(*args, env={"CELLWATCH_CRASH_AT": "after-ledger:2"})
+    args += ("--config", str(config))
+    done = predict(*args, env={"CELLWATCH_CRASH_AT": "after-ledger:1"})
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert len(ledger(out)) == 2
     done = predict(*args)
