@@ -68,10 +68,6 @@ LARGEST_WORKING = 2.0
 #: on (``cellwatch finetune`` writes it): ``low``, ``median`` and ``high`` of the
 #: corrections' median diameters, in their pixels.
 CARD_RANGE_KEY = "corrections_diameter_px"
-#: An estimate outside the corrections' range of sizes, widened by this factor on either
-#: side, is brought back to its nearest end (``benchmarks/scale_rules.py`` chose it on the
-#: H&E training images not among the corrections).
-RANGE_MARGIN = 1.0
 
 #: Objects under this share of the area-weighted median diameter are specks ...
 SPECK_RATIO = 0.5
@@ -222,8 +218,9 @@ def large_nuclei_growth(settings: ScaleConfig, card: Mapping[str, Any]) -> float
 def diameter_range(settings: ScaleConfig, card: Mapping[str, Any]) -> tuple[float, float] | None:
     """The sizes (px) an estimated nucleus diameter is kept within: ``scale.diameter_range_px``
     when set (``false``: none); else the model card's corrections' range (:data:`CARD_RANGE_KEY`,
-    from the lowest to the highest of their median diameters, each end widened by
-    :data:`RANGE_MARGIN`); else None, as for the bundled model.
+    from the lowest to the highest of their median diameters, as recorded: widening it by
+    1.25× or 1.5× did worse on the H&E training images not among the corrections,
+    ``benchmarks/scale_rules.py``); else None, as for the bundled model.
 
     A lab's microscope shows its nuclei at a stable size, and the corrections a model was
     fine-tuned on are a sample of them: an estimate far outside their sizes is the estimate
@@ -250,7 +247,7 @@ def diameter_range(settings: ScaleConfig, card: Mapping[str, Any]) -> tuple[floa
     low, high = recorded.get("low"), recorded.get("high")
     if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 < low <= high):
         return None
-    return float(low) / RANGE_MARGIN, float(high) * RANGE_MARGIN
+    return float(low), float(high)
 
 
 def typical_diameter(
