@@ -381,3 +381,67 @@ def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quic
     assert again["corrections_diameter_px"]["low"] == again["corrections_diameter_px"]["high"]
     again = tuning._card(out, base_card, tmp_path / "c.keras", settings, None, "", pairs[:1], [])
     assert "corrections_diameter_px" not in again
+
+
+def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_path, tiny_base):
+    import keras
+
+    network = keras.saving.load_model(tiny_base, compile=False)
+    network.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
+    y = np.full((2, 32, 32, 3), 1 / 3, np.float32)
+    work = tmp_path / "work.keras"
+    averaging = tuning._averaging(work, 0.75, (x, y), batch_size=2)
+    averaging.set_model(network)
+    base = [v.numpy().copy() for v in network.trainable_variables]
+    averaging.on_train_begin()
+    steps = []
+    for step in range(2):  # two "steps" of training: every weight moves by a known amount
+        for variable in network.trainable_variables:
+            variable.assign(variable.numpy() + 1.0)
+        steps.append([v.numpy().copy() for v in network.trainable_variables])
+        averaging.on_train_batch_end(step)
+    expected = [0.75 * (0.75 * b + 0.25 * s1) + 0.25 * s2 for b, s1, s2 in zip(base, *steps)]
+    averaging.on_epoch_end(0)
+    assert averaging.history and averaging.history[0][0] == 2
+    for variable, last in zip(network.trainable_variables, steps[-1], strict=True):
+        np.testing.assert_array_equal(variable.numpy(), last)  # training goes on unchanged
+    saved = keras.saving.load_model(work, compile=False)
+    for variable, average in zip(saved.trainable_variables, expected, strict=True):
+        np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
+    # a worse average is not saved over the best; nothing new to judge: not judged again
+    work.unlink()
+    averaging.best = -1.0
+    averaging.on_train_batch_end(2)
+    averaging.on_epoch_end(1)
+    averaging.on_train_end()
+    assert not work.exists() and [s for s, _ in averaging.history] == [2, 3]
+
+
+def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores):
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    settings = FinetuneSettings(minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9)
+    out = tmp_path / "averaged.keras"
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    assert out.exists() and card["finetune"]["settings"]["ema"] == 0.9
+    assert card["finetune"]["steps"] == 12
+
+
+def test_the_command_passes_ema_and_checks_it(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def record(pairs, out, settings, **kwargs):
+        seen["settings"] = settings
+        raise Refused("recorded")
+
+    monkeypatch.setattr(tuning, "finetune", record)
+    folder = corrections(tmp_path / "corrections")
+    command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
+    assert main(command) == 1 and seen["settings"].ema == 0
+    assert main([*command, "--ema", "0.99"]) == 1 and seen["settings"].ema == 0.99
+    capsys.readouterr()
+    assert main([*command, "--ema", "1"]) == 2
+    assert "--ema" in capsys.readouterr().err
+    assert main([*command, "--ema", "0.99", "--keep", "score"]) == 2
+    assert "--keep loss" in capsys.readouterr().err

@@ -77,6 +77,7 @@ class FinetuneSettings:
     seed: int = 0
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
     stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
+    ema: float = 0.0  # keep an exponential moving average of the weights (0.99: ~100 steps); 0: off
 
 
 class Refused(CellwatchError):
@@ -239,6 +240,7 @@ def _fit(
     budget = _budget(settings, time.monotonic)
     work = out.with_suffix(".training.keras")
     by_score = settings.keep == "score" and judge is not None
+    averaged = None
     if judge is not None and by_score:
         judge.start(work, settings.score_every)
         callbacks, validation = [budget, judge.callback()], {}
@@ -246,14 +248,18 @@ def _fit(
         val_x, val_y = fixed_crops(
             monitored, settings.crop, classes, settings.seed + 1, per_sample=4
         )
-        callbacks = [
-            budget,
-            keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
-        ]
-        validation = {
-            "validation_data": (val_x, val_y),
-            "validation_batch_size": settings.batch_size,
-        }
+        if settings.ema:  # the averaged weights are judged and kept, not the last step's
+            averaged = _averaging(work, settings.ema, (val_x, val_y), settings.batch_size)
+            callbacks, validation = [budget, averaged], {}
+        else:
+            callbacks = [
+                budget,
+                keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
+            ]
+            validation = {
+                "validation_data": (val_x, val_y),
+                "validation_batch_size": settings.batch_size,
+            }
     interrupted = False
     try:
         network.fit(
@@ -268,6 +274,8 @@ def _fit(
         say("interrupted: keeping the best model so far")
         if judge is not None and by_score and judge.steps > judge.checked:
             judge.check(network, judge.steps)  # the model as it stopped is a candidate too
+        if averaged is not None:
+            averaged.check(network)  # the average as it stopped is a candidate too
     if not work.exists():
         raise CellwatchError("stopped before the first checkpoint: no model was written")
     if by_score:  # already float32 and weights only
@@ -279,6 +287,68 @@ def _fit(
     with_dtype(trained, "float32").save(out)
     work.unlink()
     return budget, interrupted
+
+
+def _averaging(
+    work: Path,
+    momentum: float,
+    validation: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+) -> Any:
+    """A Keras callback keeping an exponential moving average of the network's trainable
+    weights while it trains (each step: ``average = momentum * average + (1 - momentum) *
+    weights``, starting from the base model's); at the end of each epoch (and by
+    ``check()`` when stopped) it saves the averaged network at ``work`` if its loss on
+    the held-out crops ``validation`` is the lowest so far. The weights that train are
+    never changed: the average is put in only to be judged and saved, then taken out.
+    ``history`` holds (step, held-out loss of the average)."""
+    import keras
+
+    class Averaging(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.average: list[np.ndarray] = []
+            self.steps = self.checked = 0
+            self.best = math.inf
+            self.history: list[tuple[int, float]] = []
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.average = [np.array(v.numpy(), np.float32) for v in self.model.trainable_variables]
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            variables = self.model.trainable_variables
+            for average, variable in zip(self.average, variables, strict=True):
+                average *= momentum
+                average += (1 - momentum) * np.asarray(variable.numpy(), np.float32)
+            self.steps += 1
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.check(self.model)
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self.check(self.model)
+
+        def check(self, network: Any) -> None:
+            if not self.average or self.steps == self.checked:
+                return
+            variables = network.trainable_variables
+            trained = [v.numpy() for v in variables]
+            for variable, average in zip(variables, self.average, strict=True):
+                variable.assign(average.astype(variable.dtype))
+            try:
+                x, y = validation
+                loss = network.evaluate(x, y, batch_size=batch_size, verbose=0)
+                loss = float(loss[0] if isinstance(loss, list | tuple) else loss)
+                self.checked = self.steps
+                self.history.append((self.steps, loss))
+                if loss < self.best:
+                    self.best = loss
+                    network.save(work)
+            finally:
+                for variable, weights in zip(variables, trained, strict=True):
+                    variable.assign(weights)
+
+    return Averaging()
 
 
 def _scoring_card(card: dict[str, Any]) -> dict[str, Any]:
@@ -500,6 +570,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="RGB stains: train on crops deconvolved as if the stains' colours strayed by "
         "about this much (0.1: a little; default: %(default)s)",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        metavar="MOMENTUM",
+        help="keep an exponential moving average of the weights with this momentum (0.99: "
+        "about the last 100 steps) and judge and save the average instead of the last "
+        "step's weights (--keep loss only; default: %(default)s, off)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -517,6 +596,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--holdout is the share of the corrections held out, from 0 to below 1; got "
             f"{args.holdout}"
+        )
+    if not 0 <= args.ema < 1:
+        raise ConfigError(
+            f"--ema is the momentum of the weights' moving average, from 0 (off) to below 1 "
+            f"(0.99 averages about the last 100 steps); got {args.ema}"
+        )
+    if args.ema and args.keep == "score":
+        raise ConfigError(
+            "--ema judges the averaged weights by the held-out loss: use it with --keep loss"
         )
     if args.score_every < 1:
         raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
@@ -540,6 +628,7 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         score_every=args.score_every,
         stain_jitter=args.stain_jitter,
+        ema=args.ema,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
