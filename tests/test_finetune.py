@@ -16,8 +16,8 @@ from conftest import discs
 from cellwatch import familiarity
 from cellwatch.cli import main
 from cellwatch.model import build_unet, write_card
+from cellwatch.training import averaging, judge
 from cellwatch.training import finetune as tuning
-from cellwatch.training import judge
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
 from cellwatch.training.registry import list_models
 
@@ -391,19 +391,21 @@ def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_p
     x = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
     y = np.full((2, 32, 32, 3), 1 / 3, np.float32)
     work = tmp_path / "work.keras"
-    averaging = tuning._averaging(work, 0.75, (x, y), batch_size=2)
-    averaging.set_model(network)
+    callback = averaging.averaging(work, 0.75, (x, y), batch_size=2)
+    callback.set_model(network)
     base = [v.numpy().copy() for v in network.trainable_variables]
-    averaging.on_train_begin()
+    callback.on_train_begin()
     steps = []
     for step in range(2):  # two "steps" of training: every weight moves by a known amount
         for variable in network.trainable_variables:
             variable.assign(variable.numpy() + 1.0)
         steps.append([v.numpy().copy() for v in network.trainable_variables])
-        averaging.on_train_batch_end(step)
-    expected = [0.75 * (0.75 * b + 0.25 * s1) + 0.25 * s2 for b, s1, s2 in zip(base, *steps)]
-    averaging.on_epoch_end(0)
-    assert averaging.history and averaging.history[0][0] == 2
+        callback.on_train_batch_end(step)
+    expected = [
+        0.75 * (0.75 * b + 0.25 * s1) + 0.25 * s2 for b, s1, s2 in zip(base, *steps, strict=True)
+    ]
+    callback.on_epoch_end(0)
+    assert callback.history and callback.history[0][0] == 2
     for variable, last in zip(network.trainable_variables, steps[-1], strict=True):
         np.testing.assert_array_equal(variable.numpy(), last)  # training goes on unchanged
     saved = keras.saving.load_model(work, compile=False)
@@ -411,11 +413,11 @@ def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_p
         np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
     # a worse average is not saved over the best; nothing new to judge: not judged again
     work.unlink()
-    averaging.best = -1.0
-    averaging.on_train_batch_end(2)
-    averaging.on_epoch_end(1)
-    averaging.on_train_end()
-    assert not work.exists() and [s for s, _ in averaging.history] == [2, 3]
+    callback.best = -1.0
+    callback.on_train_batch_end(2)
+    callback.on_epoch_end(1)
+    callback.on_train_end()
+    assert not work.exists() and [s for s, _ in callback.history] == [2, 3]
 
 
 def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores):
