@@ -420,14 +420,23 @@ def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_p
     assert not work.exists() and [s for s, _ in callback.history] == [2, 3]
 
 
-def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores):
+def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores, monkeypatch):
     folder = corrections(tmp_path / "corrections")
     pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append(averaging.averaging(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tuning, "averaging", spy)
     settings = FinetuneSettings(minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9)
     out = tmp_path / "averaged.keras"
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     assert out.exists() and card["finetune"]["settings"]["ema"] == 0.9
     assert card["finetune"]["steps"] == 12
+    # the average was judged at each epoch's end and at the last step
+    assert len(made) == 1 and [step for step, _ in made[0].history] == [5, 10, 12]
 
 
 def test_the_command_passes_ema_and_checks_it(tmp_path, monkeypatch, capsys):
