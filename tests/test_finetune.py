@@ -171,6 +171,7 @@ def test_the_model_kept_is_the_best_held_out_score_not_the_last(
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
     assert [c["step"] for c in card["finetune"]["checkpoints"]] == [2, 4, 6]
     assert card["finetune"]["kept_step"] == 4 and card["finetune"]["steps"] == 6
+    assert card["finetune"]["settings"]["ema"] == 0  # checkpoints judged by score: no average
     assert hashlib.sha256(out.read_bytes()).hexdigest() == checkpoints[1][0]
     assert len({digest for digest, _ in checkpoints}) == 3  # three different models
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.keras", "corrections"]
@@ -188,8 +189,10 @@ def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, ca
     assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
 
 
-@pytest.mark.parametrize("keep", ["loss", "score"])
-def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores, keep):
+@pytest.mark.parametrize(("keep", "ema"), [("loss", 0.99), ("loss", 0.0), ("score", 0.99)])
+def test_ctrl_c_keeps_the_best_model_so_far(
+    tmp_path, tiny_base, monkeypatch, quick_scores, keep, ema
+):
     import keras
 
     folder = corrections(tmp_path / "corrections")
@@ -217,7 +220,7 @@ def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, qu
     out = tmp_path / "stopped.keras"
     # keep="score": stopped before its first scoring (every 50 steps), the model as it
     # stopped is scored and kept
-    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2, keep=keep)
+    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2, keep=keep, ema=ema)
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     assert card["finetune"]["interrupted"] and card["finetune"]["steps"] == 4
     if keep == "score":
@@ -449,7 +452,8 @@ def test_the_command_passes_ema_and_checks_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tuning, "finetune", record)
     folder = corrections(tmp_path / "corrections")
     command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
-    assert main(command) == 1 and seen["settings"].ema == 0
+    assert main(command) == 1 and seen["settings"].ema == 0.99  # the default
+    assert main([*command, "--ema", "0"]) == 1 and seen["settings"].ema == 0
     assert main([*command, "--ema", "0.99"]) == 1 and seen["settings"].ema == 0.99
     capsys.readouterr()
     assert main([*command, "--ema", "1"]) == 2

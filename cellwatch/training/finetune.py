@@ -78,7 +78,7 @@ class FinetuneSettings:
     seed: int = 0
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
     stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
-    ema: float = 0.0  # keep an exponential moving average of the weights (0.99: ~100 steps); 0: off
+    ema: float = 0.99  # judge and keep a moving average of the weights (~100 steps); 0: off
 
 
 class Refused(CellwatchError):
@@ -124,6 +124,8 @@ def finetune(
     import keras
 
     keras.utils.set_random_seed(settings.seed)
+    if settings.keep == "score":  # checkpoints are judged by their score, not averaged
+        settings = replace(settings, ema=0.0)
     started = datetime.now(UTC)
     base_card = read_card(base)
     channel = channel or (base_card.get("input") or {}).get("channel")
@@ -512,11 +514,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ema",
         type=float,
-        default=d.ema,
         metavar="MOMENTUM",
-        help="keep an exponential moving average of the weights with this momentum (0.99: "
-        "about the last 100 steps) and judge and save the average instead of the last "
-        "step's weights (--keep loss only; default: %(default)s, off)",
+        help="judge and keep an exponential moving average of the weights with this "
+        f"momentum instead of the last step's weights (default: {d.ema}, about the last "
+        "100 steps; 0: off; with --keep loss only, --keep score turns it off)",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -536,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
             f"--holdout is the share of the corrections held out, from 0 to below 1; got "
             f"{args.holdout}"
         )
-    if not 0 <= args.ema < 1:
+    if args.ema is not None and not 0 <= args.ema < 1:
         raise ConfigError(
             f"--ema is the momentum of the weights' moving average, from 0 (off) to below 1 "
             f"(0.99 averages about the last 100 steps); got {args.ema}"
@@ -567,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         score_every=args.score_every,
         stain_jitter=args.stain_jitter,
-        ema=args.ema,
+        ema=FinetuneSettings.ema if args.ema is None else args.ema,  # keep score: off
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
