@@ -3,12 +3,12 @@
 ``DIR/images`` and ``DIR/masks`` hold image/mask pairs of the same names (what the napari
 corrections widget writes). A share of them is held out; the rest trains the model for
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
-over the budget), and the model with the lowest loss on the held-out crops is kept, also
-when Ctrl-C stops the run (``keep="score"``: the one with the best held-out accuracy@0.5
-through the real counting pipeline, scored every ``score_every`` steps, instead). Then the base and the new model are scored on the held-out
-images with ``cellwatch evaluate``'s figures; a new model that scores worse than its base
-is refused unless ``--force``. The model card records the base model's hash, each
-correction's sha256, the command, the budget and the before/after table.
+over the budget); the moving average of the weights (``ema``) with the lowest loss on the
+held-out crops is kept, also when Ctrl-C stops the run (``keep="score"``: the weights with
+the best held-out accuracy@0.5 through the counting pipeline, instead). Then the base and
+the new model are scored on the held-out images with ``cellwatch evaluate``'s figures;
+a new model that scores worse than its base is refused unless ``--force``. The model card
+records the base's hash, each correction's sha256, the command, budget and before/after.
 """
 
 from __future__ import annotations
