@@ -16,8 +16,8 @@ from conftest import discs
 from cellwatch import familiarity
 from cellwatch.cli import main
 from cellwatch.model import build_unet, write_card
+from cellwatch.training import averaging, judge
 from cellwatch.training import finetune as tuning
-from cellwatch.training import judge
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
 from cellwatch.training.registry import list_models
 
@@ -171,6 +171,7 @@ def test_the_model_kept_is_the_best_held_out_score_not_the_last(
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin")
     assert [c["step"] for c in card["finetune"]["checkpoints"]] == [2, 4, 6]
     assert card["finetune"]["kept_step"] == 4 and card["finetune"]["steps"] == 6
+    assert card["finetune"]["settings"]["ema"] == 0  # checkpoints judged by score: no average
     assert hashlib.sha256(out.read_bytes()).hexdigest() == checkpoints[1][0]
     assert len({digest for digest, _ in checkpoints}) == 3  # three different models
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.keras", "corrections"]
@@ -188,8 +189,10 @@ def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, ca
     assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
 
 
-@pytest.mark.parametrize("keep", ["loss", "score"])
-def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, quick_scores, keep):
+@pytest.mark.parametrize(("keep", "ema"), [("loss", 0.99), ("loss", 0.0), ("score", 0.99)])
+def test_ctrl_c_keeps_the_best_model_so_far(
+    tmp_path, tiny_base, monkeypatch, quick_scores, keep, ema
+):
     import keras
 
     folder = corrections(tmp_path / "corrections")
@@ -217,7 +220,7 @@ def test_ctrl_c_keeps_the_best_model_so_far(tmp_path, tiny_base, monkeypatch, qu
     out = tmp_path / "stopped.keras"
     # keep="score": stopped before its first scoring (every 50 steps), the model as it
     # stopped is scored and kept
-    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2, keep=keep)
+    settings = FinetuneSettings(minutes=5, crop=32, steps_per_epoch=2, keep=keep, ema=ema)
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     assert card["finetune"]["interrupted"] and card["finetune"]["steps"] == 4
     if keep == "score":
@@ -381,3 +384,79 @@ def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quic
     assert again["corrections_diameter_px"]["low"] == again["corrections_diameter_px"]["high"]
     again = tuning._card(out, base_card, tmp_path / "c.keras", settings, None, "", pairs[:1], [])
     assert "corrections_diameter_px" not in again
+
+
+def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_path, tiny_base):
+    import keras
+
+    network = keras.saving.load_model(tiny_base, compile=False)
+    network.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).random((2, 32, 32, 1), np.float32)
+    y = np.full((2, 32, 32, 3), 1 / 3, np.float32)
+    work = tmp_path / "work.keras"
+    callback = averaging.averaging(work, 0.75, (x, y), batch_size=2)
+    callback.set_model(network)
+    base = [v.numpy().copy() for v in network.trainable_variables]
+    callback.on_train_begin()
+    steps = []
+    for step in range(2):  # two "steps" of training: every weight moves by a known amount
+        for variable in network.trainable_variables:
+            variable.assign(variable.numpy() + 1.0)
+        steps.append([v.numpy().copy() for v in network.trainable_variables])
+        callback.on_train_batch_end(step)
+    expected = [
+        0.75 * (0.75 * b + 0.25 * s1) + 0.25 * s2 for b, s1, s2 in zip(base, *steps, strict=True)
+    ]
+    callback.on_epoch_end(0)
+    assert callback.history and callback.history[0][0] == 2
+    for variable, last in zip(network.trainable_variables, steps[-1], strict=True):
+        np.testing.assert_array_equal(variable.numpy(), last)  # training goes on unchanged
+    saved = keras.saving.load_model(work, compile=False)
+    for variable, average in zip(saved.trainable_variables, expected, strict=True):
+        np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
+    # a worse average is not saved over the best; nothing new to judge: not judged again
+    work.unlink()
+    callback.best = -1.0
+    callback.on_train_batch_end(2)
+    callback.on_epoch_end(1)
+    callback.on_train_end()
+    assert not work.exists() and [s for s, _ in callback.history] == [2, 3]
+
+
+def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores, monkeypatch):
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append(averaging.averaging(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tuning, "averaging", spy)
+    settings = FinetuneSettings(minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9)
+    out = tmp_path / "averaged.keras"
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    assert out.exists() and card["finetune"]["settings"]["ema"] == 0.9
+    assert card["finetune"]["steps"] == 12
+    # the average was judged at each epoch's end and at the last step
+    assert len(made) == 1 and [step for step, _ in made[0].history] == [5, 10, 12]
+
+
+def test_the_command_passes_ema_and_checks_it(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def record(pairs, out, settings, **kwargs):
+        seen["settings"] = settings
+        raise Refused("recorded")
+
+    monkeypatch.setattr(tuning, "finetune", record)
+    folder = corrections(tmp_path / "corrections")
+    command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
+    assert main(command) == 1 and seen["settings"].ema == 0.99  # the default
+    assert main([*command, "--ema", "0"]) == 1 and seen["settings"].ema == 0
+    assert main([*command, "--ema", "0.99"]) == 1 and seen["settings"].ema == 0.99
+    capsys.readouterr()
+    assert main([*command, "--ema", "1"]) == 2
+    assert "--ema" in capsys.readouterr().err
+    assert main([*command, "--ema", "0.99", "--keep", "score"]) == 2
+    assert "--keep loss" in capsys.readouterr().err

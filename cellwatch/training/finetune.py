@@ -3,12 +3,12 @@
 ``DIR/images`` and ``DIR/masks`` hold image/mask pairs of the same names (what the napari
 corrections widget writes). A share of them is held out; the rest trains the model for
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
-over the budget), and the model with the lowest loss on the held-out crops is kept, also
-when Ctrl-C stops the run (``keep="score"``: the one with the best held-out accuracy@0.5
-through the real counting pipeline, scored every ``score_every`` steps, instead). Then the base and the new model are scored on the held-out
-images with ``cellwatch evaluate``'s figures; a new model that scores worse than its base
-is refused unless ``--force``. The model card records the base model's hash, each
-correction's sha256, the command, the budget and the before/after table.
+over the budget); the moving average of the weights (``ema``) with the lowest loss on the
+held-out crops is kept, also when Ctrl-C stops the run (``keep="score"``: the weights with
+the best held-out accuracy@0.5 through the counting pipeline, instead). Then the base and
+the new model are scored on the held-out images with ``cellwatch evaluate``'s figures;
+a new model that scores worse than its base is refused unless ``--force``. The model card
+records the base's hash, each correction's sha256, the command, budget and before/after.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from cellwatch.scale import CARD_RANGE_KEY
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.storage.pixels import STAINS
+from cellwatch.training.averaging import averaging
 from cellwatch.training.crops import (
     Sample,
     TrainSettings,
@@ -77,6 +78,7 @@ class FinetuneSettings:
     seed: int = 0
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
     stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
+    ema: float = 0.99  # judge and keep a moving average of the weights (~100 steps); 0: off
 
 
 class Refused(CellwatchError):
@@ -122,6 +124,8 @@ def finetune(
     import keras
 
     keras.utils.set_random_seed(settings.seed)
+    if settings.keep == "score":  # checkpoints are judged by their score, not averaged
+        settings = replace(settings, ema=0.0)
     started = datetime.now(UTC)
     base_card = read_card(base)
     channel = channel or (base_card.get("input") or {}).get("channel")
@@ -239,6 +243,7 @@ def _fit(
     budget = _budget(settings, time.monotonic)
     work = out.with_suffix(".training.keras")
     by_score = settings.keep == "score" and judge is not None
+    averaged = None
     if judge is not None and by_score:
         judge.start(work, settings.score_every)
         callbacks, validation = [budget, judge.callback()], {}
@@ -246,14 +251,18 @@ def _fit(
         val_x, val_y = fixed_crops(
             monitored, settings.crop, classes, settings.seed + 1, per_sample=4
         )
-        callbacks = [
-            budget,
-            keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
-        ]
-        validation = {
-            "validation_data": (val_x, val_y),
-            "validation_batch_size": settings.batch_size,
-        }
+        if settings.ema:  # the averaged weights are judged and kept, not the last step's
+            averaged = averaging(work, settings.ema, (val_x, val_y), settings.batch_size)
+            callbacks, validation = [budget, averaged], {}
+        else:
+            callbacks = [
+                budget,
+                keras.callbacks.ModelCheckpoint(work, monitor="val_loss", save_best_only=True),
+            ]
+            validation = {
+                "validation_data": (val_x, val_y),
+                "validation_batch_size": settings.batch_size,
+            }
     interrupted = False
     try:
         network.fit(
@@ -268,6 +277,8 @@ def _fit(
         say("interrupted: keeping the best model so far")
         if judge is not None and by_score and judge.steps > judge.checked:
             judge.check(network, judge.steps)  # the model as it stopped is a candidate too
+        if averaged is not None:
+            averaged.check(network)  # the average as it stopped is a candidate too
     if not work.exists():
         raise CellwatchError("stopped before the first checkpoint: no model was written")
     if by_score:  # already float32 and weights only
@@ -500,6 +511,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="RGB stains: train on crops deconvolved as if the stains' colours strayed by "
         "about this much (0.1: a little; default: %(default)s)",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        metavar="MOMENTUM",
+        help="judge and keep an exponential moving average of the weights with this "
+        f"momentum instead of the last step's weights (default: {d.ema}, about the last "
+        "100 steps; 0: off; with --keep loss only, --keep score turns it off)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -517,6 +536,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--holdout is the share of the corrections held out, from 0 to below 1; got "
             f"{args.holdout}"
+        )
+    if args.ema is not None and not 0 <= args.ema < 1:
+        raise ConfigError(
+            f"--ema is the momentum of the weights' moving average, from 0 (off) to below 1 "
+            f"(0.99 averages about the last 100 steps); got {args.ema}"
+        )
+    if args.ema and args.keep == "score":
+        raise ConfigError(
+            "--ema judges the averaged weights by the held-out loss: use it with --keep loss"
         )
     if args.score_every < 1:
         raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
@@ -540,6 +568,7 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         score_every=args.score_every,
         stain_jitter=args.stain_jitter,
+        ema=FinetuneSettings.ema if args.ema is None else args.ema,  # keep score: off
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
