@@ -331,7 +331,10 @@ def test_warmup_raises_the_learning_rate_linearly_then_follows_the_cosine(tiny_b
     assert warmed[4:] == pytest.approx(cosine[4:])
 
 
-def test_the_command_passes_warmup_and_holdout_and_checks_them(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def finetune_command(tmp_path, monkeypatch):
+    """``cellwatch finetune`` on a folder of corrections, with the fine-tune replaced by
+    one that records the settings the command made (``seen["settings"]``) and refuses."""
     seen = {}
 
     def record(pairs, out, settings, **kwargs):
@@ -341,6 +344,11 @@ def test_the_command_passes_warmup_and_holdout_and_checks_them(tmp_path, monkeyp
     monkeypatch.setattr(tuning, "finetune", record)
     folder = corrections(tmp_path / "corrections")
     command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
+    return command, seen
+
+
+def test_the_command_passes_warmup_and_holdout_and_checks_them(finetune_command, capsys):
+    command, seen = finetune_command
     assert main([*command, "--warmup-steps", "50", "--holdout", "0.125"]) == 1
     assert seen["settings"].warmup_steps == 50 and seen["settings"].holdout == 0.125
     pairs = [(Path(f"i{i}"), Path(f"m{i}")) for i in range(8)]
@@ -442,16 +450,8 @@ def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_sc
     assert len(made) == 1 and [step for step, _ in made[0].history] == [5, 10, 12]
 
 
-def test_the_command_passes_ema_and_checks_it(tmp_path, monkeypatch, capsys):
-    seen = {}
-
-    def record(pairs, out, settings, **kwargs):
-        seen["settings"] = settings
-        raise Refused("recorded")
-
-    monkeypatch.setattr(tuning, "finetune", record)
-    folder = corrections(tmp_path / "corrections")
-    command = ["finetune", "--corrections", str(folder), "--out", str(tmp_path / "m.keras")]
+def test_the_command_passes_ema_and_checks_it(finetune_command, capsys):
+    command, seen = finetune_command
     assert main(command) == 1 and seen["settings"].ema == 0.99  # the default
     assert main([*command, "--ema", "0"]) == 1 and seen["settings"].ema == 0
     assert main([*command, "--ema", "0.99"]) == 1 and seen["settings"].ema == 0.99
