@@ -5,7 +5,8 @@ One tile of a real nucleus image (``--side``, default the 1,456 px tiles a 4096Â
 gets) through the bundled model as ``predict`` compiles it, and through the same IR
 compiled as converted. The two take turns; wall time per tile is the best and median of
 ``--repeats`` calls, the layer times are OpenVINO's counters of the last call. Prints one
-JSON line per case and a last line comparing their outputs.
+JSON line per case and a last line comparing their outputs, with the network's
+multiply-adds per pixel (counted from the graph) and the rate of its convolutions.
 
 Usage::
 
@@ -42,6 +43,28 @@ def compiled(precision: str, rewrite: bool) -> Any:
         ov_graph.faster(network)
     properties = {"INFERENCE_PRECISION_HINT": OV_PRECISION_HINT[precision], "PERF_COUNT": True}
     return core.compile_model(network, "CPU", properties).create_infer_request()
+
+
+def multiply_adds_per_px(side: int) -> float:
+    """The network's multiply-adds per input pixel, counted from its (converted) graph."""
+    import openvino as ov
+
+    folder, _ = cached_ir(BUNDLED_MODEL, "f32", default_cache_dir())
+    network = ov.Core().read_model(folder / "model.xml")
+    network.reshape({0: [1, side, side, 1]})
+    total = 0
+    for node in network.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind in ("Convolution", "ConvolutionBackpropData"):
+            kernel = node.input_value(1).get_shape()
+            # a convolution's work goes with its output pixels, a transposed one's with its input's
+            at = (
+                node.get_output_shape(0)
+                if kind == "Convolution"
+                else node.input_value(0).get_shape()
+            )
+            total += at[2] * at[3] * int(np.prod(kernel))
+    return total / side**2
 
 
 def layer_ms(request: Any) -> dict[str, float]:
@@ -83,7 +106,14 @@ def main(argv: list[str]) -> int:
             "layers_total_ms": round(sum(layers.values()), 1),
         }))  # fmt: skip
     first, second = outputs.values()
+    macs = multiply_adds_per_px(args.side)
+    conv_ms = sum(
+        ms for name, ms in layer_ms(cases["rewritten (predict)"]).items() if "Convolution" in name
+    )
     print(json.dumps({
+        "multiply_adds_per_px": macs,
+        "gflop_per_tile": round(2 * macs * args.side**2 / 1e9, 1),
+        "convolutions_gflop_per_s (rewritten)": round(2 * macs * args.side**2 / 1e6 / conv_ms, 1),
         "max_diff": float(np.abs(first - second).max()),
         "argmax_equal_share": round(float((first.argmax(-1) == second.argmax(-1)).mean()), 6),
         "cores": os.cpu_count(),
