@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from cellwatch import ov_graph
 from cellwatch.config import Config
 from cellwatch.errors import ModelError
 from cellwatch.model import BUNDLED_MODEL, LoadedModel, read_card, visible_gpus
@@ -239,6 +240,8 @@ def _compiled(folder: Path, entry: Mapping[str, Any], precision: str) -> Any:
 
     core = ov.Core()
     network = core.read_model(folder / "model.xml")
+    rewritten = ov_graph.faster(network)
+    log.debug("network rewritten for the CPU: %s", ", ".join(rewritten) or "nothing")
     hint = OV_PRECISION_HINT[precision]
     try:
         return core.compile_model(
