@@ -2,12 +2,13 @@
 arithmetic.
 
 Converted from Keras, the U-Net's graph has two steps that OpenVINO runs slowly on a CPU
-(its per-layer counters, one 1,456² tile at bf16 on 2 cores): the last layer's softmax is
-taken over the channels *after* the transpose to channels-last, three values per pixel
-that the CPU cannot compute side by side (32 ms); and each skip connection is a
-channel concatenation that is copied by a reference kernel (36 ms), because the skip's
-activations also feed a pooling layer. Both are some 12 % of the network's time, for no
-arithmetic. :func:`faster` rewrites them:
+(its per-layer counters, one 1,456² tile at bf16 on 2 cores,
+``benchmarks/network_layers.py``): the last layer's softmax is taken over the channels
+*after* the transpose to channels-last, three values per pixel that the CPU cannot
+compute side by side (26 ms); and each skip connection is a channel concatenation that is
+copied by a reference kernel (25 ms in all), because the skip's activations also feed a
+pooling layer. Together a tenth of the network's time, for no arithmetic. :func:`faster`
+rewrites them:
 
 - the softmax is taken over the channel axis before the transpose (the same numbers:
   ``softmax(transpose(x), -1) == transpose(softmax(x, 1))``);
