@@ -26,6 +26,7 @@ IMAGE_PATH = {
     "familiarity",
     "measure",
     "model",
+    "ov_graph",
     "pipeline",
     "segmenter",
     "postprocess",
