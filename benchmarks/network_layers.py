@@ -40,7 +40,7 @@ def compiled(precision: str, rewrite: bool) -> Any:
     core = ov.Core()
     network = core.read_model(folder / "model.xml")
     if rewrite:
-        ov_graph.faster(network)
+        ov_graph.faster(network, ov.opset13)
     properties = {"INFERENCE_PRECISION_HINT": OV_PRECISION_HINT[precision], "PERF_COUNT": True}
     return core.compile_model(network, "CPU", properties).create_infer_request()
 

@@ -34,23 +34,19 @@ import numpy as np
 CHANNELS_LAST = [0, 2, 3, 1]
 
 
-def faster(model: Any) -> list[str]:
-    """Rewrite ``model`` (an ``openvino.Model``) in place; returns what was rewritten, for
-    the log: ``["softmax before transpose", "2 concatenations into convolutions"]``."""
+def faster(model: Any, ops: Any) -> list[str]:
+    """Rewrite ``model`` (an ``openvino.Model``) in place, with the operations of ``ops``
+    (an OpenVINO opset module, ``openvino.opset13``: OpenVINO is imported by
+    :mod:`cellwatch.runtime` only); returns what was rewritten, for the log:
+    ``["softmax before transpose", "2 concatenations into convolutions"]``."""
     done = []
-    if _softmax_before_transpose(model):
+    if _softmax_before_transpose(model, ops):
         done.append("softmax before transpose")
-    if split := _split_concatenated_convolutions(model):
+    if split := _split_concatenated_convolutions(model, ops):
         done.append(f"{split} concatenations into convolutions")
     if done:
         model.validate_nodes_and_infer_types()
     return done
-
-
-def _ops() -> Any:
-    import openvino.opset13 as ops
-
-    return ops
 
 
 def _consumers(node: Any) -> list[Any]:
@@ -61,7 +57,7 @@ def _constant(node: Any) -> np.ndarray | None:
     return node.get_data() if node.get_type_name() == "Constant" else None
 
 
-def _softmax_before_transpose(model: Any) -> bool:
+def _softmax_before_transpose(model: Any, ops: Any) -> bool:
     for node in model.get_ordered_ops():
         if node.get_type_name() != "Softmax":
             continue
@@ -75,14 +71,13 @@ def _softmax_before_transpose(model: Any) -> bool:
             continue
         if not (rank.is_static and rank.get_length() == 4):
             continue
-        ops = _ops()
         softmax = ops.softmax(transpose.input_value(0), 1)
         node.output(0).replace(ops.transpose(softmax, transpose.input_value(1)).output(0))
         return True
     return False
 
 
-def _split_concatenated_convolutions(model: Any) -> int:
+def _split_concatenated_convolutions(model: Any, ops: Any) -> int:
     split = 0
     for node in model.get_ordered_ops():
         if node.get_type_name() != "Concat" or int(node.get_attributes()["axis"]) != 1:
@@ -99,7 +94,7 @@ def _split_concatenated_convolutions(model: Any) -> int:
         bounds = np.cumsum([0, *(width.get_length() for width in widths)])
         if bounds[-1] != kernel.shape[1]:
             continue
-        ops, attrs = _ops(), conv.get_attributes()
+        attrs = conv.get_attributes()
         total = None
         for part, start, stop in zip(parts, bounds[:-1], bounds[1:], strict=True):
             share = ops.constant(np.ascontiguousarray(kernel[:, start:stop]))

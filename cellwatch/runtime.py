@@ -240,7 +240,7 @@ def _compiled(folder: Path, entry: Mapping[str, Any], precision: str) -> Any:
 
     core = ov.Core()
     network = core.read_model(folder / "model.xml")
-    rewritten = ov_graph.faster(network)
+    rewritten = ov_graph.faster(network, ov.opset13)
     log.debug("network rewritten for the CPU: %s", ", ".join(rewritten) or "nothing")
     hint = OV_PRECISION_HINT[precision]
     try:

@@ -247,7 +247,9 @@ def test_openvino_keeps_a_bounded_number_of_input_shapes(monkeypatch, tmp_path):
             compiled.append(dict(config, device=device))
             return object()
 
-    monkeypatch.setattr(runtime, "_openvino", lambda: type("ov", (), {"Core": Core}))
+    monkeypatch.setattr(
+        runtime, "_openvino", lambda: type("ov", (), {"Core": Core, "opset13": None})
+    )
     runtime._compiled(tmp_path, {}, "bf16")
     assert compiled == [
         {
