@@ -36,9 +36,10 @@ from cellwatch.training.averaging import averaging
 from cellwatch.training.judge import score_model, with_dtype
 
 
-def side_by_side(out: Path, also: list[float], histories: dict[str, Any]) -> Any:
+def side_by_side(out: Path, also: list[float], histories: dict[str, Any], last: bool) -> Any:
     """A stand-in for ``averaging`` that keeps, beside the average ``finetune`` asked
-    for, one average per momentum in ``also``, saved at ``out``'s name plus ``-emaM``."""
+    for, one average per momentum in ``also``, saved at ``out``'s name plus ``-emaM``;
+    with ``last``, each average as training ended is saved too (``-emaM-last``)."""
 
     def several(
         work: Path, momentum: float, validation: tuple[np.ndarray, np.ndarray], batch_size: int
@@ -71,6 +72,15 @@ def side_by_side(out: Path, also: list[float], histories: dict[str, Any]) -> Any
             def on_train_end(self, logs: Any = None) -> None:
                 for child in children.values():
                     child.on_train_end(logs)
+                if last:  # each average as training ended, whatever its held-out loss
+                    variables = self.model.trainable_variables
+                    trained = [v.numpy() for v in variables]
+                    for m, child in children.items():
+                        for variable, average in zip(variables, child.average, strict=True):
+                            variable.assign(average.astype(variable.dtype))
+                        self.model.save(out.with_name(f"{out.stem}-ema{m}-last.training.keras"))
+                    for variable, weights in zip(variables, trained, strict=True):
+                        variable.assign(weights)
                 for m, child in children.items():
                     histories[str(m)] = child.history
 
@@ -88,7 +98,10 @@ def side_by_side(out: Path, also: list[float], histories: dict[str, Any]) -> Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--also", type=float, nargs="+", required=True, metavar="MOMENTUM")
+    parser.add_argument("--also", type=float, nargs="*", default=[], metavar="MOMENTUM")
+    parser.add_argument(
+        "--last", action="store_true", help="also save and score each average as training ended"
+    )
     parser.add_argument("--corrections", type=int, default=8)
     parser.add_argument("--channel", default="hematoxylin")
     parser.add_argument("--other-train", type=int, default=73)
@@ -115,7 +128,7 @@ def main() -> None:
         *args.extra,
     ]  # fmt: skip
     histories: dict[str, Any] = {}
-    tuning.averaging = side_by_side(model, args.also, histories)
+    tuning.averaging = side_by_side(model, args.also, histories, args.last)
     started = time.perf_counter()
     code = cellwatch_main(command)
     seconds = time.perf_counter() - started
@@ -128,18 +141,22 @@ def main() -> None:
     ]
     import keras
 
-    models = {str(done["settings"]["ema"]): model}
-    for m in args.also:
-        work = model.with_name(f"{model.stem}-ema{m}.training.keras")
-        path = model.with_name(f"{model.stem}-ema{m}.keras")
+    main_ema = done["settings"]["ema"]
+    models = {str(main_ema): model}
+    extras = [(str(m), m) for m in args.also]
+    if args.last:
+        extras += [(f"{m}-last", m) for m in (main_ema, *args.also)]
+    for key, m in extras:
+        work = model.with_name(f"{model.stem}-ema{key}.training.keras")
+        path = model.with_name(f"{model.stem}-ema{key}.keras")
         with_dtype(keras.saving.load_model(work, compile=False), "float32").save(path)
         work.unlink()
         copy = json.loads(json.dumps(card))
         copy[tuning.CARD_KEY]["settings"]["ema"] = m
         copy[tuning.CARD_KEY]["scores"]["new"] = score_model(path, held, args.channel)
-        copy[tuning.CARD_KEY]["note"] = f"benchmarks/teach_he_momenta.py: the ema {m} average"
+        copy[tuning.CARD_KEY]["note"] = f"benchmarks/teach_he_momenta.py: the ema {key} average"
         write_card(path, copy)
-        models[str(m)] = path
+        models[key] = path
     shutil.copy(model.with_suffix(".json"), out / "card-main.json")
     results: dict[str, Any] = {
         "command": "cellwatch " + " ".join(command),
@@ -154,8 +171,10 @@ def main() -> None:
         "averages": {},
     }
     for m, path in models.items():
-        history = histories.get(m, [])
+        history = histories.get(m.removesuffix("-last"), [])
         kept = min(history, key=lambda h: h[1]) if history else None
+        if m.endswith("-last"):
+            kept = (done["steps"], history[-1][1]) if history else None
         results["averages"][m] = {
             "kept_step": kept[0] if kept else None,
             "kept_loss": round(kept[1], 4) if kept else None,
