@@ -79,6 +79,23 @@ def score(model: Path, folder: Path, config: Path, out: Path) -> dict[str, float
     }
 
 
+def folders(out: Path, corrections: int, other_train: int) -> tuple[dict[str, Path], Path]:
+    """The scored sets (``val``, ``other``, ``choosing``) and the corrections folder under
+    ``out``: ``corrections`` training images spread over the sorted file list, the first
+    ``other_train`` of the rest, every third of those, and the 26 validation images."""
+    names = sorted(p.name for p in (DATA / "train" / "images").iterdir())
+    step = len(names) / corrections
+    chosen = [names[int(i * step)] for i in range(corrections)]
+    others = [n for n in names if n not in chosen][:other_train]
+    val_names = sorted(p.name for p in (DATA / "val" / "images").iterdir())
+    sets = {
+        "val": link_pairs(val_names, DATA / "val", out / "val"),
+        "other": link_pairs(others, DATA / "train", out / "other-train"),
+        "choosing": link_pairs(others[::3], DATA / "train", out / "choosing"),
+    }
+    return sets, link_pairs(chosen, DATA / "train", out / "corrections")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -99,17 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in (DATA / "train" / "images").iterdir())
-    step = len(names) / args.corrections
-    chosen = [names[int(i * step)] for i in range(args.corrections)]
-    others = [n for n in names if n not in chosen][: args.other_train]
-    corrections = link_pairs(chosen, DATA / "train", out / "corrections")
-    val = link_pairs(
-        sorted(p.name for p in (DATA / "val" / "images").iterdir()), DATA / "val", out / "val"
-    )
-    other = link_pairs(others, DATA / "train", out / "other-train")
-    choosing = link_pairs(others[::3], DATA / "train", out / "choosing")
-    sets = {"val": val, "other": other, "choosing": choosing}
+    sets, corrections = folders(out, args.corrections, args.other_train)
+    others = args.other_train
     config = out / "config.yaml"
     config.write_text(f"input:\n  channel: {args.channel}\n")
     model = out / "he.keras"
