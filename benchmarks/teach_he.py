@@ -96,6 +96,27 @@ def folders(out: Path, corrections: int, other_train: int) -> tuple[dict[str, Pa
     return sets, link_pairs(chosen, DATA / "train", out / "corrections")
 
 
+def finetune_run(
+    out: Path, corrections: Path, channel: str, minutes: float, extra: list[str]
+) -> tuple[Path, Path, list[str]]:
+    """The config file (which channel to count), the model path and the ``cellwatch
+    finetune`` command line of a run in ``out`` (``--force``: the model is kept whatever
+    its held-out score, to be reported)."""
+    config = out / "config.yaml"
+    config.write_text(f"input:\n  channel: {channel}\n")
+    model = out / "he.keras"
+    command = [
+        "finetune",
+        "--corrections", str(corrections),
+        "--out", str(model),
+        "--minutes", str(minutes),
+        "--channel", channel,
+        "--force",
+        *extra,
+    ]  # fmt: skip
+    return config, model, command
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -118,18 +139,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sets, corrections = folders(out, args.corrections, args.other_train)
     others = args.other_train
-    config = out / "config.yaml"
-    config.write_text(f"input:\n  channel: {args.channel}\n")
-    model = out / "he.keras"
-    command = [
-        "finetune",
-        "--corrections", str(corrections),
-        "--out", str(model),
-        "--minutes", str(args.minutes),
-        "--channel", args.channel,
-        "--force",
-        *args.extra,
-    ]  # fmt: skip
+    config, model, command = finetune_run(out, corrections, args.channel, args.minutes, args.extra)
     seconds, log = cellwatch(*command)
     (out / "finetune.log").write_text(log)
     card = json.loads(model.with_suffix(".json").read_text())["finetune"]

@@ -115,18 +115,7 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     sets, corrections = teach_he.folders(out, args.corrections, args.other_train)
-    config = out / "config.yaml"
-    config.write_text(f"input:\n  channel: {args.channel}\n")
-    model = out / "he.keras"
-    command = [
-        "finetune",
-        "--corrections", str(corrections),
-        "--out", str(model),
-        "--minutes", "600",
-        "--channel", args.channel,
-        "--force",
-        *args.extra,
-    ]  # fmt: skip
+    config, model, command = teach_he.finetune_run(out, corrections, args.channel, 600, args.extra)
     histories: dict[str, Any] = {}
     tuning.averaging = side_by_side(model, args.also, histories, args.last)
     started = time.perf_counter()
