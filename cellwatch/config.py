@@ -9,6 +9,7 @@ silently falls back to a default. Command-line flags override values with
 from __future__ import annotations
 
 __all__ = [
+    "MAX_OUTLINE_GROWTH_PX",
     "NUCLEAR_CHANNELS",
     "VENDOR_FORMATS",
     "ComputeConfig",
@@ -157,6 +158,10 @@ class TilingConfig:
     images_at_once: int = 8  # images worked on together; their tiles share the batches
 
 
+#: The most outlines may be grown (network px, config or card): a correction, not a redraw.
+MAX_OUTLINE_GROWTH_PX = 5.0
+
+
 @dataclass(frozen=True)
 class PostprocessConfig:
     """``postprocess``: how probabilities become separate cells."""
@@ -168,6 +173,7 @@ class PostprocessConfig:
     distance_threshold: float = 0.7  # seed-head models: inner distance that seeds a cell
     distance_split_threshold: float = 1.0  # ... and splits a seed between its cores (1: off)
     min_cell_area_px: int = 12
+    outline_growth_px: float | None = None  # network px; None: the card's, else 0 (teach.md)
 
 
 @dataclass(frozen=True)
@@ -269,7 +275,9 @@ class Config:
         ``input.extensions`` is left out: it decides which files are read, not how they are
         counted, and its default depends on which extras are installed. So is
         ``tiling.images_at_once``: each image's result is the same whatever it is, and
-        ``inference.cache_dir``. The runtime and precision count (once resolved from
+        ``inference.cache_dir``. ``postprocess.outline_growth_px`` counts once set, so an
+        unchanged config keeps its hash (and its images are not counted again after an
+        upgrade). The runtime and precision count (once resolved from
         ``auto`` by :func:`cellwatch.runtime.resolve`, the values that ran).
         """
         relevant = {
@@ -279,6 +287,8 @@ class Config:
         del relevant["input"]["extensions"]
         del relevant["tiling"]["images_at_once"]  # how many at once, not how each is counted
         del relevant["inference"]["cache_dir"]  # where the converted model is kept
+        if relevant["postprocess"]["outline_growth_px"] is None:  # unset: hashed as before it
+            del relevant["postprocess"]["outline_growth_px"]
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -396,6 +406,14 @@ def validate(cfg: Config) -> None:
             "postprocess.split_threshold",
             f"must lie above interior_threshold ({p.interior_threshold}) and be at most 1 "
             f"(1 turns splitting off), got {p.split_threshold}",
+        )
+    growth = p.outline_growth_px
+    if growth is not None and not 0 <= growth <= MAX_OUTLINE_GROWTH_PX:
+        _fail(
+            where,
+            "postprocess.outline_growth_px",
+            f"must be between 0 and {MAX_OUTLINE_GROWTH_PX:g} pixels (or null for the model's), "
+            f"got {growth}",
         )
     for key in ("min_cell_area_px", "split_min_area_px"):
         if getattr(p, key) < 0:

@@ -30,21 +30,31 @@ labelling needs at a third of the memory, and tiles can be reduced before stitch
 from __future__ import annotations
 
 __all__ = [
+    "grow_outlines",
     "labels_from_masked_interior",
     "labels_from_probabilities",
     "masked_distance",
     "masked_interior",
+    "outline_growth",
     "tidy",
     "watershed_by_part",
 ]
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix, csgraph
 from skimage.measure import label as connected_components
-from skimage.segmentation import relabel_sequential, watershed
+from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
+from cellwatch.config import MAX_OUTLINE_GROWTH_PX
 from cellwatch.errors import ModelError
+
+#: The model card's entry with how far (pixels at the network's working scale) the cells'
+#: outlines are grown after labelling; ``cellwatch finetune`` measures it on the corrections.
+CARD_GROWTH_KEY = "outline_growth_px"
 
 _CROSS = ndi.generate_binary_structure(2, 1)  # the watershed's default connectivity
 _BAND_PIXELS = 1 << 20  # pixels per band when a pass over the image needs temporaries
@@ -419,6 +429,58 @@ def _flood_clumps(
     labels = _take(lut, parts, out=parts)
     for box, inside, flooded in floods:
         labels[box][inside] = flooded[inside]
+    return labels
+
+
+def outline_growth(configured: float | None, card: Mapping[str, Any]) -> float:
+    """How far (pixels at the network's working scale) cells' outlines are grown:
+    ``postprocess.outline_growth_px`` when set (``configured``), else the model card's
+    :data:`CARD_GROWTH_KEY`, else 0 (outlines as labelled, as for the bundled model).
+
+    >>> outline_growth(None, {})
+    0.0
+    >>> outline_growth(None, {"outline_growth_px": 1.25})
+    1.25
+    >>> outline_growth(0.0, {"outline_growth_px": 1.25})  # the config wins
+    0.0
+    """
+    if configured is not None:
+        return float(configured)
+    recorded = card.get(CARD_GROWTH_KEY)
+    if isinstance(recorded, bool) or not isinstance(recorded, int | float):
+        return 0.0
+    return float(recorded) if 0 <= recorded <= MAX_OUTLINE_GROWTH_PX else 0.0
+
+
+def grow_outlines(labels: np.ndarray, distance: float) -> np.ndarray:
+    """Each cell grown outwards by up to ``distance`` pixels into the background, never
+    into another cell (scikit-image ``expand_labels``: a background pixel within
+    ``distance`` of cells takes the label of the nearest). No cell is added or removed, so
+    the count is unchanged; only outlines move.
+
+    Done in place, band by band (``expand_labels`` on the whole image would take two
+    int64 index planes of its size), each band with a margin of the original labels
+    around it, so the result is ``expand_labels(labels, distance)``.
+
+    Examples
+    --------
+    >>> labels = np.zeros((1, 7), np.int32)
+    >>> labels[0, 1], labels[0, 5] = 1, 2
+    >>> grow_outlines(labels, 1.0).tolist()
+    [[1, 1, 1, 0, 2, 2, 2]]
+    """
+    if distance <= 0 or labels.ndim != 2 or not labels.size:
+        return labels
+    margin = int(np.ceil(distance))
+    above: np.ndarray | None = None  # the original rows just above the band being grown
+    for rows in _bands(labels):
+        top, bottom = rows.start, min(rows.stop, len(labels))
+        below = labels[bottom : bottom + margin]
+        parts = [part for part in (above, labels[top:bottom], below) if part is not None]
+        window = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        first, end = (0 if above is None else len(above)), len(window) - len(below)
+        above = window[max(0, end - margin) : end].copy()  # originals, for the next band
+        labels[top:bottom] = expand_labels(window, distance)[first:end]
     return labels
 
 

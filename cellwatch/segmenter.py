@@ -22,10 +22,12 @@ from cellwatch.config import Config, ScaleConfig
 from cellwatch.errors import ConfigError, ModelError
 from cellwatch.model import LoadedModel
 from cellwatch.postprocess import (
+    grow_outlines,
     labels_from_masked_interior,
     labels_from_probabilities,
     masked_distance,
     masked_interior,
+    outline_growth,
     tidy,
 )
 from cellwatch.preprocess import Normalization, ZoomedSource, own_grid_stitcher
@@ -158,8 +160,11 @@ class Segmenter:
         else:
             labels, confidence = self._labelled(pixels, choice.scale, normalization)
         passes.clear()
+        growth = outline_growth(self.config.postprocess.outline_growth_px, self.model.card)
         with watch("postprocess"):
             labels = tidy(labels, _min_area(self.config, choice.scale), out=labels)
+            if growth:  # the network's pixels, as the image's
+                labels = grow_outlines(labels, growth / choice.scale)
         with watch("familiarity"):
             familiar = familiarity.measure(
                 pixels,

@@ -15,8 +15,8 @@ from conftest import discs
 
 from cellwatch import familiarity
 from cellwatch.cli import main
-from cellwatch.model import build_unet, write_card
-from cellwatch.training import averaging, judge
+from cellwatch.model import build_unet, read_card, write_card
+from cellwatch.training import averaging, judge, shapes
 from cellwatch.training import finetune as tuning
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
 from cellwatch.training.registry import list_models
@@ -63,6 +63,7 @@ def quick_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (tuning, judge):  # before/after, and the checkpoints
         monkeypatch.setattr(module, "score_model", lambda model_path, pairs, channel: scores(0.5))
     monkeypatch.setattr(tuning, "_familiarity", lambda model_path, images, channel: {})
+    monkeypatch.setattr(tuning, "measure_growth", lambda model_path, pairs, channel: {"chosen": 0})
 
 
 def test_holdout_keeps_one_image_from_four_on_and_none_below():
@@ -103,6 +104,11 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
     assert set(tuned["scores"]) == {"on", "images", "base", "new"}
     assert tuned["scores"]["on"] == "held-out corrections" and len(tuned["scores"]["images"]) == 1
     assert 0 <= tuned["scores"]["new"]["accuracy_0.5"] <= 1
+    growth = tuned["outline_growth"]  # measured on the 3 training corrections, not the held-out
+    assert card["outline_growth_px"] == growth["chosen"] and growth["chosen"] in shapes.CANDIDATES
+    assert len(growth["on"]) == 3 and tuned["scores"]["images"][0] not in growth["on"]
+    assert set(growth["scores"]) == {f"{g:g}" for g in shapes.CANDIDATES}
+    assert f"outlines grown by {growth['chosen']:g} px" in printed
 
     # a second fine-tune from that model keeps the input it names, without --channel
     again = tmp_path / "models" / "again.keras"
@@ -370,7 +376,7 @@ def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quic
         tifffile.imwrite(folder / "images" / f"{name}.tif", rgb, photometric="rgb")
         tifffile.imwrite(folder / "masks" / f"{name}.tif", labels.astype(np.uint16))
     pairs = tuning.find_pairs(folder / "images", folder / "masks")
-    sizes = tuning.corrections_diameters(pairs)
+    sizes = shapes.corrections_diameters(pairs)
     assert sizes is not None and sizes["images"] == 3  # background only: no size
     disc = {
         r: np.sqrt(4 * np.count_nonzero(discs((64, 64), [(32, 32)], r)[1]) / np.pi)
@@ -379,7 +385,7 @@ def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quic
     assert (sizes["low"], sizes["median"], sizes["high"]) == pytest.approx(
         (disc[4], disc[6], disc[9]), abs=0.01
     )
-    assert tuning.corrections_diameters(pairs[:1]) is None  # "empty" sorts first
+    assert shapes.corrections_diameters(pairs[:1]) is None  # "empty" sorts first
 
     settings = FinetuneSettings(minutes=0.01, crop=32)
     out = tmp_path / "mine.keras"
@@ -392,6 +398,33 @@ def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quic
     assert again["corrections_diameter_px"]["low"] == again["corrections_diameter_px"]["high"]
     again = tuning._card(out, base_card, tmp_path / "c.keras", settings, None, "", pairs[:1], [])
     assert "corrections_diameter_px" not in again
+
+
+def test_the_outline_growth_is_measured_on_training_corrections_or_given(
+    tmp_path, tiny_base, quick_scores, monkeypatch
+):
+    folder = corrections(tmp_path / "c")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    asked: list[list[str]] = []
+
+    def measured(model_path, pairs, channel):
+        asked.append([image.name for image, _ in pairs])
+        return {"chosen": 0.75, "scores": {}}
+
+    monkeypatch.setattr(tuning, "measure_growth", measured)
+    settings = FinetuneSettings(minutes=0.01, crop=32)
+    out = tmp_path / "mine.keras"
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    held = [Path(c["image"]).name for c in card["finetune"]["corrections"] if c["held_out"]]
+    assert card["outline_growth_px"] == 0.75 and read_card(out)["outline_growth_px"] == 0.75
+    assert len(asked) == 1 and len(asked[0]) == 3 and held[0] not in asked[0]
+    # given: written as it is, nothing measured; and never inherited from the base
+    given = replace(settings, outline_growth=1.5)
+    card = tuning.finetune(pairs, tmp_path / "b.keras", given, base=out, force=True)
+    assert card["outline_growth_px"] == 1.5 and "outline_growth" not in card["finetune"]
+    assert len(asked) == 1
+    again = tuning._card(out, read_card(out), tmp_path / "c.keras", settings, None, "", pairs, [])
+    assert "outline_growth_px" not in again
 
 
 def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_path, tiny_base):
@@ -460,3 +493,13 @@ def test_the_command_passes_ema_and_checks_it(finetune_command, capsys):
     assert "--ema" in capsys.readouterr().err
     assert main([*command, "--ema", "0.99", "--keep", "score"]) == 2
     assert "--keep loss" in capsys.readouterr().err
+
+
+def test_the_command_passes_the_outline_growth_and_checks_it(finetune_command, capsys):
+    command, seen = finetune_command
+    assert main(command) == 1 and seen["settings"].outline_growth is None  # measured
+    assert main([*command, "--outline-growth", "1.5"]) == 1
+    assert seen["settings"].outline_growth == 1.5
+    capsys.readouterr()
+    assert main([*command, "--outline-growth", "9"]) == 2
+    assert "--outline-growth" in capsys.readouterr().err

@@ -5,7 +5,9 @@ corrections widget writes). A share of them is held out; the rest trains the mod
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
 over the budget); the moving average of the weights (``ema``) with the lowest loss on the
 held-out crops is kept, also when Ctrl-C stops the run (``keep="score"``: the weights with
-the best held-out accuracy@0.5 through the counting pipeline, instead). Then the base and
+the best held-out accuracy@0.5 through the counting pipeline, instead). The new model
+counts the training corrections, and the growth of its outlines that fits their masks
+best goes into the card (:mod:`cellwatch.training.shapes`). Then the base and
 the new model are scored on the held-out images with ``cellwatch evaluate``'s figures;
 a new model that scores worse than its base is refused unless ``--force``. The model card
 records the base's hash, each correction's sha256, the command, budget and before/after.
@@ -18,7 +20,6 @@ __all__ = [
     "Refused",
     "add_arguments",
     "before_after_table",
-    "corrections_diameters",
     "finetune",
     "holdout_split",
     "run",
@@ -38,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from cellwatch import familiarity
-from cellwatch.config import Config, InputConfig
+from cellwatch.config import MAX_OUTLINE_GROWTH_PX, Config, InputConfig
 from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
+from cellwatch.postprocess import CARD_GROWTH_KEY
 from cellwatch.scale import CARD_RANGE_KEY
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
@@ -54,7 +56,7 @@ from cellwatch.training.crops import (
     load_sample,
 )
 from cellwatch.training.judge import Judge, reading_channel, score_model, with_dtype
-from cellwatch.training.targets import as_instances, median_diameter
+from cellwatch.training.shapes import corrections_diameters, measure_growth
 
 CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
 
@@ -79,6 +81,7 @@ class FinetuneSettings:
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
     stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
     ema: float = 0.99  # judge and keep a moving average of the weights (~100 steps); 0: off
+    outline_growth: float | None = None  # px at the network's scale; None: measured
 
 
 class Refused(CellwatchError):
@@ -173,6 +176,11 @@ def finetune(
     if judge is not None and settings.keep == "score":
         card[CARD_KEY]["checkpoints"] = judge.history
         card[CARD_KEY]["kept_step"] = judge.best_step
+    card[CARD_GROWTH_KEY] = settings.outline_growth
+    if settings.outline_growth is None:  # chosen on the training corrections, not held out
+        card[CARD_KEY]["outline_growth"] = measure_growth(out, train_pairs, channel)
+        card[CARD_GROWTH_KEY] = card[CARD_KEY]["outline_growth"]["chosen"]
+    say(f"outlines grown by {card[CARD_GROWTH_KEY]:g} px at the network's scale")
     write_card(out, card)
     scored = held_pairs or train_pairs
     before, after = score_model(base, scored, channel), score_model(out, scored, channel)
@@ -197,29 +205,6 @@ def finetune(
             f"{refused} for a look. Add more or better corrections, or pass --force to keep it"
         )
     return card
-
-
-def corrections_diameters(pairs: Sequence[tuple[Path, Path]]) -> dict[str, Any] | None:
-    """The nuclei sizes of the corrections, for the model card (:data:`CARD_RANGE_KEY`):
-    the lowest, median and highest of their masks' median diameters (px, the corrections'
-    own pixels) and how many masks held nuclei; None when none did. The automatic size
-    estimate keeps its estimates within this range (:func:`cellwatch.scale.diameter_range`).
-    """
-    sizes = []
-    for _, mask in pairs:
-        diameter = median_diameter(as_instances(imageio.read_image(mask).pixels))
-        if diameter is not None:  # background only: a valid correction with no size
-            sizes.append(diameter)
-    if not sizes:
-        return None
-    return {
-        "low": round(min(sizes), 2),
-        "median": round(float(np.median(sizes)), 2),
-        "high": round(max(sizes), 2),
-        "images": len(sizes),
-        "use": "the automatic size estimate keeps the nuclei diameters it finds within "
-        "low..high (scale.diameter_range_px in the config overrides it; false: not used)",
-    }
 
 
 def _fit(
@@ -387,6 +372,7 @@ def _card(
         "settings": asdict(settings),
     }
     card.pop(CARD_RANGE_KEY, None)  # a fine-tuned base's range is its corrections', not these
+    card.pop(CARD_GROWTH_KEY, None)  # and its outlines' growth was measured for its network
     sizes = corrections_diameters(pairs)
     if sizes is not None:
         card[CARD_RANGE_KEY] = sizes
@@ -519,6 +505,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"momentum instead of the last step's weights (default: {d.ema}, about the last "
         "100 steps; 0: off; with --keep loss only, --keep score turns it off)",
     )
+    parser.add_argument(
+        "--outline-growth",
+        type=float,
+        metavar="PX",
+        help="grow the cells' outlines by PX pixels at the network's scale when counting "
+        "with the new model (default: the growth that counts the training corrections best)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -546,6 +539,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--ema judges the averaged weights by the held-out loss: use it with --keep loss"
         )
+    if args.outline_growth is not None and not 0 <= args.outline_growth <= MAX_OUTLINE_GROWTH_PX:
+        raise ConfigError(
+            f"--outline-growth is in pixels, from 0 to {MAX_OUTLINE_GROWTH_PX:g}; got "
+            f"{args.outline_growth}"
+        )
     if args.score_every < 1:
         raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
     config = load_config(args.config)
@@ -569,6 +567,7 @@ def run(args: argparse.Namespace) -> int:
         score_every=args.score_every,
         stain_jitter=args.stain_jitter,
         ema=FinetuneSettings.ema if args.ema is None else args.ema,  # keep score: off
+        outline_growth=args.outline_growth,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -1,0 +1,126 @@
+"""How much growing a fine-tuned model's outlines helps, and whether the growth chosen on
+its training corrections is the one images never trained on want.
+
+For each fine-tuned model (a ``teach_he.py`` or ``teach_he_momenta.py`` output folder and
+the model in it), every image of each set is counted once with outlines as labelled;
+then the outlines are grown by each of :data:`cellwatch.training.shapes.CANDIDATES`
+(pixels at the network's scale, as the counting does) and matched to the masks again.
+The sets: the model's training corrections (where ``finetune`` chooses), its held-out
+corrections (its before/after table), and the run's ``other-train`` and ``val`` folders.
+
+    python benchmarks/outline_growth.py --json docs/teach-he-round8-growth.json \
+        /tmp/teach5/default10 /tmp/teach6/dual-s0:he.keras /tmp/teach6/last-s0:he-ema0.99-last.keras
+
+A run folder may give its model file after a colon (default ``he.keras``); which of the
+run's corrections were held out is read from that model's card.
+Prints, per model, the accuracy@0.5 without growth, with the growth ``finetune`` would
+choose (the training corrections' best, :func:`cellwatch.training.shapes.choose_growth`)
+and with the best growth for the other images (an oracle, for comparison only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cellwatch.config import Config, InputConfig, PostprocessConfig
+from cellwatch.model import load_model, read_card
+from cellwatch.pipeline import Segmenter, read
+from cellwatch.storage import imageio
+from cellwatch.storage.imageio import find_pairs
+from cellwatch.training import matching
+from cellwatch.training.shapes import CANDIDATES, Counted, choose_growth
+from cellwatch.training.targets import as_instances
+
+
+def count_once(
+    segmenter: Segmenter, config: Config, pairs: list[tuple[Path, Path]]
+) -> list[Counted]:
+    """Every image counted with outlines as labelled."""
+    counted = []
+    for image, mask in pairs:
+        data = read(image, config)
+        found = segmenter.segment(data.pixels, data.pixel_size_um)
+        truth = as_instances(imageio.read_image(mask).pixels)
+        counted.append(Counted(truth, found.labels, found.scale.scale))
+    return counted
+
+
+def accuracy_at_half(counted: list[Counted], growth: float) -> float:
+    from cellwatch.postprocess import grow_outlines
+
+    per_image = []
+    for c in counted:
+        distance = growth / c.scale
+        labels = grow_outlines(c.labels.copy(), distance) if distance > 0 else c.labels
+        per_image.append(matching.match(c.truth, labels, thresholds=(0.5,)))
+    return matching.summarize(per_image)[0].accuracy
+
+
+def study(run: Path, model_name: str) -> dict[str, Any]:
+    model_path = run / model_name
+    card = read_card(model_path)
+    corrections = card["finetune"]["corrections"]
+    folder = run / "corrections"
+    held = {Path(c["image"]).name for c in corrections if c["held_out"]}
+    all_pairs = find_pairs(folder / "images", folder / "masks")
+    sets = {
+        "training corrections": [p for p in all_pairs if p[0].name not in held],
+        "held-out corrections": [p for p in all_pairs if p[0].name in held],
+        "other-train": find_pairs(run / "other-train" / "images", run / "other-train" / "masks"),
+        "val": find_pairs(run / "val" / "images", run / "val" / "masks"),
+    }
+    channel = (card.get("input") or {}).get("channel")
+    config = replace(
+        Config(),
+        input=InputConfig(channel=channel),
+        postprocess=PostprocessConfig(outline_growth_px=0.0),
+    )
+    segmenter = Segmenter(config, load_model(model_path))
+    started = time.perf_counter()
+    counted = {name: count_once(segmenter, config, pairs) for name, pairs in sets.items()}
+    chosen, training_scores = choose_growth(counted["training corrections"])
+    table = {
+        name: {f"{g:g}": round(accuracy_at_half(c, g), 4) for g in CANDIDATES}
+        for name, c in counted.items()
+    }
+    oracle = max(CANDIDATES, key=lambda g: table["other-train"][f"{g:g}"])
+    return {
+        "model": str(model_path),
+        "chosen": chosen,
+        "choice_scores": training_scores,
+        "oracle_other_train": oracle,
+        "accuracy_0.5": table,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="RUN_FOLDER[:MODEL.keras]")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    results = []
+    print("| model | growth chosen | set | no growth | chosen | best for other-train |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for spec in args.runs:
+        run, _, name = spec.partition(":")
+        result = study(Path(run), name or "he.keras")
+        results.append(result)
+        g, o = f"{result['chosen']:g}", f"{result['oracle_other_train']:g}"
+        for set_name, row in result["accuracy_0.5"].items():
+            print(
+                f"| {spec} | {g} | {set_name} | {row['0']:.3f} | {row[g]:.3f} | "
+                f"{row[o]:.3f} ({o}) |",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
