@@ -13,9 +13,10 @@ corrections (its before/after table), and the run's ``other-train`` and ``val`` 
 
 A run folder may give its model file after a colon (default ``he.keras``); which of the
 run's corrections were held out is read from that model's card.
-Prints, per model, the accuracy@0.5 without growth, with the growth ``finetune`` would
-choose (the training corrections' best, :func:`cellwatch.training.shapes.choose_growth`)
-and with the best growth for the other images (an oracle, for comparison only).
+Prints, per model, the accuracy@0.5 without growth, with the growth that fits the
+training corrections best (:func:`cellwatch.training.shapes.choose_growth`), with the
+growth ``finetune`` writes (that plus :data:`cellwatch.training.shapes.UNSEEN_MARGIN_PX`)
+and with the best growth for the other training images (an oracle, for comparison only).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cellwatch.pipeline import Segmenter, read
 from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.training import matching
-from cellwatch.training.shapes import CANDIDATES, Counted, choose_growth
+from cellwatch.training.shapes import CANDIDATES, Counted, choose_growth, for_unseen
 from cellwatch.training.targets import as_instances
 
 
@@ -83,7 +84,7 @@ def study(run: Path, model_name: str) -> dict[str, Any]:
     segmenter = Segmenter(config, load_model(model_path))
     started = time.perf_counter()
     counted = {name: count_once(segmenter, config, pairs) for name, pairs in sets.items()}
-    chosen, training_scores = choose_growth(counted["training corrections"])
+    fits, training_scores = choose_growth(counted["training corrections"])
     table = {
         name: {f"{g:g}": round(accuracy_at_half(c, g), 4) for g in CANDIDATES}
         for name, c in counted.items()
@@ -91,7 +92,8 @@ def study(run: Path, model_name: str) -> dict[str, Any]:
     oracle = max(CANDIDATES, key=lambda g: table["other-train"][f"{g:g}"])
     return {
         "model": str(model_path),
-        "chosen": chosen,
+        "fits_training": fits,
+        "chosen": for_unseen(fits),
         "choice_scores": training_scores,
         "oracle_other_train": oracle,
         "accuracy_0.5": table,
@@ -105,17 +107,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     results = []
-    print("| model | growth chosen | set | no growth | chosen | best for other-train |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| model | growth: fits training · chosen | set | no growth | fits training | chosen "
+        "| best for other-train |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for spec in args.runs:
         run, _, name = spec.partition(":")
         result = study(Path(run), name or "he.keras")
         results.append(result)
-        g, o = f"{result['chosen']:g}", f"{result['oracle_other_train']:g}"
+        f, g = f"{result['fits_training']:g}", f"{result['chosen']:g}"
+        o = f"{result['oracle_other_train']:g}"
         for set_name, row in result["accuracy_0.5"].items():
             print(
-                f"| {spec} | {g} | {set_name} | {row['0']:.3f} | {row[g]:.3f} | "
-                f"{row[o]:.3f} ({o}) |",
+                f"| {spec} | {f} · {g} | {set_name} | {row['0']:.3f} | {row[f]:.3f} | "
+                f"{row.get(g, float('nan')):.3f} | {row[o]:.3f} ({o}) |",
                 flush=True,
             )
     if args.json:

@@ -105,7 +105,9 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
     assert tuned["scores"]["on"] == "held-out corrections" and len(tuned["scores"]["images"]) == 1
     assert 0 <= tuned["scores"]["new"]["accuracy_0.5"] <= 1
     growth = tuned["outline_growth"]  # measured on the 3 training corrections, not the held-out
-    assert card["outline_growth_px"] == growth["chosen"] and growth["chosen"] in shapes.CANDIDATES
+    assert (
+        card["outline_growth_px"] == growth["chosen"] == shapes.for_unseen(growth["fits_training"])
+    )
     assert len(growth["on"]) == 3 and tuned["scores"]["images"][0] not in growth["on"]
     assert set(growth["scores"]) == {f"{g:g}" for g in shapes.CANDIDATES}
     assert f"outlines grown by {growth['chosen']:g} px" in printed

@@ -125,7 +125,9 @@ def test_the_growth_is_measured_through_the_counting_pipeline(tmp_path):
         tifffile.imwrite(tmp_path / "c" / "masks" / f"n{i}.tif", rims.astype(np.uint16))
     pairs = find_pairs(tmp_path / "c" / "images", tmp_path / "c" / "masks")
     measured = measure_growth(model, pairs, None)
-    assert 1.0 <= measured["chosen"] <= 2.25 and measured["on"] == ["n0.tif", "n1.tif"]
-    assert measured["scores"]["0"] < measured["scores"][f"{measured['chosen']:g}"]
+    fits = measured["fits_training"]
+    assert 1.0 <= fits <= 2.25 and measured["on"] == ["n0.tif", "n1.tif"]
+    assert measured["chosen"] == fits + shapes.UNSEEN_MARGIN_PX  # for images never trained on
+    assert measured["scores"]["0"] < measured["scores"][f"{fits:g}"]
     json.dumps(measured)  # goes into the card as it is
     assert set(measured["scores"]) == {f"{g:g}" for g in shapes.CANDIDATES}
