@@ -9,6 +9,7 @@ The sets: the model's training corrections (where ``finetune`` chooses), its hel
 corrections (its before/after table), and the run's ``other-train`` and ``val`` folders.
 
     python benchmarks/outline_growth.py --json docs/teach-he-round8-growth.json \
+        --bundled-on ../shared/data/dsb2018-fluo/val \
         /tmp/teach5/default10 /tmp/teach6/dual-s0:he.keras /tmp/teach6/last-s0:he-ema0.99-last.keras
 
 A run folder may give its model file after a colon (default ``he.keras``); which of the
@@ -27,6 +28,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cellwatch.config import Config, InputConfig, PostprocessConfig
 from cellwatch.model import load_model, read_card
@@ -49,6 +52,22 @@ def count_once(
         truth = as_instances(imageio.read_image(mask).pixels)
         counted.append(Counted(truth, found.labels, found.scale.scale))
     return counted
+
+
+def area_ratio(counted: list[Counted]) -> list[float]:
+    """Median and quartiles of (the cell's area / its mask's) over the pairs of cells and
+    masks that overlap at IoU 0.3 or more (each mask with its best cell), not grown."""
+    ratios = []
+    for c in counted:
+        iou, true_ids, found_ids = matching.iou_matrix(c.truth, c.labels)
+        if not iou.size:
+            continue
+        true_area = np.bincount(c.truth.ravel())
+        found_area = np.bincount(c.labels.ravel())
+        best = iou.argmax(axis=1)
+        for i in np.flatnonzero(iou.max(axis=1) >= 0.3):
+            ratios.append(found_area[found_ids[best[i]]] / true_area[true_ids[i]])
+    return [round(float(q), 3) for q in np.quantile(ratios, [0.25, 0.5, 0.75])] if ratios else []
 
 
 def accuracy_at_half(counted: list[Counted], growth: float) -> float:
@@ -89,6 +108,7 @@ def study(run: Path, model_name: str) -> dict[str, Any]:
         name: {f"{g:g}": round(accuracy_at_half(c, g), 4) for g in CANDIDATES}
         for name, c in counted.items()
     }
+    ratios = {name: area_ratio(c) for name, c in counted.items()}
     oracle = max(CANDIDATES, key=lambda g: table["other-train"][f"{g:g}"])
     return {
         "model": str(model_path),
@@ -97,7 +117,21 @@ def study(run: Path, model_name: str) -> dict[str, Any]:
         "choice_scores": training_scores,
         "oracle_other_train": oracle,
         "accuracy_0.5": table,
+        "area_ratio_quartiles": ratios,
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def bundled_on(folder: Path) -> dict[str, Any]:
+    """The bundled model on ``folder`` (fluorescence, what it was trained for): its
+    outlines' area against the masks', and accuracy@0.5 at each growth."""
+    config = replace(Config(), postprocess=PostprocessConfig(outline_growth_px=0.0))
+    segmenter = Segmenter(config, load_model())
+    counted = count_once(segmenter, config, find_pairs(folder / "images", folder / "masks"))
+    return {
+        "folder": str(folder),
+        "area_ratio_quartiles": area_ratio(counted),
+        "accuracy_0.5": {f"{g:g}": round(accuracy_at_half(counted, g), 4) for g in CANDIDATES},
     }
 
 
@@ -105,8 +139,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="RUN_FOLDER[:MODEL.keras]")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--bundled-on", type=Path, metavar="DIR", help="also the bundled model on DIR's images"
+    )
     args = parser.parse_args()
-    results = []
+    results: list[dict[str, Any]] = []
+    if args.bundled_on:
+        results.append(bundled_on(args.bundled_on))
+        print(f"bundled model on {args.bundled_on}: {json.dumps(results[-1])}", flush=True)
     print(
         "| model | growth: fits training · chosen | set | no growth | fits training | chosen "
         "| best for other-train |"
