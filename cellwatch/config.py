@@ -158,8 +158,7 @@ class TilingConfig:
     images_at_once: int = 8  # images worked on together; their tiles share the batches
 
 
-#: The most outlines may be grown (network px, config or card): a correction, not a redraw.
-MAX_OUTLINE_GROWTH_PX = 5.0
+MAX_OUTLINE_GROWTH_PX = 5.0  #: the most outlines may be grown (network px): not a redraw
 
 
 @dataclass(frozen=True)

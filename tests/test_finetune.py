@@ -16,6 +16,7 @@ from conftest import discs
 from cellwatch import familiarity
 from cellwatch.cli import main
 from cellwatch.model import build_unet, read_card, write_card
+from cellwatch.runtime import choose_precision
 from cellwatch.training import averaging, judge, shapes
 from cellwatch.training import finetune as tuning
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
@@ -425,8 +426,11 @@ def test_the_outline_growth_is_measured_on_training_corrections_or_given(
     card = tuning.finetune(pairs, tmp_path / "b.keras", given, base=out, force=True)
     assert card["outline_growth_px"] == 1.5 and "outline_growth" not in card["finetune"]
     assert len(asked) == 1
-    again = tuning._card(out, read_card(out), tmp_path / "c.keras", settings, None, "", pairs, [])
-    assert "outline_growth_px" not in again
+    # nor the precision check of the base's weights: auto runs these at f32
+    checked = {**read_card(out), "precision_check": {"f32": {"accuracy_0.5": 0.8}}}
+    again = tuning._card(out, checked, tmp_path / "c.keras", settings, None, "", pairs, [])
+    assert "outline_growth_px" not in again and "precision_check" not in again
+    assert choose_precision("auto", "openvino", again, bf16_cpu=True) == "f32"
 
 
 def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_path, tiny_base):

@@ -373,6 +373,7 @@ def _card(
     }
     card.pop(CARD_RANGE_KEY, None)  # a fine-tuned base's range is its corrections', not these
     card.pop(CARD_GROWTH_KEY, None)  # and its outlines' growth was measured for its network
+    card.pop("precision_check", None)  # so was bf16/int8 accuracy: these weights run f32
     sizes = corrections_diameters(pairs)
     if sizes is not None:
         card[CARD_RANGE_KEY] = sizes
