@@ -5,10 +5,10 @@ corrections widget writes). A share of them is held out; the rest trains the mod
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
 over the budget); the moving average of the weights (``ema``) with the lowest loss on the
 held-out crops is kept, also when Ctrl-C stops the run (``keep="score"``: the weights with
-the best held-out accuracy@0.5 through the counting pipeline, instead). The new model
-counts the training corrections, and the growth of its outlines that fits their masks
-best goes into the card (:mod:`cellwatch.training.shapes`). Then the base and
-the new model are scored on the held-out images with ``cellwatch evaluate``'s figures;
+the best held-out accuracy@0.5 through the counting pipeline, instead). The growth of its
+outlines that fits the training corrections best, plus a margin for images it never saw,
+goes into the card (:mod:`cellwatch.training.shapes`). Then the base and the new model
+are scored on the held-out images with ``cellwatch evaluate``'s figures;
 a new model that scores worse than its base is refused unless ``--force``. The model card
 records the base's hash, each correction's sha256, the command, budget and before/after.
 """
@@ -511,7 +511,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="PX",
         help="grow the cells' outlines by PX pixels at the network's scale when counting "
-        "with the new model (default: the growth that counts the training corrections best)",
+        "with the new model (default: measured on the training corrections, docs/teach.md)",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
 
