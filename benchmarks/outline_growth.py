@@ -33,25 +33,17 @@ import numpy as np
 
 from cellwatch.config import Config, InputConfig, PostprocessConfig
 from cellwatch.model import load_model, read_card
-from cellwatch.pipeline import Segmenter, read
-from cellwatch.storage import imageio
+from cellwatch.pipeline import Segmenter
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.training import matching
-from cellwatch.training.shapes import CANDIDATES, Counted, choose_growth, for_unseen
-from cellwatch.training.targets import as_instances
-
-
-def count_once(
-    segmenter: Segmenter, config: Config, pairs: list[tuple[Path, Path]]
-) -> list[Counted]:
-    """Every image counted with outlines as labelled."""
-    counted = []
-    for image, mask in pairs:
-        data = read(image, config)
-        found = segmenter.segment(data.pixels, data.pixel_size_um)
-        truth = as_instances(imageio.read_image(mask).pixels)
-        counted.append(Counted(truth, found.labels, found.scale.scale))
-    return counted
+from cellwatch.training.shapes import (
+    CANDIDATES,
+    Counted,
+    choose_growth,
+    count_pairs,
+    for_unseen,
+    score,
+)
 
 
 def area_ratio(counted: list[Counted]) -> list[float]:
@@ -68,17 +60,6 @@ def area_ratio(counted: list[Counted]) -> list[float]:
         for i in np.flatnonzero(iou.max(axis=1) >= 0.3):
             ratios.append(found_area[found_ids[best[i]]] / true_area[true_ids[i]])
     return [round(float(q), 3) for q in np.quantile(ratios, [0.25, 0.5, 0.75])] if ratios else []
-
-
-def accuracy_at_half(counted: list[Counted], growth: float) -> float:
-    from cellwatch.postprocess import grow_outlines
-
-    per_image = []
-    for c in counted:
-        distance = growth / c.scale
-        labels = grow_outlines(c.labels.copy(), distance) if distance > 0 else c.labels
-        per_image.append(matching.match(c.truth, labels, thresholds=(0.5,)))
-    return matching.summarize(per_image)[0].accuracy
 
 
 def study(run: Path, model_name: str) -> dict[str, Any]:
@@ -102,10 +83,10 @@ def study(run: Path, model_name: str) -> dict[str, Any]:
     )
     segmenter = Segmenter(config, load_model(model_path))
     started = time.perf_counter()
-    counted = {name: count_once(segmenter, config, pairs) for name, pairs in sets.items()}
+    counted = {name: count_pairs(segmenter, config, pairs) for name, pairs in sets.items()}
     fits, training_scores = choose_growth(counted["training corrections"])
     table = {
-        name: {f"{g:g}": round(accuracy_at_half(c, g), 4) for g in CANDIDATES}
+        name: {f"{g:g}": round(score(c, g, thresholds=(0.5,)), 4) for g in CANDIDATES}
         for name, c in counted.items()
     }
     ratios = {name: area_ratio(c) for name, c in counted.items()}
@@ -127,11 +108,13 @@ def bundled_on(folder: Path) -> dict[str, Any]:
     outlines' area against the masks', and accuracy@0.5 at each growth."""
     config = replace(Config(), postprocess=PostprocessConfig(outline_growth_px=0.0))
     segmenter = Segmenter(config, load_model())
-    counted = count_once(segmenter, config, find_pairs(folder / "images", folder / "masks"))
+    counted = count_pairs(segmenter, config, find_pairs(folder / "images", folder / "masks"))
     return {
         "folder": str(folder),
         "area_ratio_quartiles": area_ratio(counted),
-        "accuracy_0.5": {f"{g:g}": round(accuracy_at_half(counted, g), 4) for g in CANDIDATES},
+        "accuracy_0.5": {
+            f"{g:g}": round(score(counted, g, thresholds=(0.5,)), 4) for g in CANDIDATES
+        },
     }
 
 

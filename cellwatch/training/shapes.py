@@ -28,6 +28,7 @@ __all__ = [
     "Counted",
     "choose_growth",
     "corrections_diameters",
+    "count_pairs",
     "for_unseen",
     "measure_growth",
     "score",
@@ -36,7 +37,7 @@ __all__ = [
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from cellwatch.postprocess import grow_outlines
 from cellwatch.storage import imageio
 from cellwatch.training import matching
 from cellwatch.training.targets import as_instances, median_diameter
+
+if TYPE_CHECKING:
+    from cellwatch.pipeline import Segmenter
 
 #: Growths tried (pixels at the network's working scale, where nuclei are ~20 px across).
 CANDIDATES: tuple[float, ...] = tuple(k / 4 for k in range(13))
@@ -67,9 +71,11 @@ class Counted:
     scale: float
 
 
-def score(counted: Sequence[Counted], growth: float) -> float:
-    """Accuracy TP / (TP + FP + FN), pooled over the images, averaged over
-    :data:`THRESHOLDS`, with every image's outlines grown by ``growth`` network pixels.
+def score(
+    counted: Sequence[Counted], growth: float, thresholds: Sequence[float] = THRESHOLDS
+) -> float:
+    """Accuracy TP / (TP + FP + FN), pooled over the images, averaged over ``thresholds``
+    of IoU, with every image's outlines grown by ``growth`` network pixels.
 
     >>> truth = np.zeros((1, 9), np.int32); truth[0, 2:7] = 1
     >>> found = np.zeros((1, 9), np.int32); found[0, 4] = 1  # one pixel of five
@@ -80,7 +86,7 @@ def score(counted: Sequence[Counted], growth: float) -> float:
     for c in counted:
         distance = growth / c.scale
         labels = grow_outlines(c.labels.copy(), distance) if distance > 0 else c.labels
-        per_image.append(matching.match(c.truth, labels, thresholds=THRESHOLDS))
+        per_image.append(matching.match(c.truth, labels, thresholds=thresholds))
     totals = matching.summarize(per_image)
     return float(np.mean([t.accuracy for t in totals]))
 
@@ -114,6 +120,22 @@ def for_unseen(fits: float) -> float:
     return min(fits + UNSEEN_MARGIN_PX, MAX_OUTLINE_GROWTH_PX) if fits > 0 else 0.0
 
 
+def count_pairs(
+    segmenter: Segmenter, config: Config, pairs: Sequence[tuple[Path, Path]]
+) -> list[Counted]:
+    """Each image of ``pairs`` counted by ``segmenter`` (whose config grows no outlines),
+    with its mask."""
+    from cellwatch.pipeline import read
+
+    counted = []
+    for image, mask in pairs:
+        data = read(image, config)
+        found = segmenter.segment(data.pixels, data.pixel_size_um)
+        truth = as_instances(imageio.read_image(mask).pixels)
+        counted.append(Counted(truth, found.labels, found.scale.scale))
+    return counted
+
+
 def measure_growth(
     model_path: Path, pairs: Sequence[tuple[Path, Path]], channel: str | None
 ) -> dict[str, Any]:
@@ -122,7 +144,7 @@ def measure_growth(
     "judged_by": ...}`` for the card; ``chosen`` is the best fit plus
     :data:`UNSEEN_MARGIN_PX` (none when the best fit is no growth)."""
     from cellwatch.model import load_model
-    from cellwatch.pipeline import Segmenter, read
+    from cellwatch.pipeline import Segmenter
     from cellwatch.training.judge import reading_channel
 
     config = replace(
@@ -130,13 +152,7 @@ def measure_growth(
         input=InputConfig(channel=reading_channel(pairs[0][0], channel)),
         postprocess=PostprocessConfig(outline_growth_px=0.0),
     )
-    segmenter = Segmenter(config, load_model(model_path))
-    counted = []
-    for image, mask in pairs:
-        data = read(image, config)
-        found = segmenter.segment(data.pixels, data.pixel_size_um)
-        truth = as_instances(imageio.read_image(mask).pixels)
-        counted.append(Counted(truth, found.labels, found.scale.scale))
+    counted = count_pairs(Segmenter(config, load_model(model_path)), config, pairs)
     fits, scores = choose_growth(counted)
     return {
         "chosen": for_unseen(fits),
