@@ -10,10 +10,13 @@ of one run instead of several:
     python benchmarks/teach_he_momenta.py --out /tmp/x --also 0.998 --sets other val \
         -- --steps 3000 --seed 1 --ema 0.99
 
-``he.keras`` is the model ``cellwatch finetune`` kept (its ``--ema``); ``he-ema0.998.keras``
-the one the 0.998 average would have kept, with a copy of the card (its held-out scores
-recomputed). ``results.json`` holds each model's scores and each average's held-out loss
-after every checkpoint (``averages``), so which step was kept can be read off.
+``he.keras`` is the model ``cellwatch finetune --keep loss`` kept (its ``--ema``);
+``he-ema0.998.keras`` the one the 0.998 average would have kept, with a copy of the card
+(its outline growth measured and its held-out scores recomputed); ``--last`` adds each
+average as training ended (``he-ema0.99-last.keras``: what the default ``--keep last``
+keeps, on the same training). ``results.json`` holds each model's scores and each
+average's held-out loss after every checkpoint (``averages``), so which step was kept can
+be read off.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import teach_he  # benchmarks/ is on the path when this file is run
 
 from cellwatch.cli import main as cellwatch_main
 from cellwatch.model import read_card, write_card
+from cellwatch.postprocess import CARD_GROWTH_KEY
 from cellwatch.training import finetune as tuning
 from cellwatch.training.averaging import averaging
 from cellwatch.training.judge import score_model, with_dtype
+from cellwatch.training.shapes import measure_growth
 
 
 def side_by_side(out: Path, also: list[float], histories: dict[str, Any], last: bool) -> Any:
@@ -115,7 +120,8 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     sets, corrections = teach_he.folders(out, args.corrections, args.other_train)
-    config, model, command = teach_he.finetune_run(out, corrections, args.channel, 600, args.extra)
+    extra = ["--keep", "loss", *args.extra]  # each average judged by its held-out loss
+    config, model, command = teach_he.finetune_run(out, corrections, args.channel, 600, extra)
     histories: dict[str, Any] = {}
     tuning.averaging = side_by_side(model, args.also, histories, args.last)
     started = time.perf_counter()
@@ -127,6 +133,11 @@ def main() -> None:
     done = card[tuning.CARD_KEY]
     held = [
         (corrections / "images" / n, corrections / "masks" / n) for n in done["scores"]["images"]
+    ]
+    training = [
+        pair
+        for pair in tuning.find_pairs(corrections / "images", corrections / "masks")
+        if pair[0].name not in done["scores"]["images"]
     ]
     import keras
 
@@ -142,8 +153,14 @@ def main() -> None:
         work.unlink()
         copy = json.loads(json.dumps(card))
         copy[tuning.CARD_KEY]["settings"]["ema"] = m
-        copy[tuning.CARD_KEY]["scores"]["new"] = score_model(path, held, args.channel)
         copy[tuning.CARD_KEY]["note"] = f"benchmarks/teach_he_momenta.py: the ema {key} average"
+        write_card(path, copy)
+        if "outline_growth" in done:  # measured for the kept network: measure this one's
+            growth = measure_growth(path, training, args.channel)
+            copy[tuning.CARD_KEY]["outline_growth"] = growth
+            copy[CARD_GROWTH_KEY] = growth["chosen"]
+            write_card(path, copy)
+        copy[tuning.CARD_KEY]["scores"]["new"] = score_model(path, held, args.channel)
         write_card(path, copy)
         models[key] = path
     shutil.copy(model.with_suffix(".json"), out / "card-main.json")

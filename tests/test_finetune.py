@@ -198,7 +198,9 @@ def test_the_command_exits_1_and_says_why_when_refused(tmp_path, monkeypatch, ca
     assert main([*command, "--minutes", "0"]) == 2  # a budget of nothing is a usage error
 
 
-@pytest.mark.parametrize(("keep", "ema"), [("loss", 0.99), ("loss", 0.0), ("score", 0.99)])
+@pytest.mark.parametrize(
+    ("keep", "ema"), [("loss", 0.99), ("loss", 0.0), ("score", 0.99), ("last", 0.99), ("last", 0)]
+)
 def test_ctrl_c_keeps_the_best_model_so_far(
     tmp_path, tiny_base, monkeypatch, quick_scores, keep, ema
 ):
@@ -480,7 +482,9 @@ def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_sc
         return made[-1]
 
     monkeypatch.setattr(tuning, "averaging", spy)
-    settings = FinetuneSettings(minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9)
+    settings = FinetuneSettings(
+        minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9, keep="loss"
+    )
     out = tmp_path / "averaged.keras"
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     assert out.exists() and card["finetune"]["settings"]["ema"] == 0.9
@@ -489,16 +493,44 @@ def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_sc
     assert len(made) == 1 and [step for step, _ in made[0].history] == [5, 10, 12]
 
 
+def test_keep_last_saves_the_average_as_training_ended_unjudged(
+    tmp_path, tiny_base, quick_scores, monkeypatch
+):
+    import keras
+
+    folder = corrections(tmp_path / "corrections")
+    pairs = tuning.find_pairs(folder / "images", folder / "masks")
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append(averaging.averaging(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tuning, "averaging", spy)
+    settings = FinetuneSettings(
+        minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9, keep="last"
+    )
+    out = tmp_path / "last.keras"
+    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    assert card["finetune"]["steps"] == 12 and card["finetune"]["settings"]["keep"] == "last"
+    assert len(made) == 1 and made[0].history == []  # no held-out loss judged anything
+    saved = keras.saving.load_model(out, compile=False)
+    for variable, average in zip(saved.trainable_variables, made[0].average, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), average)  # the average at step 12
+
+
 def test_the_command_passes_ema_and_checks_it(finetune_command, capsys):
     command, seen = finetune_command
     assert main(command) == 1 and seen["settings"].ema == 0.99  # the default
+    assert seen["settings"].keep == "last"  # the default: the average as training ended
     assert main([*command, "--ema", "0"]) == 1 and seen["settings"].ema == 0
     assert main([*command, "--ema", "0.99"]) == 1 and seen["settings"].ema == 0.99
     capsys.readouterr()
     assert main([*command, "--ema", "1"]) == 2
     assert "--ema" in capsys.readouterr().err
     assert main([*command, "--ema", "0.99", "--keep", "score"]) == 2
-    assert "--keep loss" in capsys.readouterr().err
+    assert "--keep last or loss" in capsys.readouterr().err
+    assert main([*command, "--keep", "last"]) == 1 and seen["settings"].keep == "last"
 
 
 def test_the_command_passes_the_outline_growth_and_checks_it(finetune_command, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 def averaging(
     work: Path,
     momentum: float,
-    validation: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None,
     batch_size: int,
 ) -> Any:
     """A Keras callback keeping an exponential moving average of the network's trainable
@@ -29,7 +29,8 @@ def averaging(
     ``check()`` when stopped) it saves the averaged network at ``work`` if its loss on
     the held-out crops ``validation`` is the lowest so far. The weights that train are
     never changed: the average is put in only to be judged and saved, then taken out.
-    ``history`` holds (step, held-out loss of the average)."""
+    ``history`` holds (step, held-out loss of the average). With ``validation`` None the
+    average is not judged: the latest is saved, when training ends or is stopped."""
     import keras
 
     class Averaging(keras.callbacks.Callback):
@@ -51,7 +52,8 @@ def averaging(
             self.steps += 1
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            self.check(self.model)
+            if validation is not None:
+                self.check(self.model)
 
         def on_train_end(self, logs: Any = None) -> None:
             self.check(self.model)
@@ -64,6 +66,10 @@ def averaging(
             for variable, average in zip(variables, self.average, strict=True):
                 variable.assign(average.astype(variable.dtype))
             try:
+                if validation is None:  # the latest average is the one kept
+                    self.checked = self.steps
+                    network.save(work)
+                    return
                 x, y = validation
                 loss = network.evaluate(x, y, batch_size=batch_size, verbose=0)
                 loss = float(loss[0] if isinstance(loss, list | tuple) else loss)

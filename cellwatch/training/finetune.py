@@ -3,14 +3,14 @@
 ``DIR/images`` and ``DIR/masks`` hold image/mask pairs of the same names (what the napari
 corrections widget writes). A share of them is held out; the rest trains the model for
 ``--minutes`` of wall-clock time, the learning rate falling with the time spent (a cosine
-over the budget); the moving average of the weights (``ema``) with the lowest loss on the
-held-out crops is kept, also when Ctrl-C stops the run (``keep="score"``: the weights with
-the best held-out accuracy@0.5 through the counting pipeline, instead). The growth of its
-outlines that fits the training corrections best, plus a margin for images it never saw,
-goes into the card (:mod:`cellwatch.training.shapes`). Then the base and the new model
-are scored on the held-out images with ``cellwatch evaluate``'s figures;
-a new model that scores worse than its base is refused unless ``--force``. The model card
-records the base's hash, each correction's sha256, the command, budget and before/after.
+over the budget); the moving average of the weights (``ema``) as training ends is kept,
+or as Ctrl-C stops it (``keep="loss"``: the average with the lowest loss on the held-out
+crops; ``"score"``: the weights with the best held-out accuracy@0.5, counted). The growth
+of its outlines that fits the training corrections best, plus a margin for images it never
+saw, goes into the card (:mod:`cellwatch.training.shapes`). Then the base and the new
+model are scored on the held-out images with ``cellwatch evaluate``'s figures; a new model
+that scores worse than its base is refused unless ``--force``. The model card records the
+base's hash, each correction's sha256, the command, budget and before/after.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class FinetuneSettings:
     crop: int = 128
     batch_size: int = 4
     steps_per_epoch: int = 10  # a held-out loss checkpoint every this many steps (keep="loss")
-    keep: str = "loss"  # which model is kept: "loss" (held-out crops) or "score" (accuracy@0.5)
+    keep: str = "last"  # which model is kept: "last" average, "loss" (held-out crops), "score"
     score_every: int = 50  # keep="score": score the held-out images every this many steps
     learning_rate: float = 1e-3
     final_learning_rate: float = 5e-5  # where the cosine over the budget ends
@@ -218,10 +218,9 @@ def _fit(
     verbose: int,
     judge: Judge | None = None,
 ) -> tuple[Any, bool]:
-    """Train until the budget is spent or Ctrl-C; save the best model at ``out`` in
-    float32: by held-out score when ``settings.keep`` is "score" and there is a ``judge``
-    (held-out images), else by held-out loss. Returns (the budget callback, whether it was
-    interrupted)."""
+    """Train until the budget is spent or Ctrl-C; save the model ``settings.keep`` names
+    at ``out`` in float32 (held-out score needs a ``judge``: held-out images; else held-out
+    loss). Returns (the budget callback, whether it was interrupted)."""
     import keras
 
     classes = network.output_shape[-1]
@@ -232,6 +231,9 @@ def _fit(
     if judge is not None and by_score:
         judge.start(work, settings.score_every)
         callbacks, validation = [budget, judge.callback()], {}
+    elif settings.keep == "last":  # the average (or, ema 0, the weights) as training ends
+        averaged = averaging(work, settings.ema, None, settings.batch_size)
+        callbacks, validation = [budget, averaged], {}
     else:
         val_x, val_y = fixed_crops(
             monitored, settings.crop, classes, settings.seed + 1, per_sample=4
@@ -259,7 +261,7 @@ def _fit(
         )
     except KeyboardInterrupt:
         interrupted = True
-        say("interrupted: keeping the best model so far")
+        say(f"interrupted: keeping the model so far (--keep {settings.keep})")
         if judge is not None and by_score and judge.steps > judge.checked:
             judge.check(network, judge.steps)  # the model as it stopped is a candidate too
         if averaged is not None:
@@ -483,11 +485,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     parser.add_argument(
         "--keep",
-        choices=("score", "loss"),
+        choices=("last", "loss", "score"),
         default=d.keep,
-        help="which model is kept: the lowest loss on crops of the held-out images (loss) or "
-        "the best held-out accuracy@0.5 through the counting pipeline (score, checked every "
-        "--score-every steps) (default: %(default)s)",
+        help="which model is kept: the average as training ends (last), the lowest loss on "
+        "crops of the held-out images (loss) or the best held-out accuracy@0.5 through the "
+        "counting pipeline (score, checked every --score-every steps) (default: %(default)s)",
     )
     parser.add_argument("--score-every", type=int, default=d.score_every, metavar="STEPS")
     parser.add_argument(
@@ -504,7 +506,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MOMENTUM",
         help="judge and keep an exponential moving average of the weights with this "
         f"momentum instead of the last step's weights (default: {d.ema}, about the last "
-        "100 steps; 0: off; with --keep loss only, --keep score turns it off)",
+        "100 steps; 0: off; --keep score turns it off)",
     )
     parser.add_argument(
         "--outline-growth",
@@ -537,9 +539,7 @@ def run(args: argparse.Namespace) -> int:
             f"(0.99 averages about the last 100 steps); got {args.ema}"
         )
     if args.ema and args.keep == "score":
-        raise ConfigError(
-            "--ema judges the averaged weights by the held-out loss: use it with --keep loss"
-        )
+        raise ConfigError("--ema keeps an average of the weights: use it with --keep last or loss")
     if args.outline_growth is not None and not 0 <= args.outline_growth <= MAX_OUTLINE_GROWTH_PX:
         raise ConfigError(
             f"--outline-growth is in pixels, from 0 to {MAX_OUTLINE_GROWTH_PX:g}; got "
