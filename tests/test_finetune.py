@@ -360,10 +360,12 @@ def finetune_command(tmp_path, monkeypatch):
 
 def test_the_command_passes_warmup_and_holdout_and_checks_them(finetune_command, capsys):
     command, seen = finetune_command
-    assert main([*command, "--warmup-steps", "50", "--holdout", "0.125"]) == 1
-    assert seen["settings"].warmup_steps == 50 and seen["settings"].holdout == 0.125
+    assert main([*command, "--warmup-steps", "50", "--holdout", "0.25"]) == 1
+    assert seen["settings"].warmup_steps == 50 and seen["settings"].holdout == 0.25
     pairs = [(Path(f"i{i}"), Path(f"m{i}")) for i in range(8)]
-    assert [len(p) for p in holdout_split(pairs, seen["settings"].holdout, 0)] == [7, 1]
+    assert [len(p) for p in holdout_split(pairs, seen["settings"].holdout, 0)] == [6, 2]
+    assert [len(p) for p in holdout_split(pairs, FinetuneSettings.holdout, 0)] == [7, 1]
+    assert [len(p) for p in holdout_split(pairs[:4], FinetuneSettings.holdout, 0)] == [3, 1]
     capsys.readouterr()
     assert main([*command, "--holdout", "1"]) == 2
     assert "--holdout" in capsys.readouterr().err
@@ -523,6 +525,7 @@ def test_the_command_passes_ema_and_checks_it(finetune_command, capsys):
     command, seen = finetune_command
     assert main(command) == 1 and seen["settings"].ema == 0.99  # the default
     assert seen["settings"].keep == "last"  # the default: the average as training ended
+    assert seen["settings"].holdout == 0.125  # the default: 1 of 8 corrections held out
     assert main([*command, "--ema", "0"]) == 1 and seen["settings"].ema == 0
     assert main([*command, "--ema", "0.99"]) == 1 and seen["settings"].ema == 0.99
     capsys.readouterr()

@@ -76,7 +76,7 @@ class FinetuneSettings:
     final_learning_rate: float = 5e-5  # where the cosine over the budget ends
     warmup_steps: int = 0  # the rate rises linearly from ~0 over these first steps
     freeze_encoder: bool = False
-    holdout: float = 0.25  # share of the corrections held out (at least 1 from 4 on)
+    holdout: float = 0.125  # share of the corrections held out (at least 1 from 4 on)
     seed: int = 0
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
     stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
