@@ -474,7 +474,9 @@ def test_weight_averaging_saves_the_average_and_leaves_the_trained_weights(tmp_p
     assert not work.exists() and [s for s, _ in callback.history] == [2, 3]
 
 
-def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores, monkeypatch):
+def averaged_finetune(tmp_path, tiny_base, monkeypatch, keep):
+    """A 12-step fine-tune (ema 0.9, an epoch of 5 steps) keeping ``keep``; (card, model
+    path, the averaging callbacks it made)."""
     folder = corrections(tmp_path / "corrections")
     pairs = tuning.find_pairs(folder / "images", folder / "masks")
     made = []
@@ -485,10 +487,15 @@ def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_sc
 
     monkeypatch.setattr(tuning, "averaging", spy)
     settings = FinetuneSettings(
-        minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9, keep="loss"
+        minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9, keep=keep
     )
-    out = tmp_path / "averaged.keras"
+    out = tmp_path / f"{keep}.keras"
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    return card, out, made
+
+
+def test_finetune_with_weight_averaging_records_it(tmp_path, tiny_base, quick_scores, monkeypatch):
+    card, out, made = averaged_finetune(tmp_path, tiny_base, monkeypatch, keep="loss")
     assert out.exists() and card["finetune"]["settings"]["ema"] == 0.9
     assert card["finetune"]["steps"] == 12
     # the average was judged at each epoch's end and at the last step
@@ -500,20 +507,7 @@ def test_keep_last_saves_the_average_as_training_ended_unjudged(
 ):
     import keras
 
-    folder = corrections(tmp_path / "corrections")
-    pairs = tuning.find_pairs(folder / "images", folder / "masks")
-    made = []
-
-    def spy(*args, **kwargs):
-        made.append(averaging.averaging(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(tuning, "averaging", spy)
-    settings = FinetuneSettings(
-        minutes=1, max_steps=12, crop=32, steps_per_epoch=5, ema=0.9, keep="last"
-    )
-    out = tmp_path / "last.keras"
-    card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
+    card, out, made = averaged_finetune(tmp_path, tiny_base, monkeypatch, keep="last")
     assert card["finetune"]["steps"] == 12 and card["finetune"]["settings"]["keep"] == "last"
     assert len(made) == 1 and made[0].history == []  # no held-out loss judged anything
     saved = keras.saving.load_model(out, compile=False)
