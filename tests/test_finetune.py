@@ -17,7 +17,7 @@ from cellwatch import familiarity
 from cellwatch.cli import main
 from cellwatch.model import build_unet, read_card, write_card
 from cellwatch.runtime import choose_precision
-from cellwatch.training import averaging, judge, shapes
+from cellwatch.training import averaging, crops, judge, shapes
 from cellwatch.training import finetune as tuning
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
 from cellwatch.training.registry import list_models
@@ -63,7 +63,7 @@ def quick_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     (the first test scores for real)."""
     for module in (tuning, judge):  # before/after, and the checkpoints
         monkeypatch.setattr(module, "score_model", lambda model_path, pairs, channel: scores(0.5))
-    monkeypatch.setattr(tuning, "_familiarity", lambda model_path, images, channel: {})
+    monkeypatch.setattr(tuning, "familiarity_references", lambda model_path, images, channel: {})
     monkeypatch.setattr(tuning, "measure_growth", lambda model_path, pairs, channel: {"chosen": 0})
 
 
@@ -538,3 +538,48 @@ def test_the_command_passes_the_outline_growth_and_checks_it(finetune_command, c
     capsys.readouterr()
     assert main([*command, "--outline-growth", "9"]) == 2
     assert "--outline-growth" in capsys.readouterr().err
+
+
+def test_contact_weight_weighs_the_loss_where_cells_meet(
+    tmp_path, tiny_base, quick_scores, monkeypatch
+):
+    """Pairs of touching nuclei: the crops trained on carry a weight channel, 5 where the
+    two meet and 1 elsewhere, and the loss takes it (an unweighted loss cannot fit 4
+    target channels to 3 outputs); the held-out crops of ``keep="loss"`` carry it too."""
+    root = tmp_path / "corrections"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(4):  # two discs of radius 7 whose centres are 14 px apart: they touch
+        _, labels = discs((64, 64), [(32, 18 + i), (32, 32 + i)], 7)
+        rgb = np.where((labels > 0)[..., None], RGB_NUCLEUS, RGB_GLASS).astype(np.uint8)
+        tifffile.imwrite(root / "images" / f"c{i}.tif", rgb, photometric="rgb")
+        tifffile.imwrite(root / "masks" / f"c{i}.tif", labels.astype(np.uint16))
+    pairs = tuning.find_pairs(root / "images", root / "masks")
+    seen = []
+    real_targets = crops.targets
+
+    def targets(*args, **kwargs):  # every crop's targets, trained on or held out
+        seen.append(real_targets(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(crops, "targets", targets)
+    for keep in ("last", "loss"):
+        settings = FinetuneSettings(minutes=1, max_steps=4, crop=32, contact_weight=5, keep=keep)
+        out = tmp_path / f"{keep}.keras"
+        card = tuning.finetune(
+            pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True
+        )
+        assert out.exists() and card["finetune"]["settings"]["contact_weight"] == 5
+    assert len(seen) > 4 and all(y.shape[-1] == 4 for y in seen)  # 3 classes and the weight
+    weights = np.concatenate([y[..., 3].ravel() for y in seen])
+    assert set(np.unique(weights)) == {1.0, 5.0}
+
+
+def test_the_command_passes_the_contact_weight_and_checks_it(finetune_command, capsys):
+    command, seen = finetune_command
+    assert main(command) == 1 and seen["settings"].contact_weight == 1  # the default: none
+    assert main([*command, "--contact-weight", "5"]) == 1
+    assert seen["settings"].contact_weight == 5
+    capsys.readouterr()
+    assert main([*command, "--contact-weight", "0"]) == 2
+    assert "--contact-weight" in capsys.readouterr().err

@@ -19,7 +19,6 @@ __all__ = [
     "FinetuneSettings",
     "Refused",
     "add_arguments",
-    "before_after_table",
     "finetune",
     "holdout_split",
     "run",
@@ -39,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from cellwatch import familiarity
-from cellwatch.config import MAX_OUTLINE_GROWTH_PX, Config, InputConfig
+from cellwatch.config import MAX_OUTLINE_GROWTH_PX
 from cellwatch.errors import CellwatchError, ConfigError
-from cellwatch.model import BUNDLED_MODEL, load_model, read_card, write_card
+from cellwatch.model import BUNDLED_MODEL, read_card, write_card
 from cellwatch.postprocess import CARD_GROWTH_KEY
 from cellwatch.scale import CARD_RANGE_KEY
 from cellwatch.storage import imageio
@@ -55,7 +54,13 @@ from cellwatch.training.crops import (
     fixed_crops,
     load_sample,
 )
-from cellwatch.training.judge import Judge, reading_channel, score_model, with_dtype
+from cellwatch.training.judge import (
+    Judge,
+    before_after_table,
+    familiarity_references,
+    score_model,
+    with_dtype,
+)
 from cellwatch.training.shapes import corrections_diameters, measure_growth
 
 CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
@@ -80,6 +85,7 @@ class FinetuneSettings:
     seed: int = 0
     bf16: bool = False  # bfloat16 mixed precision (CPUs with AVX-512 BF16 or AMX)
     stain_jitter: float = 0.0  # RGB stains: colour deconvolution with jittered stain colours
+    contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
     ema: float = 0.99  # judge and keep a moving average of the weights (~100 steps); 0: off
     outline_growth: float | None = None  # px at the network's scale; None: measured
 
@@ -140,6 +146,7 @@ def finetune(
         steps_per_epoch=settings.steps_per_epoch,
         seed=settings.seed,
         stain_jitter=settings.stain_jitter,
+        contact_weight=settings.contact_weight,
         **_normalize_of(base_card),
     )
     samples = [load_sample(i, m, recipe, channel=channel) for i, m in train_pairs]
@@ -158,7 +165,7 @@ def finetune(
         )
     from cellwatch.training.train import make_losses
 
-    loss, dice = make_losses("ce+dice")
+    loss, dice = make_losses("ce+dice", weighted=settings.contact_weight != 1.0)
     network.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=[dice]
     )
@@ -190,7 +197,7 @@ def finetune(
         "base": before,
         "new": after,
     }
-    card[familiarity.CARD_KEY] = _familiarity(out, [p for p, _ in train_pairs], channel)
+    card[familiarity.CARD_KEY] = familiarity_references(out, [p for p, _ in train_pairs], channel)
     write_card(out, card)
     say(before_after_table(before, after, card[CARD_KEY]["scores"]["on"]))
     if held_pairs and after["accuracy_0.5"] < before["accuracy_0.5"] and not force:
@@ -236,7 +243,7 @@ def _fit(
         callbacks, validation = [budget, averaged], {}
     else:
         val_x, val_y = fixed_crops(
-            monitored, settings.crop, classes, settings.seed + 1, per_sample=4
+            monitored, settings.crop, classes, settings.seed + 1, 4, settings.contact_weight
         )
         if settings.ema:  # the averaged weights are judged and kept, not the last step's
             averaged = averaging(work, settings.ema, (val_x, val_y), settings.batch_size)
@@ -382,35 +389,6 @@ def _card(
     return card
 
 
-def _familiarity(model_path: Path, images: Sequence[Path], channel: str | None) -> dict[str, Any]:
-    """The new model's familiarity references, measured on its training corrections."""
-    from cellwatch.pipeline import Segmenter, read
-
-    if not images:
-        return {}
-    config = replace(Config(), input=InputConfig(channel=reading_channel(images[0], channel)))
-    segmenter = Segmenter(config, load_model(model_path))
-    measured = []
-    for path in images:
-        data = read(path, config)
-        measured.append(segmenter.segment(data.pixels, data.pixel_size_um).familiarity)
-    return familiarity.card_references(measured)
-
-
-def before_after_table(before: dict[str, Any], after: dict[str, Any], on: str) -> str:
-    """The before/after table ``finetune`` prints (Markdown)."""
-    rows = [
-        ("accuracy@0.5", "accuracy_0.5", "{:.3f}"),
-        ("F1@0.5", "f1_0.5", "{:.3f}"),
-        ("pixel dice", "pixel_dice", "{:.3f}"),
-        ("count MAPE %", "count_mape_percent", "{:.1f}"),
-    ]
-    lines = [f"scores on the {on}:", "| | base | new |", "| --- | --- | --- |"]
-    for title, key, fmt in rows:
-        lines.append(f"| {title} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
-    return "\n".join(lines)
-
-
 # --- command line ---------------------------------------------------------------------
 
 
@@ -515,6 +493,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="grow the cells' outlines by PX pixels at the network's scale when counting "
         "with the new model (default: measured on the training corrections, docs/teach.md)",
     )
+    parser.add_argument(
+        "--contact-weight",
+        type=float,
+        default=d.contact_weight,
+        metavar="W",
+        help="weigh the loss W times where two cells meet, so touching cells are split more "
+        "often (default: %(default)s, none)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -547,6 +533,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.score_every < 1:
         raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
+    if not args.contact_weight > 0:
+        raise ConfigError(f"--contact-weight must be positive, got {args.contact_weight}")
     config = load_config(args.config)
     base = args.start_from or (Path(config.model.path) if config.model.path else BUNDLED_MODEL)
     configured = config.input.channel
@@ -567,6 +555,7 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         score_every=args.score_every,
         stain_jitter=args.stain_jitter,
+        contact_weight=args.contact_weight,
         ema=FinetuneSettings.ema if args.ema is None else args.ema,  # keep score: off
         outline_growth=args.outline_growth,
     )

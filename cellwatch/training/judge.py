@@ -1,15 +1,24 @@
 """Scoring a model being fine-tuned on held-out corrections through the real counting
-pipeline (``cellwatch evaluate``'s figures), and keeping the best checkpoint."""
+pipeline (``cellwatch evaluate``'s figures), keeping the best checkpoint, the before/after
+table, and a new model's familiarity references."""
 
 from __future__ import annotations
 
-__all__ = ["Judge", "reading_channel", "score_model", "with_dtype"]
+__all__ = [
+    "Judge",
+    "before_after_table",
+    "familiarity_references",
+    "reading_channel",
+    "score_model",
+    "with_dtype",
+]
 
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cellwatch import familiarity
 from cellwatch.config import Config, InputConfig
 from cellwatch.errors import BadInputError
 from cellwatch.model import load_model, write_card
@@ -131,3 +140,34 @@ class Judge:
                     judge.check(self.model, judge.steps)
 
         return Scoring()
+
+
+def familiarity_references(
+    model_path: Path, images: Sequence[Path], channel: str | None
+) -> dict[str, Any]:
+    """The new model's familiarity references, measured on its training corrections."""
+    from cellwatch.pipeline import Segmenter, read
+
+    if not images:
+        return {}
+    config = replace(Config(), input=InputConfig(channel=reading_channel(images[0], channel)))
+    segmenter = Segmenter(config, load_model(model_path))
+    measured = []
+    for path in images:
+        data = read(path, config)
+        measured.append(segmenter.segment(data.pixels, data.pixel_size_um).familiarity)
+    return familiarity.card_references(measured)
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any], on: str) -> str:
+    """The before/after table ``finetune`` prints (Markdown)."""
+    rows = [
+        ("accuracy@0.5", "accuracy_0.5", "{:.3f}"),
+        ("F1@0.5", "f1_0.5", "{:.3f}"),
+        ("pixel dice", "pixel_dice", "{:.3f}"),
+        ("count MAPE %", "count_mape_percent", "{:.1f}"),
+    ]
+    lines = [f"scores on the {on}:", "| | base | new |", "| --- | --- | --- |"]
+    for title, key, fmt in rows:
+        lines.append(f"| {title} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+    return "\n".join(lines)
