@@ -243,7 +243,12 @@ def _fit(
         callbacks, validation = [budget, averaged], {}
     else:
         val_x, val_y = fixed_crops(
-            monitored, settings.crop, classes, settings.seed + 1, 4, settings.contact_weight
+            monitored,
+            settings.crop,
+            classes,
+            settings.seed + 1,
+            per_sample=4,
+            contact_weight=settings.contact_weight,
         )
         if settings.ema:  # the averaged weights are judged and kept, not the last step's
             averaged = averaging(work, settings.ema, (val_x, val_y), settings.batch_size)
