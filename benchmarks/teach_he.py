@@ -11,6 +11,11 @@ on the 73 training images not used.
     python benchmarks/teach_he.py --minutes 10 --out /tmp/x -- --crop 256    # a variant
     python benchmarks/teach_he.py --minutes 60 --out /tmp/x --skip-base --sets choosing \
         -- --steps 524 --warmup-steps 50      # a variant at equal steps, scored for choosing
+    python benchmarks/teach_he.py --minutes 10 --out /tmp/bf --luminance   # gray brightfield
+
+``--luminance`` turns every H&E image into its luminance (one 8-bit plane, nuclei dark on a
+light background, as a gray brightfield camera sees them) under ``OUT/luminance`` and
+teaches and counts those with ``input.channel`` left at auto: the proxy for brightfield.
 
 ``--sets choosing`` scores only every third of the other training images (25): the set
 recipes are chosen on, so that the validation images are scored once, at the end.
@@ -33,9 +38,30 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018
 BUNDLED = Path(__file__).resolve().parents[1] / "cellwatch" / "models" / "cellwatch-nuclei.keras"
 
 
-def link_pairs(names: list[str], source: Path, folder: Path) -> Path:
+def luminance_copy(data: Path, out: Path) -> Path:
+    """``data`` (train/ and val/ of RGB images and masks) as 8-bit luminance planes under
+    ``out`` (masks linked), made once."""
+    import numpy as np
+    import tifffile
+    from skimage.color import rgb2gray
+
+    for split in ("train", "val"):
+        images, masks = out / split / "images", out / split / "masks"
+        images.mkdir(parents=True, exist_ok=True)
+        masks.mkdir(parents=True, exist_ok=True)
+        for path in sorted((data / split / "images").iterdir()):
+            if not (images / path.name).exists():
+                gray = np.round(rgb2gray(tifffile.imread(path)) * 255).clip(0, 255)
+                tifffile.imwrite(images / path.name, gray.astype(np.uint8))
+        link_pairs([p.name for p in images.iterdir()], data / split, out / split, ("masks",))
+    return out
+
+
+def link_pairs(
+    names: list[str], source: Path, folder: Path, kinds: tuple[str, ...] = ("images", "masks")
+) -> Path:
     """``folder/images`` and ``folder/masks`` holding links to ``names`` in ``source``."""
-    for kind in ("images", "masks"):
+    for kind in kinds:
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for name in names:
             link = folder / kind / name
@@ -79,21 +105,23 @@ def score(model: Path, folder: Path, config: Path, out: Path) -> dict[str, float
     }
 
 
-def folders(out: Path, corrections: int, other_train: int) -> tuple[dict[str, Path], Path]:
+def folders(
+    out: Path, corrections: int, other_train: int, data: Path = DATA
+) -> tuple[dict[str, Path], Path]:
     """The scored sets (``val``, ``other``, ``choosing``) and the corrections folder under
     ``out``: ``corrections`` training images spread over the sorted file list, the first
     ``other_train`` of the rest, every third of those, and the 26 validation images."""
-    names = sorted(p.name for p in (DATA / "train" / "images").iterdir())
+    names = sorted(p.name for p in (data / "train" / "images").iterdir())
     step = len(names) / corrections
     chosen = [names[int(i * step)] for i in range(corrections)]
     others = [n for n in names if n not in chosen][:other_train]
-    val_names = sorted(p.name for p in (DATA / "val" / "images").iterdir())
+    val_names = sorted(p.name for p in (data / "val" / "images").iterdir())
     sets = {
-        "val": link_pairs(val_names, DATA / "val", out / "val"),
-        "other": link_pairs(others, DATA / "train", out / "other-train"),
-        "choosing": link_pairs(others[::3], DATA / "train", out / "choosing"),
+        "val": link_pairs(val_names, data / "val", out / "val"),
+        "other": link_pairs(others, data / "train", out / "other-train"),
+        "choosing": link_pairs(others[::3], data / "train", out / "choosing"),
     }
-    return sets, link_pairs(chosen, DATA / "train", out / "corrections")
+    return sets, link_pairs(chosen, data / "train", out / "corrections")
 
 
 def finetune_run(
@@ -110,7 +138,7 @@ def finetune_run(
         "--corrections", str(corrections),
         "--out", str(model),
         "--minutes", str(minutes),
-        "--channel", channel,
+        *(["--channel", channel] if channel != "auto" else []),
         "--force",
         *extra,
     ]  # fmt: skip
@@ -122,7 +150,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--corrections", type=int, default=8)
-    parser.add_argument("--channel", default="hematoxylin")
+    parser.add_argument(
+        "--channel",
+        default="hematoxylin",
+        help="input.channel to count and teach (hematoxylin; auto for one-channel images)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="a folder with train/ and val/, each of images/ and masks/ (default: the H&E set)",
+    )
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
     parser.add_argument("--other-train", type=int, default=73, help="other train images scored")
     parser.add_argument(
@@ -133,13 +171,21 @@ def main() -> None:
         help="what to score: val (26), other (the other training images), choosing (every "
         "third of the other training images: the set recipes are chosen on)",
     )
+    parser.add_argument(
+        "--luminance",
+        action="store_true",
+        help="teach and count the images' luminance (gray brightfield; channel auto)",
+    )
     parser.add_argument("extra", nargs="*", help="more flags for cellwatch finetune (after --)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sets, corrections = folders(out, args.corrections, args.other_train)
+    data, channel = args.data, args.channel
+    if args.luminance:
+        data, channel = luminance_copy(args.data, out / "luminance"), "auto"
+    sets, corrections = folders(out, args.corrections, args.other_train, data)
     others = args.other_train
-    config, model, command = finetune_run(out, corrections, args.channel, args.minutes, args.extra)
+    config, model, command = finetune_run(out, corrections, channel, args.minutes, args.extra)
     seconds, log = cellwatch(*command)
     (out / "finetune.log").write_text(log)
     card = json.loads(model.with_suffix(".json").read_text())["finetune"]

@@ -146,7 +146,7 @@ def count(
     config = _config(config)
     segmenter = _segmenter(model, config)
     counted = count_pixels(np.asarray(image), config.scale.pixel_size_um, segmenter)
-    row = {**_identity(segmenter, config), **counted.fields, "status": "ok"}
+    row = {**_identity(segmenter), **counted.fields, "status": "ok"}
     return Result(counted.labels, counted.cells, row)
 
 
@@ -200,14 +200,12 @@ def count_file(
     ...     [result.cell_count for result in cellwatch.count_file(f"{folder}/one.tif")]
     [1]
     """
-    from cellwatch.config import with_card_input
     from cellwatch.pipeline import count_pixels, files_writer, read, scenes_of
     from cellwatch.storage import imageio
 
-    config, path = _config(config), Path(path)
-    segmenter = _segmenter(model, config)
+    segmenter = _segmenter(model, _config(config))
     # a model taught on a stain reads that stain unless the config names a channel
-    config = with_card_input(config, segmenter.model.card)
+    config, path = segmenter.config, Path(path)
     results = []
     for scene in scenes_of(path):
         data = read(path, config, scene)
@@ -220,7 +218,7 @@ def count_file(
         row = {
             "image": str(path),
             "sha256": imageio.sha256_file(path),
-            **_identity(segmenter, config),
+            **_identity(segmenter),
             "scene": scene,
             "channel": data.channel,
             **counted.fields,
@@ -246,8 +244,10 @@ def _config(config: Config | str | Path | None) -> Config:
 
 
 def _segmenter(model: LoadedModel | str | Path | None, config: Config) -> Segmenter:
-    """A segmenter for ``model`` (loaded once per path) and ``config``, made once: making
-    one compiles the network's function, which takes longer than counting a small image."""
+    """A segmenter for ``model`` (loaded once per path) and ``config`` with the input the
+    model's card names (:func:`cellwatch.config.with_card_input`), made once: making one
+    compiles the network's function, which takes longer than counting a small image."""
+    from cellwatch.config import with_card_input
     from cellwatch.pipeline import Segmenter
 
     with _LOCK:
@@ -258,6 +258,7 @@ def _segmenter(model: LoadedModel | str | Path | None, config: Config) -> Segmen
             if key not in _MODELS:
                 _MODELS[key] = load_model(path, config)
             model = _MODELS[key]
+        config = with_card_input(config, model.card)
         cached = _SEGMENTERS.get((id(model), config.settings_hash()))
         if cached is None or cached.model is not model or cached.config != config:
             cached = Segmenter(config, model)
@@ -265,6 +266,6 @@ def _segmenter(model: LoadedModel | str | Path | None, config: Config) -> Segmen
         return cached
 
 
-def _identity(segmenter: Segmenter, config: Config) -> dict[str, str]:
+def _identity(segmenter: Segmenter) -> dict[str, str]:
     """The row's fields that say what counted: the model and a hash of the settings."""
-    return {"model": segmenter.model.label, "settings_hash": config.settings_hash()}
+    return {"model": segmenter.model.label, "settings_hash": segmenter.config.settings_hash()}

@@ -40,7 +40,6 @@ __all__ = [
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
 import types
@@ -52,42 +51,17 @@ from typing import Any, Literal
 import yaml
 
 from cellwatch.errors import ConfigError
+from cellwatch.formats import (
+    BASE_SUFFIXES,
+    NUCLEAR_CHANNELS,
+    VENDOR_FORMATS,
+    installed_vendor_suffixes,
+)
 from cellwatch.values import check_address, local_today, tcp_host_port, time_zone
-
-#: Microscope formats read through bioio: suffix → (format, bioio plugin module, the
-#: cellwatch extra that installs the plugin). The one table of them; storage reads it too.
-VENDOR_FORMATS: dict[str, tuple[str, str, str]] = {
-    ".czi": ("Zeiss CZI", "bioio_czi", "czi"),
-    ".nd2": ("Nikon ND2", "bioio_nd2", "nd2"),
-    ".lif": ("Leica LIF", "bioio_lif", "lif"),
-}
-_BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-
-#: Nuclear stains that ``input.channel: auto`` finds by channel name (any case, as a word:
-#: "DAPI 405" and "Hoechst 33342" match; PI only on its own).
-NUCLEAR_CHANNELS: tuple[str, ...] = (
-    "DAPI", "Hoechst", "DRAQ5", "DRAQ7", "NucBlue", "NucSpot", "NucRed", "SiR-DNA",
-    "SPY-DNA", "SYTO", "RedDot", "TO-PRO", "propidium", "PI", "H2B",
-)  # fmt: skip
-
-
-def installed_vendor_suffixes() -> tuple[str, ...]:
-    """The suffixes of :data:`VENDOR_FORMATS` whose bioio plugin is installed.
-
-    Found without importing the plugin (``importlib.util.find_spec``): bioio is heavy.
-    """
-    found = []
-    for suffix, (_, module, _) in VENDOR_FORMATS.items():
-        try:
-            if importlib.util.find_spec(module) is not None:
-                found.append(suffix)
-        except (ImportError, ValueError):  # a broken install counts as missing
-            continue
-    return tuple(found)
 
 
 def _default_extensions() -> tuple[str, ...]:
-    return _BASE_SUFFIXES + installed_vendor_suffixes()
+    return BASE_SUFFIXES + installed_vendor_suffixes()
 
 
 def _default_include() -> tuple[str, ...]:
@@ -116,6 +90,7 @@ class InputConfig:
     # None: gray, or RGB whose channels are equal; a str: the channel's name in the file
     channel: int | str | None = "auto"
     nuclear_channels: tuple[str, ...] = NUCLEAR_CHANNELS
+    invert: bool | None = None  # True: dark cells shown bright to the network; None: the card's
     stack: Literal["max", "plane"] = "max"
     plane: int = 0
     max_pixels: int = 400_000_000
@@ -274,9 +249,9 @@ class Config:
         ``input.extensions`` is left out: it decides which files are read, not how they are
         counted, and its default depends on which extras are installed. So is
         ``tiling.images_at_once``: each image's result is the same whatever it is, and
-        ``inference.cache_dir``. ``postprocess.outline_growth_px`` counts once set, so an
-        unchanged config keeps its hash (and its images are not counted again after an
-        upgrade). The runtime and precision count (once resolved from
+        ``inference.cache_dir``. ``postprocess.outline_growth_px`` and ``input.invert``
+        count once set, so an unchanged config keeps its hash (and its images are not
+        counted again after an upgrade). The runtime and precision count (once resolved from
         ``auto`` by :func:`cellwatch.runtime.resolve`, the values that ran).
         """
         relevant = {
@@ -286,8 +261,9 @@ class Config:
         del relevant["input"]["extensions"]
         del relevant["tiling"]["images_at_once"]  # how many at once, not how each is counted
         del relevant["inference"]["cache_dir"]  # where the converted model is kept
-        if relevant["postprocess"]["outline_growth_px"] is None:  # unset: hashed as before it
-            del relevant["postprocess"]["outline_growth_px"]
+        for section, key in (("postprocess", "outline_growth_px"), ("input", "invert")):
+            if relevant[section][key] is None:  # unset: hashed as before the key existed
+                del relevant[section][key]
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -470,20 +446,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def with_card_input(cfg: Config, card: dict[str, Any]) -> Config:
-    """``cfg`` with the input channel a model card names (``{"input": {"channel": ...}}``,
-    what ``cellwatch finetune`` writes) when ``input.channel`` is left at its default: a
-    model taught on hematoxylin counts hematoxylin unless the config says otherwise.
+    """``cfg`` with the input a model card names (``{"input": {"channel": ..., "invert":
+    ...}}``, what ``cellwatch finetune`` writes) where the config leaves it at its default.
 
-    >>> with_card_input(Config(), {"input": {"channel": "hematoxylin"}}).input.channel
-    'hematoxylin'
-    >>> gray = dataclasses.replace(Config(), input=InputConfig(channel=0))
-    >>> with_card_input(gray, {"input": {"channel": "hematoxylin"}}).input.channel
-    0
+    >>> card, gray = {"input": {"channel": "hematoxylin", "invert": True}}, InputConfig(channel=0)
+    >>> [(c.input.channel, c.input.invert) for c in (with_card_input(Config(), card),
+    ...     with_card_input(dataclasses.replace(Config(), input=gray), card))]
+    [('hematoxylin', True), (0, True)]
     """
-    wanted = (card.get("input") or {}).get("channel")
-    if wanted is None or cfg.input.channel != InputConfig().channel:
-        return cfg
-    return dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, channel=wanted))
+    named = card.get("input") or {}
+    changes: dict[str, Any] = {}
+    if named.get("channel") is not None and cfg.input.channel == InputConfig().channel:
+        changes["channel"] = named["channel"]
+    if cfg.input.invert is None and named.get("invert"):
+        changes["invert"] = True
+    return dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, **changes))
 
 
 def _check_report(r: ReportConfig, where: str) -> None:

@@ -46,18 +46,33 @@ from cellwatch.tiling import Stitcher, TileGrid
 class Normalization:
     """The map ``(x - low) / span`` (float32) that puts an image's percentiles at 0 and 1.
 
-    ``span`` is 0 for a flat image, which maps to zeros. Non-finite pixels count as 0.
+    ``span`` is 0 for a flat image, which maps to zeros, and negative for an inverted map
+    (dark cells on a light background made bright on dark). Non-finite pixels count as 0.
     """
 
     low: np.float32
     span: np.float32
 
     @classmethod
-    def of(cls, image: np.ndarray, low: float = 1.0, high: float = 99.8) -> Normalization:
-        """The normalization of a 2-D ``image`` by its ``low`` and ``high`` percentiles."""
+    def of(
+        cls, image: np.ndarray, low: float = 1.0, high: float = 99.8, *, invert: bool = False
+    ) -> Normalization:
+        """The normalization of a 2-D ``image`` by its ``low`` and ``high`` percentiles.
+
+        ``invert``: the map of the negated image, ``normalize(-image)``, without negating
+        it: the ``100 - high`` percentile goes to 1 and the ``100 - low`` to 0.
+
+        >>> Normalization.of(np.array([[0, 50, 100]]), 0, 100, invert=True).apply(
+        ...     np.array([0, 50, 100])).tolist()
+        [1.0, 0.5, 0.0]
+        """
         if image.ndim != 2:
             raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
         pixels = image if image.dtype in HISTOGRAM_DTYPES else finite_float32(image)
+        if invert:
+            lo, hi = percentiles(pixels, [100 - high, 100 - low])
+            span = float(hi - lo)
+            return cls(np.float32(hi), np.float32(-span if span > 0 else 0.0))
         lo, hi = percentiles(pixels, [low, high])
         span = float(hi - lo)
         return cls(np.float32(lo), np.float32(span if span > 0 else 0.0))
@@ -73,7 +88,7 @@ class Normalization:
             raise ValueError(f"out must be float32, got {out.dtype}")
         if np.dtype(values.dtype).kind == "f":
             np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        if self.span > 0:
+        if self.span != 0:
             np.subtract(out, self.low, out=out)
             np.divide(out, self.span, out=out)
         else:
@@ -93,15 +108,18 @@ def finite_float32(image: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Map the ``low``/``high`` percentiles of ``image`` to 0/1 (float32, not clipped).
+def normalize(
+    image: np.ndarray, low: float = 1.0, high: float = 99.8, *, invert: bool = False
+) -> np.ndarray:
+    """Map the ``low``/``high`` percentiles of ``image`` to 0/1 (float32, not clipped);
+    with ``invert``, those of ``-image`` (dark cells become bright).
 
     A flat image (both percentiles equal) maps to zeros rather than dividing by zero.
 
     >>> normalize(np.array([[0, 50, 100]]), 0, 100).tolist()
     [[0.0, 0.5, 1.0]]
     """
-    return Normalization.of(image, low, high).apply(image)
+    return Normalization.of(image, low, high, invert=invert).apply(image)
 
 
 def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

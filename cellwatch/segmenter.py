@@ -139,7 +139,12 @@ class Segmenter:
         image's familiarity."""
         norm, watch = self.config.normalize, self.stopwatch
         with watch("normalize"):  # tiles are normalized as they are cut (labels_at)
-            normalization = Normalization.of(pixels, norm.low_percentile, norm.high_percentile)
+            normalization = Normalization.of(
+                pixels,
+                norm.low_percentile,
+                norm.high_percentile,
+                invert=bool(self.config.input.invert),
+            )
         passes: dict[float, _Labelled] = {}  # whole-image labels the estimate already made
         choice = choose_scale(
             self.config.scale,

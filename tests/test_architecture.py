@@ -87,7 +87,7 @@ def part_of(module: str, package: Path = PACKAGE) -> str:
         raise ValueError(f"{module} is not in the package")
     if len(parts) == 1 or parts[1] in api_names(package):
         return API
-    if parts[1] in ("config", "errors", "values"):
+    if parts[1] in ("config", "errors", "formats", "values"):
         return "settings"
     if parts[1] in ("cli", "__main__"):
         return "face"

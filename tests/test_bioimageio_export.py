@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import yaml
 
 from cellwatch.config import TilingConfig
 from cellwatch.errors import ConfigError
-from cellwatch.interop.bioimageio_export import export_model, halo_px
+from cellwatch.interop.bioimageio_export import SAMPLE, export_model, halo_px
 from cellwatch.model import BUNDLED_MODEL, read_card
 
 BIOIMAGEIO = Path(sys.executable).with_name("bioimageio")
@@ -109,19 +110,56 @@ def test_out_must_be_a_zip(tmp_path: Path):
         export_model(None, tmp_path / "package.yaml")
 
 
-def test_a_model_of_another_card_exports_without_citation_or_data(tmp_path: Path, package: Path):
-    """A model trained by the user has a card with no description or citations: its
-    package (checked by bioimageio.spec as it is built) cites the U-Net paper and
-    describes the model from what its card says."""
-    model = shutil.copy(BUNDLED_MODEL, tmp_path / "mine.keras")
+@pytest.fixture(scope="module")
+def users_package(tmp_path_factory: pytest.TempPathFactory, package: Path) -> Path:
+    """The package of a model a lab fine-tuned on brightfield: its card has no
+    description or citations, and says it sees its input inverted (dark cells)."""
+    folder = tmp_path_factory.mktemp("users")
+    model = shutil.copy(BUNDLED_MODEL, folder / "mine.keras")
     card = read_card(BUNDLED_MODEL)
     for key in ("description", "cite", "authors", "license", "data"):
         card.pop(key)
-    (tmp_path / "mine.json").write_text(json.dumps(card))
-    out = export(tmp_path / "mine.zip", "--model", str(model))
-    with zipfile.ZipFile(out) as archive:
+    card["input"] = {"channel": None, "invert": True}
+    (folder / "mine.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match=r"taught on dark cells .* --sample"):
+        export_model(model, folder / "no-sample.zip")
+    bright = tifffile.imread(SAMPLE)
+    tifffile.imwrite(folder / "dark.tif", np.iinfo(bright.dtype).max - bright)
+    return export(folder / "mine.zip", "--model", str(model), "--sample", str(folder / "dark.tif"))
+
+
+def test_a_model_of_another_card_exports_without_citation_or_data(users_package: Path):
+    """Its package (checked by bioimageio.spec as it is built) cites the U-Net paper and
+    describes the model from what its card says."""
+    with zipfile.ZipFile(users_package) as archive:
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
     assert rdf["name"] == "cellwatch mine"
     assert "20 px across" in rdf["description"]
     assert [c["doi"] for c in rdf["cite"]] == ["10.1007/978-3-319-24574-4_28"]
     assert rdf.get("training_data") is None
+
+
+def test_a_model_taught_on_dark_cells_inverts_in_its_package(users_package: Path):
+    """The package maps the 0.2nd and 99th percentiles to 1 and 0, as cellwatch's
+    inverted normalization does."""
+    card = read_card(BUNDLED_MODEL)["normalize"]
+    with zipfile.ZipFile(users_package) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+    steps = [s for s in rdf["inputs"][0]["preprocessing"] if s["id"] != "ensure_dtype"]
+    assert [s["id"] for s in steps] == ["scale_range", "scale_linear"]
+    assert steps[0]["kwargs"]["min_percentile"] == pytest.approx(100 - card["high_percentile"])
+    assert steps[0]["kwargs"]["max_percentile"] == pytest.approx(100 - card["low_percentile"])
+    assert (steps[1]["kwargs"]["gain"], steps[1]["kwargs"]["offset"]) == (-1.0, 1.0)
+
+
+@needs_bioimageio
+def test_bioimageio_test_passes_on_a_model_taught_on_dark_cells(users_package: Path):
+    """``bioimageio test`` reproduces the test output through the package's inverting
+    preprocessing (it fails when the inversion is missing)."""
+    run = subprocess.run(
+        [BIOIMAGEIO, "test", str(users_package), "--summary", "display"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    report = " ".join((run.stdout + run.stderr).split())
+    assert run.returncode == 0, report[-6000:]
+    assert "Reproduce test outputs from test inputs (onnx)" in report

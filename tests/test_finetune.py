@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from cellwatch.runtime import choose_precision
 from cellwatch.training import averaging, crops, judge, shapes
 from cellwatch.training import finetune as tuning
 from cellwatch.training.finetune import FinetuneSettings, Refused, holdout_split
+from cellwatch.training.provenance import new_card
 from cellwatch.training.registry import list_models
 
 RGB_NUCLEUS, RGB_GLASS = np.array([70, 40, 140]), np.array([250, 250, 250])
@@ -91,7 +92,13 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
     assert "| accuracy@0.5 |" in printed and "saved" in printed
     assert "nuclei in the corrections: 13 to 14 px across (median 14)" in printed
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["input"] == {"channel": "hematoxylin"} and card["name"] == "mine"
+    assert card["input"] == {"channel": "hematoxylin", "invert": False} and card["name"] == "mine"
+    assert card["finetune"]["polarity"] == {
+        "dark": 0,
+        "measured": 3,
+        "measured_on": "training corrections",
+    }
+    assert "brighter in 3); the model sees the plane as it is (--invert no" in printed
     assert card.get(familiarity.CARD_KEY, {}).get("brightness") != [0.5] * len(familiarity.TAILS)
     tuned = card["finetune"]
     assert tuned["base"]["sha256"] == hashlib.sha256(tiny_base.read_bytes()).hexdigest()
@@ -125,7 +132,7 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
         base=out,
         force=True,
     )
-    assert card["input"] == {"channel": "hematoxylin"}
+    assert card["input"] == {"channel": "hematoxylin", "invert": False}
 
     listed = {e.path.name: e for e in list_models(tmp_path / "models")}
     assert set(listed) == {"mine.keras", "again.keras"}
@@ -401,9 +408,28 @@ def test_the_card_records_the_corrections_nuclei_sizes(tmp_path, tiny_base, quic
     assert json.loads(out.with_suffix(".json").read_text())["corrections_diameter_px"] == sizes
     # fine-tuned again on other corrections: their sizes, not the base's
     base_card = json.loads(out.with_suffix(".json").read_text())
-    again = tuning._card(out, base_card, tmp_path / "b.keras", settings, None, "", pairs[1:2], [])
+    recipe, reads = asdict(settings), {"channel": None, "invert": False}
+    again = new_card(
+        out,
+        base_card,
+        tmp_path / "b.keras",
+        recipe,
+        reads=reads,
+        command="",
+        pairs=pairs[1:2],
+        held=[],
+    )
     assert again["corrections_diameter_px"]["low"] == again["corrections_diameter_px"]["high"]
-    again = tuning._card(out, base_card, tmp_path / "c.keras", settings, None, "", pairs[:1], [])
+    again = new_card(
+        out,
+        base_card,
+        tmp_path / "c.keras",
+        recipe,
+        reads=reads,
+        command="",
+        pairs=pairs[:1],
+        held=[],
+    )
     assert "corrections_diameter_px" not in again
 
 
@@ -432,7 +458,17 @@ def test_the_outline_growth_is_measured_on_training_corrections_or_given(
     assert len(asked) == 1
     # nor the precision check of the base's weights: auto runs these at f32
     checked = {**read_card(out), "precision_check": {"f32": {"accuracy_0.5": 0.8}}}
-    again = tuning._card(out, checked, tmp_path / "c.keras", settings, None, "", pairs, [])
+    reads = {"channel": None, "invert": False}
+    again = new_card(
+        out,
+        checked,
+        tmp_path / "c.keras",
+        asdict(settings),
+        reads=reads,
+        command="",
+        pairs=pairs,
+        held=[],
+    )
     assert "outline_growth_px" not in again and "precision_check" not in again
     assert choose_precision("auto", "openvino", again, bf16_cpu=True) == "f32"
 
@@ -583,3 +619,55 @@ def test_the_command_passes_the_contact_weight_and_checks_it(finetune_command, c
     capsys.readouterr()
     assert main([*command, "--contact-weight", "0"]) == 2
     assert "--contact-weight" in capsys.readouterr().err
+
+
+def test_dark_cells_are_taught_and_counted_inverted(tmp_path, tiny_base, quick_scores, monkeypatch):
+    """Gray corrections of dark nuclei on a light background: with --invert auto the card
+    says the model sees them inverted, and the crops it trains on show the nuclei bright;
+    with --invert no (the default) the plane stays as it is."""
+    folder = corrections(tmp_path / "rgb")
+    gray = tmp_path / "gray"
+    for kind in ("images", "masks"):
+        (gray / kind).mkdir(parents=True)
+    for image in sorted((folder / "images").iterdir()):  # the luminance: dark nuclei
+        rgb = tifffile.imread(image)
+        tifffile.imwrite(gray / "images" / image.name, rgb.mean(axis=-1).astype(np.uint8))
+        (gray / "masks" / image.name).write_bytes((folder / "masks" / image.name).read_bytes())
+    pairs = tuning.find_pairs(gray / "images", gray / "masks")
+    loaded = []
+    real_load = crops.load_sample
+
+    def load_sample(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(tuning, "load_sample", load_sample)
+    said = []
+    settings = FinetuneSettings(minutes=0.01, crop=32, invert=None)  # --invert auto
+    card = tuning.finetune(pairs, tmp_path / "bf.keras", settings, base=tiny_base, say=said.append)
+    assert card["input"] == {"channel": None, "invert": True}
+    assert card["finetune"]["polarity"]["dark"] == card["finetune"]["polarity"]["measured"] == 3
+    assert any("darker than their background in 3 of 3" in line for line in said)
+
+    def nuclei_brighter(sample: crops.Sample) -> bool:
+        cells = sample.labels > 0
+        return sample.image[cells].mean() > sample.image[~cells].mean()
+
+    assert loaded and all(s.inverted and nuclei_brighter(s) for s in loaded)
+    loaded.clear()
+    kept = replace(settings, invert=False)
+    card = tuning.finetune(pairs, tmp_path / "as-is.keras", kept, base=tiny_base, say=said.append)
+    assert card["input"]["invert"] is False
+    assert any("as it is (--invert no: input.invert false)" in line for line in said)
+    assert loaded and not any(s.inverted or nuclei_brighter(s) for s in loaded)
+
+
+def test_the_command_passes_invert(finetune_command, capsys):
+    command, seen = finetune_command
+    assert main(command) == 1 and seen["settings"].invert is False  # the default: as it is
+    assert main([*command, "--invert", "yes"]) == 1 and seen["settings"].invert is True
+    assert main([*command, "--invert", "auto"]) == 1 and seen["settings"].invert is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main([*command, "--invert", "maybe"])
+    assert refused.value.code == 2 and "--invert" in capsys.readouterr().err

@@ -4,7 +4,8 @@ The package is built with ``bioimageio.spec``'s own model classes and written wi
 ``save_bioimageio_package`` (nothing here writes YAML), and holds:
 
 - ``rdf.yaml``: one input tensor ``image`` (batch, y, x, one channel) with ``scale_range``
-  preprocessing at the model card's percentiles, as cellwatch normalizes images; one
+  preprocessing at the model card's percentiles, as cellwatch normalizes images (then
+  ``scale_linear`` 1 − x for a model taught on dark cells, which sees them inverted); one
   output tensor ``probabilities`` (batch, y, x, one channel per class) with the halo, the
   context each output edge needs (:func:`halo_px`);
 - weights as ONNX (converted with tf2onnx through Keras' own exporter; runs in deepImageJ,
@@ -26,6 +27,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from cellwatch.config import Config, TilingConfig, load_config
+from cellwatch.config import Config, TilingConfig, load_config, with_card_input
 from cellwatch.errors import ConfigError, ModelError
 from cellwatch.model import LoadedModel, load_model
 from cellwatch.storage import imageio
@@ -149,6 +151,16 @@ def export_model(
         ) from exc
     config = config or Config()
     model = load_model(model_path)
+    # a model taught on dark cells sees its input inverted (the card says so); the package
+    # must then invert too
+    inverted = bool(with_card_input(config, model.card).input.invert)
+    config = replace(config, input=replace(config.input, invert=inverted))
+    if inverted and sample is None:
+        raise ConfigError(
+            f"{model.name} was taught on dark cells on a light background (brightfield) and "
+            "the bundled sample shows fluorescent nuclei: give one of the images it counts "
+            "with --sample for the package's test input"
+        )
     with tempfile.TemporaryDirectory(prefix="cellwatch-export-") as tmp:
         folder = Path(tmp)
         test_input, test_output = test_tensors(model, config, sample or SAMPLE)
@@ -203,7 +215,8 @@ def _normalized(test_input: np.ndarray, model: LoadedModel, config: Config) -> n
 
     low, high = _percentiles(model, config)
     plane = test_input[0, ..., 0]
-    return Normalization.of(plane, low, high).apply(plane)[None, ..., None]
+    normalization = Normalization.of(plane, low, high, invert=bool(config.input.invert))
+    return normalization.apply(plane)[None, ..., None]
 
 
 def _percentiles(model: LoadedModel, config: Config) -> tuple[float, float]:
@@ -305,15 +318,7 @@ def _description(
         axes=[bio.BatchAxis(), *space_in, bio.ChannelAxis(channel_names=[bio.Identifier("gray")])],
         test_tensor=bio.FileDescr(source=folder / "test_input.npy"),
         sample_tensor=bio.FileDescr(source=_tiff(folder / "sample_input.tif", test_input)),
-        preprocessing=[
-            bio.ScaleRangeDescr(
-                kwargs=bio.ScaleRangeKwargs(
-                    axes=[bio.AxisId("y"), bio.AxisId("x")],
-                    min_percentile=low,
-                    max_percentile=high,
-                )
-            ),
-        ],
+        preprocessing=_preprocessing(bio, low, high, inverted=bool(config.input.invert)),
     )
     probabilities = bio.OutputTensorDescr(
         id=bio.TensorId(OUTPUT_ID),
@@ -394,6 +399,22 @@ def _tiff(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def _preprocessing(bio: Any, low: float, high: float, *, inverted: bool) -> list[Any]:
+    """``scale_range`` over the percentiles cellwatch maps to 0 and 1; for an inverted
+    model, those of the negated image: the ``100 - high`` and ``100 - low`` percentiles
+    to 0 and 1, then ``1 - x`` (``scale_linear``), as :class:`Normalization` does."""
+    if not inverted:
+        return [_scale_range(bio, low, high)]
+    flip = bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(gain=-1.0, offset=1.0))
+    return [_scale_range(bio, 100 - high, 100 - low), flip]
+
+
+def _scale_range(bio: Any, low: float, high: float) -> Any:
+    axes = [bio.AxisId("y"), bio.AxisId("x")]
+    kwargs = bio.ScaleRangeKwargs(axes=axes, min_percentile=low, max_percentile=high)
+    return bio.ScaleRangeDescr(kwargs=kwargs)
+
+
 def _channel_names(model: LoadedModel) -> list[str]:
     """One name per output channel: the card's classes, and the seed map's name after
     them for a model with a seed head (four channels)."""
@@ -461,7 +482,14 @@ def _documentation(model: LoadedModel, config: Config) -> str:
         "## Input",
         "",
         "One gray image (`image`: batch, y, x, 1 channel). Intensities are mapped so that "
-        f"the {low:g}th and {high:g}th percentiles become 0 and 1 (`scale_range`). {diameter}",
+        + (
+            f"the {low:g}th and {high:g}th percentiles become 0 and 1 (`scale_range`). "
+            if not config.input.invert
+            else f"the {100 - high:g}th and {100 - low:g}th percentiles become 1 and 0 "
+            "(`scale_range`, then `scale_linear` 1 − x): the model was taught on cells "
+            "darker than their background, and sees them bright. "
+        )
+        + diameter,
         "",
         "## Output",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "Sample",
     "TrainSettings",
+    "cells_are_darker",
     "crop_batches",
     "fixed_crops",
     "load_sample",
@@ -61,6 +62,7 @@ class TrainSettings:
     seed: int = 0
     low_percentile: float = 1.0
     high_percentile: float = 99.8
+    invert: bool = False  # dark cells on a light background: the plane is inverted
     stain_jitter: float = 0.0  # RGB stains: how far each crop's stain colours stray (0: none)
 
 
@@ -77,6 +79,7 @@ class Sample:
     # scale, and which of them is the plane: for stain jitter (``TrainSettings.stain_jitter``)
     stains: np.ndarray | None = None
     stain: int = 0
+    inverted: bool = False  # the image is the inverted plane (``TrainSettings.invert``)
 
 
 def load_sample(
@@ -89,13 +92,10 @@ def load_sample(
     ``settings.stain_jitter`` and a deconvolved stain (not gray), the sample keeps all three
     stain amounts so that each crop can be seen with other stain colours.
     """
-    pixels = _read_plane(image_path, channel)
-    labels = as_instances(imageio.read_image(mask_path).pixels)
-    if labels.shape != pixels.shape:
-        raise ConfigError(
-            f"{mask_path} is {labels.shape[1]}×{labels.shape[0]} pixels but its image is {pixels.shape[1]}×{pixels.shape[0]}"
-        )
-    image = normalize(pixels, settings.low_percentile, settings.high_percentile)
+    pixels, labels = _read_pair(image_path, mask_path, channel)
+    image = normalize(
+        pixels, settings.low_percentile, settings.high_percentile, invert=settings.invert
+    )
     diameter = median_diameter(labels)
     scale = settings.diameter_px / diameter if settings.diameter_px and diameter else 1.0
     shape = scaled_shape(image.shape, scale)
@@ -117,6 +117,7 @@ def load_sample(
         inner_distance(labels) if settings.seed_head else None,
         stains,
         stain,
+        settings.invert,
     )
 
 
@@ -144,7 +145,36 @@ def stain_jittered(
     amounts = rng.uniform(1 - jitter, 1 + jitter, 3)
     mixing = (amounts[:, None] * vectors) @ hed_from_rgb  # stains → density → stains
     plane = np.clip(sample.stains @ mixing[:, sample.stain], 0.0, None)
-    return normalize(plane.astype(np.float32), *percentiles)
+    return normalize(plane.astype(np.float32), *percentiles, invert=sample.inverted)
+
+
+def cells_are_darker(image_path: Path, mask_path: Path, *, channel: str | None) -> bool | None:
+    """Whether the cells of one corrected image are darker than its background (the
+    plane training sees, before normalization): their median against the background's.
+    None when the mask holds no cells, or nothing but cells.
+
+    Brightfield nuclei are dark on a light background; fluorescent ones, and the
+    hematoxylin plane of an H&E image, are bright on dark.
+    """
+    pixels, labels = _read_pair(image_path, mask_path, channel)
+    cells = labels > 0
+    if cells.all() or not cells.any():
+        return None
+    return bool(np.median(pixels[cells]) < np.median(pixels[~cells]))
+
+
+def _read_pair(
+    image_path: Path, mask_path: Path, channel: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image's plane (:func:`_read_plane`) and its mask's instance labels."""
+    pixels = _read_plane(image_path, channel)
+    labels = as_instances(imageio.read_image(mask_path).pixels)
+    if labels.shape != pixels.shape:
+        raise ConfigError(
+            f"{mask_path} is {labels.shape[1]}×{labels.shape[0]} pixels but its image is "
+            f"{pixels.shape[1]}×{pixels.shape[0]}"
+        )
+    return pixels, labels
 
 
 def _read_plane(path: Path, stain: str | None) -> np.ndarray:

@@ -43,7 +43,6 @@ from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.model import BUNDLED_MODEL, read_card, write_card
 from cellwatch.postprocess import CARD_GROWTH_KEY
 from cellwatch.scale import CARD_RANGE_KEY
-from cellwatch.storage import imageio
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.storage.pixels import STAINS
 from cellwatch.training.averaging import averaging
@@ -61,9 +60,8 @@ from cellwatch.training.judge import (
     score_model,
     with_dtype,
 )
-from cellwatch.training.shapes import corrections_diameters, measure_growth
-
-CARD_KEY = "finetune"  # where the card keeps the provenance and the before/after table
+from cellwatch.training.provenance import CARD_KEY, measure_polarity, new_card, scoring_card
+from cellwatch.training.shapes import measure_growth
 
 
 @dataclass(frozen=True)
@@ -88,6 +86,7 @@ class FinetuneSettings:
     contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
     ema: float = 0.99  # judge and keep a moving average of the weights (~100 steps); 0: off
     outline_growth: float | None = None  # px at the network's scale; None: measured
+    invert: bool | None = False  # the plane inverted for the network; None: when measured dark
 
 
 class Refused(CellwatchError):
@@ -139,6 +138,9 @@ def finetune(
     base_card = read_card(base)
     channel = channel or (base_card.get("input") or {}).get("channel")
     train_pairs, held_pairs = holdout_split(pairs, settings.holdout, settings.seed)
+    polarity = measure_polarity(train_pairs, channel)
+    invert = polarity.dark_cells if settings.invert is None else settings.invert
+    say(polarity.describe(invert, {None: "auto", True: "yes", False: "no"}[settings.invert]))
     recipe = TrainSettings(
         diameter_px=float(base_card.get("diameter_px") or 20.0),
         crop=settings.crop,
@@ -147,6 +149,7 @@ def finetune(
         seed=settings.seed,
         stain_jitter=settings.stain_jitter,
         contact_weight=settings.contact_weight,
+        invert=invert,
         **_normalize_of(base_card),
     )
     samples = [load_sample(i, m, recipe, channel=channel) for i, m in train_pairs]
@@ -169,8 +172,18 @@ def finetune(
     network.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=[dice]
     )
-    card = _card(base, base_card, out, settings, channel, command, pairs, held_pairs)
-    judge = Judge(held_pairs, channel, _scoring_card(card), say) if held_pairs else None
+    card = new_card(
+        base,
+        base_card,
+        out,
+        asdict(settings),
+        reads={"channel": channel, "invert": invert},
+        command=command,
+        pairs=pairs,
+        held=held_pairs,
+    )
+    card[CARD_KEY]["polarity"] = {**asdict(polarity), "measured_on": "training corrections"}
+    judge = Judge(held_pairs, channel, scoring_card(card), say) if held_pairs else None
     budget, interrupted = _fit(
         network, samples, monitored, recipe, settings, out, say, verbose, judge
     )
@@ -291,11 +304,6 @@ def _fit(
     return budget, interrupted
 
 
-def _scoring_card(card: dict[str, Any]) -> dict[str, Any]:
-    """The card a checkpoint is counted with: the base's scale and input, nothing learnt."""
-    return {k: v for k, v in card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
-
-
 def _normalize_of(card: dict[str, Any]) -> dict[str, float]:
     normalize = card.get("normalize") or {}
     return {
@@ -354,44 +362,6 @@ def _budget(settings: FinetuneSettings, clock: Any) -> Any:
                 self.model.stop_training = True
 
     return Budget()
-
-
-def _card(
-    base: Path,
-    base_card: dict[str, Any],
-    out: Path,
-    settings: FinetuneSettings,
-    channel: str | None,
-    command: str,
-    pairs: Sequence[tuple[Path, Path]],
-    held: Sequence[tuple[Path, Path]],
-) -> dict[str, Any]:
-    held_names = {p.name for p, _ in held}
-    card = {k: v for k, v in base_card.items() if k not in (familiarity.CARD_KEY, CARD_KEY)}
-    card["name"] = out.stem
-    card["input"] = {"channel": channel}
-    card[CARD_KEY] = {
-        "base": {"path": str(base), "name": base.stem, "sha256": imageio.sha256_file(base)},
-        "corrections": [
-            {
-                "image": str(image),
-                "image_sha256": imageio.sha256_file(image),
-                "mask_sha256": imageio.sha256_file(mask),
-                "held_out": image.name in held_names,
-            }
-            for image, mask in pairs
-        ],
-        "command": command,
-        "budget_minutes": settings.minutes,
-        "settings": asdict(settings),
-    }
-    card.pop(CARD_RANGE_KEY, None)  # a fine-tuned base's range is its corrections', not these
-    card.pop(CARD_GROWTH_KEY, None)  # and its outlines' growth was measured for its network
-    card.pop("precision_check", None)  # so was bf16/int8 accuracy: these weights run f32
-    sizes = corrections_diameters(pairs)
-    if sizes is not None:
-        card[CARD_RANGE_KEY] = sizes
-    return card
 
 
 # --- command line ---------------------------------------------------------------------
@@ -506,6 +476,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weigh the loss W times where two cells meet, so touching cells are split more "
         "often (default: %(default)s, none)",
     )
+    parser.add_argument(
+        "--invert",
+        choices=("no", "yes", "auto"),
+        default="no",
+        help="show the network the plane inverted, dark cells made bright; auto: when the "
+        "training corrections' cells are darker than their background, as in brightfield "
+        "(default: %(default)s; measured in docs/teach.md)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -563,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
         contact_weight=args.contact_weight,
         ema=FinetuneSettings.ema if args.ema is None else args.ema,  # keep score: off
         outline_growth=args.outline_growth,
+        invert={"auto": None, "yes": True, "no": False}[args.invert],
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:

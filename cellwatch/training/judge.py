@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "Judge",
     "before_after_table",
+    "counting_config",
     "familiarity_references",
     "reading_channel",
     "score_model",
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch import familiarity
-from cellwatch.config import Config, InputConfig
+from cellwatch.config import Config, InputConfig, with_card_input
 from cellwatch.errors import BadInputError
-from cellwatch.model import load_model, write_card
+from cellwatch.model import LoadedModel, load_model, write_card
 from cellwatch.storage import imageio
 
 
@@ -35,6 +36,16 @@ def reading_channel(path: Path, stain: str | None) -> str | None:
             raise
         return stain
     return None
+
+
+def counting_config(
+    model: LoadedModel, image: Path, channel: str | None, **sections: Any
+) -> Config:
+    """The config ``model`` counts corrections with: the plane read as training read it
+    (``image`` is one of them), the input its card names (inverted or not), and
+    ``sections`` (e.g. ``postprocess``) laid over the defaults."""
+    input_ = InputConfig(channel=reading_channel(image, channel))
+    return with_card_input(replace(Config(), input=input_, **sections), model.card)
 
 
 def with_dtype(network: Any, policy: str) -> Any:
@@ -64,8 +75,9 @@ def score_model(
     from cellwatch.pipeline import Segmenter
     from cellwatch.training.evaluate import evaluate
 
-    config = replace(Config(), input=InputConfig(channel=reading_channel(pairs[0][0], channel)))
-    summary, _ = evaluate(pairs, Segmenter(config, load_model(model_path)), config)
+    model = load_model(model_path)
+    config = counting_config(model, pairs[0][0], channel)
+    summary, _ = evaluate(pairs, Segmenter(config, model), config)
     at = summary["thresholds"]["0.50"]
     return {
         "accuracy_0.5": round(at["accuracy"], 4),
@@ -150,8 +162,9 @@ def familiarity_references(
 
     if not images:
         return {}
-    config = replace(Config(), input=InputConfig(channel=reading_channel(images[0], channel)))
-    segmenter = Segmenter(config, load_model(model_path))
+    model = load_model(model_path)
+    config = counting_config(model, images[0], channel)
+    segmenter = Segmenter(config, model)
     measured = []
     for path in images:
         data = read(path, config)

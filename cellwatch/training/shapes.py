@@ -35,13 +35,13 @@ __all__ = [
 ]
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellwatch.config import MAX_OUTLINE_GROWTH_PX, Config, InputConfig, PostprocessConfig
+from cellwatch.config import MAX_OUTLINE_GROWTH_PX, Config, PostprocessConfig
 from cellwatch.postprocess import grow_outlines
 from cellwatch.storage import imageio
 from cellwatch.training import matching
@@ -145,14 +145,12 @@ def measure_growth(
     :data:`UNSEEN_MARGIN_PX` (none when the best fit is no growth)."""
     from cellwatch.model import load_model
     from cellwatch.pipeline import Segmenter
-    from cellwatch.training.judge import reading_channel
+    from cellwatch.training.judge import counting_config
 
-    config = replace(
-        Config(),
-        input=InputConfig(channel=reading_channel(pairs[0][0], channel)),
-        postprocess=PostprocessConfig(outline_growth_px=0.0),
-    )
-    counted = count_pairs(Segmenter(config, load_model(model_path)), config, pairs)
+    model = load_model(model_path)
+    no_growth = PostprocessConfig(outline_growth_px=0.0)
+    config = counting_config(model, pairs[0][0], channel, postprocess=no_growth)
+    counted = count_pairs(Segmenter(config, model), config, pairs)
     fits, scores = choose_growth(counted)
     return {
         "chosen": for_unseen(fits),
