@@ -10,7 +10,10 @@ of its outlines that fits the training corrections best, plus a margin for image
 saw, goes into the card (:mod:`cellwatch.training.shapes`). Then the base and the new
 model are scored on the held-out images with ``cellwatch evaluate``'s figures; a new model
 that scores worse than its base is refused unless ``--force``. The model card records the
-base's hash, each correction's sha256, the command, budget and before/after.
+base's hash, each correction's sha256, the command, budget and before/after, and the input
+the model reads: the channel, and whether the plane is inverted (``--invert``; whether the
+corrections' cells are darker than their background is measured and recorded either way,
+:mod:`cellwatch.training.provenance`).
 """
 
 from __future__ import annotations
