@@ -62,9 +62,9 @@ class Normalization:
         ``invert``: the map of the negated image, ``normalize(-image)``, without negating
         it: the ``100 - high`` percentile goes to 1 and the ``100 - low`` to 0.
 
-        >>> Normalization.of(np.array([[0, 50, 100]]), 0, 100, invert=True).apply(
-        ...     np.array([0, 50, 100])).tolist()
-        [1.0, 0.5, 0.0]
+        >>> inverted = Normalization.of(np.array([[0, 50, 100]]), 0, 100, invert=True)
+        >>> inverted.apply(np.array([0, 50, 100])).tolist() == [1.0, 0.5, 0.0]
+        True
         """
         if image.ndim != 2:
             raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
