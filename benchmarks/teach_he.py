@@ -46,9 +46,8 @@ def luminance_copy(data: Path, out: Path) -> Path:
     from skimage.color import rgb2gray
 
     for split in ("train", "val"):
-        images, masks = out / split / "images", out / split / "masks"
+        images = out / split / "images"
         images.mkdir(parents=True, exist_ok=True)
-        masks.mkdir(parents=True, exist_ok=True)
         for path in sorted((data / split / "images").iterdir()):
             if not (images / path.name).exists():
                 gray = np.round(rgb2gray(tifffile.imread(path)) * 255).clip(0, 255)

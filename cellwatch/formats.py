@@ -5,7 +5,7 @@ no cellwatch imports, so that the configuration and storage can both read them.
 
 from __future__ import annotations
 
-__all__ = ["NUCLEAR_CHANNELS", "VENDOR_FORMATS", "installed_vendor_suffixes"]
+__all__ = ["BASE_SUFFIXES", "NUCLEAR_CHANNELS", "VENDOR_FORMATS", "installed_vendor_suffixes"]
 
 import importlib.util
 
@@ -16,7 +16,7 @@ VENDOR_FORMATS: dict[str, tuple[str, str, str]] = {
     ".nd2": ("Nikon ND2", "bioio_nd2", "nd2"),
     ".lif": ("Leica LIF", "bioio_lif", "lif"),
 }
-BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+BASE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  #: read without any extra
 
 #: Nuclear stains that ``input.channel: auto`` finds by channel name (any case, as a word:
 #: "DAPI 405" and "Hoechst 33342" match; PI only on its own).

@@ -69,13 +69,13 @@ class Normalization:
         if image.ndim != 2:
             raise BadInputError(f"expected a 2-D image, got shape {image.shape}")
         pixels = image if image.dtype in HISTOGRAM_DTYPES else finite_float32(image)
-        if invert:
-            lo, hi = percentiles(pixels, [100 - high, 100 - low])
-            span = float(hi - lo)
-            return cls(np.float32(hi), np.float32(-span if span > 0 else 0.0))
-        lo, hi = percentiles(pixels, [low, high])
-        span = float(hi - lo)
-        return cls(np.float32(lo), np.float32(span if span > 0 else 0.0))
+        lo, hi = percentiles(pixels, [100 - high, 100 - low] if invert else [low, high])
+        span = float(hi - lo) if hi > lo else 0.0
+        return (
+            cls(np.float32(hi), np.float32(-span))
+            if invert
+            else cls(np.float32(lo), np.float32(span))
+        )
 
     def apply(self, values: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Normalized float32 values; ``out`` (float32, ``values``' shape, may be ``values``
