@@ -148,6 +148,7 @@ class PostprocessConfig:
     distance_split_threshold: float = 1.0  # ... and splits a seed between its cores (1: off)
     min_cell_area_px: int = 12
     outline_growth_px: float | None = None  # network px; None: the card's, else 0 (teach.md)
+    peak_threshold: float | None = None  # a cell must reach it; None: the card's, else 0 (off)
 
 
 @dataclass(frozen=True)
@@ -249,9 +250,9 @@ class Config:
         ``input.extensions`` is left out: it decides which files are read, not how they are
         counted, and its default depends on which extras are installed. So is
         ``tiling.images_at_once``: each image's result is the same whatever it is, and
-        ``inference.cache_dir``. ``postprocess.outline_growth_px`` and ``input.invert``
-        count once set, so an unchanged config keeps its hash (and its images are not
-        counted again after an upgrade). The runtime and precision count (once resolved from
+        ``inference.cache_dir``. ``postprocess.outline_growth_px``, ``peak_threshold`` and
+        ``input.invert`` count once set, so an unchanged config keeps its hash (and its images
+        are not counted again after an upgrade). The runtime and precision count (once resolved from
         ``auto`` by :func:`cellwatch.runtime.resolve`, the values that ran).
         """
         relevant = {
@@ -261,7 +262,12 @@ class Config:
         del relevant["input"]["extensions"]
         del relevant["tiling"]["images_at_once"]  # how many at once, not how each is counted
         del relevant["inference"]["cache_dir"]  # where the converted model is kept
-        for section, key in (("postprocess", "outline_growth_px"), ("input", "invert")):
+        unset_keys = (
+            ("postprocess", "outline_growth_px"),
+            ("postprocess", "peak_threshold"),
+            ("input", "invert"),
+        )
+        for section, key in unset_keys:
             if relevant[section][key] is None:  # unset: hashed as before the key existed
                 del relevant[section][key]
         blob = json.dumps(relevant, sort_keys=True).encode()
@@ -381,6 +387,13 @@ def validate(cfg: Config) -> None:
             "postprocess.split_threshold",
             f"must lie above interior_threshold ({p.interior_threshold}) and be at most 1 "
             f"(1 turns splitting off), got {p.split_threshold}",
+        )
+    if p.peak_threshold is not None and not 0 <= p.peak_threshold < 1:
+        _fail(
+            where,
+            "postprocess.peak_threshold",
+            f"must be at least 0 and below 1 (0 keeps every cell; null: the model's), "
+            f"got {p.peak_threshold}",
         )
     growth = p.outline_growth_px
     if growth is not None and not 0 <= growth <= MAX_OUTLINE_GROWTH_PX:

@@ -6,6 +6,7 @@ by watershed over the foreground, so touching cells end up separate and each kee
 full outline. Two touching cells whose interiors still meet at the seed threshold are
 told apart one level up: a seed that holds two or more *cores* (parts above a higher
 ``split_threshold``, each of at least ``split_min_area`` pixels) is split between them.
+A cell whose interior probability never reaches ``peak_threshold`` (doubtful) is dropped.
 A one-class (foreground) model has no such signal, so its seeds come from maxima of the
 distance transform instead.
 
@@ -30,12 +31,14 @@ labelling needs at a third of the memory, and tiles can be reduced before stitch
 from __future__ import annotations
 
 __all__ = [
+    "CARD_PEAK_KEY",
     "grow_outlines",
     "labels_from_masked_interior",
     "labels_from_probabilities",
     "masked_distance",
     "masked_interior",
     "outline_growth",
+    "peak_threshold",
     "tidy",
     "watershed_by_part",
 ]
@@ -55,6 +58,9 @@ from cellwatch.errors import ModelError
 #: The model card's entry with how far (pixels at the network's working scale) the cells'
 #: outlines are grown after labelling; ``cellwatch finetune`` measures it on the corrections.
 CARD_GROWTH_KEY = "outline_growth_px"
+#: The model card's entry with the interior probability a cell must reach somewhere to be
+#: kept; ``cellwatch finetune`` writes it (docs/teach.md, "Twelfth round").
+CARD_PEAK_KEY = "peak_threshold"
 
 _CROSS = ndi.generate_binary_structure(2, 1)  # the watershed's default connectivity
 _BAND_PIXELS = 1 << 20  # pixels per band when a pass over the image needs temporaries
@@ -70,6 +76,7 @@ def labels_from_probabilities(
     split_min_area: int = 0,
     distance_threshold: float = 0.5,
     distance_split_threshold: float | None = None,
+    peak_threshold: float = 0.0,
 ) -> np.ndarray:
     """Turn (H, W, C) probabilities into an int32 label image, ids 1..n with no gaps.
 
@@ -89,6 +96,8 @@ def labels_from_probabilities(
     distance_split_threshold : four channels: a seed holding two or more parts above this
         inner distance of at least ``split_min_area`` pixels is split between them (None
         or 1: no splitting).
+    peak_threshold : three classes: a cell whose interior probability stays below this
+        everywhere is dropped (0: none is).
 
     Examples
     --------
@@ -127,6 +136,7 @@ def labels_from_probabilities(
             min_area=min_area,
             split_threshold=split_threshold,
             split_min_area=split_min_area,
+            peak_threshold=peak_threshold,
         )
     foreground = probs[..., 0] > foreground_threshold
     seeds, depth = _distance_seeds(foreground)
@@ -176,6 +186,7 @@ def labels_from_masked_interior(
     overwrite: bool = False,
     split_threshold: float | None = None,
     split_min_area: int = 0,
+    peak_threshold: float = 0.0,
 ) -> np.ndarray:
     """Label a :func:`masked_interior` plane: seeds are connected interiors above
     ``interior_threshold``, grown by watershed over the non-NaN pixels.
@@ -183,6 +194,8 @@ def labels_from_masked_interior(
     With a ``split_threshold`` (above ``interior_threshold``; None or 1: none), a seed
     that holds two or more cores, connected parts above it of at least ``split_min_area``
     pixels, is split between them first: each core takes the part of the seed it floods.
+    With a ``peak_threshold`` above ``interior_threshold``, cells whose plane stays below
+    it everywhere are then dropped (their pixels become background).
 
     With ``overwrite`` (and a C-contiguous float32 plane, as stitching makes), the labels
     are written into the plane's own memory, which is lost: besides the plane this needs a
@@ -201,12 +214,16 @@ def labels_from_masked_interior(
     # probabilities never exceed 1, so a threshold of 1 or more splits nothing: skip the pass
     off = split_threshold is None or split_threshold >= 1
     split = None if off else (split_threshold, split_min_area)
-    labels = _label_in_place(plane, interior_threshold, split)
+    peak = peak_threshold if peak_threshold > interior_threshold else None
+    labels = _label_in_place(plane, interior_threshold, split, peak)
     return tidy(labels, min_area, out=labels)
 
 
 def _label_in_place(
-    plane: np.ndarray, interior_threshold: float, split: tuple[float, int] | None = None
+    plane: np.ndarray,
+    interior_threshold: float,
+    split: tuple[float, int] | None = None,
+    peak: float | None = None,
 ) -> np.ndarray:
     """The watershed's labels (int32, not yet renumbered), in the memory of ``plane``.
 
@@ -215,17 +232,20 @@ def _label_in_place(
     plane's memory. Seeds are labelled band by band (:func:`_seed_parts`), and each clump
     is flooded on its bounding box with its heights put back from the kept values.
     With ``split`` = (threshold, min_area), parts holding two or more cores are flooded
-    too, their seeds split first (:func:`_split_seeds`).
+    too, their seeds split first (:func:`_split_seeds`). With ``peak``, cells whose
+    heights stay below it are labelled 0.
     """
     heights = _Heights.of(plane)
     parts = plane.view(np.int32)
     n_parts = ndi.label(heights.mask, structure=_CROSS, output=parts)
     heights.mask = None  # the parts say where the cells are from now on
-    part_of_seed, _ = _seed_parts(parts, heights, interior_threshold)
+    part_of_seed, _, seed_peak = _seed_parts(parts, heights, interior_threshold)
     seeds_in_part, lut = _lone_seeds(part_of_seed, n_parts)
+    if peak is not None:  # a lone seed's cell is its part: its peak is the seed's
+        lut[seed_peak[lut] < peak] = 0
     flood = seeds_in_part >= 2
     if split is not None:
-        part_of_core, core_area = _seed_parts(parts, heights, split[0])
+        part_of_core, core_area, _ = _seed_parts(parts, heights, split[0])
         big_cores = part_of_core[(core_area >= split[1]) & (part_of_core > 0)]
         flood |= np.bincount(big_cores, minlength=n_parts + 1) >= 2
     # seed ids grouped by part, ascending within each part
@@ -249,6 +269,9 @@ def _label_in_place(
             next_id += extra
         ids = np.concatenate([[0], ids])
         flooded = watershed(height, markers, mask=inside)
+        if peak is not None:  # each cell's highest value, wherever in it (split or not)
+            lowest = ndi.minimum(height, flooded, np.arange(1, len(ids)))
+            ids[1:][np.asarray(lowest) > -peak] = 0
         floods.append((box, inside, ids.astype(np.int32)[flooded]))
     labels = _take(lut, parts, out=parts)
     for box, inside, flooded in floods:
@@ -351,16 +374,17 @@ def _split_seeds(
 
 def _seed_parts(
     parts: np.ndarray, heights: _Heights, interior_threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``part[s]``: the part that seed ``s`` lies in (index 0: none), the seeds numbered as
     ``ndi.label`` numbers them on the whole image (by their first pixel in raster order);
-    and ``area[s]``, each seed's pixels.
+    ``area[s]``, each seed's pixels; and ``peak[s]``, its highest value (index 0: 0).
 
     Seeds are labelled band by band, with no full-size label image; pieces of one seed in
     neighbouring bands are joined where the bands meet.
     """
     part_of_piece = [np.zeros(1, np.int32)]  # piece 0: none
     area_of_piece = [np.zeros(1, np.int64)]
+    peak_of_piece = [np.zeros(1, np.float32)]
     joins = []  # (piece above, piece below) touching across a band edge
     n_pieces, above = 0, None
     for rows in _bands(parts):
@@ -368,22 +392,28 @@ def _seed_parts(
         found = band != 0
         seeds = np.zeros(band.shape, bool)
         values = heights.values[heights.offset(rows.start) : heights.offset(rows.start + len(band))]
-        seeds[found] = values > interior_threshold
+        above_threshold = values > interior_threshold
+        seeds[found] = above_threshold
         pieces, n = ndi.label(seeds, structure=_CROSS)
         pieces[seeds] += n_pieces  # numbered after the bands above
+        piece = pieces[seeds] - n_pieces - 1  # raster order, as the values above threshold
         part = np.zeros(n, np.int32)
-        part[pieces[seeds] - n_pieces - 1] = band[seeds]
+        part[piece] = band[seeds]
         part_of_piece.append(part)
-        area_of_piece.append(np.bincount(pieces[seeds] - n_pieces - 1, minlength=n))
+        area_of_piece.append(np.bincount(piece, minlength=n))
+        peak = np.zeros(n, np.float32)
+        np.maximum.at(peak, piece, values[above_threshold])
+        peak_of_piece.append(peak)
         if above is not None:
             touching = (above > 0) & (pieces[0] > 0)
             joins.append(np.stack([above[touching], pieces[0][touching]]))
         above, n_pieces = pieces[-1], n_pieces + n
     part_of_piece = np.concatenate(part_of_piece)
     area_of_piece = np.concatenate(area_of_piece)
+    peak_of_piece = np.concatenate(peak_of_piece)
     joined = np.concatenate(joins, axis=1) if joins else np.zeros((2, 0), np.int32)
-    if not joined.size:
-        return part_of_piece, area_of_piece  # every piece is a whole seed, in raster order
+    if not joined.size:  # every piece is a whole seed, in raster order
+        return part_of_piece, area_of_piece, peak_of_piece
     graph = coo_matrix(
         (np.ones(joined.shape[1], np.int8), (joined[0], joined[1])),
         shape=(n_pieces + 1, n_pieces + 1),
@@ -397,7 +427,9 @@ def _seed_parts(
     part_of_seed = np.zeros(len(first_piece) + 1, np.int32)
     part_of_seed[number[seed_of_piece[1:]]] = part_of_piece[1:]
     area = np.bincount(number[seed_of_piece[1:]], area_of_piece[1:], len(part_of_seed))
-    return part_of_seed, area.astype(np.int64)
+    peak = np.zeros(len(part_of_seed), np.float32)
+    np.maximum.at(peak, number[seed_of_piece[1:]], peak_of_piece[1:])
+    return part_of_seed, area.astype(np.int64), peak
 
 
 def watershed_by_part(
@@ -450,6 +482,22 @@ def outline_growth(configured: float | None, card: Mapping[str, Any]) -> float:
     if isinstance(recorded, bool) or not isinstance(recorded, int | float):
         return 0.0
     return float(recorded) if 0 <= recorded <= MAX_OUTLINE_GROWTH_PX else 0.0
+
+
+def peak_threshold(configured: float | None, card: Mapping[str, Any]) -> float:
+    """The interior probability a cell must reach somewhere to be kept:
+    ``postprocess.peak_threshold`` when set (``configured``), else the model card's
+    :data:`CARD_PEAK_KEY`, else 0 (every cell kept, as for the bundled model).
+
+    >>> peak_threshold(None, {"peak_threshold": 0.95}), peak_threshold(0.0, {"peak_threshold": 0.95})
+    (0.95, 0.0)
+    """
+    if configured is not None:
+        return float(configured)
+    recorded = card.get(CARD_PEAK_KEY)
+    if isinstance(recorded, bool) or not isinstance(recorded, int | float):
+        return 0.0
+    return float(recorded) if 0 <= recorded < 1 else 0.0
 
 
 def grow_outlines(labels: np.ndarray, distance: float) -> np.ndarray:

@@ -28,6 +28,7 @@ from cellwatch.postprocess import (
     masked_distance,
     masked_interior,
     outline_growth,
+    peak_threshold,
     tidy,
 )
 from cellwatch.preprocess import Normalization, ZoomedSource, own_grid_stitcher
@@ -227,6 +228,7 @@ class Segmenter:
         the network's confidence in them; ``seed_map`` as for :meth:`labels_at`."""
         p = self.config.postprocess
         area = max(1, round(split_min_area))
+        peak = peak_threshold(p.peak_threshold, self.model.card)  # doubtful cells dropped
         with self.stopwatch("postprocess"):
             if self.model.classes == 3:  # the stitched plane's memory becomes the labels
                 confidence = familiarity.core_share(probs[..., 0])
@@ -236,6 +238,7 @@ class Segmenter:
                     overwrite=True,
                     split_threshold=p.split_threshold,
                     split_min_area=area,
+                    peak_threshold=peak,
                 )
                 return labels, confidence
             if self.model.classes == 4:  # planes: the masked inner distance, the masked interior
@@ -250,6 +253,7 @@ class Segmenter:
                     overwrite=True,
                     split_threshold=split,
                     split_min_area=area,
+                    peak_threshold=0.0 if seed_map else peak,
                 )
                 return labels, confidence
             labels = labels_from_probabilities(

@@ -65,7 +65,7 @@ def quick_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (tuning, judge):  # before/after, and the checkpoints
         monkeypatch.setattr(module, "score_model", lambda model_path, pairs, channel: scores(0.5))
     monkeypatch.setattr(tuning, "familiarity_references", lambda model_path, images, channel: {})
-    monkeypatch.setattr(tuning, "measure_growth", lambda model_path, pairs, channel: {"chosen": 0})
+    monkeypatch.setattr(shapes, "measure_growth", lambda model_path, pairs, channel: {"chosen": 0})
 
 
 def test_holdout_keeps_one_image_from_four_on_and_none_below():
@@ -98,7 +98,7 @@ def test_finetune_writes_model_card_with_provenance_and_before_after(
         "measured": 3,
         "measured_on": "training corrections",
     }
-    assert "brighter in 3); the model sees the plane as it is (--invert no" in printed
+    assert "brighter in 3); the model sees the plane as it is (--invert auto" in printed
     assert card.get(familiarity.CARD_KEY, {}).get("brightness") != [0.5] * len(familiarity.TAILS)
     tuned = card["finetune"]
     assert tuned["base"]["sha256"] == hashlib.sha256(tiny_base.read_bytes()).hexdigest()
@@ -439,18 +439,26 @@ def test_the_outline_growth_is_measured_on_training_corrections_or_given(
     folder = corrections(tmp_path / "c")
     pairs = tuning.find_pairs(folder / "images", folder / "masks")
     asked: list[list[str]] = []
+    counted_with: list[dict] = []
 
     def measured(model_path, pairs, channel):
         asked.append([image.name for image, _ in pairs])
+        counted_with.append(read_card(model_path))  # what counting the model reads
         return {"chosen": 0.75, "scores": {}}
 
-    monkeypatch.setattr(tuning, "measure_growth", measured)
+    monkeypatch.setattr(shapes, "measure_growth", measured)
     settings = FinetuneSettings(minutes=0.01, crop=32)
     out = tmp_path / "mine.keras"
     card = tuning.finetune(pairs, out, settings, base=tiny_base, channel="hematoxylin", force=True)
     held = [Path(c["image"]).name for c in card["finetune"]["corrections"] if c["held_out"]]
     assert card["outline_growth_px"] == 0.75 and read_card(out)["outline_growth_px"] == 0.75
     assert len(asked) == 1 and len(asked[0]) == 3 and held[0] not in asked[0]
+    # measured through the new model as it will count: its own card (scale, input, peak
+    # threshold), with no growth yet
+    seen = counted_with[0]
+    assert seen["input"] == card["input"] and seen["diameter_px"] == card["diameter_px"]
+    assert seen["peak_threshold"] == card["peak_threshold"] == 0.95
+    assert "outline_growth_px" not in seen
     # given: written as it is, nothing measured; and never inherited from the base
     given = replace(settings, outline_growth=1.5)
     card = tuning.finetune(pairs, tmp_path / "b.keras", given, base=out, force=True)
@@ -566,6 +574,16 @@ def test_the_command_passes_ema_and_checks_it(finetune_command, capsys):
     assert main([*command, "--keep", "last"]) == 1 and seen["settings"].keep == "last"
 
 
+def test_the_command_passes_the_peak_threshold_and_checks_it(finetune_command, capsys):
+    command, seen = finetune_command
+    assert main(command) == 1 and seen["settings"].peak_threshold == 0.95  # the default
+    assert main([*command, "--peak-threshold", "0"]) == 1
+    assert seen["settings"].peak_threshold == 0.0
+    capsys.readouterr()
+    assert main([*command, "--peak-threshold", "1"]) == 2
+    assert "--peak-threshold" in capsys.readouterr().err
+
+
 def test_the_command_passes_the_outline_growth_and_checks_it(finetune_command, capsys):
     command, seen = finetune_command
     assert main(command) == 1 and seen["settings"].outline_growth is None  # measured
@@ -622,9 +640,9 @@ def test_the_command_passes_the_contact_weight_and_checks_it(finetune_command, c
 
 
 def test_dark_cells_are_taught_and_counted_inverted(tmp_path, tiny_base, quick_scores, monkeypatch):
-    """Gray corrections of dark nuclei on a light background: with --invert auto the card
-    says the model sees them inverted, and the crops it trains on show the nuclei bright;
-    with --invert no (the default) the plane stays as it is."""
+    """Gray corrections of dark nuclei on a light background: with --invert auto (the
+    default) the card says the model sees them inverted, and the crops it trains on show the
+    nuclei bright; with --invert no the plane stays as it is."""
     folder = corrections(tmp_path / "rgb")
     gray = tmp_path / "gray"
     for kind in ("images", "masks"):
@@ -643,7 +661,7 @@ def test_dark_cells_are_taught_and_counted_inverted(tmp_path, tiny_base, quick_s
 
     monkeypatch.setattr(tuning, "load_sample", load_sample)
     said = []
-    settings = FinetuneSettings(minutes=0.01, crop=32, invert=None)  # --invert auto
+    settings = FinetuneSettings(minutes=0.01, crop=32)  # --invert auto, the default
     card = tuning.finetune(pairs, tmp_path / "bf.keras", settings, base=tiny_base, say=said.append)
     assert card["input"] == {"channel": None, "invert": True}
     assert card["finetune"]["polarity"]["dark"] == card["finetune"]["polarity"]["measured"] == 3
@@ -664,9 +682,9 @@ def test_dark_cells_are_taught_and_counted_inverted(tmp_path, tiny_base, quick_s
 
 def test_the_command_passes_invert(finetune_command, capsys):
     command, seen = finetune_command
-    assert main(command) == 1 and seen["settings"].invert is False  # the default: as it is
+    assert main(command) == 1 and seen["settings"].invert is None  # the default: auto
     assert main([*command, "--invert", "yes"]) == 1 and seen["settings"].invert is True
-    assert main([*command, "--invert", "auto"]) == 1 and seen["settings"].invert is None
+    assert main([*command, "--invert", "no"]) == 1 and seen["settings"].invert is False
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         main([*command, "--invert", "maybe"])

@@ -131,3 +131,21 @@ def test_the_growth_is_measured_through_the_counting_pipeline(tmp_path):
     assert measured["scores"]["0"] < measured["scores"][f"{fits:g}"]
     json.dumps(measured)  # goes into the card as it is
     assert set(measured["scores"]) == {f"{g:g}" for g in shapes.CANDIDATES}
+
+
+def test_the_growth_is_measured_through_the_card_the_model_will_count_with(tmp_path):
+    """Dark nuclei on a light background and a model whose card says to invert the plane:
+    counted without that card, the model would find the background, not the nuclei."""
+    model = save_threshold_model(tmp_path / "brightfield.keras")
+    for folder in ("images", "masks"):
+        (tmp_path / "c" / folder).mkdir(parents=True)
+    centres = [(20, 20), (20, 60), (60, 24), (58, 62)]
+    image, labels = discs((84, 84), centres, 9)
+    tifffile.imwrite(tmp_path / "c" / "images" / "dark.tif", (255 - image).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "c" / "masks" / "dark.tif", labels.astype(np.uint16))
+    pairs = find_pairs(tmp_path / "c" / "images", tmp_path / "c" / "masks")
+    card = {**read_card(model), "input": {"channel": None, "invert": True}}
+    card["outline_growth_px"] = 3.0  # a base's growth is not counted with while measuring
+    measured = shapes.settle_growth(model, card, pairs, None)
+    assert measured["scores"]["0"] == pytest.approx(1.0)  # every nucleus found exactly
+    assert card["outline_growth_px"] == measured["chosen"] == 0.0

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from cellwatch.errors import ModelError
 from cellwatch.measure import measure_cells, summarize
@@ -235,6 +236,58 @@ def test_a_seed_with_two_cores_is_split_and_small_cores_do_not_split():
     assert off.max() == 1
     with pytest.raises(ValueError, match="must lie above interior_threshold"):
         labels_from_masked_interior(plane, interior_threshold=0.6, split_threshold=0.5)
+
+
+@pytest.mark.parametrize("band_pixels", [1, 40, 1 << 20])
+@pytest.mark.parametrize("seed", range(8))
+def test_doubtful_cells_are_those_whose_plane_never_reaches_the_peak_threshold(
+    seed, band_pixels, monkeypatch
+):
+    """The reference: label as usual, then drop each cell whose highest value is below
+    the peak threshold (its pixels become background, not its neighbours')."""
+    from skimage.segmentation import relabel_sequential
+
+    from cellwatch import postprocess
+
+    monkeypatch.setattr(postprocess, "_BAND_PIXELS", band_pixels)  # seeds cross bands
+    monkeypatch.setattr(postprocess._Heights, "_BLOCK", 3)
+    rng = np.random.default_rng(seed)
+    plane = random_plane((int(rng.integers(20, 120)), int(rng.integers(20, 120))), seed)
+    threshold, peak = 0.6, float(rng.choice([0.75, 0.85, 0.95]))
+    split = float(rng.choice([0.7, 1.0]))
+    expected = whole_image_split_watershed(plane, threshold, split, 4)
+    tops = ndimage.maximum(np.nan_to_num(plane), expected, np.arange(expected.max() + 1))
+    doubtful = np.asarray(tops) < peak
+    doubtful[0] = True
+    expected = relabel_sequential(np.where(doubtful[expected], 0, expected))[0]
+    labels = labels_from_masked_interior(
+        plane, interior_threshold=threshold, split_threshold=split, split_min_area=4,
+        peak_threshold=peak,
+    )  # fmt: skip
+    assert 0 < labels.max() < len(tops) - 1  # some cells kept, some dropped
+    assert same_cells(labels, expected)
+    assert labels.max() == len(np.unique(expected)) - 1  # ids 1..n
+    # at or below the seed threshold every seed reaches it: nothing is dropped
+    unfiltered = labels_from_masked_interior(
+        plane, interior_threshold=threshold, peak_threshold=0.6
+    )
+    assert same_cells(unfiltered, relabel_sequential(whole_image_watershed(plane, threshold))[0])
+
+
+def test_a_doubtful_cell_beside_a_sure_one_leaves_background_not_a_bigger_neighbour():
+    plane = np.full((10, 20), np.nan, np.float32)
+    plane[2:8, 2:17] = 0.5  # one clump: two seeds
+    plane[3:7, 3:8], plane[3:7, 11:16] = 0.99, 0.9  # sure, doubtful
+    both = labels_from_masked_interior(plane, interior_threshold=0.8)
+    sure = labels_from_masked_interior(plane, interior_threshold=0.8, peak_threshold=0.95)
+    assert both.max() == 2 and sure.max() == 1
+    np.testing.assert_array_equal(sure > 0, both == both[4, 4])
+    probs = np.zeros((10, 20, 3), np.float32)
+    probs[..., 0] = 1.0
+    probs[2:8, 2:17] = (0.0, 0.0, 1.0)  # boundary class around...
+    probs[3:7, 3:8], probs[3:7, 11:16] = (0.0, 0.99, 0.01), (0.0, 0.9, 0.1)  # ...two cores
+    assert labels_from_probabilities(probs, interior_threshold=0.8, peak_threshold=0.95).max() == 1
+    assert labels_from_probabilities(probs, interior_threshold=0.8).max() == 2
 
 
 def test_labelling_in_place_drops_small_cells_and_handles_edge_cases():

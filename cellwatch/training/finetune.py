@@ -44,7 +44,7 @@ from cellwatch import familiarity
 from cellwatch.config import MAX_OUTLINE_GROWTH_PX
 from cellwatch.errors import CellwatchError, ConfigError
 from cellwatch.model import BUNDLED_MODEL, read_card, write_card
-from cellwatch.postprocess import CARD_GROWTH_KEY
+from cellwatch.postprocess import CARD_GROWTH_KEY, CARD_PEAK_KEY
 from cellwatch.scale import CARD_RANGE_KEY
 from cellwatch.storage.imageio import find_pairs
 from cellwatch.storage.pixels import STAINS
@@ -64,7 +64,7 @@ from cellwatch.training.judge import (
     with_dtype,
 )
 from cellwatch.training.provenance import CARD_KEY, measure_polarity, new_card, scoring_card
-from cellwatch.training.shapes import measure_growth
+from cellwatch.training.shapes import settle_growth
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ class FinetuneSettings:
     contact_weight: float = 1.0  # cross-entropy weight where two cells meet (1: none)
     ema: float = 0.99  # judge and keep a moving average of the weights (~100 steps); 0: off
     outline_growth: float | None = None  # px at the network's scale; None: measured
-    invert: bool | None = False  # the plane inverted for the network; None: when measured dark
+    invert: bool | None = None  # the plane inverted for the network; None: when measured dark
+    peak_threshold: float = 0.95  # counting drops cells never this sure of (card; 0: none)
 
 
 class Refused(CellwatchError):
@@ -186,6 +187,7 @@ def finetune(
         held=held_pairs,
     )
     card[CARD_KEY]["polarity"] = {**asdict(polarity), "measured_on": "training corrections"}
+    card[CARD_PEAK_KEY] = settings.peak_threshold  # the checkpoints are counted with it too
     judge = Judge(held_pairs, channel, scoring_card(card), say) if held_pairs else None
     budget, interrupted = _fit(
         network, samples, monitored, recipe, settings, out, say, verbose, judge
@@ -199,10 +201,10 @@ def finetune(
     if judge is not None and settings.keep == "score":
         card[CARD_KEY]["checkpoints"] = judge.history
         card[CARD_KEY]["kept_step"] = judge.best_step
-    card[CARD_GROWTH_KEY] = settings.outline_growth
     if settings.outline_growth is None:  # chosen on the training corrections, not held out
-        card[CARD_KEY]["outline_growth"] = measure_growth(out, train_pairs, channel)
-        card[CARD_GROWTH_KEY] = card[CARD_KEY]["outline_growth"]["chosen"]
+        card[CARD_KEY]["outline_growth"] = settle_growth(out, card, train_pairs, channel)
+    else:
+        card[CARD_GROWTH_KEY] = settings.outline_growth
     say(f"outlines grown by {card[CARD_GROWTH_KEY]:g} px at the network's scale")
     write_card(out, card)
     scored = held_pairs or train_pairs
@@ -482,10 +484,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--invert",
         choices=("no", "yes", "auto"),
-        default="no",
+        default="auto",
         help="show the network the plane inverted, dark cells made bright; auto: when the "
         "training corrections' cells are darker than their background, as in brightfield "
         "(default: %(default)s; measured in docs/teach.md)",
+    )
+    parser.add_argument(
+        "--peak-threshold",
+        type=float,
+        default=d.peak_threshold,
+        metavar="P",
+        help="when counting with the new model, drop cells whose interior probability "
+        "never reaches P (doubtful ones; 0: keep all; default: %(default)s, measured in "
+        "docs/teach.md)",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -521,6 +532,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--score-every must be at least 1 step, got {args.score_every}")
     if not args.contact_weight > 0:
         raise ConfigError(f"--contact-weight must be positive, got {args.contact_weight}")
+    if not 0 <= args.peak_threshold < 1:
+        raise ConfigError(f"--peak-threshold is a probability below 1, got {args.peak_threshold}")
     config = load_config(args.config)
     base = args.start_from or (Path(config.model.path) if config.model.path else BUNDLED_MODEL)
     configured = config.input.channel
@@ -545,6 +558,7 @@ def run(args: argparse.Namespace) -> int:
         ema=FinetuneSettings.ema if args.ema is None else args.ema,  # keep score: off
         outline_growth=args.outline_growth,
         invert={"auto": None, "yes": True, "no": False}[args.invert],
+        peak_threshold=args.peak_threshold,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -32,6 +32,7 @@ __all__ = [
     "for_unseen",
     "measure_growth",
     "score",
+    "settle_growth",
 ]
 
 from collections.abc import Sequence
@@ -42,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellwatch.config import MAX_OUTLINE_GROWTH_PX, Config, PostprocessConfig
-from cellwatch.postprocess import grow_outlines
+from cellwatch.model import write_card
+from cellwatch.postprocess import CARD_GROWTH_KEY, grow_outlines
 from cellwatch.storage import imageio
 from cellwatch.training import matching
 from cellwatch.training.targets import as_instances, median_diameter
@@ -160,6 +162,21 @@ def measure_growth(
         "judged_by": "accuracy pooled over the training corrections, mean over IoU "
         + ", ".join(f"{t:g}" for t in THRESHOLDS),
     }
+
+
+def settle_growth(
+    model_path: Path, card: dict[str, Any], pairs: Sequence[tuple[Path, Path]], channel: str | None
+) -> dict[str, Any]:
+    """Measure the growth for the model at ``model_path`` on ``pairs`` (its training
+    corrections) as it will count: with ``card`` itself (its scale, input and peak
+    threshold; no growth), written beside the model first, since counting reads the card
+    from there. Sets ``card``'s growth to the one chosen and returns the measurement
+    (:func:`measure_growth`); the caller writes the finished card."""
+    card.pop(CARD_GROWTH_KEY, None)
+    write_card(model_path, card)
+    measured = measure_growth(model_path, pairs, channel)
+    card[CARD_GROWTH_KEY] = measured["chosen"]
+    return measured
 
 
 def corrections_diameters(pairs: Sequence[tuple[Path, Path]]) -> dict[str, Any] | None:
