@@ -91,6 +91,9 @@ def test_the_package_describes_the_model_as_its_card_does(package: Path):
     assert test_output.shape[1:3] == test_input.shape[1:3] and test_output.shape[-1] == 3
     assert test_input.max() > 1.5  # raw intensities: normalizing is the package's job
     assert np.allclose(test_output.sum(axis=-1), 1, atol=1e-4)
+    # the bundled model's card drops no doubtful cell and grows no outline
+    post = rdf["config"]["cellwatch"]["postprocess"]
+    assert (post["peak_threshold"], post["outline_growth_px"]) == (0.0, 0.0)
 
 
 def test_halo_comes_from_the_model_card_when_it_records_one():
@@ -113,13 +116,15 @@ def test_out_must_be_a_zip(tmp_path: Path):
 @pytest.fixture(scope="module")
 def users_package(tmp_path_factory: pytest.TempPathFactory, package: Path) -> Path:
     """The package of a model a lab fine-tuned on brightfield: its card has no
-    description or citations, and says it sees its input inverted (dark cells)."""
+    description or citations, says it sees its input inverted (dark cells), and carries
+    the peak threshold and outline growth ``finetune`` writes."""
     folder = tmp_path_factory.mktemp("users")
     model = shutil.copy(BUNDLED_MODEL, folder / "mine.keras")
     card = read_card(BUNDLED_MODEL)
     for key in ("description", "cite", "authors", "license", "data"):
         card.pop(key)
     card["input"] = {"channel": None, "invert": True}
+    card.update(peak_threshold=0.95, outline_growth_px=1.25)
     (folder / "mine.json").write_text(json.dumps(card))
     with pytest.raises(ConfigError, match=r"taught on dark cells .* --sample"):
         export_model(model, folder / "no-sample.zip")
@@ -137,6 +142,8 @@ def test_a_model_of_another_card_exports_without_citation_or_data(users_package:
     assert "20 px across" in rdf["description"]
     assert [c["doi"] for c in rdf["cite"]] == ["10.1007/978-3-319-24574-4_28"]
     assert rdf.get("training_data") is None
+    post = rdf["config"]["cellwatch"]["postprocess"]  # what labelling needs beyond tensors
+    assert (post["peak_threshold"], post["outline_growth_px"]) == (0.95, 1.25)
 
 
 def test_a_model_taught_on_dark_cells_inverts_in_its_package(users_package: Path):

@@ -38,6 +38,7 @@ import tifffile
 from cellwatch.config import Config, TilingConfig, load_config, with_card_input
 from cellwatch.errors import ConfigError, ModelError
 from cellwatch.model import LoadedModel, load_model
+from cellwatch.postprocess import outline_growth, peak_threshold
 from cellwatch.storage import imageio
 from cellwatch.tiling import DEFAULT_OVERLAP
 
@@ -449,6 +450,8 @@ def _cellwatch_config(model: LoadedModel, config: Config, halo: int, side: int) 
             "split_threshold": p.split_threshold,
             "split_min_area_px": p.split_min_area_px,
             "min_cell_area_px": p.min_cell_area_px,
+            "peak_threshold": peak_threshold(p.peak_threshold, model.card),
+            "outline_growth_px": outline_growth(p.outline_growth_px, model.card),
             **(
                 {
                     "distance_threshold": p.distance_threshold,
@@ -497,7 +500,9 @@ def _documentation(model: LoadedModel, config: Config) -> str:
         + (", ".join(f"`{c}`" for c in classes) or "each class")
         + ". cellwatch turns these into one label per cell: each connected interior (above "
         "`interior_threshold`) seeds a cell, grown by watershed over the foreground (one "
-        "minus background above `foreground_threshold`), with the settings in "
+        "minus background above `foreground_threshold`); a cell whose interior never "
+        "reaches `peak_threshold` is dropped, and outlines are grown by "
+        "`outline_growth_px` (network pixels); the settings are in "
         "`config.cellwatch.postprocess` of `rdf.yaml`."
         + (
             f" The last channel, `{model.seed_map}`, is a seed map (sigmoid: 1 at each "

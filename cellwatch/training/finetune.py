@@ -7,12 +7,14 @@ over the budget); the moving average of the weights (``ema``) as training ends i
 or as Ctrl-C stops it (``keep="loss"``: the average with the lowest loss on the held-out
 crops; ``"score"``: the weights with the best held-out accuracy@0.5, counted). The growth
 of its outlines that fits the training corrections best, plus a margin for images it never
-saw, goes into the card (:mod:`cellwatch.training.shapes`). Then the base and the new
-model are scored on the held-out images with ``cellwatch evaluate``'s figures; a new model
-that scores worse than its base is refused unless ``--force``. The model card records the
-base's hash, each correction's sha256, the command, budget and before/after, and the input
-the model reads: the channel, and whether the plane is inverted (``--invert``; whether the
-corrections' cells are darker than their background is measured and recorded either way,
+saw, goes into the card (:mod:`cellwatch.training.shapes`; measured through the card, so as
+the model will count), with the peak threshold below which counting drops a doubtful cell
+(``--peak-threshold``). Then the base and the new model are scored on the held-out images
+with ``cellwatch evaluate``'s figures; a new model that scores worse than its base is
+refused unless ``--force``. The model card records the base's hash, each correction's
+sha256, the command, budget and before/after, and the input the model reads: the channel,
+and whether the plane is inverted (``--invert``; whether the corrections' cells are darker
+than their background is measured and recorded either way,
 :mod:`cellwatch.training.provenance`).
 """
 
